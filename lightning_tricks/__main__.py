@@ -1,0 +1,3 @@
+from lightning_tricks.cli import main
+
+main()
