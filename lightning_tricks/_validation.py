@@ -11,8 +11,20 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def _fail(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"`{name}`={value!r} is invalid: expected {allowed}.")
+class ConfigError(Exception):
+    """A problem the user fixes in their arguments or files; the CLI prints it as one line, no traceback."""
+
+
+class InvalidArgumentError(ConfigError, ValueError):
+    """An argument outside its allowed values."""
+
+
+class DataNotFoundError(ConfigError, FileNotFoundError):
+    """A data folder or file that is not where the user said."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"`{name}`={value!r} is invalid: expected {allowed}.")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:

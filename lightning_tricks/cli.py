@@ -7,6 +7,7 @@ imported here, so ``--trainer.callbacks+=Cutout`` resolves short names.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -14,6 +15,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_tricks
+from lightning_tricks._validation import ConfigError
 
 
 def _callbacks_epilog() -> str:
@@ -70,8 +72,22 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-tricks`` script (also ``python -m lightning_tricks``)."""
-    build_cli(args)
+    """Entry point of the ``lightning-tricks`` script (also ``python -m lightning_tricks``).
+
+    A :class:`~lightning_tricks._validation.ConfigError` (a bad argument value, a missing data folder)
+    is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
+    """
+    try:
+        build_cli(args)
+    except Exception as err:
+        # jsonargparse wraps errors raised in __init__: look down the chain for ours
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or os.environ.get("LIGHTNING_TRICKS_DEBUG"):
+            raise
+        print(f"lightning-tricks: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

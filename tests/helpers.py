@@ -103,3 +103,26 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 600, env: dict[str,
     if proc.returncode != 0:
         raise AssertionError(f"CLI failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+class RankReport(Callback):
+    """Writes, per rank, what the rank saw and the synced metrics at the end of fit (for CLI DDP tests)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.train_batches = 0
+        self.first_indices: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_batches += 1
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        first_weight = float(next(pl_module.parameters()).detach().flatten()[0])
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "rank": trainer.global_rank, "world_size": trainer.world_size, "train_batches": self.train_batches,
+            "metrics": metrics, "first_weight": first_weight, "strategy": type(trainer.strategy).__name__,
+        }))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks._validation import check_int, check_probability
+from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
 
 ZOO_BACKBONES = ("simple_cnn", "mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
@@ -61,7 +61,7 @@ class MLP(nn.Module):
         activations = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                        "leaky_relu": nn.LeakyReLU}
         if activation not in activations:
-            raise ValueError(f"`activation`={activation!r} is invalid: expected one of {', '.join(map(repr, activations))}.")
+            raise InvalidArgumentError(f"`activation`={activation!r} is invalid: expected one of {', '.join(map(repr, activations))}.")
         layers: list[nn.Module] = [nn.Flatten()]
         size = in_features
         for _ in range(depth):
@@ -123,7 +123,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"`depth`={depth!r} is invalid: expected 6n+2 with n >= 1 (20, 32, 44, 56, 110).")
+            raise InvalidArgumentError(f"`depth`={depth!r} is invalid: expected 6n+2 with n >= 1 (20, 32, 44, 56, 110).")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -198,7 +198,7 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, image
         return CifarResNet(int(name.removeprefix("resnet")), in_channels, num_classes, **kwargs)
     source, _, model_name = name.rpartition(":")
     if source not in ("", "tv", "torchvision", "timm"):
-        raise ValueError(f"`backbone`={name!r} is invalid: the prefix must be 'tv:' or 'timm:'.")
+        raise InvalidArgumentError(f"`backbone`={name!r} is invalid: the prefix must be 'tv:' or 'timm:'.")
     if source in ("", "tv", "torchvision"):
         import torchvision
 
@@ -206,13 +206,13 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, image
             model = torchvision.models.get_model(model_name, weights=None, num_classes=num_classes, **kwargs)
             return model if in_channels == 3 else _RepeatChannels(model, 3)
         if source:
-            raise ValueError(f"`backbone`={name!r} is invalid: torchvision has no model {model_name!r}.")
+            raise InvalidArgumentError(f"`backbone`={name!r} is invalid: torchvision has no model {model_name!r}.")
     import timm
 
     if timm.is_model(model_name):
         return timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
                                  **kwargs)
-    raise ValueError(
+    raise InvalidArgumentError(
         f"`backbone`={name!r} is invalid: expected one of {', '.join(ZOO_BACKBONES)}, a torchvision model name "
         "(torchvision.models.list_models()) or a timm model name (timm.list_models())."
     )

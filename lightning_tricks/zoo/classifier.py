@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_tricks._validation import check_choice, check_int, check_non_negative, check_positive, check_range
+from lightning_tricks._validation import (
+    InvalidArgumentError,
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_range,
+)
 from lightning_tricks.zoo.backbones import build_backbone
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -87,7 +94,7 @@ class ImageClassifier(pl.LightningModule):
             theirs = getattr(datamodule, attr, None)
             if theirs is not None and theirs != mine:
                 arg = "num_classes" if attr == "num_classes" else "in_channels"
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"`{arg}`={mine} does not match the datamodule's {attr}={theirs}: "
                     f"set --model.init_args.{arg}={theirs}."
                 )
@@ -139,7 +146,7 @@ class ImageClassifier(pl.LightningModule):
         if hp.schedule == "cosine":
             epochs = self.trainer.max_epochs if self._trainer is not None else None
             if epochs is None or epochs < 1:
-                raise ValueError("`schedule`='cosine' needs a finite trainer.max_epochs; set it or use 'step'/'none'.")
+                raise InvalidArgumentError("`schedule`='cosine' needs a finite trainer.max_epochs; set it or use 'step'/'none'.")
             sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         else:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.step_size, gamma=hp.gamma)

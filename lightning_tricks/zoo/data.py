@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_tricks._validation import check_int, check_non_negative, check_range
+from lightning_tricks._validation import (
+    DataNotFoundError,
+    InvalidArgumentError,
+    check_int,
+    check_non_negative,
+    check_range,
+)
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -121,7 +127,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     check_range("val_fraction", val_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
     check_range("test_fraction", test_fraction, 0.0, 1.0, high_inclusive=False)
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"`val_fraction`+`test_fraction`={val_fraction + test_fraction!r} is invalid: expected a sum below 1 "
             "so that a training split remains."
         )
@@ -258,10 +264,10 @@ class CIFAR10DataModule(_ImageDataModule):
         if (path / "cifar-10-batches-py").is_dir():
             path = path / "cifar-10-batches-py"
         if not path.is_dir():
-            raise FileNotFoundError(f"`data_dir`={str(path)!r} does not exist: expected a folder with {CIFAR10_LAYOUT}.")
+            raise DataNotFoundError(f"`data_dir`={str(path)!r} does not exist: expected a folder with {CIFAR10_LAYOUT}.")
         missing = [f for f in (*cls.train_files, "test_batch", "batches.meta") if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"`data_dir`={str(path)!r} lacks {', '.join(missing)}: expected {CIFAR10_LAYOUT}."
             )
         return path
@@ -274,9 +280,9 @@ class CIFAR10DataModule(_ImageDataModule):
             data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(batch[b"labels"], dtype=np.int64)
         except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a CIFAR-10 python-pickle batch ({err}); expected {CIFAR10_LAYOUT}.") from err
+            raise InvalidArgumentError(f"{str(path)!r} is not a CIFAR-10 python-pickle batch ({err}); expected {CIFAR10_LAYOUT}.") from err
         if len(data) != len(labels) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-            raise ValueError(f"{str(path)!r} is malformed: {len(data)} images, {len(labels)} labels in 0..9 expected.")
+            raise InvalidArgumentError(f"{str(path)!r} is malformed: {len(data)} images, {len(labels)} labels in 0..9 expected.")
         return torch.from_numpy(data).float() / 255.0, torch.from_numpy(labels)
 
     def _splits(self) -> tuple[Split, Split, Split]:
@@ -286,7 +292,7 @@ class CIFAR10DataModule(_ImageDataModule):
         x = torch.cat([p[0] for p in parts])
         y = torch.cat([p[1] for p in parts])
         if not 0 < self.val_size < len(y):
-            raise ValueError(f"`val_size`={self.val_size} is invalid: expected 0 < val_size < {len(y)} training images.")
+            raise InvalidArgumentError(f"`val_size`={self.val_size} is invalid: expected 0 < val_size < {len(y)} training images.")
         train, val = train_test_split(np.arange(len(y)), test_size=self.val_size, stratify=y.numpy(),
                                       random_state=self.split_seed)
         _check_subset(self.train_subset, len(train), self.num_classes)
@@ -330,7 +336,7 @@ class SyntheticDataModule(_ImageDataModule):
         check_int("num_samples", num_samples, 1)
         check_int("num_classes", num_classes, 2)
         if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-            raise ValueError(f"`image_shape`={image_shape!r} is invalid: expected [channels, height, width] of positive ints.")
+            raise InvalidArgumentError(f"`image_shape`={image_shape!r} is invalid: expected [channels, height, width] of positive ints.")
         check_non_negative("signal", signal)
         self.num_samples, self.num_classes, self.image_shape = num_samples, num_classes, shape
         self.signal, self.seed = signal, seed

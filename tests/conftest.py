@@ -1,0 +1,37 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_cifar_folder(root: Path, per_class_per_batch: int = 3, seed: int = 0) -> Path:
+    """A tiny CIFAR-10 folder in the exact python-pickle layout of ``cifar-10-batches-py``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def batch(name: str) -> None:
+        labels = [c for c in range(10) for _ in range(per_class_per_batch)]
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}, f)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}")
+    batch("test_batch")
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": 30,
+                     b"num_vis": 3072}, f)
+    return folder
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    return make_cifar_folder(tmp_path)
