@@ -74,7 +74,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-tricks`` script (also ``python -m lightning_tricks``).
 
-    A :class:`~lightning_tricks._validation.ConfigError` (a bad argument value, a missing data folder)
+    A ``ConfigError`` (a bad argument value, a missing data folder)
     is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
     """
     try:

@@ -15,6 +15,7 @@ from torch import nn
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
 
 ZOO_BACKBONES = ("simple_cnn", "mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+"""Backbone names the zoo builds itself; other names go to torchvision, then timm."""
 
 
 class SimpleCNN(nn.Module):

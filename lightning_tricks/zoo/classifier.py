@@ -33,7 +33,7 @@ class ImageClassifier(pl.LightningModule):
     ``sync_dist=True``.
 
     Args:
-        backbone: ``simple_cnn``, ``mlp``, ``resnet20``, ``resnet56`` (and other 6n+2 depths), or any
+        backbone: ``simple_cnn``, ``mlp``, ``resnet20``/``32``/``44``/``56``/``110`` (CIFAR-style), or any
             torchvision / timm model name (random init; prefix ``tv:`` or ``timm:`` to choose).
         num_classes: number of classes.
         in_channels: image channels (1 for digits, 3 for CIFAR-10).
