@@ -3,6 +3,8 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.tta import TestTimeAugmentation, TTAConfig, TTAWrapper
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -13,13 +15,20 @@ from lightning_tricks.zoo import (
 __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
-CALLBACKS: tuple[str, ...] = ()
+CALLBACKS: tuple[str, ...] = (
+    "ExactDistributedEvaluation",
+    "TestTimeAugmentation",
+)
 
 __all__ = [
     "CALLBACKS",
     "CIFAR10DataModule",
     "DigitsDataModule",
+    "ExactDistributedEvaluation",
     "ImageClassifier",
     "SyntheticDataModule",
+    "TTAConfig",
+    "TTAWrapper",
+    "TestTimeAugmentation",
     "__version__",
 ]
