@@ -198,6 +198,47 @@ def exact_eval_dataloader(dataloader: DataLoader, num_replicas: int | None = Non
     return _reinstantiate_wrapped_cls(dataloader, *args, **kwargs)
 
 
+def _active_modes(trainer: pl.Trainer) -> frozenset[RunningStage]:
+    patch = getattr(trainer._data_connector, _PATCH_ATTR, None)
+    return patch.modes() if patch is not None else frozenset()
+
+
+class _ExactMeanReduce:
+    """``trainer.strategy.reduce`` with integer means computed in float64 during the exact stages.
+
+    ``self.log(..., sync_dist=True)`` averages an epoch as ``reduce(sum of value x batch size, "mean")
+    / reduce(sum of batch sizes, "mean")``; the sum of batch sizes is an integer tensor, which
+    Lightning's mean divides by the world size in integer arithmetic (45 samples over 2 ranks count as
+    44). Harmless with padding (every rank has as many samples), biased once ranks hold different counts.
+
+    Lightning stores the reduce function in each logged key's metadata and refuses a later
+    ``self.log`` of that key whose metadata differs, so this object compares equal to the strategy's
+    own ``reduce`` and to any other instance for the same strategy, and it reads the active stages
+    from the trainer at call time (a key registered in an earlier run keeps working).
+    """
+
+    def __init__(self, trainer: pl.Trainer, original: Any) -> None:
+        self.trainer, self.original = trainer, original
+
+    def __call__(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        stage = self.trainer.state.stage
+        if stage == RunningStage.SANITY_CHECKING:
+            stage = RunningStage.VALIDATING
+        if (stage in _active_modes(self.trainer) and isinstance(tensor, torch.Tensor)
+                and not tensor.is_floating_point() and not tensor.is_complex()
+                and isinstance(reduce_op, str) and reduce_op.lower() in ("mean", "avg")):
+            tensor = tensor.double()
+        return self.original(tensor, group=group, reduce_op=reduce_op)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _ExactMeanReduce):
+            return other.trainer.strategy is self.trainer.strategy
+        return bool(other == self.original)
+
+    def __hash__(self) -> int:
+        return hash(self.original)
+
+
 class _ExactEvaluationPatch:
     """Two instance-level replacements on one trainer, in place while at least one owner needs them.
 
@@ -205,12 +246,7 @@ class _ExactEvaluationPatch:
       stage, from any source (datamodule, module hooks, loaders passed to ``trainer.test``); for the
       owners' stages it returns the exact loader instead of the padded one and defers to Lightning
       otherwise.
-    * ``trainer.strategy.reduce``: ``self.log(..., sync_dist=True)`` averages an epoch as
-      ``reduce(sum of value x batch size, "mean") / reduce(sum of batch sizes, "mean")``, and the
-      sum of batch sizes is an integer tensor, which Lightning's mean divides by the world size in
-      integer arithmetic (45 samples over 2 ranks count as 44). That is harmless with padding (every
-      rank has as many samples) but biases the logged mean once ranks hold different counts; during
-      the owners' stages integer means are computed in float64, so the logged mean is exact.
+    * ``trainer.strategy.reduce``: see :class:`_ExactMeanReduce`.
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
@@ -218,16 +254,16 @@ class _ExactEvaluationPatch:
         self.connector = trainer._data_connector
         self.strategy = trainer.strategy
         self.original_prepare = self.connector._prepare_dataloader
-        self.original_reduce = self.strategy.reduce
         self.owners: dict[int, frozenset[RunningStage]] = {}
         self.warned: set[str] = set()
         self.connector._prepare_dataloader = self.prepare_dataloader
-        self.strategy.reduce = self.reduce
+        if not isinstance(self.strategy.reduce, _ExactMeanReduce):
+            self.strategy.reduce = _ExactMeanReduce(trainer, self.strategy.reduce)
 
     def remove(self) -> None:
         if self.connector.__dict__.get("_prepare_dataloader") == self.prepare_dataloader:
             del self.connector._prepare_dataloader
-        if self.strategy.__dict__.get("reduce") == self.reduce:
+        if isinstance(self.strategy.__dict__.get("reduce"), _ExactMeanReduce):
             del self.strategy.reduce
 
     def modes(self) -> frozenset[RunningStage]:
@@ -247,15 +283,6 @@ class _ExactEvaluationPatch:
                                f"DistributedSampler because {reason}; metrics may count up to world_size - 1 "
                                "samples twice.")
         return self.original_prepare(dataloader, shuffle, mode)
-
-    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        stage = self.trainer.state.stage
-        if stage == RunningStage.SANITY_CHECKING:
-            stage = RunningStage.VALIDATING
-        if (stage in self.modes() and isinstance(tensor, torch.Tensor) and not tensor.is_floating_point()
-                and not tensor.is_complex() and isinstance(reduce_op, str) and reduce_op.lower() in ("mean", "avg")):
-            tensor = tensor.double()
-        return self.original_reduce(tensor, group=group, reduce_op=reduce_op)
 
 
 def install_exact_evaluation(trainer: pl.Trainer, owner: object, stages: Sequence[str]) -> bool:

@@ -249,7 +249,9 @@ def _check_input(x: Any, config: TTAConfig) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"test-time augmentation needs forward's first argument to be a tensor batch; got "
                         f"{type(x).__name__}. If the step passes a whole batch (e.g. [x, y]) to forward, pass x only.")
-    if x.ndim < 3 and any(not v.is_identity for v in config.expanded):
+    if all(v.is_identity for v in config.expanded):
+        return
+    if x.ndim < 3:
         raise ValueError(f"views {list(config.views)} need image batches shaped (batch, ..., height, width); got "
                          f"shape {tuple(x.shape)}. Non-image inputs support views=['identity'] with stochastic_passes.")
     height, width = x.shape[-2:]
@@ -349,7 +351,8 @@ def merge_predictions(outputs: Tensor, merge: str = "mean", task: str = "classif
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Draw from generators seeded with ``seed`` inside the block; the global RNG state is restored after."""
     cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
         torch.default_generator.manual_seed(seed)
         if cuda:
             with torch.cuda.device(device):

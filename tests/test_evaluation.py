@@ -137,3 +137,30 @@ def test_ddp_test_metrics_equal_single_process_and_ranks_run_equal_batches(tmp_p
     padded = run_ddp(model, HeldOutData(), tmp_path=tmp_path, fn="test", probe=_metrics)
     assert sum(len(s) for s in padded[0]["seen"] + padded[1]["seen"]) == N_TEST + 1
     assert padded[0]["test_acc"] != single["test_acc"]
+
+
+def test_reduce_replacement_keeps_lightning_log_metadata_equal_across_runs(tmp_path):
+    """Lightning refuses a second self.log of a key whose stored sync function differs: ours must compare equal."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _Sync
+
+    from lightning_tricks.evaluation import _PATCH_ATTR, _ExactEvaluationPatch, uninstall_exact_evaluation
+
+    trainer = cpu_trainer(tmp_path)
+    before = _Sync(fn=trainer.strategy.reduce, _should=True)
+    owner = object()
+
+    def install():  # what install_exact_evaluation does on several ranks
+        patch = _ExactEvaluationPatch(trainer)
+        setattr(trainer._data_connector, _PATCH_ATTR, patch)
+        patch.owners[id(owner)] = frozenset()
+
+    install()
+    first = _Sync(fn=trainer.strategy.reduce, _should=True)
+    assert type(trainer.strategy.reduce).__name__ == "_ExactMeanReduce"
+    assert first == before and before == first
+    uninstall_exact_evaluation(trainer, owner)
+    assert "reduce" not in trainer.strategy.__dict__ and "_prepare_dataloader" not in trainer._data_connector.__dict__
+    assert _Sync(fn=trainer.strategy.reduce, _should=True) == first
+    install()
+    assert _Sync(fn=trainer.strategy.reduce, _should=True) == first
+    uninstall_exact_evaluation(trainer, owner)
