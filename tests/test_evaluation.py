@@ -163,4 +163,10 @@ def test_reduce_replacement_keeps_lightning_log_metadata_equal_across_runs(tmp_p
     assert _Sync(fn=trainer.strategy.reduce, _should=True) == first
     install()
     assert _Sync(fn=trainer.strategy.reduce, _should=True) == first
+    other = object()  # a second owner (e.g. ExactDistributedEvaluation next to TestTimeAugmentation) shares the patch
+    getattr(trainer._data_connector, _PATCH_ATTR).owners[id(other)] = frozenset()
     uninstall_exact_evaluation(trainer, owner)
+    assert "_prepare_dataloader" in trainer._data_connector.__dict__
+    uninstall_exact_evaluation(trainer, other)
+    uninstall_exact_evaluation(trainer, other)  # twice is harmless
+    assert "_prepare_dataloader" not in trainer._data_connector.__dict__ and "reduce" not in trainer.strategy.__dict__

@@ -315,6 +315,16 @@ def test_user_module_reports_tta_accuracy_and_gets_its_forward_back(tmp_path):
         torch.testing.assert_close(predictions, TTAWrapper(model, **TRANSLATE)(data.x).exp())
 
 
+def test_identity_view_callback_reports_the_plain_figures_exactly(tmp_path):
+    torch.manual_seed(0)
+    model, data = UserNet(), Data()
+    plain = cpu_trainer(tmp_path).test(model, datamodule=data, verbose=False)[0]
+    with pytest.warns(UserWarning, match="single identity view"):
+        identity = cpu_trainer(tmp_path, callbacks=[TTACallback(views=["identity"])]).test(
+            model, datamodule=data, verbose=False)[0]
+    assert identity == plain
+
+
 class Exploding(UserNet):
     def test_step(self, batch, batch_idx):
         super().test_step(batch, batch_idx)
