@@ -584,7 +584,10 @@ class EarlyStopping(LightningEarlyStopping):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_checks = 0
         self.restored_epoch = None
-        # After a resume every rank has loaded the checkpoint's copy; only rank 0 needs it.
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resume (restored before or after on_fit_start, by strategy) every rank has loaded the
+        # checkpoint's copy; only rank 0 needs it.
         if not trainer.is_global_zero:
             self._snapshot.clear()
 
