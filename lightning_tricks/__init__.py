@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.stopping import EarlyStopping
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -13,12 +14,13 @@ from lightning_tricks.zoo import (
 __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
-CALLBACKS: tuple[str, ...] = ()
+CALLBACKS: tuple[str, ...] = ("EarlyStopping",)
 
 __all__ = [
     "CALLBACKS",
     "CIFAR10DataModule",
     "DigitsDataModule",
+    "EarlyStopping",
     "ImageClassifier",
     "SyntheticDataModule",
     "__version__",
