@@ -2,6 +2,7 @@
 
 import inspect
 
+import lightning.pytorch.callbacks
 import pytest
 from lightning.pytorch.callbacks import Callback
 
@@ -12,6 +13,10 @@ EXPORTED_CALLBACKS = sorted(
     name for name in lightning_tricks.__all__
     if inspect.isclass(obj := getattr(lightning_tricks, name)) and issubclass(obj, Callback)
 )
+
+
+# values for arguments a callback requires (as Lightning's EarlyStopping requires `monitor`)
+REQUIRED_EXAMPLES = {"monitor": "val_loss"}
 
 
 def test_callbacks_list_matches_exports():
@@ -29,7 +34,14 @@ def test_callback_by_short_name_on_the_command_line(name, tmp_path, monkeypatch)
         assert lightning_tricks.CALLBACKS == ()
         return
     monkeypatch.chdir(tmp_path)
-    cli = build_cli([f"--trainer.callbacks+={name}", "--trainer.logger=false", "--trainer.accelerator=cpu"], run=False)
+    # a name Lightning also exports (EarlyStopping) is ambiguous as a short name: use the full path
+    ambiguous = hasattr(lightning.pytorch.callbacks, name)
+    spec = f"lightning_tricks.{name}" if ambiguous else name
+    required = [p.name for p in inspect.signature(getattr(lightning_tricks, name)).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert set(required) <= set(REQUIRED_EXAMPLES), f"add an example value for {required} to REQUIRED_EXAMPLES"
+    values = [f"--trainer.callbacks.{arg}={REQUIRED_EXAMPLES[arg]}" for arg in required]
+    cli = build_cli([f"--trainer.callbacks+={spec}", *values, "--trainer.logger=false", "--trainer.accelerator=cpu"], run=False)
     assert any(type(c) is getattr(lightning_tricks, name) for c in cli.trainer.callbacks)
 
 
