@@ -159,12 +159,8 @@ def test_user_module_accuracy_from_y_trains_and_eval_untouched(tmp_path):
         w = plan.lam.view(-1, 1, 1, 1)
         assert torch.allclose(x, w * x0 + (1 - w) * x0[plan.perm], atol=1e-6)
         assert torch.equal(y, torch.arange(8) % 4)  # each sample's own label
-    val = ImageDataset_images()
-    assert all(torch.equal(v, val[i % 2]) for i, v in enumerate(recorder.val))
-
-
-def ImageDataset_images():  # noqa: N802 - the validation images, in loader order
-    return [x for x, _ in ImageData(n=16, ones=False).val_dataloader()]
+    val = [x for x, _ in ImageData(n=16, ones=False).val_dataloader()]  # 2 batches per validation pass
+    assert len(recorder.val) == 6 and all(torch.equal(v, val[i % 2]) for i, v in enumerate(recorder.val))
 
 
 def test_soft_targets_dict_batches_and_num_classes_from_the_datamodule(tmp_path):
@@ -296,3 +292,27 @@ def test_ddp_two_processes_draw_differently(tmp_path):
     assert results[0]["val_acc"] == results[1]["val_acc"]
     for a, b in zip(results[0]["lam"], results[1]["lam"], strict=True):
         assert not torch.equal(a, b)
+
+
+def test_cutout_and_mixup_together_on_dict_batches_in_bf16(tmp_path):
+    """Labels mode with nn.CrossEntropyLoss and accuracy from batch["label"]; images converted to bf16."""
+    from lightning_tricks import Cutout
+
+    recorder = Recorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, precision="bf16-true",
+                          callbacks=[Cutout(length=3), Mixup(mode="sample", cutmix_alpha=1.0), recorder])
+    trainer.fit(DictModule(), datamodule=ImageData(n=16, batch_size=8, kind="dict", ones=False))
+    assert trainer.global_step == 2 and "train_acc" in trainer.callback_metrics
+    assert all(x.dtype == torch.bfloat16 for x, _ in recorder.train) and len(recorder.plans) == 2
+
+
+def test_mixin_on_the_datamodule(tmp_path):
+    from lightning_tricks import BatchTransformMixin
+
+    class MixinData(BatchTransformMixin, ImageData):
+        pass
+
+    recorder = Recorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Mixup(), recorder])
+    trainer.fit(ListModule(), datamodule=MixinData(n=16, batch_size=8, kind="tuple", ones=False))
+    assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2

@@ -146,3 +146,21 @@ def test_ddp_ranks_apply_the_same_penalty(tmp_path):
     assert [r["steps"] for r in results] == [4, 4]
     assert torch.equal(results[0]["params"], results[1]["params"])
     assert results[0]["penalty"] == results[1]["penalty"] > 0
+
+
+def test_layers_built_in_configure_model_are_selected(tmp_path):
+    from tests.regularization_modules import small_net
+
+    class Lazy(ListModule):
+        def __init__(self):
+            super().__init__()
+            del self.net
+
+        def configure_model(self):
+            if not hasattr(self, "net"):
+                self.net = small_net()
+
+    penalty = WeightPenalty(l2=1e-3)
+    trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[penalty])
+    trainer.fit(Lazy(), datamodule=ImageData())
+    assert penalty.selected_names == DEFAULT_SELECTION

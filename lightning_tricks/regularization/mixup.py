@@ -488,9 +488,9 @@ class Mixup(BatchTransformCallback):
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, p=self.p, mode=self.mode)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit" or not self.active:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model, so a head built there is seen
+        if not self.active:
             return
         if self.targets == "soft" and self._num_classes is None:
             self._num_classes = infer_num_classes(trainer, pl_module, self.name)

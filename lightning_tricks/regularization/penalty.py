@@ -169,9 +169,8 @@ class WeightPenalty(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(l1=self.l1, l2=self.l2, include=self.include, exclude=self.exclude)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built there are seen); the parameters keep their identity under DDP
         if not self.active:
             rank_zero_warn("WeightPenalty(l1=0, l2=0) is off: set l1 and/or l2 to penalize the weights.")
             return
