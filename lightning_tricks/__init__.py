@@ -3,6 +3,12 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.regularization import (
+    BatchTransformMixin,
+    Cutout,
+    Mixup,
+    WeightPenalty,
+)
 from lightning_tricks.stopping import EarlyStopping
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
@@ -14,10 +20,19 @@ from lightning_tricks.zoo import (
 __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
-CALLBACKS: tuple[str, ...] = ("EarlyStopping",)
+CALLBACKS: tuple[str, ...] = (
+    "Cutout",
+    "EarlyStopping",
+    "Mixup",
+    "WeightPenalty",
+)
 
 __all__ = [
     "CALLBACKS",
+    "BatchTransformMixin",
+    "Cutout",
+    "Mixup",
+    "WeightPenalty",
     "CIFAR10DataModule",
     "DigitsDataModule",
     "EarlyStopping",
