@@ -4,6 +4,13 @@ Every public callback and mixin is re-exported here, so configs can say ``lightn
 """
 
 from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.regularization import (
+    BatchTransformMixin,
+    Cutout,
+    Mixup,
+    WeightPenalty,
+)
+from lightning_tricks.stopping import EarlyStopping
 from lightning_tricks.tta import TestTimeAugmentation, TTAConfig, TTAWrapper
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
@@ -16,19 +23,28 @@ __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
 CALLBACKS: tuple[str, ...] = (
+    "Cutout",
+    "EarlyStopping",
     "ExactDistributedEvaluation",
+    "Mixup",
     "TestTimeAugmentation",
+    "WeightPenalty",
 )
 
 __all__ = [
     "CALLBACKS",
+    "BatchTransformMixin",
     "CIFAR10DataModule",
+    "Cutout",
     "DigitsDataModule",
+    "EarlyStopping",
     "ExactDistributedEvaluation",
     "ImageClassifier",
+    "Mixup",
     "SyntheticDataModule",
     "TTAConfig",
     "TTAWrapper",
     "TestTimeAugmentation",
+    "WeightPenalty",
     "__version__",
 ]

@@ -21,7 +21,8 @@ from lightning_tricks._validation import ConfigError
 def _callbacks_epilog() -> str:
     names = ", ".join(lightning_tricks.CALLBACKS) or "(none yet)"
     return (
-        f"lightning-tricks callbacks (use as --trainer.callbacks+=NAME or class_path: lightning_tricks.NAME): {names}. "
+        f"lightning-tricks callbacks (use as --trainer.callbacks+=NAME or class_path: lightning_tricks.NAME; "
+        f"where Lightning has the same name, e.g. EarlyStopping, write lightning_tricks.NAME): {names}. "
         "Zoo: --model ImageClassifier (default), --data DigitsDataModule (default) | CIFAR10DataModule | "
         "SyntheticDataModule, or any class path of your own."
     )

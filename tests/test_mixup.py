@@ -1,0 +1,318 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_tricks import ImageClassifier, Mixup
+from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.regularization import BatchFormatError, MixedLabels, MixupTargetsUnusedError
+from lightning_tricks.regularization.mixup import (
+    MixPlan,
+    _MixState,
+    apply_mix,
+    box_mask,
+    infer_num_classes,
+    mix_targets,
+    mixup,
+    sample_mix_plan,
+)
+from tests.helpers import cpu_trainer, run_ddp
+from tests.regularization_modules import (
+    DictModule,
+    ImageData,
+    ListModule,
+    MixinTupleModule,
+    Recorder,
+)
+
+
+def one_hot(y: torch.Tensor, k: int, eps: float = 0.0) -> torch.Tensor:
+    return F.one_hot(y, k).double() * (1 - eps) + eps / k
+
+
+def test_fixed_lambda_and_permutation_give_the_formula():
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2, 3])
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    for lam in (torch.full((5,), 0.3), torch.tensor([0.1, 0.5, 0.9, 1.0, 0.0])):
+        plan = MixPlan(perm=perm, lam=lam)
+        w = lam.double().view(5, 1, 1, 1)
+        assert torch.allclose(apply_mix(x, plan), w * x + (1 - w) * x[perm], atol=1e-12)
+        for eps in (0.0, 0.1):
+            soft = mix_targets(y, plan, 4, eps, dtype=torch.float64)
+            expected = lam.double()[:, None] * one_hot(y, 4, eps) + (1 - lam.double()[:, None]) * one_hot(y[perm], 4, eps)
+            assert torch.allclose(soft, expected, atol=1e-7)
+            assert torch.allclose(soft.sum(1), torch.ones(5, dtype=torch.float64))
+            probs = torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1)
+            mixed = mix_targets(probs, plan, label_smoothing=eps)
+            smoothed = probs * (1 - eps) + eps / 4
+            assert torch.allclose(mixed, lam.double()[:, None] * smoothed + (1 - lam.double()[:, None]) * smoothed[perm])
+    assert torch.equal(apply_mix(x, MixPlan(perm, torch.ones(5))), x)  # weight 1: bit for bit
+
+
+def test_cutmix_lambda_is_the_kept_area_fraction():
+    n, h, w = 64, 9, 13
+    x = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 2, h, w).contiguous()
+    plan = sample_mix_plan(n, (h, w), alpha=1.0, cutmix_alpha=1.0, switch_prob=1.0, mode="sample",
+                           generator=torch.Generator().manual_seed(0))
+    out = apply_mix(x, plan)
+    own = plan.perm != torch.arange(n)
+    kept = (out == x).float().mean((1, 2, 3))
+    assert torch.allclose(kept[own], plan.lam[own], atol=1e-6)
+    inside = box_mask(plan.boxes, h, w)
+    assert torch.equal(out[:, 0] == x[plan.perm][:, 0], inside | ~own[:, None, None])
+    heights, widths = plan.boxes[:, 2] - plan.boxes[:, 0], plan.boxes[:, 3] - plan.boxes[:, 1]
+    assert (heights < h).any() and (plan.boxes[:, 0] == 0).any() and (plan.boxes[:, 2] == h).any()  # clipped boxes
+    assert torch.allclose(plan.lam, 1 - (heights * widths).float() / (h * w))
+    assert len(set(plan.lam.tolist())) > 20  # per-sample boxes
+    soft = mix_targets(torch.arange(n) % 10, plan, 10)
+    assert torch.allclose(soft.sum(1), torch.ones(n))
+
+
+def test_batch_mode_one_lambda_sample_mode_many_and_mixed_cutmix():
+    g = torch.Generator().manual_seed(1)
+    batch = sample_mix_plan(7, (8, 8), alpha=0.4, cutmix_alpha=1.0, generator=g)
+    assert len(set(batch.lam.tolist())) == 1 and len({tuple(b) for b in batch.boxes.tolist()}) == 1
+    sample = sample_mix_plan(200, (8, 8), alpha=0.4, cutmix_alpha=1.0, switch_prob=0.5, mode="sample", generator=g)
+    has_box = (sample.boxes[:, 2] > sample.boxes[:, 0]) & (sample.boxes[:, 3] > sample.boxes[:, 1])
+    assert 50 < has_box.sum() < 150 and len(set(sample.lam.tolist())) > 100
+    assert sorted(sample.perm.tolist()) == list(range(200))
+
+
+def test_per_sample_p_leaves_unmixed_samples_exact():
+    x = torch.randn(300, 3, 4, 4)
+    plan = sample_mix_plan(300, alpha=1.0, p=0.5, mode="sample", generator=torch.Generator().manual_seed(3))
+    unmixed = plan.lam == 1
+    assert 100 < unmixed.sum() < 200
+    assert torch.equal(apply_mix(x, plan)[unmixed], x[unmixed])
+    soft = mix_targets(torch.arange(300) % 5, plan, 5)
+    assert torch.equal(soft[unmixed], F.one_hot(torch.arange(300) % 5, 5).float()[unmixed])
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_odd_and_single_batches_dtypes_channels_last(n, dtype):
+    x = torch.randn(n, 3, 8, 6, dtype=dtype).to(memory_format=torch.channels_last)
+    y = torch.arange(n) % 3
+    out, soft = mixup(x, y, 3, alpha=1.0, cutmix_alpha=1.0, mode="sample", generator=torch.Generator().manual_seed(n))
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert soft.shape == (n, 3) and torch.allclose(soft.sum(1), torch.ones(n))
+    if n == 1:
+        assert torch.equal(out, x) and torch.equal(soft, F.one_hot(y, 3).float())
+
+
+def test_beta_draws_follow_beta_alpha():
+    plan = sample_mix_plan(20000, alpha=0.4, mode="sample", generator=torch.Generator().manual_seed(0))
+    lam = plan.lam.double()
+    assert abs(lam.mean() - 0.5) < 0.01 and abs(lam.var() - 0.25 / (2 * 0.4 + 1)) < 0.005  # Beta(a, a) variance
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(alpha=0.0), "`alpha`=0.0 is invalid"), (dict(alpha=-1.0), "`alpha`=-1.0 is invalid"),
+    (dict(cutmix_alpha=0.0), "`cutmix_alpha`=0.0 is invalid"), (dict(switch_prob=0.5), "`switch_prob`=0.5 is invalid"),
+    (dict(cutmix_alpha=1.0, switch_prob=1.5), "`switch_prob`=1.5 is invalid"), (dict(p=1.01), "`p`=1.01 is invalid"),
+    (dict(p=-0.5), "`p`=-0.5 is invalid"), (dict(mode="pair"), "`mode`='pair' is invalid"),
+    (dict(label_smoothing=1.0), "`label_smoothing`=1.0 is invalid"), (dict(num_classes=1), "`num_classes`=1 is invalid"),
+    (dict(targets="onehot"), "`targets`='onehot' is invalid"), (dict(seed=1.5), "`seed`=1.5 is invalid"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message.replace("(", r"\(")):
+        Mixup(**kwargs)
+
+
+def test_integer_images_and_bad_labels():
+    with pytest.raises(InvalidArgumentError, match="expected floating-point images"):
+        mixup(torch.ones(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 3)
+    with pytest.raises(InvalidArgumentError, match=r"labels in \[0, 5\] are invalid for num_classes=3"):
+        mixup(torch.ones(4, 3, 8, 8), torch.tensor([0, 5, 1, 2]), 3)
+
+
+def test_mixed_labels_are_hard_labels_everywhere_but_in_cross_entropy():
+    y = torch.tensor([0, 2, 1, 2, 0])
+    plan = sample_mix_plan(5, alpha=1.0, mode="sample", generator=torch.Generator().manual_seed(4))
+    state = _MixState(plan, 0.1, None, "Mixup")
+    labels = MixedLabels.wrap(y, state)
+    logits = torch.randn(5, 3, requires_grad=True)
+    soft = mix_targets(y, plan, 3, 0.1)
+    assert torch.allclose(F.cross_entropy(logits, labels), F.cross_entropy(logits, soft))
+    assert torch.allclose(nn.CrossEntropyLoss(reduction="sum")(logits, labels.long().to("cpu")),
+                          F.cross_entropy(logits, soft, reduction="sum"))
+    assert state.consumed
+    accuracy = (logits.argmax(1) == labels).float().mean()
+    assert type(accuracy) is torch.Tensor and accuracy == (logits.argmax(1) == y).float().mean()
+    assert type(labels + 1) is torch.Tensor and torch.equal(labels.view(-1).as_subclass(torch.Tensor), y)
+    with pytest.warns(UserWarning, match="smooth the labels twice"):
+        F.cross_entropy(logits, labels, label_smoothing=0.1)
+
+
+def test_user_module_accuracy_from_y_trains_and_eval_untouched(tmp_path):
+    recorder = Recorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[Mixup(alpha=1.0, seed=0), recorder])
+    trainer.fit(ListModule(), datamodule=ImageData(n=16, batch_size=8, ones=False))
+    assert trainer.global_step == 4 and "train_acc" in trainer.callback_metrics
+    data = ImageData(n=16, ones=False).train_dataloader()
+    originals = [x for x, _ in data] * 2
+    for (x, y), plan, x0 in zip(recorder.train, recorder.plans, originals, strict=True):
+        w = plan.lam.view(-1, 1, 1, 1)
+        assert torch.allclose(x, w * x0 + (1 - w) * x0[plan.perm], atol=1e-6)
+        assert torch.equal(y, torch.arange(8) % 4)  # each sample's own label
+    val = [x for x, _ in ImageData(n=16, ones=False).val_dataloader()]  # 2 batches per validation pass
+    assert len(recorder.val) == 6 and all(torch.equal(v, val[i % 2]) for i, v in enumerate(recorder.val))
+
+
+def test_soft_targets_dict_batches_and_num_classes_from_the_datamodule(tmp_path):
+    class SoftDictModule(DictModule):  # with targets="soft", accuracy needs y.argmax(1)
+        def training_step(self, batch, batch_idx):
+            logits = self(batch["image"])
+            self.log("train_acc", (logits.argmax(1) == batch["label"].argmax(1)).float().mean())
+            return nn.CrossEntropyLoss()(logits, batch["label"])
+
+    recorder, callback = Recorder(), Mixup(alpha=0.5, cutmix_alpha=1.0, targets="soft", label_smoothing=0.1)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
+    trainer.fit(SoftDictModule(classes=4), datamodule=ImageData(n=16, batch_size=8, kind="dict", classes=4))
+    assert callback._num_classes == 4 and trainer.global_step == 2
+    for _, soft in recorder.train:
+        assert soft.shape == (8, 4) and torch.allclose(soft.sum(1), torch.ones(8)) and soft.min() >= 0.1 / 4 - 1e-6
+
+
+def test_tuple_batches_fail_at_first_batch_naming_the_mixin_and_work_with_it(tmp_path):
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Mixup()])
+    with pytest.raises(BatchFormatError, match=r"Add lightning_tricks.BatchTransformMixin"):
+        trainer.fit(ListModule(), datamodule=ImageData(n=16, batch_size=8, kind="tuple"))
+    assert trainer.global_step == 0
+    recorder, callback = Recorder(), Mixup(mode="sample")
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
+    trainer.fit(MixinTupleModule(), datamodule=ImageData(n=16, batch_size=8, kind="tuple", ones=False))
+    assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2 and callback._batches_seen == 2
+
+
+def test_a_loss_that_ignores_y_fails_at_first_backward(tmp_path):
+    class NllModule(ListModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.nll_loss(F.log_softmax(self(x), 1), y)
+
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Mixup()])
+    with pytest.raises(MixupTargetsUnusedError, match="targets='soft'"):
+        trainer.fit(NllModule(), datamodule=ImageData(n=16, batch_size=8))
+    assert trainer.global_step == 0
+
+
+def test_double_label_smoothing_warns_at_setup(tmp_path):
+    class SmoothModule(ListModule):
+        def __init__(self):
+            super().__init__()
+            self.loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss(self(x), y)
+
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                          callbacks=[Mixup(label_smoothing=0.1)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(SmoothModule(), datamodule=ImageData(n=16, batch_size=8))
+    assert sum("smooth the labels twice" in str(w.message) for w in caught) == 1
+
+
+def test_num_classes_inference_torchvision_timm_and_errors():
+    import timm
+    import torchvision
+
+    class Holder(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+    assert infer_num_classes(None, torchvision.models.resnet18(num_classes=7)) == 7
+    assert infer_num_classes(None, Holder(timm.create_model("resnet10t", num_classes=5))) == 5
+    with pytest.raises(InvalidArgumentError, match="found neither; set `num_classes`"):
+        infer_num_classes(None, nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+    class Trainer:
+        datamodule = ImageData(classes=3)
+
+    with pytest.raises(InvalidArgumentError, match="num_classes=3 but the model's last nn.Linear has out_features=4"):
+        infer_num_classes(Trainer(), ListModule(classes=4))
+
+
+def test_timm_model_trains_with_cutmix_soft_targets(tmp_path):
+    """The zoo's ImageClassifier (accuracy from the argmax of soft targets) on a timm model."""
+    model = ImageClassifier("timm:test_resnet", num_classes=4, in_channels=3, schedule="none")
+    callback = Mixup(cutmix_alpha=1.0, switch_prob=0.5, mode="sample", targets="soft")
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(model, datamodule=ImageData(n=8, shape=(3, 16, 16), batch_size=8, ones=False, classes=4))
+    assert trainer.global_step == 1 and callback._num_classes == 4
+
+
+def test_p_zero_leaves_the_batch_objects_untouched(tmp_path):
+    class Identity(Recorder):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.train.append(batch[1])
+
+    recorder, callback = Identity(), Mixup(p=0.0)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
+    trainer.fit(ListModule(), datamodule=ImageData(n=16, batch_size=8))
+    assert all(type(y) is torch.Tensor for y in recorder.train) and callback._batches_seen == 0
+
+
+def test_resume_mid_epoch_reproduces_lambdas_and_pairs(tmp_path):
+    data = ImageData(n=48, batch_size=8)
+
+    def fit(ckpt_path=None):
+        recorder = Recorder()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+        trainer = cpu_trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=True,
+                              callbacks=[Mixup(alpha=0.4, cutmix_alpha=1.0, mode="sample", seed=9), recorder,
+                                         checkpoint])
+        trainer.fit(ListModule(), datamodule=data, ckpt_path=ckpt_path)
+        return recorder.plans
+
+    full = fit()
+    resumed = fit(ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert len(full) == 12 and len(resumed) == 8
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert torch.equal(a.perm, b.perm) and torch.equal(a.lam, b.lam) and torch.equal(a.boxes, b.boxes)
+
+
+def _plans_probe(trainer, pl_module):
+    recorder = next(c for c in trainer.callbacks if isinstance(c, Recorder))
+    return {"lam": [p.lam for p in recorder.plans], "steps": trainer.global_step,
+            "val_acc": float(trainer.callback_metrics["val_acc"])}
+
+
+def test_ddp_two_processes_draw_differently(tmp_path):
+    results = run_ddp(ListModule(), ImageData(n=32, batch_size=8, ones=False), tmp_path=tmp_path, probe=_plans_probe,
+                      callbacks=[Mixup(mode="sample"), Recorder()], max_epochs=1)
+    assert [r["steps"] for r in results] == [2, 2]
+    assert results[0]["val_acc"] == results[1]["val_acc"]
+    for a, b in zip(results[0]["lam"], results[1]["lam"], strict=True):
+        assert not torch.equal(a, b)
+
+
+def test_cutout_and_mixup_together_on_dict_batches_in_bf16(tmp_path):
+    """Labels mode with nn.CrossEntropyLoss and accuracy from batch["label"]; images converted to bf16."""
+    from lightning_tricks import Cutout
+
+    recorder = Recorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, precision="bf16-true",
+                          callbacks=[Cutout(length=3), Mixup(mode="sample", cutmix_alpha=1.0), recorder])
+    trainer.fit(DictModule(), datamodule=ImageData(n=16, batch_size=8, kind="dict", ones=False))
+    assert trainer.global_step == 2 and "train_acc" in trainer.callback_metrics
+    assert all(x.dtype == torch.bfloat16 for x, _ in recorder.train) and len(recorder.plans) == 2
+
+
+def test_mixin_on_the_datamodule(tmp_path):
+    from lightning_tricks import BatchTransformMixin
+
+    class MixinData(BatchTransformMixin, ImageData):
+        pass
+
+    recorder = Recorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Mixup(), recorder])
+    trainer.fit(ListModule(), datamodule=MixinData(n=16, batch_size=8, kind="tuple", ones=False))
+    assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2
