@@ -219,7 +219,8 @@ class TTAConfig:
             parts.append(f"shift {self.translate}px ({self.padding_mode})")
         if self.stochastic_passes > 1:
             parts.append(f"{self.stochastic_passes} stochastic passes")
-        return f"{self.num_views} views ({', '.join(parts)}), merge={self.merge!r}"
+        noun = "view" if self.num_views == 1 else "views"
+        return f"{self.num_views} {noun} ({', '.join(parts)}), merge={self.merge!r}"
 
 
 def _scaled_size(height: int, width: int, scale: int | None) -> tuple[int, int]:
