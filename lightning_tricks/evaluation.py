@@ -204,7 +204,7 @@ def _active_modes(trainer: pl.Trainer) -> frozenset[RunningStage]:
 
 
 class _ExactMeanReduce:
-    """``trainer.strategy.reduce`` with integer means computed in float64 during the exact stages.
+    """``trainer.strategy.reduce`` with integer means computed in floating point during the exact stages.
 
     ``self.log(..., sync_dist=True)`` averages an epoch as ``reduce(sum of value x batch size, "mean")
     / reduce(sum of batch sizes, "mean")``; the sum of batch sizes is an integer tensor, which
@@ -227,7 +227,7 @@ class _ExactMeanReduce:
         if (stage in _active_modes(self.trainer) and isinstance(tensor, torch.Tensor)
                 and not tensor.is_floating_point() and not tensor.is_complex()
                 and isinstance(reduce_op, str) and reduce_op.lower() in ("mean", "avg")):
-            tensor = tensor.double()
+            tensor = tensor.to(torch.get_default_dtype())  # the logged mean keeps Lightning's usual dtype
         return self.original(tensor, group=group, reduce_op=reduce_op)
 
     def __eq__(self, other: object) -> bool:
