@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.ensemble import EMAMembers, Ensemble, SnapshotEnsemble
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -13,13 +14,16 @@ from lightning_tricks.zoo import (
 __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
-CALLBACKS: tuple[str, ...] = ()
+CALLBACKS: tuple[str, ...] = ("EMAMembers", "SnapshotEnsemble")
 
 __all__ = [
     "CALLBACKS",
     "CIFAR10DataModule",
     "DigitsDataModule",
+    "EMAMembers",
+    "Ensemble",
     "ImageClassifier",
+    "SnapshotEnsemble",
     "SyntheticDataModule",
     "__version__",
 ]
