@@ -48,14 +48,15 @@ from lightning_tricks._validation import (
 from lightning_tricks.distributed import all_reduce
 
 VOTING = ("soft", "hard", "weighted")
-FAST_PATHS = ("auto", "vmap", "loop")
+FAST_PATHS = ("auto", "probe", "vmap", "loop")
 EMA_MEMBERS = ("ema", "raw", "both")
 
 # Lightning's allowlist of instantiators a checkpoint may name (lightning.pytorch.core.saving._ALLOWED_INSTANTIATORS).
 _TRUSTED_INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module", "pytorch_lightning.cli.instantiate_module")
-# auto picks the vectorized path only when it beats the loop by this margin, so probe noise never picks a slower path
+# auto picks the vectorized path only if it wins every probe round and its median beats the loop's by this
+# margin, so that noise on a shared machine does not pick the slower path
 _VMAP_MARGIN = 0.9
-_PROBE_ROUNDS = 3
+_PROBE_ROUNDS = 5
 
 ClassSpec = str | type[pl.LightningModule]
 
@@ -457,9 +458,11 @@ class Ensemble(pl.LightningModule):
     datamodule's validation set (:func:`fit_vote_weights`) when ``weights`` is None.
 
     Members of one architecture can run as one vectorized call (``torch.func.stack_module_state``-style
-    stacking, ``functional_call`` and ``vmap``). ``fast_path="auto"`` times both ways on the first batch
-    (same decision on every DDP rank) and keeps the vectorized one only if it is at least 10% faster and
-    gives the same outputs; on CPU the loop usually wins.
+    stacking, ``functional_call`` and ``vmap``). ``fast_path="probe"`` times both ways on the first batch
+    (up to 5 interleaved rounds; the same decision on every DDP rank) and keeps the vectorized call only
+    if it gives the same outputs, wins every round and is at least 10% faster. ``auto`` (the default)
+    probes on accelerators and runs the loop on CPU, where vmap was slower for every zoo model
+    (1.2-3.6x, ``benchmarks/ensemble.py``) and a probe would only cost time.
 
     Logged at the end of each ``validate``/``test`` epoch, side by side: ``{stage}_acc`` and
     ``{stage}_loss`` (negative log-likelihood of the ensemble's probabilities; not for hard voting),
@@ -475,7 +478,8 @@ class Ensemble(pl.LightningModule):
             checkpoint; ``None`` uses the ``_class_path`` that LightningCLI stores in the checkpoint.
         voting: ``soft``, ``hard`` or ``weighted``.
         weights: one non-negative weight per member (``weighted``, or a weighted majority with ``hard``).
-        fast_path: ``auto``, ``vmap`` (always vectorize members of one architecture) or ``loop``.
+        fast_path: ``auto`` (probe on accelerators, loop on CPU), ``probe`` (probe on any device), ``vmap``
+            (always vectorize members of one architecture, after checking the outputs once) or ``loop``.
         ema_members: for checkpoints written during fit with Lightning's ``EMAWeightAveraging``: ``ema``
             (the averaged weights, what Lightning loads), ``raw`` (the training weights kept next to
             them) or ``both`` (two members per checkpoint; every checkpoint must have both).
@@ -542,7 +546,6 @@ class Ensemble(pl.LightningModule):
         self._plans: dict[int, str] = {}
         self._stacks: dict[int, _StackedGroup] = {}
         self._metrics: dict[str, dict[str, Metric]] = {}
-        self._checked_width = False
 
     # -- arguments -------------------------------------------------------------------------------------------
 
@@ -617,7 +620,8 @@ class Ensemble(pl.LightningModule):
         if self.num_classes is not None:
             known.add(self.num_classes)
         if len(known) > 1:
-            listing = ", ".join(f"{name}: {n}" for name, n in zip(names, self._declared_classes, strict=True) if n is not None)
+            listing = ", ".join(f"{name}: {n}" for name, n in zip(names, self._declared_classes, strict=True)
+                                if n is not None)
             extra = f"; num_classes={self.num_classes}" if self.num_classes is not None else ""
             raise InvalidArgumentError(f"The ensemble's members predict different numbers of classes ({listing}"
                                        f"{extra}): every member must score the same classes.")
@@ -641,8 +645,8 @@ class Ensemble(pl.LightningModule):
 
         Args:
             x: a batch of inputs.
-            sync: make the ``auto`` fast-path decision identical on all DDP ranks (a collective: only
-                pass True where every rank calls this at the same point, as in the Lightning hooks).
+            sync: make the fast-path decision (``auto``/``probe``) identical on all DDP ranks (a collective:
+                only pass True where every rank calls this at the same point, as in the Lightning hooks).
         """
         self.load_members()
         outputs: list[torch.Tensor | None] = [None] * len(self.members)
@@ -678,12 +682,14 @@ class Ensemble(pl.LightningModule):
     def _plan(self, gi: int, x: torch.Tensor, sync: bool) -> str:
         if gi in self._plans:
             return self._plans[gi]
-        if self.fast_path == "loop":
+        # auto never vectorizes on CPU: there vmap was 1.2-3.6x slower than the loop for every zoo model
+        # (benchmarks/ensemble.py), so the probe's one-time cost would buy nothing
+        if self.fast_path == "loop" or (self.fast_path == "auto" and x.device.type == "cpu"):
             self._plans[gi] = "loop"
             return "loop"
         group = self._groups[gi]
         stack = self._stacks.setdefault(gi, _StackedGroup([self.members[i] for i in group]))
-        failure, times = "", [0.0, 0.0]
+        failure, probe = "", [0.0, 0.0, 0.0]
         try:
             vectorized = stack(x)
             looped = torch.stack([self._run_member(i, x) for i in group])
@@ -692,24 +698,24 @@ class Ensemble(pl.LightningModule):
                 diff = (vectorized.float() - looped.float()).abs().max().item() if vectorized.shape == looped.shape \
                     else f"shapes {tuple(vectorized.shape)} vs {tuple(looped.shape)}"
                 failure = f"its outputs differ from running the members one by one (max difference {diff})"
-            elif self.fast_path == "auto":
-                times = self._probe(gi, x)
+            elif self.fast_path != "vmap":
+                probe = self._probe(gi, x)
         except Exception as err:  # noqa: BLE001 - a forward vmap cannot batch (data-dependent code, .item())
             failure = f"vmap cannot run it ({type(err).__name__}: {err})"
         names = ", ".join(self.member_names[i] for i in group)
         if self.fast_path == "vmap" and failure:
             raise InvalidArgumentError(f"`fast_path`='vmap' cannot serve members {names}: {failure}. "
                                        "Use fast_path='loop' (or 'auto').")
-        if sync:  # every rank takes the same decision from the summed timings and failures
-            summary = torch.tensor([times[0], times[1], float(bool(failure))], dtype=torch.float64)
+        # [vmap seconds, loop seconds, rounds vmap won, rounds, failures], summed over ranks when synced, so that
+        # every rank takes the same decision
+        summary = torch.tensor([*probe, _PROBE_ROUNDS, float(bool(failure))], dtype=torch.float64)
+        if sync:
             all_reduce(summary)
-            times, failed = [summary[0].item(), summary[1].item()], summary[2].item() > 0
-        else:
-            failed = bool(failure)
+        vmap_time, loop_time, wins, rounds, failures = summary.tolist()
         if self.fast_path == "vmap":
             plan = "vmap"
         else:
-            plan = "vmap" if not failed and times[0] < _VMAP_MARGIN * times[1] else "loop"
+            plan = "vmap" if not failures and wins == rounds and vmap_time < _VMAP_MARGIN * loop_time else "loop"
             if failure:
                 rank_zero_warn(f"Ensemble: members {names} run one by one because {failure}.")
         self._plans[gi] = plan
@@ -718,7 +724,11 @@ class Ensemble(pl.LightningModule):
         return plan
 
     def _probe(self, gi: int, x: torch.Tensor) -> list[float]:
-        """Median seconds of the vectorized call and of the loop, interleaved (the first calls were the warm-up)."""
+        """Median seconds of the vectorized call and of the loop, and the rounds the vectorized call won.
+
+        Rounds are interleaved (the calls that checked the outputs were the warm-up) and stop at the first
+        round the vectorized call loses, since it must win them all: a slower vmap costs one round.
+        """
         group, stack = self._groups[gi], self._stacks[gi]
         runs: dict[str, Callable[[], Any]] = {
             "vmap": lambda: stack(x), "loop": lambda: [self._run_member(i, x) for i in group]}
@@ -730,7 +740,10 @@ class Ensemble(pl.LightningModule):
                 run()
                 _sync_device(x.device)
                 samples[name].append(time.perf_counter() - start)
-        return [statistics.median(samples["vmap"]), statistics.median(samples["loop"])]
+            if samples["vmap"][-1] >= samples["loop"][-1]:
+                break
+        wins = sum(v < lp for v, lp in zip(samples["vmap"], samples["loop"], strict=True))
+        return [statistics.median(samples["vmap"]), statistics.median(samples["loop"]), float(wins)]
 
     def execution_plan(self) -> list[str]:
         """How each member runs, in member order: ``vmap`` (vectorized with its architecture group),

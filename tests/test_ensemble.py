@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -231,6 +232,9 @@ def test_fast_path_equals_loop_with_batchnorm_in_eval_and_mixed_architectures():
     torch.testing.assert_close(fast_logits, loop_logits, rtol=0, atol=1e-5)
     one_by_one = torch.stack([m(x) for m in [*cnns[:2], *others, cnns[2]]])
     torch.testing.assert_close(loop_logits, one_by_one, rtol=0, atol=0)
+    torch.testing.assert_close(loop(x), soft_vote(one_by_one), rtol=0, atol=0)
+    equal_weights = Ensemble(members=[*cnns[:2], *others, cnns[2]], voting="weighted", weights=[0.5] * 5)
+    torch.testing.assert_close(equal_weights(x), loop(x), rtol=0, atol=1e-7)
     # weights changed in place after stacking reach the vectorized path; replaced tensors are re-stacked
     with torch.no_grad():
         cnns[0].model.head[-1].bias.add_(1.0)
@@ -239,7 +243,7 @@ def test_fast_path_equals_loop_with_batchnorm_in_eval_and_mixed_architectures():
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["tv:resnet18", "timm:resnet10t"])
+@pytest.mark.parametrize("backbone", ["tv:resnet18", "timm:test_resnet"])
 def test_fast_path_equals_loop_for_torchvision_and_timm(backbone):
     torch.manual_seed(0)
     members = [randomize_norm_stats(build_backbone(backbone, num_classes=10, in_channels=3), s) for s in range(2)]
@@ -262,12 +266,12 @@ class Scaled(nn.Module):
         return self.linear(x) * self.scale
 
 
-def test_auto_falls_back_to_the_loop_when_vmap_cannot_serve_and_vmap_says_why():
+def test_probe_falls_back_to_the_loop_when_vmap_cannot_serve_and_vmap_says_why():
     x = torch.randn(5, 4)
     torch.manual_seed(0)
     different = [Scaled(1.0), Scaled(3.0)]
     with pytest.warns(UserWarning, match="outputs differ"):
-        auto = Ensemble(members=different, num_classes=3)
+        auto = Ensemble(members=different, num_classes=3, fast_path="probe")
         torch.testing.assert_close(auto.member_logits(x), torch.stack([m(x) for m in different]))
     assert auto.execution_plan() == ["loop", "loop"]
     with pytest.raises(InvalidArgumentError, match="`fast_path`='vmap' cannot serve members .* outputs differ"):
@@ -276,22 +280,49 @@ def test_auto_falls_back_to_the_loop_when_vmap_cannot_serve_and_vmap_says_why():
     with pytest.raises(InvalidArgumentError, match="vmap cannot run it"):
         Ensemble(members=dynamic, fast_path="vmap", num_classes=3).member_logits(x)
     with pytest.warns(UserWarning, match="vmap cannot run it"):
-        assert Ensemble(members=dynamic, num_classes=3).member_logits(x).shape == (2, 5, 3)
+        assert Ensemble(members=dynamic, num_classes=3, fast_path="probe").member_logits(x).shape == (2, 5, 3)
 
 
-def test_auto_decides_once_and_matches_the_loop():
+class Sleepy(nn.Module):
+    """A member whose cost is known: ``loop_ms`` per call one by one, ``vmap_ms`` per call when vectorized."""
+
+    def __init__(self, loop_ms: float, vmap_ms: float) -> None:
+        super().__init__()
+        self.linear, self.loop_ms, self.vmap_ms = nn.Linear(4, 3), loop_ms, vmap_ms
+
+    def extra_repr(self) -> str:
+        return f"loop_ms={self.loop_ms}, vmap_ms={self.vmap_ms}"
+
+    def forward(self, x):
+        vectorized = torch._C._functorch.is_batchedtensor(self.linear.weight)
+        time.sleep((self.vmap_ms if vectorized else self.loop_ms) / 1000)
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("loop_ms,vmap_ms,expected", [(10, 10, "vmap"), (2, 30, "loop")])
+def test_probe_picks_the_faster_path(loop_ms, vmap_ms, expected):
+    members = [Sleepy(loop_ms, vmap_ms) for _ in range(3)]  # loop: 3 calls; vmap: 1 call
+    auto = Ensemble(members=members, num_classes=3, fast_path="probe")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(auto.member_logits(x), torch.stack([m(x) for m in members]), rtol=0, atol=1e-6)
+    assert auto.execution_plan() == [expected] * 3
+
+
+def test_probe_decides_once_and_auto_is_the_loop_on_cpu():
     torch.manual_seed(0)
     members = [randomize_norm_stats(ImageClassifier("simple_cnn", in_channels=1, backbone_kwargs={"width": 8}), s)
                for s in range(3)]
-    auto = Ensemble(members=members)
+    probe, auto = Ensemble(members=members, fast_path="probe"), Ensemble(members=members)
     x = torch.randn(32, 1, 8, 8)
-    assert auto.execution_plan() == ["undecided"] * 3
-    out = auto.member_logits(x)
-    plan = auto.execution_plan()
+    assert probe.execution_plan() == auto.execution_plan() == ["undecided"] * 3
+    out = probe.member_logits(x)
+    plan = probe.execution_plan()
     assert plan in (["vmap"] * 3, ["loop"] * 3)
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]), rtol=0, atol=1e-5)
-    auto.member_logits(x)
-    assert auto.execution_plan() == plan
+    probe.member_logits(x)
+    assert probe.execution_plan() == plan
+    torch.testing.assert_close(auto.member_logits(x), torch.stack([m(x) for m in members]), rtol=0, atol=0)
+    assert auto.execution_plan() == ["loop"] * 3 and auto._stacks == {}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -535,6 +566,17 @@ def test_ema_and_raw_weights_as_two_members(tmp_path):
     with pytest.raises(CheckpointError, match="no 'current_model_state'.*EMAWeightAveraging"):
         Ensemble(checkpoints=[str(plain)], member_class=PlainNet, ema_members="both").load_members()
     assert issubclass(EMAMembers, EMAWeightAveraging)
+
+
+def test_ema_members_ddp_ranks_agree(tmp_path):
+    def probe(trainer, module):
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMAMembers))
+        return [m.net[1].weight.detach().clone() for m in ema.members()]
+
+    ranks = run_ddp(PlainNet(), digits(), tmp_path=tmp_path, fn="fit", probe=probe, max_epochs=1,
+                    limit_train_batches=4, limit_val_batches=0, callbacks=[EMAMembers(decay=0.5)])
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0], ranks[1], strict=True))
+    assert not torch.equal(ranks[0][0], ranks[0][1])  # the EMA and the raw weights differ
 
 
 # ------------------------------------------------------------------------------------------------------------
