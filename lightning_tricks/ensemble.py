@@ -34,6 +34,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -876,10 +877,25 @@ class Ensemble(pl.LightningModule):
         scores, preds = self.vote(self.member_logits(x, sync=True))
         return {"probs": scores, "preds": preds}
 
+    def _warn_padding(self, loaders: Any) -> None:
+        """Say so when DistributedSampler pads the evaluation set with duplicates, which the counts include."""
+        if self.trainer.world_size < 2:
+            return
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+                extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+                if extra > 0:
+                    rank_zero_warn(f"Ensemble: DistributedSampler pads the {len(sampler.dataset)} evaluation "  # type: ignore[arg-type]
+                                   f"samples with {extra} duplicates, which the metrics count; use a set size "
+                                   f"divisible by {self.trainer.world_size} processes for exact metrics.")
+
     def on_validation_start(self) -> None:
+        self._warn_padding(self.trainer.val_dataloaders)
         self._fit_weights_from_datamodule("validate")
 
     def on_test_start(self) -> None:
+        self._warn_padding(self.trainer.test_dataloaders)
         self._fit_weights_from_datamodule("test")
 
     def on_predict_start(self) -> None:

@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import time
+import types
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -456,6 +458,19 @@ def test_ddp_metrics_equal_single_process(zoo_checkpoints, tmp_path):
         assert ranks[0][key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_padded_distributed_evaluation_is_announced():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(5, 64), torch.zeros(5, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(dataset, sampler=torch.utils.data.DistributedSampler(dataset, 2, 0))
+    ensemble = Ensemble(members=[PlainNet()])
+    ensemble._trainer = types.SimpleNamespace(world_size=2)
+    with pytest.warns(UserWarning, match="pads the 5 evaluation samples with 1 duplicates"):
+        ensemble._warn_padding([loader])
+    even = torch.utils.data.Subset(dataset, range(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensemble._warn_padding(torch.utils.data.DataLoader(even, sampler=torch.utils.data.DistributedSampler(even, 2, 0)))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # SnapshotEnsemble
 
@@ -514,6 +529,16 @@ def test_snapshot_bad_cycles(cycles, max_epochs, message, tmp_path):
         with pytest.raises(InvalidArgumentError) as err:
             trainer.fit(PlainNet(), datamodule=digits())
     assert message in str(err.value)
+
+
+def test_snapshot_uneven_budget_warns_and_snapshots_the_last_step(tmp_path):
+    snapshots, recorder = SnapshotEnsemble(cycles=3, lr=0.2, dirpath=str(tmp_path / "s")), LrRecorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=-1, max_steps=10, limit_train_batches=4, limit_val_batches=0,
+                          callbacks=[snapshots, recorder])
+    with pytest.warns(UserWarning, match="last cycle is cut to 2 of 4 steps"):
+        trainer.fit(PlainNet(), datamodule=digits())
+    assert snapshots.snapshot_steps == [4, 8, 10]  # cycles of ceil(10/3) = 4 steps, the last one cut
+    assert recorder.lrs == {t: pytest.approx(snapshot_lr(t, 10, 3, 0.2), abs=1e-15) for t in range(1, 11)}
 
 
 def test_snapshot_ddp_ranks_share_the_schedule_and_snapshots(tmp_path):
