@@ -3,13 +3,20 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.ensemble import (
+    EMAMembers,
+    Ensemble,
+    SnapshotEnsemble,
+)
 from lightning_tricks.regularization import (
     BatchTransformMixin,
     Cutout,
     Mixup,
     WeightPenalty,
 )
-from lightning_tricks.stopping import EarlyStopping
+from lightning_tricks.stopping import (
+    EarlyStopping,
+)
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -19,24 +26,29 @@ from lightning_tricks.zoo import (
 
 __version__ = "0.1.0"
 
-# Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
+# Callbacks; `lightning-tricks --help` prints this list.
 CALLBACKS: tuple[str, ...] = (
     "Cutout",
+    "EMAMembers",
     "EarlyStopping",
     "Mixup",
+    "SnapshotEnsemble",
     "WeightPenalty",
 )
 
 __all__ = [
     "CALLBACKS",
     "BatchTransformMixin",
-    "Cutout",
-    "Mixup",
-    "WeightPenalty",
     "CIFAR10DataModule",
+    "Cutout",
     "DigitsDataModule",
+    "EMAMembers",
     "EarlyStopping",
+    "Ensemble",
     "ImageClassifier",
+    "Mixup",
+    "SnapshotEnsemble",
     "SyntheticDataModule",
+    "WeightPenalty",
     "__version__",
 ]
