@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.init import ActivationStatistics, WeightInit
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -13,13 +14,15 @@ from lightning_tricks.zoo import (
 __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
-CALLBACKS: tuple[str, ...] = ()
+CALLBACKS: tuple[str, ...] = ("WeightInit", "ActivationStatistics")
 
 __all__ = [
+    "ActivationStatistics",
     "CALLBACKS",
     "CIFAR10DataModule",
     "DigitsDataModule",
     "ImageClassifier",
     "SyntheticDataModule",
+    "WeightInit",
     "__version__",
 ]
