@@ -26,7 +26,7 @@ from torch import nn
 from benchmarks.harness import format_table, interleaved, machine_description, write_results
 from lightning_tricks.init import LSUVLayer, lsuv, select_modules
 from lightning_tricks.init._measure import measurement_mode
-from lightning_tricks.init.lsuv import output_variance
+from lightning_tricks.init.lsuv_init import output_variance
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
 from lightning_tricks.zoo import build_backbone
 

@@ -7,7 +7,7 @@ and :class:`ActivationStatistics`.
 """
 
 from lightning_tricks.init.callback import ActivationStatistics, WeightInit
-from lightning_tricks.init.lsuv import LSUVLayer, lsuv
+from lightning_tricks.init.lsuv_init import LSUVLayer, lsuv
 from lightning_tricks.init.schemes import (
     DEFAULT_LAYER_TYPES,
     KNOWN_RESIDUAL_BLOCKS,

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tricks._validation import InvalidArgumentError, check_int
 from lightning_tricks.distributed import broadcast_module, make_generator
 from lightning_tricks.init._measure import batch_input
-from lightning_tricks.init.lsuv import LSUVLayer, check_lsuv_arguments, lsuv
+from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
 from lightning_tricks.init.statistics import (
     LayerStatistics,

@@ -163,6 +163,7 @@ def resolve_scheme(
 
 
 def class_names(module: nn.Module) -> set[str]:
+    """Names (plain and qualified) of the module's class and its base classes."""
     return {name for cls in type(module).__mro__ for name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")}
 
 
@@ -318,10 +319,10 @@ def init_weights(
             without a weight of at least 2 dimensions for a fan-based scheme.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-        >>> init_weights(net, "kaiming_normal", bias=0.01)
+        >>> net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        >>> init_weights(net, "kaiming_normal", bias=0.01, generator=torch.Generator().manual_seed(0))
         ['0', '2']
-        >>> round(net[0].weight.var().item() * 256, 1), net[0].bias[0].item()
+        >>> round(net[0].weight.var().item() * 1024, 2), round(net[0].bias[0].item(), 6)
         (2.0, 0.01)
     """
     args = resolve_scheme(scheme, nonlinearity, negative_slope, mode, std, bias)

@@ -218,6 +218,10 @@ def plot_activation_statistics(stats: Sequence[LayerStatistics], title: str = ""
     axes_mean.set_title("mean per layer", fontsize=9)
     axes_std.plot(layer_ids, [s.std for s in stats], "o-", color="tab:orange")
     axes_std.set_title("std per layer", fontsize=9)
+    # axes from zero (std) and over +-max std (mean), so that flat looks flat and a mean is read against the spread
+    spread = max([s.std for s in stats] + [abs(s.mean) for s in stats] + [1e-12]) * 1.15
+    axes_std.set_ylim(0, spread)
+    axes_mean.set_ylim(-spread, spread)
     for ax in (axes_mean, axes_std):
         ax.set_xlabel("layer", fontsize=8)
         ax.tick_params(labelsize=7)
