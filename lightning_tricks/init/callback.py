@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from collections.abc import Mapping, Sequence
@@ -223,8 +224,8 @@ class WeightInit(Callback):
         message = f"WeightInit: {self.args.scheme} on {len(self.initialized_layers)} layers"
         if self.zero_init_residual:
             message += ", zero-init residual branches"
-        if self.lsuv_report:
-            reached = [r for r in self.lsuv_report if r.reached]
+        reached = [r for r in self.lsuv_report if r.reached]
+        if reached:
             message += (f"; LSUV output variances {min(r.variance for r in reached):.3f}..."
                         f"{max(r.variance for r in reached):.3f} after {sum(r.iterations for r in reached)} rescalings, "
                         f"{sum(not r.converged for r in reached)} not converged")
@@ -235,7 +236,7 @@ class WeightInit(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheme": self.args.scheme, "initialized_layers": list(self.initialized_layers),
-                "lsuv": [r.__dict__.copy() for r in self.lsuv_report]}
+                "lsuv": [dataclasses.asdict(r) for r in self.lsuv_report]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initialized_layers = list(state_dict.get("initialized_layers", []))
