@@ -8,6 +8,10 @@ from lightning_tricks.ensemble import (
     Ensemble,
     SnapshotEnsemble,
 )
+from lightning_tricks.init import (
+    ActivationStatistics,
+    WeightInit,
+)
 from lightning_tricks.regularization import (
     BatchTransformMixin,
     Cutout,
@@ -28,16 +32,19 @@ __version__ = "0.1.0"
 
 # Callbacks; `lightning-tricks --help` prints this list.
 CALLBACKS: tuple[str, ...] = (
+    "ActivationStatistics",
     "Cutout",
     "EMAMembers",
     "EarlyStopping",
     "Mixup",
     "SnapshotEnsemble",
+    "WeightInit",
     "WeightPenalty",
 )
 
 __all__ = [
     "CALLBACKS",
+    "ActivationStatistics",
     "BatchTransformMixin",
     "CIFAR10DataModule",
     "Cutout",
@@ -49,6 +56,7 @@ __all__ = [
     "Mixup",
     "SnapshotEnsemble",
     "SyntheticDataModule",
+    "WeightInit",
     "WeightPenalty",
     "__version__",
 ]
