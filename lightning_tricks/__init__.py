@@ -3,14 +3,25 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.ensemble import (
+    EMAMembers,
+    Ensemble,
+    SnapshotEnsemble,
+)
 from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.init import (
+    ActivationStatistics,
+    WeightInit,
+)
 from lightning_tricks.regularization import (
     BatchTransformMixin,
     Cutout,
     Mixup,
     WeightPenalty,
 )
-from lightning_tricks.stopping import EarlyStopping
+from lightning_tricks.stopping import (
+    EarlyStopping,
+)
 from lightning_tricks.tta import TestTimeAugmentation, TTAConfig, TTAWrapper
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
@@ -21,30 +32,39 @@ from lightning_tricks.zoo import (
 
 __version__ = "0.1.0"
 
-# Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
+# Callbacks; `lightning-tricks --help` prints this list.
 CALLBACKS: tuple[str, ...] = (
+    "ActivationStatistics",
     "Cutout",
+    "EMAMembers",
     "EarlyStopping",
     "ExactDistributedEvaluation",
     "Mixup",
+    "SnapshotEnsemble",
     "TestTimeAugmentation",
+    "WeightInit",
     "WeightPenalty",
 )
 
 __all__ = [
     "CALLBACKS",
+    "ActivationStatistics",
     "BatchTransformMixin",
     "CIFAR10DataModule",
     "Cutout",
     "DigitsDataModule",
+    "EMAMembers",
     "EarlyStopping",
+    "Ensemble",
     "ExactDistributedEvaluation",
     "ImageClassifier",
     "Mixup",
+    "SnapshotEnsemble",
     "SyntheticDataModule",
     "TTAConfig",
     "TTAWrapper",
     "TestTimeAugmentation",
+    "WeightInit",
     "WeightPenalty",
     "__version__",
 ]

@@ -45,10 +45,18 @@ class TricksCLI(LightningCLI):
             return
         print(f"{title}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
         if f"{prefix}acc" in metrics:
-            print(f"{title} accuracy: {metrics[f'{prefix}acc']:.4f}", flush=True)
+            label = title.split(" (")[0]
+            print(f"{label} accuracy: {metrics[f'{prefix}acc']:.4f}", flush=True)
 
     def after_fit(self) -> None:
-        self._report("val_", "Final validation")
+        restored = [getattr(c, "restored_epoch", None) for c in self.trainer.callbacks]
+        restored = [e for e in restored if e is not None]
+        if restored and self.datamodule is not None:
+            # the last epoch's metrics describe weights that were just replaced: score the restored ones
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self._report("val_", f"Final validation (restored weights of epoch {restored[-1]})")
+        else:
+            self._report("val_", "Final validation")
 
     def after_validate(self) -> None:
         self._report("val_", "Validation")

@@ -1,0 +1,349 @@
+"""Lightning callbacks: ``WeightInit`` (a scheme or LSUV, applied once before DDP wrapping) and
+``ActivationStatistics`` (the lectures' per-layer activation figure, logged during training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks.distributed import broadcast_module, make_generator
+from lightning_tricks.init._measure import batch_input
+from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
+from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
+from lightning_tricks.init.statistics import (
+    LayerStatistics,
+    activation_statistics,
+    plot_activation_statistics,
+)
+
+
+def _check_names(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value or not all(
+            isinstance(v, str) and v for v in value):
+        raise InvalidArgumentError(f"`{name}`={value!r} is invalid: expected a non-empty list of non-empty strings.")
+    return list(value)
+
+
+def _check_batch_key(batch_key: Any) -> None:
+    if batch_key is not None and (isinstance(batch_key, bool) or not isinstance(batch_key, (str, int))):
+        raise InvalidArgumentError(f"`batch_key`={batch_key!r} is invalid: expected a dict key (str) or a tuple index (int).")
+
+
+def resumed_checkpoint(trainer: pl.Trainer) -> Any:
+    """The checkpoint this ``fit`` is about to restore, seen from ``Callback.setup``; None for a fresh run.
+
+    Lightning 2.6 sets ``trainer.ckpt_path`` only after ``Callback.setup`` (when it restores), so in
+    ``setup`` the path being resumed is still the ``ckpt_path`` argument of ``Trainer._run``, read
+    here from the call stack. If that frame is not found (another Lightning version), a path set with
+    ``trainer.ckpt_path = ...`` is used; failing both, the caller initializes and the restore that
+    follows ``setup`` overwrites the weights with the checkpoint's, which is still correct.
+    """
+    frame = inspect.currentframe()
+    run_code = pl.Trainer._run.__code__
+    while frame is not None:
+        if frame.f_code is run_code and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    connector = trainer._checkpoint_connector
+    return connector._ckpt_path if getattr(connector, "_user_managed", False) else None
+
+
+def _train_dataloader(trainer: pl.Trainer) -> Any:
+    source = trainer.fit_loop._data_source
+    if not source.is_defined():
+        raise InvalidArgumentError("WeightInit(scheme='lsuv') needs training batches, but this fit has no train "
+                                   "dataloader (pass a datamodule or train_dataloaders to Trainer.fit).")
+    loader = source.dataloader()
+    while isinstance(loader, (Mapping, list, tuple)) and loader:  # a collection of loaders: use the first
+        loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
+    return loader
+
+
+class WeightInit(Callback):
+    """Initialize the model's weights with a scheme or LSUV when ``fit`` starts, on every rank alike.
+
+    Runs in ``Callback.setup`` (stage ``fit``), before the strategy moves the model and wraps it in
+    DDP. Every rank draws from a generator seeded by ``seed`` (default: ``torch.initial_seed()``,
+    which ``seed_everything`` sets), LSUV all-reduces its variances, and rank 0's parameters are then
+    broadcast explicitly, so all ranks start bit-identical whatever the strategy does.
+
+    It never re-initializes a model that has weights to keep: not when ``fit`` resumes from a
+    checkpoint (``ckpt_path``; the checkpoint's weights are restored as they are), not on a second
+    ``fit`` of the same module, and not for validate/test/predict.
+
+    Args:
+        scheme: ``default``, ``zeros``, ``normal``, ``xavier_uniform``, ``xavier_normal`` (torch's Glorot:
+            Var = 2/(fan_in + fan_out)), ``lecun_uniform``, ``lecun_normal`` (Var = 1/fan_in: the lectures'
+            "Xavier"), ``kaiming_uniform``, ``kaiming_normal``, ``orthogonal`` or ``lsuv``.
+        nonlinearity: ``linear``, ``relu``, ``leaky_relu``, ``tanh``, ``sigmoid`` or ``selu``: its gain scales
+            the fan-based schemes (default ``relu`` for ``kaiming_*``, ``linear`` otherwise).
+        negative_slope: leaky ReLU slope (``nonlinearity: leaky_relu`` only; default 0.01).
+        mode: ``fan_in`` or ``fan_out`` (``kaiming_*`` only; default ``fan_in``).
+        std: standard deviation for ``normal`` (default 0.01).
+        bias: constant for the selected layers' biases, e.g. 0.01 for ReLU nets; None: 0 (``default``
+            leaves them).
+        layer_types: class names of the layers to initialize (default Linear and Conv1d/2d/3d,
+            subclasses included).
+        include: ``fnmatch`` patterns over module names (``model.fc``, ``model.layer*``); only layers
+            named so, or inside a module named so, are initialized.
+        exclude: patterns of layers to leave alone.
+        zero_init_residual: True zeroes the last norm gamma of each residual branch of our zoo,
+            torchvision and timm ResNet blocks; a list of ``"BlockClass.attribute"`` specs or module-name
+            patterns names them in your own blocks.
+        tol: LSUV stops when ``|Var - 1| < tol`` (``lsuv`` only; default 0.1).
+        max_iters: LSUV's most rescalings per layer (``lsuv`` only; default 10).
+        num_batches: training batches LSUV measures on, concatenated (``lsuv`` only; default 1).
+        batch_key: key or index of the model input in a training batch (``lsuv`` only; default: the
+            batch's first tensor).
+        seed: seed of the random draws (default ``torch.initial_seed()``).
+
+    Raises:
+        InvalidArgumentError: in ``__init__``, any invalid argument; at setup, a selector that matches
+            nothing, a model without conv/linear layers for LSUV, or no training data for LSUV.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[WeightInit("kaiming_normal", nonlinearity="relu", bias=0.01)])
+    """
+
+    def __init__(
+        self,
+        scheme: str = "kaiming_normal",
+        nonlinearity: str | None = None,
+        negative_slope: float | None = None,
+        mode: str | None = None,
+        std: float | None = None,
+        bias: float | None = None,
+        layer_types: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        zero_init_residual: bool | list[str] = False,
+        tol: float | None = None,
+        max_iters: int | None = None,
+        num_batches: int | None = None,
+        batch_key: str | int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.args = resolve_scheme(scheme, nonlinearity, negative_slope, mode, std, bias)
+        self.layer_types = _check_names("layer_types", layer_types)
+        self.include = _check_names("include", include)
+        self.exclude = _check_names("exclude", exclude)
+        if not isinstance(zero_init_residual, bool):
+            _check_names("zero_init_residual", zero_init_residual)
+        self.zero_init_residual = zero_init_residual
+        if scheme != "lsuv":
+            for name, value in (("tol", tol), ("max_iters", max_iters), ("num_batches", num_batches),
+                                ("batch_key", batch_key)):
+                if value is not None:
+                    raise InvalidArgumentError(f"`{name}`={value!r} is invalid with scheme={scheme!r}: it is used only by "
+                                               "scheme='lsuv'; remove it.")
+        self.tol = 0.1 if tol is None else tol
+        self.max_iters = 10 if max_iters is None else max_iters
+        check_lsuv_arguments(self.tol, self.max_iters)
+        self.num_batches = check_int("num_batches", 1 if num_batches is None else num_batches, 1)
+        _check_batch_key(batch_key)
+        self.batch_key = batch_key
+        if seed is not None:
+            check_int("seed", seed)
+        self.seed = seed
+        self.initialized_layers: list[str] = []
+        self.lsuv_report: list[LSUVLayer] = []
+        self.skipped: str | None = None
+        self._initialized: weakref.ref | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(scheme=self.args.scheme)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_initialized"] = None  # a weak reference does not pickle (ddp_spawn pickles callbacks)
+        return state
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        resumed = resumed_checkpoint(trainer)
+        self.skipped = None
+        if resumed is not None:
+            self.skipped = f"resuming from {resumed}: the checkpoint's weights are kept"
+        elif self._initialized is not None and self._initialized() is pl_module:
+            self.skipped = "this module was initialized by an earlier fit: its trained weights are kept"
+        if self.skipped is not None:
+            rank_zero_info(f"WeightInit: not initializing ({self.skipped}).")
+            return
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        self.initialized_layers = apply_scheme(
+            pl_module, self.args, layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+            zero_residual=self.zero_init_residual, generator=make_generator(seed))
+        # ranks seeded differently drew differently: start from rank 0's draw, so that LSUV's all-reduced
+        # variances describe one network, and broadcast again after it so that the guarantee does not
+        # depend on floating-point agreement or on the strategy's own broadcast
+        broadcast_module(pl_module)
+        if self.args.scheme == "lsuv":
+            self.lsuv_report = self._run_lsuv(trainer, pl_module)
+            broadcast_module(pl_module)
+        self._initialized = weakref.ref(pl_module)
+        self._log(trainer)
+
+    def _run_lsuv(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[LSUVLayer]:
+        loader = _train_dataloader(trainer)
+        inputs: list[torch.Tensor] = []
+        # iterating a shuffling loader draws from the global RNG: fork it so training's randomness is untouched
+        with torch.random.fork_rng(devices=[]):
+            for batch in loader:
+                inputs.append(batch_input(batch, self.batch_key))
+                if len(inputs) == self.num_batches:
+                    break
+        if not inputs:
+            raise InvalidArgumentError("WeightInit(scheme='lsuv'): the train dataloader yielded no batch.")
+        # LSUV runs where training will (the strategy moves the model there next), then the model goes back
+        device = trainer.strategy.root_device
+        home = next(pl_module.parameters()).device
+        pl_module.to(device)
+        try:
+            return lsuv(pl_module, torch.cat(inputs).to(device), tol=self.tol, max_iters=self.max_iters, bias=None,
+                        layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+                        orthogonal_init=False)
+        finally:
+            pl_module.to(home)
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        message = f"WeightInit: {self.args.scheme} on {len(self.initialized_layers)} layers"
+        if self.zero_init_residual:
+            message += ", zero-init residual branches"
+        reached = [r for r in self.lsuv_report if r.reached]
+        if reached:
+            message += (f"; LSUV output variances {min(r.variance for r in reached):.3f}..."
+                        f"{max(r.variance for r in reached):.3f} after {sum(r.iterations for r in reached)} rescalings, "
+                        f"{sum(not r.converged for r in reached)} not converged")
+            metrics = {f"lsuv/{r.name}/{key}": float(getattr(r, key)) for r in reached for key in ("variance", "iterations")}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=0)
+        rank_zero_info(message + ".")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheme": self.args.scheme, "initialized_layers": list(self.initialized_layers),
+                "lsuv": [dataclasses.asdict(r) for r in self.lsuv_report]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initialized_layers = list(state_dict.get("initialized_layers", []))
+        self.lsuv_report = [LSUVLayer(**r) for r in state_dict.get("lsuv", [])]
+
+
+class ActivationStatistics(Callback):
+    """Log each layer's activation mean, std, fraction of zeros and fraction saturated, and draw the figure.
+
+    At the first training batch (the initial weights) and then every ``every_n_epochs`` epochs, the
+    statistics of :func:`~lightning_tricks.init.activation_statistics` are computed on a fixed batch
+    (the first training batch, at most ``max_samples`` rows per rank) and logged to every logger as
+    ``activations/<layer>/{mean,std,zero_fraction,saturated_fraction}``. The lectures' figure (mean
+    and std per layer, one histogram per layer) is written as a PNG to ``figure_dir`` and sent to a
+    TensorBoard logger (its writer's ``add_figure``) or a logger with W&B's ``log_image(key, images, step)``.
+    Under DDP the statistics are all-reduced over the ranks' batches, so every rank holds the same.
+
+    Args:
+        every_n_epochs: epochs between measurements after the first (0: only at the start).
+        max_samples: rows of the fixed batch per rank.
+        bins: histogram bins (0: no histograms, and no figure).
+        layer_types: whose outputs to measure (default: the ``torch.nn`` activation modules).
+        include: module-name patterns to restrict the layers to.
+        exclude: module-name patterns to drop.
+        batch_key: key or index of the model input in a training batch (default: its first tensor).
+        save_figure: write the PNG and send it to the loggers.
+        figure_dir: folder of the PNGs (default ``<log_dir>/activation_statistics``).
+
+    Attributes:
+        history: ``(epoch, global_step, statistics)`` of every measurement.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[ActivationStatistics(every_n_epochs=5)])
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        max_samples: int = 256,
+        bins: int = 50,
+        layer_types: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        batch_key: str | int | None = None,
+        save_figure: bool = True,
+        figure_dir: str | None = None,
+    ) -> None:
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 0)
+        self.max_samples = check_int("max_samples", max_samples, 1)
+        self.bins = check_int("bins", bins, 0)
+        self.layer_types = _check_names("layer_types", layer_types)
+        self.include = _check_names("include", include)
+        self.exclude = _check_names("exclude", exclude)
+        _check_batch_key(batch_key)
+        self.batch_key = batch_key
+        self.save_figure = bool(save_figure)
+        self.figure_dir = figure_dir
+        self.history: list[tuple[int, int, list[LayerStatistics]]] = []
+        self._inputs: torch.Tensor | None = None
+        self._folder = Path(figure_dir or "activation_statistics")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._inputs is None:
+            self._inputs = batch_input(batch, self.batch_key)[: self.max_samples].detach().clone()
+            self._measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._inputs is not None and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stats = activation_statistics(pl_module, self._inputs, layer_types=self.layer_types, include=self.include,
+                                      exclude=self.exclude, bins=self.bins)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        self.history.append((epoch, step, stats))
+        metrics = {f"activations/{s.name}/{key}": value for s in stats
+                   for key, value in (("mean", s.mean), ("std", s.std), ("zero_fraction", s.zero_fraction),
+                                      ("saturated_fraction", s.saturated_fraction)) if value is not None}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.save_figure and self.bins and trainer.is_global_zero:
+            self._draw(trainer, stats, epoch, step)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._inputs = None  # each fit measures its own first batch
+        # trainer.log_dir is a collective under DDP: resolve it here, where every rank calls it
+        self._folder = Path(self.figure_dir) if self.figure_dir else Path(
+            trainer.log_dir or trainer.default_root_dir) / "activation_statistics"
+
+    def figure_path(self, epoch: int, step: int) -> Path:
+        """Where the figure of a measurement at ``epoch``/``step`` is written (known from ``setup`` on)."""
+        return self._folder / f"epoch{epoch:03d}_step{step:06d}.png"
+
+    def _draw(self, trainer: pl.Trainer, stats: list[LayerStatistics], epoch: int, step: int) -> None:
+        fig = plot_activation_statistics(stats, title=f"activations at epoch {epoch}, step {step}")
+        path = self.figure_path(epoch, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if callable(getattr(experiment, "add_figure", None)):  # TensorBoard's SummaryWriter (and tensorboardX)
+                experiment.add_figure("activation_statistics", fig, global_step=step)
+            elif callable(getattr(logger, "log_image", None)):  # W&B's signature
+                logger.log_image(key="activation_statistics", images=[str(path)], step=step)
+
+
+__all__ = ["ActivationStatistics", "WeightInit", "resumed_checkpoint"]

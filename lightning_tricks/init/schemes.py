@@ -1,0 +1,513 @@
+"""Weight-initialization schemes for any ``nn.Module``, built on ``torch.nn.init``.
+
+The lectures' rule: keep the variance of each layer's output close to the variance of its input.
+For a layer with ``fan_in`` inputs per output (``in_channels * k * k`` for a conv), that means
+
+* ``lecun_*``: Var(w) = gain^2 / fan_in. This is what the CS231n lectures call *Xavier*
+  (``W = randn(Din, Dout) / sqrt(Din)``); LeCun et al. (1998) proposed it first.
+* ``xavier_*``: Var(w) = gain^2 * 2 / (fan_in + fan_out), Glorot & Bengio (2010), as
+  ``torch.nn.init.xavier_*`` computes it. The two coincide when fan_in = fan_out.
+* ``kaiming_*``: Var(w) = gain^2 / fan with gain^2 = 2 for ReLU (He et al. 2015, "MSRA"); fan is
+  fan_in (default: preserves the forward variance) or fan_out (preserves the backward variance).
+* ``orthogonal``: the weight, flattened to ``(out, in * k * k)``, is a (semi-)orthogonal matrix times
+  gain (Saxe et al. 2014); entries then have mean square gain^2 / max(rows, cols).
+* ``normal``: ``std * randn`` ("small random numbers", std 0.01 by default), and ``zeros`` (no
+  symmetry breaking: every unit of a layer computes the same function, so they stay equal).
+
+Uniform variants draw from U(-a, a) with a = sqrt(3 Var), so they have the same variance. The gain
+of a nonlinearity comes from ``torch.nn.init.calculate_gain`` (relu sqrt(2), leaky_relu
+sqrt(2 / (1 + slope^2)), tanh 5/3, selu 3/4, linear and sigmoid 1).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_tricks._validation import (
+    InvalidArgumentError,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    check_range,
+)
+
+SCHEMES = ("default", "zeros", "normal", "xavier_uniform", "xavier_normal", "lecun_uniform", "lecun_normal",
+           "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv")
+"""Scheme names: ``default`` leaves the weights as the model built them; ``lsuv`` is data-dependent."""
+
+NONLINEARITIES = ("linear", "relu", "leaky_relu", "tanh", "sigmoid", "selu")
+"""Nonlinearities whose gain (``torch.nn.init.calculate_gain``) scales the fan-based schemes."""
+
+FAN_MODES = ("fan_in", "fan_out")
+
+DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+"""Layers a scheme initializes unless ``layer_types`` says otherwise (subclasses included)."""
+
+_GAIN_SCHEMES = ("xavier_uniform", "xavier_normal", "lecun_uniform", "lecun_normal", "kaiming_uniform",
+                 "kaiming_normal", "orthogonal")
+_DEFAULT_NONLINEARITY = {"kaiming_uniform": "relu", "kaiming_normal": "relu"}  # the others: gain 1
+
+
+@dataclass(frozen=True)
+class SchemeArgs:
+    """A scheme with its arguments resolved (defaults filled in) and validated.
+
+    Build it with :func:`resolve_scheme`; :func:`init_weights` and the ``WeightInit`` callback share it.
+    """
+
+    scheme: str
+    nonlinearity: str
+    negative_slope: float
+    mode: str
+    std: float
+    bias: float | None
+
+    @property
+    def gain(self) -> float:
+        return nn.init.calculate_gain(self.nonlinearity, self.negative_slope)  # type: ignore[arg-type]
+
+    def weight_variance(self, weight: torch.Tensor) -> float:
+        """The variance this scheme promises for ``weight`` (``nan`` for ``default``, ``lsuv``)."""
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+        if self.scheme == "zeros":
+            return 0.0
+        if self.scheme == "normal":
+            return self.std**2
+        if self.scheme.startswith("xavier"):
+            return self.gain**2 * 2.0 / (fan_in + fan_out)
+        if self.scheme.startswith("lecun"):
+            return self.gain**2 / fan_in
+        if self.scheme.startswith("kaiming"):
+            return self.gain**2 / (fan_in if self.mode == "fan_in" else fan_out)
+        if self.scheme == "orthogonal":
+            return self.gain**2 / max(weight.shape[0], weight[0].numel())
+        return float("nan")
+
+
+def resolve_scheme(
+    scheme: str = "kaiming_normal",
+    nonlinearity: str | None = None,
+    negative_slope: float | None = None,
+    mode: str | None = None,
+    std: float | None = None,
+    bias: float | None = None,
+) -> SchemeArgs:
+    """Validate a scheme's arguments and fill in its defaults.
+
+    An argument the scheme does not use is an error rather than silently ignored (``std`` belongs to
+    ``normal``; ``nonlinearity`` to the fan-based schemes; ``mode`` to ``kaiming_*``; ``negative_slope``
+    to ``nonlinearity='leaky_relu'``).
+
+    Args:
+        scheme: one of :data:`SCHEMES`.
+        nonlinearity: the activation after the layer, one of :data:`NONLINEARITIES`; its gain scales the
+            variance. Default: ``relu`` for ``kaiming_*``, ``linear`` (gain 1) for the others.
+        negative_slope: leaky ReLU slope for ``nonlinearity='leaky_relu'`` (default 0.01).
+        mode: ``fan_in`` (default) or ``fan_out`` for ``kaiming_*``.
+        std: standard deviation for ``normal`` (default 0.01).
+        bias: constant for the selected layers' biases (e.g. 0 or 0.01); None: 0 for every scheme but
+            ``default``, which leaves biases as they are.
+
+    Raises:
+        InvalidArgumentError: an unknown scheme, nonlinearity or mode, ``std <= 0``, a negative slope,
+            a non-finite bias, or an argument the scheme does not use.
+
+    Example:
+        >>> resolve_scheme("kaiming_normal").nonlinearity
+        'relu'
+    """
+    check_choice("scheme", scheme, SCHEMES)
+
+    def unused(name: str, value: Any, users: str) -> None:
+        if value is not None:
+            raise InvalidArgumentError(f"`{name}`={value!r} is invalid with scheme={scheme!r}: it is used only by {users}; "
+                                       "remove it.")
+
+    if scheme in _GAIN_SCHEMES:
+        nonlinearity = check_choice("nonlinearity", nonlinearity or _DEFAULT_NONLINEARITY.get(scheme, "linear"),
+                                    NONLINEARITIES)
+    else:
+        unused("nonlinearity", nonlinearity, "the schemes " + ", ".join(_GAIN_SCHEMES))
+        nonlinearity = "linear"
+    if nonlinearity == "leaky_relu":
+        negative_slope = check_non_negative("negative_slope", 0.01 if negative_slope is None else negative_slope)
+    else:
+        unused("negative_slope", negative_slope, "nonlinearity='leaky_relu'")
+    if scheme.startswith("kaiming"):
+        mode = check_choice("mode", mode or "fan_in", FAN_MODES)
+    else:
+        unused("mode", mode, "kaiming_uniform and kaiming_normal")
+    if scheme == "normal":
+        std = check_positive("std", 0.01 if std is None else std)
+    else:
+        unused("std", std, "scheme='normal'")
+    if bias is None and scheme != "default":
+        bias = 0.0
+    if bias is not None:
+        check_range("bias", bias)
+        if abs(bias) == float("inf"):
+            raise InvalidArgumentError(f"`bias`={bias!r} is invalid: expected a finite number.")
+    return SchemeArgs(scheme, nonlinearity, float(negative_slope or 0.0), mode or "fan_in", float(std or 0.0),
+                      None if bias is None else float(bias))
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def class_names(module: nn.Module) -> set[str]:
+    """Names (plain and qualified) of the module's class and its base classes."""
+    return {name for cls in type(module).__mro__ for name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A pattern selects a module when it matches its name or the name of one of its ancestors."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def _examples(names: Sequence[str], k: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (", ..." if len(names) > k else "") if names else "(none)"
+
+
+def select_modules(
+    module: nn.Module,
+    layer_types: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    default_types: Sequence[str] = DEFAULT_LAYER_TYPES,
+) -> list[tuple[str, nn.Module]]:
+    """The layers a scheme acts on: ``(name, module)`` pairs in definition order.
+
+    Args:
+        module: the model (its ``named_modules()`` names are what ``include``/``exclude`` match).
+        layer_types: class names (``"Conv2d"``) or qualified names (``"torch.nn.Conv2d"``); a module
+            matches when its class or a base class has that name, so ``Conv2d`` also selects timm's
+            ``StdConv2d``. Default ``default_types``.
+        include: ``fnmatch`` patterns; only layers whose name, or an ancestor's name, matches one
+            are kept (``"head"`` keeps ``head.0`` and ``head.3``; ``"layer*.*.conv1"`` works too).
+        exclude: patterns in the same form; matching layers are dropped.
+        default_types: the types used when ``layer_types`` is None (:data:`DEFAULT_LAYER_TYPES`).
+
+    Raises:
+        InvalidArgumentError: a type given in ``layer_types``, or a pattern, that selects nothing, or
+            an empty selection; the message lists what was looked for and names that exist.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [name for name, _ in select_modules(net, exclude=["2"])]
+        ['0']
+    """
+    types = list(default_types if layer_types is None else layer_types)
+    if not types:
+        raise InvalidArgumentError("`layer_types`=[] is invalid: expected at least one layer type such as 'Linear'.")
+    named = list(module.named_modules())
+    typed = [(n, m) for n, m in named if class_names(m) & set(types)]
+    if layer_types is not None:
+        for t in types:
+            if not any(t in class_names(m) for _, m in typed):
+                present = sorted({type(m).__name__ for _, m in named})
+                raise InvalidArgumentError(f"`layer_types` entry {t!r} matches no module of {type(module).__name__}: "
+                                           f"its module types are {_examples(present, 12)}.")
+    if not typed:
+        raise InvalidArgumentError(
+            f"no layer of {type(module).__name__} matches layer_types={types}: pass `layer_types` with the names of "
+            f"its weight layers (it has {_examples(sorted({type(m).__name__ for _, m in named}), 12)})."
+        )
+    selected = typed
+    typed_names = [n for n, _ in typed]
+    for arg, patterns, keep in (("include", include, True), ("exclude", exclude, False)):
+        if patterns is None:
+            continue
+        for p in patterns:
+            if not any(_matches(n, p) for n in typed_names):
+                raise InvalidArgumentError(
+                    f"`{arg}` pattern {p!r} matches no selected layer: layer names look like {_examples(typed_names)} "
+                    "(fnmatch patterns on named_modules() names; a pattern also selects the layers inside a match)."
+                )
+        selected = [(n, m) for n, m in selected if any(_matches(n, p) for p in patterns) == keep]
+    if not selected:
+        raise InvalidArgumentError(f"`include`={include!r} and `exclude`={exclude!r} leave no layer of "
+                                   f"{type(module).__name__} to initialize.")
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------- schemes
+
+
+def _draw(weight: torch.Tensor, fill: Callable[..., Any], generator: torch.Generator | None) -> None:
+    """Fill ``weight`` with ``fill(tensor, generator=...)``; a generator on another device draws there first.
+
+    Drawing on the generator's device makes the result the same whether the model sits on CPU or GPU.
+    """
+    if generator is None or generator.device == weight.device:
+        fill(weight, generator=generator)
+        return
+    scratch = torch.empty(weight.shape, dtype=torch.float32, device=generator.device)
+    fill(scratch, generator=generator)
+    with torch.no_grad():
+        weight.copy_(scratch)
+
+
+def _init_weight(weight: torch.Tensor, args: SchemeArgs, generator: torch.Generator | None) -> None:
+    s = args.scheme
+    if s == "zeros":
+        nn.init.zeros_(weight)
+    elif s == "normal":
+        _draw(weight, lambda t, generator: nn.init.normal_(t, 0.0, args.std, generator=generator), generator)
+    elif s in ("xavier_uniform", "xavier_normal"):
+        fill = nn.init.xavier_uniform_ if s == "xavier_uniform" else nn.init.xavier_normal_
+        _draw(weight, lambda t, generator: fill(t, gain=args.gain, generator=generator), generator)
+    elif s.startswith(("lecun", "kaiming")):
+        # lecun_* is kaiming_* over fan_in with the gain of `nonlinearity` (1 for the default 'linear')
+        fill = nn.init.kaiming_uniform_ if s.endswith("uniform") else nn.init.kaiming_normal_
+        _draw(weight, lambda t, generator: fill(t, a=args.negative_slope, mode=args.mode,  # type: ignore[arg-type]
+                                               nonlinearity=args.nonlinearity, generator=generator), generator)
+    elif s in ("orthogonal", "lsuv"):
+        gain = args.gain if s == "orthogonal" else 1.0
+        _draw(weight, lambda t, generator: nn.init.orthogonal_(t, gain=gain, generator=generator), generator)
+
+
+def init_weights(
+    module: nn.Module,
+    scheme: str = "kaiming_normal",
+    *,
+    nonlinearity: str | None = None,
+    negative_slope: float | None = None,
+    mode: str | None = None,
+    std: float | None = None,
+    bias: float | None = None,
+    layer_types: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    zero_init_residual: bool | Sequence[str] = False,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Initialize the weights (and biases) of ``module``'s conv/linear layers in place with a scheme.
+
+    ``scheme='lsuv'`` applies LSUV's orthonormal pre-initialization only: the data-dependent scaling
+    needs batches, see :func:`~lightning_tricks.init.lsuv`.
+
+    Args:
+        module: any ``nn.Module``.
+        scheme: one of :data:`SCHEMES` (see the module docstring for each formula).
+        nonlinearity: activation after the layers; its gain scales the fan-based schemes.
+        negative_slope: leaky ReLU slope (``nonlinearity='leaky_relu'`` only).
+        mode: ``fan_in`` or ``fan_out`` (``kaiming_*`` only).
+        std: standard deviation of ``normal``.
+        bias: constant for the selected layers' biases; None: 0 (``default`` leaves them).
+        layer_types: which layer classes to initialize (see :func:`select_modules`).
+        include: name patterns to restrict the selection to.
+        exclude: name patterns to remove from the selection.
+        zero_init_residual: True zeroes the last normalization gamma of each residual branch of the
+            ResNet blocks we know; a list names them (see :func:`zero_init_residual`).
+        generator: random generator of the draws (default: torch's global generator).
+
+    Returns:
+        The names of the initialized layers.
+
+    Raises:
+        InvalidArgumentError: see :func:`resolve_scheme` and :func:`select_modules`; a selected layer
+            without a weight of at least 2 dimensions for a fan-based scheme.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        >>> init_weights(net, "kaiming_normal", bias=0.01, generator=torch.Generator().manual_seed(0))
+        ['0', '2']
+        >>> round(net[0].weight.var().item() * 1024, 2), round(net[0].bias[0].item(), 6)
+        (2.0, 0.01)
+    """
+    args = resolve_scheme(scheme, nonlinearity, negative_slope, mode, std, bias)
+    return apply_scheme(module, args, layer_types=layer_types, include=include, exclude=exclude,
+                        zero_residual=zero_init_residual, generator=generator)
+
+
+def apply_scheme(
+    module: nn.Module,
+    args: SchemeArgs,
+    *,
+    layer_types: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    zero_residual: bool | Sequence[str] = False,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """:func:`init_weights` with already resolved :class:`SchemeArgs` (``zero_residual`` is its ``zero_init_residual``)."""
+    layers = select_modules(module, layer_types, include, exclude)
+    for name, layer in layers:
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+            raise InvalidArgumentError(
+                f"layer {name!r} ({type(layer).__name__}) has no initialized `weight` tensor: select weight layers "
+                "with `layer_types` (lazy modules need one forward pass first)."
+            )
+        if args.scheme not in ("default", "zeros", "normal") and weight.dim() < 2:
+            raise InvalidArgumentError(
+                f"scheme={args.scheme!r} needs fan_in/fan_out, but layer {name!r} ({type(layer).__name__}) has a "
+                f"{weight.dim()}-d weight: exclude it or remove its type from `layer_types`."
+            )
+    if args.scheme == "zeros":
+        warnings.warn("scheme='zeros' does not break symmetry: every unit of a layer gets the same gradient and "
+                      "they stay identical; use it only to demonstrate that.", UserWarning, stacklevel=2)
+    with torch.no_grad():
+        for _, layer in layers:
+            if args.scheme != "default":
+                _init_weight(layer.weight, args, generator)
+            layer_bias = getattr(layer, "bias", None)
+            if args.bias is not None and isinstance(layer_bias, torch.Tensor):
+                nn.init.constant_(layer_bias, args.bias)
+    if zero_residual:
+        zero_init_residual(module, zero_residual)
+    return [name for name, _ in layers]
+
+
+# ---------------------------------------------------------------------------------------------- residual
+
+
+def _known_residual_norms() -> list[tuple[type, str]]:
+    """(block class, attribute of its residual branch's last normalization) for the ResNets we know.
+
+    torchvision and timm are only looked at when already imported: a model built by them has imported them.
+    """
+    from lightning_tricks.zoo.backbones import BasicBlock
+
+    known: list[tuple[type, str]] = [(BasicBlock, "bn2")]
+    if "torchvision.models.resnet" in sys.modules:
+        tv = sys.modules["torchvision.models.resnet"]
+        known += [(tv.BasicBlock, "bn2"), (tv.Bottleneck, "bn3")]
+    if "timm.models.resnet" in sys.modules:
+        tm = sys.modules["timm.models.resnet"]
+        known += [(tm.BasicBlock, "bn2"), (tm.Bottleneck, "bn3")]
+    return known
+
+
+KNOWN_RESIDUAL_BLOCKS = (
+    "lightning_tricks.zoo.BasicBlock.bn2",
+    "torchvision.models.resnet.BasicBlock.bn2",
+    "torchvision.models.resnet.Bottleneck.bn3",
+    "timm.models.resnet.BasicBlock.bn2",
+    "timm.models.resnet.Bottleneck.bn3",
+)
+"""The blocks ``zero_init_residual=True`` finds, with the normalization it zeroes in each."""
+
+
+def residual_norms(module: nn.Module, blocks: bool | Sequence[str] = True) -> list[tuple[str, nn.Module]]:
+    """The normalization layers :func:`zero_init_residual` would zero, as ``(name, module)`` pairs.
+
+    Args:
+        module: the model.
+        blocks: True for the blocks of :data:`KNOWN_RESIDUAL_BLOCKS`; or a list of specs, each either
+            ``"BlockClass.attribute"`` (every instance of a class named ``BlockClass``, its attribute
+            ``attribute``, which may be dotted) or an ``fnmatch`` pattern over module names
+            (``"layer*.*.bn2"``). A spec whose first part is a class name in the model is read as the
+            former.
+
+    Raises:
+        InvalidArgumentError: True finds no known block, or a spec matches nothing, or a match has no
+            ``weight`` parameter.
+    """
+    named = list(module.named_modules())
+    found: dict[str, nn.Module] = {}
+    if blocks is True:
+        known = _known_residual_norms()
+        for name, m in named:
+            for cls, attr in known:
+                if isinstance(m, cls):
+                    norm = getattr(m, attr)
+                    found[f"{name}.{attr}" if name else attr] = norm
+                    break
+        if not found:
+            raise InvalidArgumentError(
+                f"`zero_init_residual`=True found no residual block in {type(module).__name__}: it knows "
+                f"{', '.join(KNOWN_RESIDUAL_BLOCKS)}. For your own blocks name the last normalization of each "
+                "residual branch: zero_init_residual: ['MyBlock.bn2'] (class.attribute) or ['layer*.*.bn2'] (name pattern)."
+            )
+    else:
+        if isinstance(blocks, str) or not blocks:
+            raise InvalidArgumentError(f"`zero_init_residual`={blocks!r} is invalid: expected True, False or a non-empty "
+                                       "list of 'BlockClass.attribute' specs or module-name patterns.")
+        names_in_model = set().union(*(class_names(m) for _, m in named))
+        for spec in blocks:
+            head, _, attr = spec.partition(".")
+            matched: dict[str, nn.Module] = {}
+            if head in names_in_model and attr:
+                for name, m in named:
+                    if head in class_names(m):
+                        target = m.get_submodule(attr) if _has_submodule(m, attr) else None
+                        if target is None:
+                            raise InvalidArgumentError(f"`zero_init_residual` spec {spec!r}: module {name!r} "
+                                                       f"({type(m).__name__}) has no submodule {attr!r}.")
+                        matched[f"{name}.{attr}" if name else attr] = target
+            else:
+                matched = {name: m for name, m in named if name and fnmatch.fnmatchcase(name, spec)}
+            if not matched:
+                raise InvalidArgumentError(
+                    f"`zero_init_residual` spec {spec!r} matches nothing in {type(module).__name__}: expected "
+                    "'BlockClass.attribute' with a class of the model, or a pattern over module names such as "
+                    f"{_examples([n for n, _ in named if n])}."
+                )
+            found.update(matched)
+    for name, norm in found.items():
+        if not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise InvalidArgumentError(f"`zero_init_residual`: {name!r} ({type(norm).__name__}) has no `weight` to zero "
+                                       "(a normalization layer with affine=False has none).")
+    return list(found.items())
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def zero_init_residual(module: nn.Module, blocks: bool | Sequence[str] = True) -> list[str]:
+    """Zero the last normalization gamma of each residual branch, so every block starts as the identity.
+
+    Goyal et al. (2017): with ``y = x + F(x)`` and ``F`` ending in a normalization with scale gamma,
+    gamma = 0 makes ``F(x) = beta = 0`` at the start; the network begins as a shallower one and the
+    residual branches grow in as training needs them. This is torchvision's ``zero_init_residual=True``
+    and timm's ``zero_init_last``, for any model and for your own blocks.
+
+    Args:
+        module: the model.
+        blocks: see :func:`residual_norms`.
+
+    Returns:
+        The names of the zeroed normalization layers (only their ``weight`` changes).
+
+    Example:
+        >>> from lightning_tricks.zoo import CifarResNet
+        >>> zero_init_residual(CifarResNet(20))[:2]
+        ['layer1.0.bn2', 'layer1.1.bn2']
+    """
+    norms = residual_norms(module, blocks)
+    with torch.no_grad():
+        for _, norm in norms:
+            norm.weight.zero_()
+    return [name for name, _ in norms]
+
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "FAN_MODES",
+    "KNOWN_RESIDUAL_BLOCKS",
+    "NONLINEARITIES",
+    "SCHEMES",
+    "SchemeArgs",
+    "apply_scheme",
+    "init_weights",
+    "residual_norms",
+    "resolve_scheme",
+    "select_modules",
+    "zero_init_residual",
+]
