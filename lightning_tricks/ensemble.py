@@ -47,6 +47,7 @@ from lightning_tricks._validation import (
     check_positive,
 )
 from lightning_tricks.distributed import all_reduce
+from lightning_tricks.evaluation import install_exact_evaluation, uninstall_exact_evaluation
 
 VOTING = ("soft", "hard", "weighted")
 FAST_PATHS = ("auto", "probe", "vmap", "loop")
@@ -825,6 +826,13 @@ class Ensemble(pl.LightningModule):
             raise InvalidArgumentError(f"The ensemble's members predict {mine} classes but the datamodule has "
                                        f"num_classes={theirs}.")
         rank_zero_info("Ensemble members: " + ", ".join(f"{i}: {n}" for i, n in enumerate(self.member_names)))
+        if self._trainer is not None and stage in ("validate", "test"):
+            # no DistributedSampler padding: DDP metrics equal the single-process ones (lightning_tricks.evaluation)
+            install_exact_evaluation(self.trainer, self, ["validate", "test"])
+
+    def teardown(self, stage: str) -> None:
+        if self._trainer is not None:
+            uninstall_exact_evaluation(self.trainer, self)
 
     @staticmethod
     def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -458,6 +458,22 @@ def test_ddp_metrics_equal_single_process(zoo_checkpoints, tmp_path):
         assert ranks[0][key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_ddp_metrics_exact_on_a_set_that_would_be_padded(zoo_checkpoints, tmp_path):
+    from lightning_tricks.zoo import SyntheticDataModule
+
+    def data():  # 45 test images: DistributedSampler would pad them to 46
+        return SyntheticDataModule(num_samples=180, num_classes=10, image_shape=[1, 8, 8], batch_size=4, seed=1)
+
+    single = cpu_trainer(tmp_path).test(Ensemble(checkpoints=zoo_checkpoints, fast_path="loop"), datamodule=data(),
+                                        verbose=False)[0]
+    ranks = run_ddp(Ensemble(checkpoints=zoo_checkpoints, fast_path="loop"), data(), tmp_path=tmp_path, fn="test",
+                    probe=lambda trainer, module: {k: float(v) for k, v in trainer.callback_metrics.items()})
+    assert ranks[0] == ranks[1]
+    for key, value in single.items():
+        if "acc" in key:
+            assert ranks[0][key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_padded_distributed_evaluation_is_announced():
     dataset = torch.utils.data.TensorDataset(torch.zeros(5, 64), torch.zeros(5, dtype=torch.long))
     loader = torch.utils.data.DataLoader(dataset, sampler=torch.utils.data.DistributedSampler(dataset, 2, 0))
