@@ -3,6 +3,13 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.monitoring import (
+    DeadUnitMonitor,
+    DeadUnitTracker,
+    InitialLossCheck,
+    UpdateRatioMonitor,
+    overfit_check,
+)
 from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -13,13 +20,18 @@ from lightning_tricks.zoo import (
 __version__ = "0.1.0"
 
 # Callbacks are listed here as they land; `lightning-tricks --help` prints this list.
-CALLBACKS: tuple[str, ...] = ()
+CALLBACKS: tuple[str, ...] = ("DeadUnitMonitor", "InitialLossCheck", "UpdateRatioMonitor")
 
 __all__ = [
     "CALLBACKS",
     "CIFAR10DataModule",
+    "DeadUnitMonitor",
+    "DeadUnitTracker",
     "DigitsDataModule",
     "ImageClassifier",
+    "InitialLossCheck",
     "SyntheticDataModule",
+    "UpdateRatioMonitor",
     "__version__",
+    "overfit_check",
 ]
