@@ -223,13 +223,13 @@ def test_torchvision_basic_block_reused_relu_and_timm_model_are_found():
 
     tv = torchvision.models.resnet18(num_classes=10)
     with DeadUnitTracker(tv) as tracker:
-        tv(torch.randn(2, 3, 32, 32))
+        tv(torch.randn(2, 3, 16, 16))
     sites = list(tracker.report().sites)
     assert len(sites) == 1 + 8 * 2  # stem, then each BasicBlock's self.relu twice
     assert sites[:3] == ["relu", "layer1.0.relu", "layer1.0.relu#2"]
     tm = timm.create_model("resnet10t", num_classes=10)
     with DeadUnitTracker(tm) as tracker:
-        tm(torch.randn(2, 3, 32, 32))
+        tm(torch.randn(2, 3, 16, 16))
     report = tracker.report()
     assert len(report.sites) == sum(isinstance(m, nn.ReLU) for m in tm.modules())
     assert all(s.units > 0 for s in report.sites.values())
@@ -317,7 +317,8 @@ def test_monitor_on_user_module_logs_brute_force_fractions_draws_and_removes_hoo
     x, y = toy_data(48)
     logger = MemoryLogger()
     monitor = DeadUnitMonitor(plot_dir=str(tmp_path / "plots"), warn_fraction=0.5)
-    trainer = cpu_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[monitor])
+    ratio = UpdateRatioMonitor(every_n_steps=1)
+    trainer = cpu_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[monitor, ratio])
     trainer.fit(model, loader(x, y), loader(x[:16], y[:16]))
     with torch.no_grad():
         h1 = model.net[1](model.net[0](x))
@@ -334,25 +335,31 @@ def test_monitor_on_user_module_logs_brute_force_fractions_draws_and_removes_hoo
     assert (tmp_path / "plots" / "dead_units_train.png").stat().st_size > 1000
     assert logger.images and logger.images[0][0] == "dead_units/heatmap_train"
     assert any("dead_units/overall" in m for _, m in logger.metrics)
+    assert ratio.history == []  # lr 0: no parameter moved, nothing to record
 
 
-def test_monitor_warns_above_warn_fraction_and_validation_pass_is_separate(tmp_path):
+def test_monitor_warns_above_warn_fraction_and_validation_passes_are_separate(tmp_path):
     torch.manual_seed(5)
     model = UserMLP(lr=0.0)
     kill_units(model.net[0], list(range(6)))  # half of the first layer, a quarter of all units at least
-    x, y = toy_data(32)
-    x_val = x.clone()
-    x_val[:, 0] = 0.0
-    monitor = DeadUnitMonitor(stages="both", warn_fraction=0.2, plot=False)
-    trainer = cpu_trainer(tmp_path, max_epochs=1, callbacks=[monitor])
-    with pytest.warns(UserWarning, match=r"DeadUnitMonitor: \d+\.\d% of 24 units are dead after epoch 0 \(train pass\)"):
-        trainer.fit(model, loader(x, y), loader(x_val, y))
     with torch.no_grad():
-        h1_val = model.net[1](model.net[0](x_val))
-    val_report = monitor.last_report["validation"]
-    assert torch.equal(val_report.sites["net.1"].flagged, ~(h1_val > 0).any(0))
+        model.net[0].bias[6:] = -1.0  # the others fire on some inputs only
+    x, y = toy_data(32)
+    x_val = -x[:8]
+    monitor = DeadUnitMonitor(stages="both", warn_fraction=0.2, plot=False)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, val_check_interval=0.5, callbacks=[monitor])
+    with pytest.warns(UserWarning, match=r"DeadUnitMonitor: \d+\.\d% of 24 units are dead after epoch 0 \(train pass\)"):
+        trainer.fit(model, loader(x, y), loader(x_val, y[:8]))
+    with torch.no_grad():
+        train_dead = ~(model.net[1](model.net[0](x)) > 0).any(0)
+        val_dead = ~(model.net[1](model.net[0](x_val)) > 0).any(0)
+    assert not torch.equal(train_dead, val_dead)  # so a pass leaking into the other would show
+    assert torch.equal(monitor.last_report["train"].sites["net.1"].flagged, train_dead)
+    assert torch.equal(monitor.last_report["validation"].sites["net.1"].flagged, val_dead)
     assert "val_dead_units/overall" in trainer.callback_metrics
-    assert len(monitor.history["validation"]) == 1  # the sanity check is not counted
+    # validation in the middle and at the end of the epoch; the sanity check is not counted
+    assert [r["epoch"] for r in monitor.history["validation"]] == [0, 0]
+    assert len(monitor.history["train"]) == 1
 
 
 def test_model_with_nothing_to_monitor_fails_at_setup(tmp_path):
@@ -439,16 +446,19 @@ def test_update_ratio_equals_hand_computation(optimizer, tmp_path):
     for step in (0, 2, 4):
         logged = dict(logger.metrics)[step]
         assert [logged[f"update_ratio/{n}"] for n in names] == pytest.approx(expected[step], rel=1e-4)
-        assert logged["update_ratio/median"] == pytest.approx(float(np.median(expected[step])), rel=1e-4)
+        weights = [r for r, p in zip(expected[step], reference.parameters(), strict=True) if p.ndim >= 2]
+        assert logged["update_ratio/median"] == pytest.approx(float(np.median(weights)), rel=1e-4)
 
 
 def test_update_ratio_warns_when_too_high_and_logs_histograms(tmp_path):
     torch.manual_seed(8)
     x, y = toy_data(32)
     logger = MemoryLogger()
-    monitor = UpdateRatioMonitor(every_n_steps=1, histograms=True)
+    monitor = UpdateRatioMonitor(every_n_steps=1, histograms=True, median_over="all")
     with pytest.warns(UserWarning, match=r"median update/weight ratio .* above 0.01 .*too high"):
         cpu_trainer(tmp_path, logger=logger, callbacks=[monitor]).fit(UserMLP(lr=5.0), loader(x, y))
+    finite = [r for r in monitor.last_ratios.values() if math.isfinite(r)]
+    assert len(monitor.last_ratios) == 6 and monitor.history[-1]["median"] == pytest.approx(float(np.median(finite)))
     tags = set(logger.histograms)
     assert {"weights/net.0.weight", "gradients/net.0.weight", "activations/net.1", "activations/net.3"} <= tags
 
@@ -504,14 +514,16 @@ def test_initial_loss_needs_logits_or_num_classes(tmp_path):
 
 def test_overfit_check_reaches_full_accuracy_and_leaves_the_model_alone(tmp_path):
     torch.manual_seed(11)
-    model = UserMLP(hidden=32, lr=0.1)
+    model = UserMLP(hidden=32, lr=0.3)
     state = copy.deepcopy(model.state_dict())
-    x, y = toy_data(64, classes=4)
-    report = overfit_check(model, train_dataloader=DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True),
-                           num_batches=1, max_epochs=150, default_root_dir=str(tmp_path))
+    x, y = toy_data(64, classes=4)  # random labels: only memorizing gets them right
+    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    report = overfit_check(model, train_dataloader=data, num_batches=1, max_epochs=40, default_root_dir=str(tmp_path))
     assert report.passed and report.accuracy == 1.0 and report.num_samples == 32
-    assert report.final_loss < report.initial_loss and report.epochs == 150
+    assert report.final_loss < report.initial_loss and report.epochs == 40
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    frozen = overfit_check(UserMLP(lr=0.0), train_dataloader=data, max_epochs=2, default_root_dir=str(tmp_path))
+    assert not frozen.passed and frozen.accuracy < 0.9
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,11 +534,15 @@ class RankData(UserMLP):
     """Each rank trains on its own data: input 0 is negative on rank 0 and positive on rank 1."""
 
     def __init__(self) -> None:
-        super().__init__(in_features=3, hidden=3, classes=4, lr=0.0)
+        super().__init__(in_features=3, hidden=3, classes=4)
         with torch.no_grad():
             first = self.net[0]
             first.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]))
             first.bias.copy_(torch.tensor([0.0, 0.0, -100.0]))
+
+    def configure_optimizers(self):  # the first layer stays fixed, so the brute force can use it afterwards
+        rest = [p for n, p in self.net.named_parameters() if not n.startswith("0.")]
+        return torch.optim.SGD([{"params": self.net[0].parameters(), "lr": 0.0}, {"params": rest, "lr": 0.05}])
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.global_rank)
@@ -615,7 +631,7 @@ def test_huge_learning_rate_config_reports_many_dead_units_and_warns(tmp_path, m
 
 
 def test_sane_config_reports_few_dead_units_and_no_warning(tmp_path, monkeypatch):
-    monitor, messages = _fit_config("monitoring.yaml", tmp_path, monkeypatch, epochs=3)
+    monitor, messages = _fit_config("monitoring.yaml", tmp_path, monkeypatch, epochs=3)  # the ratio peaks in epoch 2
     assert all(r["overall"] < 0.1 for r in monitor.history["train"])
     assert not any(m.startswith(("DeadUnitMonitor:", "UpdateRatioMonitor:", "InitialLossCheck:")) for m in messages)
 

@@ -471,6 +471,8 @@ class DeadUnitTracker:
             units = sum(t.numel() for t in fired + saturated)
             shape = torch.tensor([len(dead_sites), len(sat_sites), units], dtype=torch.long, device=device)
             both = all_reduce(torch.cat([shape, -shape]), "max")
+            if not both[:3].any():  # no rank saw anything: nothing to reduce
+                return DeadUnitReport({}, [w.name for w in self.watched])
             if not torch.equal(both[:3], -both[3:]):
                 raise RuntimeError(
                     "DeadUnitTracker: the ranks saw different sites (dead sites, saturation sites, units from "
@@ -586,7 +588,7 @@ class DeadUnitMonitor(Callback):
         self.history: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
         self.last_report: dict[str, DeadUnitReport] = {}
         self.heatmap_paths: list[Path] = []
-        self._done_epoch: dict[str, int] = {}
+        self._train_epoch_closed = False
         self._warned: dict[str, bool] = {}
         self._plot_folder: Path | None = None
 
@@ -602,7 +604,8 @@ class DeadUnitMonitor(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trackers:
             return
-        for stage in ("train", "validation"):
+        stages = ("train", "validation") if trainer.state.fn == "fit" else ("validation",)
+        for stage in stages:
             if self._tracked(stage):
                 tracker = DeadUnitTracker(pl_module, self.activations, self.layers, self.threshold, self.unit_dim,
                                           self.saturation_eps, self.saturation_fraction, owner="DeadUnitMonitor")
@@ -622,7 +625,7 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != "fit":
+        if trainer.state.fn != "fit" and self._tracked("validation"):
             self._attach(trainer, pl_module)  # trainer.validate(): no on_fit_start
 
     @override
@@ -652,6 +655,7 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_epoch_closed = False
         self._start("train")
 
     @override
@@ -684,7 +688,7 @@ class DeadUnitMonitor(Callback):
         if not trainer.sanity_checking:
             self._finish(trainer, pl_module, "validation")
         self._pause("validation")
-        if trainer.state.fn == "fit" and "train" in self.trackers and self._done_epoch.get("train") != trainer.current_epoch:
+        if trainer.state.fn == "fit" and "train" in self.trackers and not self._train_epoch_closed:
             self.trackers["train"].enabled = True  # validation in the middle of a training epoch
 
     @override
@@ -695,9 +699,10 @@ class DeadUnitMonitor(Callback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         tracker = self.trackers.get(stage)
         epoch = trainer.current_epoch
-        if tracker is None or self._done_epoch.get(stage) == epoch:
+        if tracker is None or (stage == "train" and self._train_epoch_closed):
             return
-        self._done_epoch[stage] = epoch
+        if stage == "train":
+            self._train_epoch_closed = True  # closed at validation start or at the epoch's end, not both
         tracker.enabled = False
         report = tracker.report()  # all ranks reach here: collective
         if not report.sites:
@@ -796,9 +801,6 @@ class DeadUnitMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {"train": [], "validation": [], **state_dict.get("history", {})}
-        for stage, records in self.history.items():
-            if records:
-                self._done_epoch[stage] = records[-1]["epoch"]
 
 
 __all__ = [

@@ -146,9 +146,9 @@ class InitialLossCheck(Callback):
         loss = _loss(outputs)
         if loss is None:
             raise NothingToMonitorError(
-                "InitialLossCheck found no loss: training_step returned "
-                f"{type(outputs).__name__}; return the loss tensor (or a dict with 'loss'), as automatic "
-                "optimization does."
+                "InitialLossCheck found no loss in what the first training_step returned "
+                f"({type(outputs).__name__}): return the loss tensor (or a dict with a 'loss' tensor), which "
+                "automatic optimization needs anyway and manual optimization allows."
             )
         num_classes = self.num_classes or self._seen_classes
         if num_classes is None or num_classes < 2:

@@ -101,7 +101,8 @@ class UpdateRatioMonitor(Callback):
     with ``log_per_tensor``, ``update_ratio/<parameter name>``. ``history`` keeps the medians
     (``{"step", "median"}`` per measurement, checkpointed) and ``last_ratios`` the per-tensor ratios
     of the last measurement. A warning is raised when the median enters the region below
-    ``warn_below`` or above ``warn_above`` (CS231n: about 1e-3 is healthy).
+    ``warn_below`` or above ``warn_above`` (CS231n: about 1e-3 is healthy). A measured step that moved
+    no parameter (skipped by AMP's gradient scaler, or a zero learning rate) is not recorded.
 
     Between measured steps it does nothing (no copies, no hooks). Under DDP the parameters are
     identical on every rank after the step, so the figures are too; no collective is used.
@@ -233,6 +234,8 @@ class UpdateRatioMonitor(Callback):
         step, params, before = self._step, self._params, self._before
         self._step, self._params, self._before = None, [], []
         ratios = update_ratios(before, params).cpu()
+        if not ratios[torch.isfinite(ratios)].any():
+            return  # no parameter moved: the step was skipped (AMP found inf gradients) or the learning rate is 0
         names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
         per_tensor = dict(zip(names, ratios.tolist(), strict=True))
         if self.median_over == "weights" and any(p.ndim >= 2 for p in params):
