@@ -13,6 +13,13 @@ from lightning_tricks.init import (
     ActivationStatistics,
     WeightInit,
 )
+from lightning_tricks.monitoring import (
+    DeadUnitMonitor,
+    DeadUnitTracker,
+    InitialLossCheck,
+    UpdateRatioMonitor,
+    overfit_check,
+)
 from lightning_tricks.regularization import (
     BatchTransformMixin,
     Cutout,
@@ -36,35 +43,43 @@ __version__ = "0.1.0"
 CALLBACKS: tuple[str, ...] = (
     "ActivationStatistics",
     "Cutout",
+    "DeadUnitMonitor",
     "EMAMembers",
     "EarlyStopping",
     "ExactDistributedEvaluation",
+    "InitialLossCheck",
     "Mixup",
     "SnapshotEnsemble",
     "TestTimeAugmentation",
+    "UpdateRatioMonitor",
     "WeightInit",
     "WeightPenalty",
 )
 
 __all__ = [
-    "CALLBACKS",
     "ActivationStatistics",
     "BatchTransformMixin",
+    "CALLBACKS",
     "CIFAR10DataModule",
     "Cutout",
+    "DeadUnitMonitor",
+    "DeadUnitTracker",
     "DigitsDataModule",
     "EMAMembers",
     "EarlyStopping",
     "Ensemble",
     "ExactDistributedEvaluation",
     "ImageClassifier",
+    "InitialLossCheck",
     "Mixup",
     "SnapshotEnsemble",
     "SyntheticDataModule",
     "TTAConfig",
     "TTAWrapper",
     "TestTimeAugmentation",
+    "UpdateRatioMonitor",
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "overfit_check",
 ]

@@ -1,0 +1,316 @@
+"""Sanity checks before training for real: the initial loss is about log(C), and a small sample can be overfit.
+
+CS231n, "babysitting the learning process": with small random weights a C-class softmax classifier
+predicts about 1/C for every class, so its cross-entropy starts at about ``-log(1/C) = log(C)``
+(2.30 for 10 classes). A start far from it means badly scaled logits (a too-large last layer, a
+wrong loss reduction, inputs not normalized). Then: "make sure that you can overfit very small
+portion of the training data" -- a model and loss that cannot reach ~100% training accuracy on a
+batch or two have a bug.
+
+* :class:`InitialLossCheck` reads the loss of the first training step (computed before the first
+  optimizer step) and compares it with ``log(C)``.
+* :func:`overfit_check` trains a copy of the model on the first batches of the training data with
+  Lightning's ``overfit_batches`` and reports the accuracy reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_tricks._validation import (
+    ConfigError,
+    InvalidArgumentError,
+    check_int,
+    check_positive,
+    check_probability,
+)
+from lightning_tricks.distributed import all_reduce
+from lightning_tricks.monitoring.dead_units import NothingToMonitorError
+
+
+class InitialLossError(RuntimeError):
+    """Raised by ``InitialLossCheck(fail=True)`` when the first loss is far from log(C)."""
+
+
+def expected_initial_loss(num_classes: int) -> float:
+    """``log(C)``: the cross-entropy of a uniform prediction over ``num_classes`` classes.
+
+    Example:
+        >>> round(expected_initial_loss(10), 4)
+        2.3026
+    """
+    check_int("num_classes", num_classes, 2)
+    return math.log(num_classes)
+
+
+def _logits(output: Any) -> Tensor | None:
+    if isinstance(output, dict):
+        output = output.get("logits", next((v for v in output.values() if isinstance(v, Tensor)), None))
+    elif isinstance(output, (tuple, list)):
+        output = next((v for v in output if isinstance(v, Tensor)), None)
+    return output if isinstance(output, Tensor) and output.ndim >= 2 else None
+
+
+def _loss(outputs: Any) -> Tensor | None:
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    return outputs if isinstance(outputs, Tensor) and outputs.numel() == 1 else None
+
+
+class InitialLossCheck(Callback):
+    """Compare the loss of the first training step with ``log(C)`` and warn (or fail) when it is far off.
+
+    The loss is the one your ``training_step`` returned for the first batch (Lightning passes it to
+    ``on_train_batch_end``); it was computed before the first optimizer step, so it is the loss of the
+    initial weights, in training mode, and costs nothing extra. Under DDP it is averaged over ranks
+    and every rank takes the same decision. ``C`` is ``num_classes`` when given, else the last
+    dimension of the logits, read by a one-shot forward hook on the LightningModule during that step
+    (so ``training_step`` must call ``self(x)``; otherwise pass ``num_classes``). The check is skipped
+    when fit resumes from a checkpoint past step 0.
+
+    It is off when ``|loss - log C| > tolerance * log C``; the warning gives both numbers. The check
+    assumes a softmax cross-entropy averaged over the batch; a regularization term added to the loss
+    raises it (switch it off for this check, as the lectures say).
+
+    Args:
+        num_classes: ``C``; None infers it from the logits.
+        tolerance: allowed relative deviation from ``log C``; > 0.
+        fail: raise :class:`InitialLossError` instead of warning.
+
+    Attributes:
+        observed: the first loss (mean over ranks), or None before the check.
+        expected: ``log C``, or None before the check.
+        passed: whether the loss was within the tolerance, or None before the check.
+
+    Raises:
+        InvalidArgumentError: an argument out of range.
+
+    Example:
+        >>> check = InitialLossCheck(tolerance=0.2)
+        >>> trainer = pl.Trainer(callbacks=[check])  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> check.observed, check.expected  # doctest: +SKIP
+        (2.31, 2.302585092994046)
+    """
+
+    def __init__(self, num_classes: int | None = None, tolerance: float = 0.25, fail: bool = False) -> None:
+        if num_classes is not None:
+            check_int("num_classes", num_classes, 2)
+        check_positive("tolerance", tolerance)
+        self.num_classes, self.tolerance, self.fail = num_classes, tolerance, fail
+        self.observed: float | None = None
+        self.expected: float | None = None
+        self.passed: bool | None = None
+        self._pending = False
+        self._seen_classes: int | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs after a checkpoint is restored: global_step > 0 means the weights are no longer initial
+        self._pending = trainer.global_step == 0
+        if not self._pending:
+            rank_zero_info(f"InitialLossCheck: skipped, fit resumes at step {trainer.global_step}.")
+            return
+        if self.num_classes is None:
+            self._handle = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        logits = _logits(output)
+        if logits is not None and self._seen_classes is None:
+            self._seen_classes = int(logits.shape[-1])
+
+    def _remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        self._remove_hook()
+        loss = _loss(outputs)
+        if loss is None:
+            raise NothingToMonitorError(
+                "InitialLossCheck found no loss in what the first training_step returned "
+                f"({type(outputs).__name__}): return the loss tensor (or a dict with a 'loss' tensor), which "
+                "automatic optimization needs anyway and manual optimization allows."
+            )
+        num_classes = self.num_classes or self._seen_classes
+        if num_classes is None or num_classes < 2:
+            raise NothingToMonitorError(
+                "InitialLossCheck could not infer the number of classes: the LightningModule's forward was not "
+                "called in training_step or did not return (batch, C) logits. Pass num_classes=C."
+            )
+        # the loss Lightning hands over is divided by accumulate_grad_batches; undo it, then average ranks
+        value = loss.detach().double() * trainer.accumulate_grad_batches
+        observed = float(all_reduce(value.clone(), "mean"))
+        self.expected = expected_initial_loss(num_classes)
+        self.observed = observed
+        self.passed = math.isfinite(observed) and abs(observed - self.expected) <= self.tolerance * self.expected
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"initial_loss/observed": observed, "initial_loss/expected": self.expected}, step=0)
+        message = (f"InitialLossCheck: the first training loss is {observed:.4f}, expected about log({num_classes}) = "
+                   f"{self.expected:.4f} for a {num_classes}-class softmax at initialization")
+        if self.passed:
+            rank_zero_info(f"{message}: ok (within {self.tolerance:.0%}).")
+            return
+        advice = (f", off by more than tolerance={self.tolerance}. Check the scale of the last layer's init, the "
+                  "loss reduction ('mean'), input normalization, and that no regularization term is in the loss.")
+        if self.fail:
+            raise InitialLossError(message + advice)
+        rank_zero_warn(message + advice)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hook()
+
+
+@dataclass(frozen=True)
+class OverfitReport:
+    """The outcome of :func:`overfit_check`.
+
+    Attributes:
+        accuracy: training accuracy on the overfit batches after training (eval mode).
+        initial_loss: cross-entropy on them before training (eval mode).
+        final_loss: cross-entropy on them after training (eval mode).
+        num_samples: samples in the overfit batches.
+        epochs: epochs trained.
+        target_accuracy: the accuracy that counts as a pass.
+    """
+
+    accuracy: float
+    initial_loss: float
+    final_loss: float
+    num_samples: int
+    epochs: int
+    target_accuracy: float
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy >= self.target_accuracy
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor) \
+            and isinstance(batch[1], Tensor):
+        return batch[0], batch[1]
+    raise ConfigError(
+        f"overfit_check needs (inputs, targets) batches, got {type(batch).__name__}; for other batches use "
+        "the recipe directly: Trainer(overfit_batches=1, max_epochs=100) and watch your training accuracy."
+    )
+
+
+@torch.no_grad()
+def _evaluate(model: pl.LightningModule, batches: list[Any]) -> tuple[float, float, int]:
+    model.eval()
+    device = next(model.parameters()).device
+    correct, total, loss_sum = 0, 0, 0.0
+    for batch in batches:
+        x, y = _split_batch(batch)
+        x, y = x.to(device), y.to(device)
+        logits = _logits(model(x))
+        if logits is None:
+            raise ConfigError("overfit_check needs a model whose forward returns (batch, C) logits.")
+        hard = y.argmax(dim=1) if y.is_floating_point() and y.ndim == 2 else y
+        correct += int((logits.argmax(dim=-1) == hard).sum())
+        total += int(hard.numel())
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+    return correct / max(total, 1), loss_sum / max(total, 1), total
+
+
+def overfit_check(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None = None,
+    train_dataloader: Any = None,
+    num_batches: int = 1,
+    max_epochs: int = 100,
+    target_accuracy: float = 0.99,
+    **trainer_kwargs: Any,
+) -> OverfitReport:
+    """Train a copy of ``model`` on the first ``num_batches`` training batches and report the accuracy reached.
+
+    The CS231n sanity check: a correct model and loss drive the training accuracy on a tiny sample to
+    about 100% (with regularization switched off). It runs Lightning's ``overfit_batches`` (the same
+    first batches every epoch, shuffling disabled) on a deep copy, so ``model`` is left untouched,
+    with no validation, logger or checkpoints; then it evaluates the copy on those batches in eval
+    mode. Batches must be ``(inputs, targets)`` and the forward must return logits. Run it on one
+    device (the default); it is a debugging step, not a training run.
+
+    Args:
+        model: the LightningModule to check (not modified).
+        datamodule: gives the training data (``setup("fit")`` and ``train_dataloader()`` are called).
+        train_dataloader: the training data when there is no datamodule.
+        num_batches: how many batches to overfit; >= 1.
+        max_epochs: passes over them; >= 1.
+        target_accuracy: the accuracy that counts as a pass; in [0, 1].
+        **trainer_kwargs: more ``Trainer`` arguments (``accelerator``, ``precision``, ...).
+
+    Returns:
+        An :class:`OverfitReport`; ``report.passed`` tells whether ``target_accuracy`` was reached.
+
+    Raises:
+        InvalidArgumentError: bad arguments, or neither or both of ``datamodule`` and ``train_dataloader``.
+        ConfigError: batches that are not ``(inputs, targets)``, or a forward without logits.
+
+    Example:
+        >>> report = overfit_check(MyModule(), datamodule=MyData(), num_batches=1)  # doctest: +SKIP
+        >>> report.passed, report.accuracy  # doctest: +SKIP
+        (True, 1.0)
+    """
+    check_int("num_batches", num_batches, 1)
+    check_int("max_epochs", max_epochs, 1)
+    check_probability("target_accuracy", target_accuracy)
+    if (datamodule is None) == (train_dataloader is None):
+        raise InvalidArgumentError("`datamodule`/`train_dataloader` is invalid: expected exactly one of them.")
+    if datamodule is not None:
+        datamodule.setup("fit")
+        train_dataloader = datamodule.train_dataloader()
+    trained = copy.deepcopy(model)
+    settings: dict[str, Any] = dict(devices=1, max_epochs=max_epochs, overfit_batches=num_batches, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, num_sanity_val_steps=0)
+    settings.update(trainer_kwargs)
+    trainer = pl.Trainer(**settings)
+    # the batches overfit_batches trains on: the first ones in dataset order (Lightning turns shuffling off)
+    batches: list[Any] = []
+    for batch in _sequential(train_dataloader):
+        batches.append(batch)
+        if len(batches) == num_batches:
+            break
+    _, initial_loss, num_samples = _evaluate(copy.deepcopy(model), batches)
+    trainer.fit(trained, train_dataloaders=train_dataloader)
+    accuracy, final_loss, _ = _evaluate(trained, batches)
+    return OverfitReport(accuracy, initial_loss, final_loss, num_samples, trainer.current_epoch, target_accuracy)
+
+
+def _sequential(loader: Any) -> Any:
+    """The loader's batches in dataset order (what ``overfit_batches`` trains on)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, RandomSampler):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn,
+                          num_workers=0, drop_last=loader.drop_last)
+    return loader
+
+
+__all__ = ["InitialLossCheck", "InitialLossError", "OverfitReport", "expected_initial_loss", "overfit_check"]
