@@ -58,31 +58,34 @@ def _scaled_last_bn(block, last_bn, scale):
     return ref
 
 
+@pytest.mark.parametrize("scaling", ["test", "train"])
 @pytest.mark.parametrize("name,path,last_bn", [("resnet18", "layer2.0", "bn2"), ("resnet50", "layer2.0", "bn3"),
                                                ("timm:resnet18", "layer2.0", "bn2"),
                                                ("timm:resnet26", "layer1.1", "bn3"),
                                                ("resnet20", "layer2.0", "bn2")])
-def test_kept_and_skipped_branch_equal_the_original_block_scaled(name, path, last_bn):
-    """In training a block is act(branch / (1 - p) + shortcut) when kept and act(shortcut) when skipped."""
+def test_kept_skipped_and_eval_blocks_equal_the_original_block_scaled(name, path, last_bn, scaling):
+    """Training: act(s * branch + shortcut) when kept (s = 1/(1-p) for inverted scaling, else 1), act(shortcut)
+    when skipped; eval: act((1-p) * branch + shortcut) for the paper's scaling, the original block otherwise."""
     torch.manual_seed(0)
     model = build_backbone(name, num_classes=10)
     block = model.get_submodule(path)
-    apply_stochastic_depth(model, 0.5, blocks=[path])
+    apply_stochastic_depth(model, 0.5, blocks=[path], scaling=scaling)
     block.eval()  # BN uses running statistics, so the reference is comparable; our forward checks .training:
     p = block.lt_drop_prob
-    x = torch.randn(2, block_input_channels(block), 8, 8)
-    for kept, scale in ((True, 1 / (1 - p)), (False, 0.0)):
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    kept_scale = 1 / (1 - p) if scaling == "train" else 1.0
+    for kept, scale in ((True, kept_scale), (False, 0.0)):
         block.lt_randomness.step = next(s for s in range(100) if _decision(block, s) == kept)
         block.training = True  # only the block's flag: its BN submodules stay in eval
         out = block(x)
         block.training = False
         assert block.lt_last_kept is kept
         assert torch.allclose(out, _scaled_last_bn(block, last_bn, scale)(x), atol=1e-5)
-    assert torch.equal(block(x), _scaled_last_bn(block, last_bn, 1.0)(x))  # eval: the original block
-
-
-def block_input_channels(block):
-    return block.conv1.in_channels
+    eval_scale = 1 - p if scaling == "test" else 1.0
+    reference = _scaled_last_bn(block, last_bn, eval_scale)(x)
+    assert torch.allclose(block(x), reference, atol=1e-6)
+    if scaling == "train":
+        assert torch.equal(block(x), reference)  # exactly the original block
 
 
 def _decision(block, step):
@@ -105,30 +108,33 @@ class _LinearResidual(nn.Module):
         return self.residual(x) + x
 
 
+@pytest.mark.parametrize("scaling", ["test", "train"])
 @pytest.mark.parametrize("mode", ["batch", "row"])
-def test_monte_carlo_expectation_of_training_equals_test(mode):
+def test_monte_carlo_expectation_of_training_equals_test(mode, scaling):
     torch.manual_seed(0)
     block = nn.Sequential(_LinearResidual())
     randomness = LayerRandomness(seed=2, per_rank=False)
-    apply_stochastic_depth(block, 0.5, mode=mode, rule="uniform", blocks=["0"], randomness=randomness)
+    apply_stochastic_depth(block, 0.5, mode=mode, rule="uniform", scaling=scaling, blocks=["0"], randomness=randomness)
     x = torch.randn(1, 4)
+    n = 4000
     with torch.no_grad():
         expected = block.eval()(x)
         block.train()
         if mode == "batch":
             outputs = []
-            for step in range(4000):
+            for step in range(n):
                 randomness.step = step
                 outputs.append(block(x))
             outputs = torch.cat(outputs)
         else:
             randomness.step = 0
-            outputs = block(x.expand(4000, 4))
+            outputs = block(x.expand(n, 4))
         branch = block[0].branch(x)
-    # each output is x + b * 2 * branch, b ~ Bernoulli(0.5): the std of the mean is |branch| / sqrt(n)
-    tolerance = 4 * branch.abs() / 4000 ** 0.5 + 1e-6
+    kept = 2.0 if scaling == "train" else 1.0  # each output is x + b * kept * branch, b ~ Bernoulli(0.5)
+    tolerance = 4 * kept * 0.5 * branch.abs() / n ** 0.5 + 1e-6  # 4 standard deviations of the mean
     assert ((outputs.mean(0) - expected[0]).abs() <= tolerance[0]).all()
-    assert set(torch.round((outputs - x) / branch, decimals=4).flatten().tolist()) == {0.0, 2.0}
+    assert set(torch.round((outputs - x) / branch, decimals=4).flatten().tolist()) == {0.0, kept}
+    assert torch.allclose(expected, x + (0.5 if scaling == "test" else 1.0) * branch)
 
 
 def test_batch_mode_skips_the_branch_compute_and_leaves_no_gradient():
@@ -165,14 +171,18 @@ def test_warmup_ramps_the_drop_probabilities(tmp_path):
     assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
 
 
-def test_functional_drop_residual_row_and_batch():
+def test_functional_drop_residual_row_batch_and_scalings():
     r = torch.ones(1000, 3)
-    rows = drop_residual(r, 0.25, "row", generator=torch.Generator().manual_seed(0))
+    rows = drop_residual(r, 0.25, "row", scaling="train", generator=torch.Generator().manual_seed(0))
     assert set(rows.unique().tolist()) == {0.0, torch.tensor(4 / 3).item()} and (rows == rows[:, :1]).all()
     assert 0.2 < (rows[:, 0] == 0).float().mean() < 0.3
+    paper = drop_residual(r, 0.25, "row", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(paper * (4 / 3), rows)  # same mask, no training-time scaling
     whole = drop_residual(r, 0.25, "batch", generator=torch.Generator().manual_seed(1))
     assert whole.unique().numel() == 1
-    assert torch.equal(drop_residual(r, 0.25, training=False), r) and torch.equal(drop_residual(r, 0.0), r)
+    assert torch.equal(drop_residual(r, 0.25, training=False), r * 0.75)
+    assert torch.equal(drop_residual(r, 0.25, training=False, scaling="train"), r)
+    assert torch.equal(drop_residual(r, 0.0), r)
 
 
 def test_errors_name_what_was_looked_for():
@@ -189,6 +199,7 @@ def test_errors_name_what_was_looked_for():
                             (dict(drop_rate=-0.5), "`drop_rate`=-0.5 is invalid"),
                             (dict(mode="block"), "`mode`='block' is invalid: expected one of 'batch', 'row'"),
                             (dict(rule="exp"), "`rule`='exp' is invalid"),
+                            (dict(scaling="both"), "`scaling`='both' is invalid: expected one of 'test', 'train'"),
                             (dict(warmup_steps=-1), "`warmup_steps`=-1 is invalid")]:
         with pytest.raises(InvalidArgumentError, match=message):
             StochasticDepth(**kwargs)

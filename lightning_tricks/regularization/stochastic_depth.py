@@ -1,18 +1,21 @@
 r"""Stochastic depth (Huang et al. 2016): skip residual branches at random in training, use them all at test.
 
-Block :math:`l` of :math:`L` computes :math:`H_l = \mathrm{act}(b_l\, f_l(H_{l-1}) / (1 - p_l) + \mathrm{id}(H_{l-1}))`
-with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = \mathrm{drop\_rate} \cdot l / L` (the paper's
-linear decay rule; its :math:`p_L = 0.5` survival is ``drop_rate=0.5``) or :math:`p_l = \mathrm{drop\_rate}`
-(``uniform``). The inverted scaling :math:`1/(1-p_l)` in training makes the expected pre-activation equal
-to the test-time one, so eval is the plain block, untouched. (The paper instead scales by the survival
-probability at test; the two are equivalent in expectation.)
+Block :math:`l` of :math:`L` computes :math:`H_l = \mathrm{act}(b_l f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` in
+training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = \mathrm{drop\_rate} \cdot l / L` (the
+paper's linear decay rule; its :math:`p_L = 0.5` is ``drop_rate=0.5``) or :math:`p_l = \mathrm{drop\_rate}`
+(``uniform``). At test every block runs, scaled so that the expected pre-activation matches training:
+
+* ``scaling="test"`` (the paper's, default): :math:`H_l = \mathrm{act}((1 - p_l) f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))`
+  at test; the converted block does this in ``eval()``.
+* ``scaling="train"`` (inverted, as timm's ``drop_path``): a kept branch is multiplied by :math:`1/(1-p_l)` in
+  training and eval is the original block, untouched (a checkpoint then evaluates correctly without the
+  trick). On our digits ResNet-20 runs it trained markedly worse at lr 0.1 (see docs/stochastic_depth.md).
 
 ``batch`` mode draws one :math:`b_l` per block per training step for the whole batch and, when it is 0,
 does not run the branch at all: that is where the paper's training speed-up comes from (torchvision's
 ``ops.stochastic_depth`` always computes the branch). The decision is keyed by (seed, step, block), so it
 is the same on every DDP rank. ``row`` mode draws one :math:`b_l` per example (timm's ``drop_path``).
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -42,6 +45,8 @@ from lightning_tricks.surgery import (
 
 MODES = ("batch", "row")
 RULES = ("linear", "uniform")
+SCALINGS = ("test", "train")
+"""``test``: the paper's, the branch times ``1 - p`` at test; ``train``: inverted, a kept branch times ``1/(1-p)``."""
 Tensor = torch.Tensor
 
 
@@ -60,28 +65,33 @@ def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") 
     return [drop_rate * layer / num_blocks for layer in range(1, num_blocks + 1)]
 
 
-def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True,
+def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True, scaling: str = "test",
                   generator: torch.Generator | None = None) -> Tensor:
-    """Stochastic depth on an already computed residual branch, with inverted scaling.
+    """Stochastic depth on an already computed residual branch.
 
-    ``row``: each example's branch is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``;
-    ``batch``: one draw for the whole batch. This functional form cannot save compute (the branch is
-    already computed); the converted blocks of :func:`apply_stochastic_depth` skip it instead.
+    Training: ``row`` keeps each example's branch with probability ``1 - p``, ``batch`` makes one draw
+    for the whole batch; a kept branch is scaled by ``1 / (1 - p)`` with ``scaling="train"``. Test: the
+    branch times ``1 - p`` with ``scaling="test"``, unchanged with ``"train"``. This functional form cannot
+    save compute (the branch is already computed); the blocks of :func:`apply_stochastic_depth` skip it.
 
     Example:
         >>> r = torch.ones(4, 2)
-        >>> drop_residual(r, 0.5, generator=torch.Generator().manual_seed(0)).tolist()
+        >>> drop_residual(r, 0.5, scaling="train", generator=torch.Generator().manual_seed(0)).tolist()
         [[2.0, 2.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
+        >>> drop_residual(r, 0.5, training=False)[0].tolist()
+        [0.5, 0.5]
     """
     check_probability("p", p, allow_one=False)
     check_choice("mode", mode, MODES)
-    if not training or p == 0:
-        return residual
+    check_choice("scaling", scaling, SCALINGS)
     keep = 1.0 - p
+    if p == 0 or (not training and scaling == "train"):
+        return residual
+    if not training:
+        return residual * keep
     shape = (residual.shape[0],) + (1,) * (residual.dim() - 1) if mode == "row" else (1,) * residual.dim()
     mask = torch.empty(shape, device=residual.device, dtype=residual.dtype).bernoulli_(keep, generator=generator)
-    return residual * mask.div_(keep)
-
+    return residual * (mask.div_(keep) if scaling == "train" else mask)
 
 # ---------------------------------------------------------------------------------------------------------------
 # block adapters: how to compute the branch, the shortcut and the final activation of a known block type
@@ -164,47 +174,61 @@ def has_residual_method(module: nn.Module) -> bool:
 
 
 class _DepthMixin(SwappableMixin):
-    """State shared by the converted blocks: drop probability, mode, index, last decision."""
+    """State shared by the converted blocks: drop probability, mode, scaling, index, last decision."""
 
-    def _lt_configure(self, p: float, mode: str, randomness: LayerRandomness, index: int) -> None:
+    def _lt_configure(self, p: float, mode: str, scaling: str, randomness: LayerRandomness, index: int) -> None:
         self.lt_drop_prob = float(p)
         self.lt_mode = mode
+        self.lt_scaling = scaling
         self.lt_randomness = randomness
         self.lt_index = index
         self.lt_last_kept: bool | None = None
 
-    def _lt_training(self) -> bool:
-        return self.training and self.lt_drop_prob > 0  # type: ignore[attr-defined]
+    def _lt_plain(self) -> bool:
+        """Whether the block runs exactly as the original: ``p == 0``, or eval with inverted scaling."""
+        return self.lt_drop_prob == 0 or (not self.training and self.lt_scaling == "train")  # type: ignore[attr-defined]
+
+    def _lt_branch_scale(self) -> float:
+        """Factor of a computed branch: 1/(1-p) for a kept branch in training (``train`` scaling), 1-p at
+        test (``test`` scaling), else 1."""
+        if self.training:  # type: ignore[attr-defined]
+            return 1.0 / (1.0 - self.lt_drop_prob) if self.lt_scaling == "train" else 1.0
+        return 1.0 - self.lt_drop_prob
 
     def _lt_keep_branch(self) -> bool:
         kept = self.lt_randomness.uniform(self.lt_index) >= self.lt_drop_prob
         self.lt_last_kept = kept
         return kept
 
-    def _lt_row_scale(self, like: Tensor) -> Tensor:
-        keep = 1.0 - self.lt_drop_prob
-        shape = (like.shape[0],) + (1,) * (like.dim() - 1)
-        generator = self.lt_randomness.generator(like.device, self.lt_index)
-        return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(keep, generator=generator).div_(keep)
+    def _lt_scale(self, branch: Tensor) -> Tensor:
+        """The branch with its row mask (``row`` mode in training) and scale applied."""
+        scale = self._lt_branch_scale()
+        if self.training and self.lt_mode == "row":  # type: ignore[attr-defined]
+            shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+            generator = self.lt_randomness.generator(branch.device, self.lt_index)
+            mask = torch.empty(shape, device=branch.device, dtype=branch.dtype)
+            mask.bernoulli_(1.0 - self.lt_drop_prob, generator=generator)
+            return branch * (mask.mul_(scale) if scale != 1.0 else mask)
+        return branch * scale if scale != 1.0 else branch
+
+    def _lt_skip(self) -> bool:
+        """``batch`` mode in training: draw the decision; True when the branch is skipped for this step."""
+        return self.training and self.lt_mode == "batch" and not self._lt_keep_branch()  # type: ignore[attr-defined]
 
 
 class _AdapterDepthMixin(_DepthMixin):
-    """For block types with a :class:`BlockAdapter`: the training forward is rebuilt from the block's parts."""
+    """For block types with a :class:`BlockAdapter`: the forward is rebuilt from the block's parts."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._lt_training():
+        if self._lt_plain():
             return super().forward(x)  # type: ignore[misc]
         adapter = block_adapters()[type(self).__lt_base__]
         shortcut = adapter.shortcut(self, x)  # type: ignore[arg-type]
-        if self.lt_mode == "batch":
-            if not self._lt_keep_branch():
-                if adapter.inplace_post and shortcut is x:
-                    shortcut = x.clone()
-                return adapter.post(self, shortcut)  # type: ignore[arg-type]
-            branch = adapter.residual(self, x) * (1.0 / (1.0 - self.lt_drop_prob))  # type: ignore[arg-type]
-        else:
-            branch = adapter.residual(self, x)  # type: ignore[arg-type]
-            branch = branch * self._lt_row_scale(branch)
+        if self._lt_skip():
+            if adapter.inplace_post and shortcut is x:
+                shortcut = x.clone()
+            return adapter.post(self, shortcut)  # type: ignore[arg-type]
+        branch = self._lt_scale(adapter.residual(self, x))  # type: ignore[arg-type]
         return adapter.post(self, branch + shortcut)  # type: ignore[arg-type]
 
 
@@ -212,14 +236,11 @@ class _ResidualMethodDepthMixin(_DepthMixin):
     """For blocks with a ``residual(x)`` method (the zoo's BasicBlock, your own): only ``residual`` changes."""
 
     def residual(self, x: Tensor) -> Tensor:
-        if not self._lt_training():
+        if self._lt_plain():
             return super().residual(x)  # type: ignore[misc]
-        if self.lt_mode == "batch":
-            if not self._lt_keep_branch():
-                return x.new_zeros(())  # broadcasts in `residual(x) + shortcut(x)`: the branch is not computed
-            return super().residual(x) * (1.0 / (1.0 - self.lt_drop_prob))  # type: ignore[misc]
-        branch = super().residual(x)  # type: ignore[misc]
-        return branch * self._lt_row_scale(branch)
+        if self._lt_skip():
+            return x.new_zeros(())  # broadcasts in `residual(x) + shortcut(x)`: the branch is not computed
+        return self._lt_scale(super().residual(x))  # type: ignore[misc]
 
 
 def _can_wrap(module: nn.Module) -> str | None:
@@ -244,6 +265,7 @@ def apply_stochastic_depth(
     *,
     mode: str = "batch",
     rule: str = "linear",
+    scaling: str = "test",
     blocks: Sequence[str] | None = None,
     randomness: LayerRandomness | None = None,
     predicate: Predicate | None = None,
@@ -261,6 +283,8 @@ def apply_stochastic_depth(
         drop_rate: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
         mode: ``batch`` (skip the branch for the whole batch: saves compute) or ``row`` (per example).
         rule: ``linear`` or ``uniform``.
+        scaling: ``test`` (the paper's: the branch times ``1 - p_l`` in eval) or ``train`` (inverted: a kept
+            branch times ``1 / (1 - p_l)`` in training, eval untouched).
         blocks: glob patterns on qualified module names (``None``: automatic detection).
         randomness: shared generators (the callback's); a private one seeded with 0 when ``None``.
         predicate: extra filter ``(name, module) -> bool``.
@@ -277,6 +301,7 @@ def apply_stochastic_depth(
     check_probability("drop_rate", drop_rate, allow_one=False)
     check_choice("mode", mode, MODES)
     check_choice("rule", rule, RULES)
+    check_choice("scaling", scaling, SCALINGS)
     report = SurgeryReport("StochasticDepth")
     if drop_rate == 0:
         return report
@@ -297,13 +322,13 @@ def apply_stochastic_depth(
         )
     probabilities = drop_probabilities(len(chosen), drop_rate, rule)
     report.detail = (f"drop probabilities {probabilities[0]:.3g}..{probabilities[-1]:.3g} ({rule} rule), "
-                     f"mode={mode!r}")
+                     f"mode={mode!r}, scaling={scaling!r}")
     before = list(model.state_dict().keys())
     shared = randomness if randomness is not None else LayerRandomness(0, per_rank=mode == "row")
     for index, ((name, module), p) in enumerate(zip(chosen, probabilities, strict=True)):
         mixin = _AdapterDepthMixin if original_class(module) in block_adapters() else _ResidualMethodDepthMixin
         (report.converted if swap_class(module, mixin) else report.already).append(name)
-        module._lt_configure(p, mode, shared, index)  # type: ignore[attr-defined]
+        module._lt_configure(p, mode, scaling, shared, index)  # type: ignore[attr-defined]
     keys_unchanged(before, model, "StochasticDepth")
     return report
 
@@ -313,8 +338,12 @@ class StochasticDepth(StructuralCallback):
 
     At ``setup`` (before checkpoint restore and DDP wrapping) the residual blocks are converted in place
     (parameter names unchanged). In training, block ``l`` of ``L`` is skipped with probability
-    ``p_l = drop_rate * l / L`` (``rule='linear'``, the paper's) or ``drop_rate`` (``uniform``), and a
-    kept branch is scaled by ``1 / (1 - p_l)``; eval runs every block unchanged.
+    ``p_l = drop_rate * l / L`` (``rule='linear'``, the paper's) or ``drop_rate`` (``uniform``). Eval
+    runs every block: with ``scaling='test'`` (the paper's, default) the branch is multiplied by
+    ``1 - p_l`` at test; with ``scaling='train'`` a kept branch is multiplied by ``1 / (1 - p_l)`` in
+    training and eval is the original block. Either way the expected training pre-activation equals the
+    test one. With ``scaling='test'``, evaluate with the callback present (it converts the model in every
+    stage), since the plain model lacks the ``1 - p_l`` factor.
 
     ``mode='batch'`` skips the whole branch for the batch (no compute for it: faster training) with a
     decision keyed by (seed, step, block), identical on every DDP rank. Parameters of a skipped block
@@ -327,6 +356,7 @@ class StochasticDepth(StructuralCallback):
             The paper uses 0.5. 0 converts nothing.
         mode: ``batch`` or ``row``.
         rule: ``linear`` or ``uniform``.
+        scaling: ``test`` (the paper's) or ``train`` (inverted; eval is the untouched model).
         blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
             of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
         warmup_steps: ramp every ``p_l`` linearly from 0 over this many training batches (0: no warm-up).
@@ -342,16 +372,18 @@ class StochasticDepth(StructuralCallback):
         >>> trainer = pl.Trainer(callbacks=[StochasticDepth(drop_rate=0.5)], logger=False)  # doctest: +SKIP
     """
 
-    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear",
+    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "test",
                  blocks: list[str] | None = None, warmup_steps: int = 0, seed: int | None = None) -> None:
         super().__init__(seed)
         check_probability("drop_rate", drop_rate, allow_one=False)
         check_choice("mode", mode, MODES)
         check_choice("rule", rule, RULES)
+        check_choice("scaling", scaling, SCALINGS)
         check_int("warmup_steps", warmup_steps, 0)
         if blocks is not None and (isinstance(blocks, str) or not blocks or not all(isinstance(b, str) for b in blocks)):
             raise InvalidArgumentError(f"`blocks`={blocks!r} is invalid: expected a non-empty list of glob patterns.")
         self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
+        self.scaling = scaling
         self.warmup_steps = warmup_steps
         self.per_rank = mode == "row"  # batch decisions must agree on every rank
         self.report: SurgeryReport | None = None
@@ -364,7 +396,7 @@ class StochasticDepth(StructuralCallback):
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
         self.report = apply_stochastic_depth(pl_module, self.drop_rate, mode=self.mode, rule=self.rule,
-                                             blocks=self.blocks, randomness=randomness)
+                                             scaling=self.scaling, blocks=self.blocks, randomness=randomness)
         if self.drop_rate == 0:
             return
         self._blocks = stochastic_depth_blocks(pl_module)
@@ -401,5 +433,5 @@ class StochasticDepth(StructuralCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
-__all__ = ["BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters", "drop_probabilities",
+__all__ = ["SCALINGS", "BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters", "drop_probabilities",
            "drop_residual", "stochastic_depth_blocks"]
