@@ -47,6 +47,15 @@ class ModelNotSupportedError(ConfigError, TypeError):
     """The model has nothing a trick can act on, or a module the trick was asked to change cannot be changed."""
 
 
+def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
+    """``None`` or a non-empty list of glob patterns (strings), else an error naming the argument."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not patterns or not all(isinstance(p, str) for p in patterns):
+        raise InvalidArgumentError(f"`{name}`={patterns!r} is invalid: expected a non-empty list of glob patterns.")
+    return list(patterns)
+
+
 def _describe(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -244,6 +253,7 @@ class SurgeryReport:
 __all__ = [
     "ModelNotSupportedError",
     "SurgeryReport",
+    "check_patterns",
     "SwappableMixin",
     "derived_class",
     "keys_unchanged",

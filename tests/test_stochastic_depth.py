@@ -228,7 +228,10 @@ def test_ddp_strategy_gets_find_unused_parameters_and_static_graph_stops_at_setu
 
 class _RecordDecisions(Callback):
     def __init__(self):
-        self.decisions = []
+        self.decisions, self.has_grad = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.has_grad.append([b.conv1.weight.grad is not None for b in stochastic_depth_blocks(pl_module)])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.decisions.append([b.lt_last_kept for b in stochastic_depth_blocks(pl_module)])
@@ -236,7 +239,7 @@ class _RecordDecisions(Callback):
 
 def _decisions_probe(trainer, module):
     recorder = next(c for c in trainer.callbacks if isinstance(c, _RecordDecisions))
-    return {"decisions": recorder.decisions, "weights": [p.detach().clone() for p in module.parameters()],
+    return {"decisions": recorder.decisions, "has_grad": recorder.has_grad, "weights": [p.detach().clone() for p in module.parameters()],
             "find_unused": trainer.strategy._ddp_kwargs.get("find_unused_parameters")}
 
 
@@ -249,6 +252,7 @@ def test_ddp_two_processes_same_decisions_on_every_rank_and_no_hang(tmp_path):
     assert len(first["decisions"]) == 2 and first["decisions"] == second["decisions"]
     assert not all(all(d) for d in first["decisions"])  # blocks were skipped (some parameters unused)
     assert first["find_unused"] is True
+    assert first["has_grad"] == first["decisions"] == second["has_grad"]  # skipped: no gradient, as on one process
     for a, b in zip(first["weights"], second["weights"], strict=True):
         assert torch.equal(a, b)
 

@@ -28,6 +28,7 @@ from lightning_tricks.surgery import (
     Predicate,
     SurgeryReport,
     SwappableMixin,
+    check_patterns,
     keys_unchanged,
     register_derived_class,
     select_modules,
@@ -244,6 +245,7 @@ def apply_dropconnect(
         >>> apply_dropconnect(net, 0.3).converted
         ['0']
     """
+    layers = check_patterns("layers", layers)
     check_probability("p", p, allow_one=False)
     check_choice("mode", mode, MODES)
     for name in layer_types:
@@ -326,8 +328,7 @@ class DropConnect(StructuralCallback):
             raise InvalidArgumentError("`layer_types`=[] is invalid: expected a list of " + ", ".join(LAYER_TYPES) + ".")
         for name in layer_types:
             check_choice("layer_types", name, LAYER_TYPES)
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(x, str) for x in layers) or not layers):
-            raise InvalidArgumentError(f"`layers`={layers!r} is invalid: expected a non-empty list of glob patterns.")
+        layers = check_patterns("layers", layers)
         self.p, self.layers, self.layer_types = p, layers, layer_types
         self.mode, self.drop_bias = mode, drop_bias
         self.report: SurgeryReport | None = None

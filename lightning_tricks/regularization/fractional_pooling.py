@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_range
+from lightning_tricks._validation import check_int, check_range
 from lightning_tricks.distributed import derive_seed
 from lightning_tricks.regularization._callback import StructuralCallback
 from lightning_tricks.regularization._randomness import LayerRandomness
@@ -35,6 +35,7 @@ from lightning_tricks.surgery import (
     ModelNotSupportedError,
     Predicate,
     SurgeryReport,
+    check_patterns,
     keys_unchanged,
     replace_module,
     select_modules,
@@ -146,6 +147,7 @@ def apply_fractional_pooling(
         >>> apply_fractional_pooling(net)[0].converted
         ['1']
     """
+    layers = check_patterns("layers", layers)
     check_ratio(output_ratio)
     check_int("kernel_size", kernel_size, 1)
     chosen = select_modules(model, layers, can_wrap=_can_wrap, arg_name="layers", trick="FractionalMaxPooling",
@@ -337,8 +339,7 @@ class FractionalMaxPooling(StructuralCallback):
         check_int("test_samples", test_samples, 1)
         if max_batch is not None:
             check_int("max_batch", max_batch, 1)
-        if layers is not None and (isinstance(layers, str) or not layers or not all(isinstance(x, str) for x in layers)):
-            raise InvalidArgumentError(f"`layers`={layers!r} is invalid: expected a non-empty list of glob patterns.")
+        layers = check_patterns("layers", layers)
         self.output_ratio, self.kernel_size, self.layers = output_ratio, kernel_size, layers
         self.test_samples, self.max_batch = test_samples, max_batch
         self.report: SurgeryReport | None = None

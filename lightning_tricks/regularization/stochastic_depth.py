@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int, check_probability
+from lightning_tricks._validation import check_choice, check_int, check_probability
 from lightning_tricks.regularization._callback import StructuralCallback
 from lightning_tricks.regularization._randomness import LayerRandomness
 from lightning_tricks.surgery import (
@@ -37,6 +37,7 @@ from lightning_tricks.surgery import (
     Predicate,
     SurgeryReport,
     SwappableMixin,
+    check_patterns,
     keys_unchanged,
     original_class,
     select_modules,
@@ -301,6 +302,7 @@ def apply_stochastic_depth(
     check_probability("drop_rate", drop_rate, allow_one=False)
     check_choice("mode", mode, MODES)
     check_choice("rule", rule, RULES)
+    blocks = check_patterns("blocks", blocks)
     check_choice("scaling", scaling, SCALINGS)
     report = SurgeryReport("StochasticDepth")
     if drop_rate == 0:
@@ -380,8 +382,7 @@ class StochasticDepth(StructuralCallback):
         check_choice("rule", rule, RULES)
         check_choice("scaling", scaling, SCALINGS)
         check_int("warmup_steps", warmup_steps, 0)
-        if blocks is not None and (isinstance(blocks, str) or not blocks or not all(isinstance(b, str) for b in blocks)):
-            raise InvalidArgumentError(f"`blocks`={blocks!r} is invalid: expected a non-empty list of glob patterns.")
+        blocks = check_patterns("blocks", blocks)
         self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
         self.scaling = scaling
         self.warmup_steps = warmup_steps
