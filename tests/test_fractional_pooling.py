@@ -38,9 +38,12 @@ def test_eval_is_deterministic_training_draws_are_keyed_by_step():
     assert torch.equal(first, pool(x)) and torch.equal(first, pool(x))
     torch_pool = nn.FractionalMaxPool2d(2, output_ratio=1 / math.sqrt(2)).eval()
     assert not torch.equal(torch_pool(x), torch_pool(x))  # what we fix: torch's module is random in eval
-    # the eval regions are one fixed sample for every example and channel
+    # the eval regions are one fixed draw per channel, the same for every example
     u = pool.eval_sample
+    assert u.shape == (3, 2) and not torch.equal(u[0], u[1])
     assert torch.equal(first, F.fractional_max_pool2d(x, 2, output_size=(7, 7), _random_samples=u.expand(4, 3, 2)))
+    again = SeededFractionalMaxPool2d(randomness=LayerRandomness(seed=0)).eval()
+    assert torch.equal(again(x), first)  # reproducible from (seed, layer), although not in the state_dict
 
 
 def test_stochastic_eval_contract_draws_fresh_regions_in_eval():
@@ -117,6 +120,20 @@ def test_setup_check_finds_the_input_shape_from_the_dataset(tmp_path):
     trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[FractionalMaxPooling()])
     with pytest.raises(ModelNotSupportedError, match="checked with input \\(2, 1, 8, 8\\)"):
         trainer.fit(TinyResNet(global_pool=False), train_dataloaders=digits_loader(32))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        loader = digits_loader(32)
+        for x, y in loader:
+            yield from zip(x, y, strict=True)
+
+
+def test_without_an_example_input_setup_warns_that_the_check_moves_to_the_first_batch(tmp_path):
+    trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[FractionalMaxPooling()])
+    with pytest.warns(UserWarning, match="could not run the model on an example input at setup"):
+        trainer.fit(TinyResNet(), train_dataloaders=torch.utils.data.DataLoader(_Stream(), batch_size=8))
+    assert trainer.global_step == 1
 
 
 @pytest.mark.parametrize("kwargs,message", [

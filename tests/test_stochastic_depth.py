@@ -17,6 +17,7 @@ from lightning_tricks.regularization.stochastic_depth import (
     apply_stochastic_depth,
     drop_probabilities,
     drop_residual,
+    recalibrate_batch_norm,
     stochastic_depth_blocks,
 )
 from lightning_tricks.surgery import ModelNotSupportedError
@@ -155,6 +156,32 @@ def test_batch_mode_skips_the_branch_compute_and_leaves_no_gradient():
         for b, k in zip(blocks, kept, strict=True):
             assert (b.conv1.weight.grad is not None) is k  # a skipped block's parameters get no gradient
     assert len(calls) == kept_total < 4 * len(blocks)
+
+
+def test_recalibrate_batch_norm_uses_the_test_time_network():
+    """With inverted scaling the test-time network is the original one: the recalibrated statistics must be
+    those of the plain model run over the same batches (cumulative average)."""
+    torch.manual_seed(0)
+    model = build_backbone("resnet20")
+    plain = copy.deepcopy(model)
+    apply_stochastic_depth(model, 0.5, scaling="train")
+    batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(3)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    model.eval()
+    assert recalibrate_batch_norm(model, batches, max_batches=2) == 2
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        plain.train()
+        for x, _ in batches[:2]:
+            plain(x)
+    for ours, ref in zip(model.buffers(), plain.buffers(), strict=True):
+        assert torch.allclose(ours, ref, atol=1e-6)
+    assert not model.training and all(not b.training for b in stochastic_depth_blocks(model))
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
 def test_warmup_ramps_the_drop_probabilities(tmp_path):

@@ -9,7 +9,7 @@ averages the predictions of several draws.
 
 Torch's ``nn.FractionalMaxPool2d`` is random even in ``eval()`` and rejects a sample of another dtype
 (autocast). :class:`SeededFractionalMaxPool2d` builds on it: training draws come from the trick's own
-generator in the input's dtype; eval uses a fixed sample (deterministic) unless the module's
+generator in the input's dtype; eval uses one fixed draw per channel (deterministic) unless the module's
 ``lt_stochastic_eval`` flag is set (:func:`lightning_tricks.stochastic.stochastic_eval`, test-time
 averaging), and :func:`average_pooling_draws` averages ``k`` draws in one batched pass.
 """
@@ -80,10 +80,15 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
         self.lt_randomness = randomness if randomness is not None else LayerRandomness(0)
         self.lt_index = index
         self.lt_stochastic_eval = False
-        # The eval regions: one fixed u per axis, derived from (seed, layer); not saved (it is reproducible).
-        key = derive_seed(self.lt_randomness.seed, 0xE7A1, index)
-        u = torch.rand(2, generator=torch.Generator().manual_seed(key))
-        self.register_buffer("eval_sample", u, persistent=False)
+        # The eval regions, (channels, 2): one fixed draw, made at the first eval forward from (seed, layer).
+        # Not saved in the state_dict: it is reproducible from the seed.
+        self.register_buffer("eval_sample", None, persistent=False)
+
+    def _eval_sample(self, channels: int, device: torch.device) -> torch.Tensor:
+        if self.eval_sample is None or self.eval_sample.shape[0] != channels:
+            key = derive_seed(self.lt_randomness.seed, 0xE7A1, self.lt_index)
+            self.eval_sample = torch.rand(channels, 2, generator=torch.Generator().manual_seed(key)).to(device)
+        return self.eval_sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = x.dim() == 4
@@ -92,7 +97,7 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
             generator = self.lt_randomness.generator(x.device, self.lt_index, self.training)
             samples = torch.rand(n, c, 2, generator=generator, device=x.device, dtype=x.dtype)
         else:
-            samples = self.eval_sample.to(device=x.device, dtype=x.dtype).expand(n, c, 2)
+            samples = self._eval_sample(c, x.device).to(device=x.device, dtype=x.dtype).expand(n, c, 2)
         return F.fractional_max_pool2d(x, self.kernel_size, self.output_size, self.output_ratio,
                                        self.return_indices, _random_samples=samples)
 
@@ -167,7 +172,7 @@ def apply_fractional_pooling(
         if isinstance(module, SeededFractionalMaxPool2d) and (
                 (module.kernel_size, module.output_ratio) == (new.kernel_size, new.output_ratio)):
             module.lt_randomness, module.lt_index = shared, index
-            module.eval_sample.copy_(new.eval_sample)
+            module.eval_sample = None  # redrawn from the (possibly new) seed at the next eval forward
             report.already.append(name)
             continue
         new.to(device=device).train(module.training)
@@ -261,7 +266,8 @@ def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: st
     if isinstance(loader, (list, tuple)) and loader:
         dataset = getattr(loader[0], "dataset", None)
     try:
-        item = dataset[0]  # type: ignore[index]
+        with torch.random.fork_rng(devices=[]):  # a random transform must not shift the run's random stream
+            item = dataset[0]  # type: ignore[index]
     except Exception:
         return None
     sample = item[0] if isinstance(item, (list, tuple)) else item
@@ -303,7 +309,7 @@ class FractionalMaxPooling(StructuralCallback):
     At ``setup`` (before checkpoint restore and DDP wrapping) the chosen ``nn.MaxPool2d`` layers are
     replaced by :class:`SeededFractionalMaxPool2d` (they hold no parameters: ``state_dict`` keys are
     unchanged). Training draws pseudo-random overlapping regions from the callback's generator, keyed by
-    (seed, rank, step, layer); eval uses fixed regions (deterministic). With ``test_samples=k > 1`` the
+    (seed, rank, step, layer); eval uses one fixed draw per channel (deterministic). With ``test_samples=k > 1`` the
     model's predictions in ``test`` and ``predict`` are the average of ``k`` pooling draws (the paper's
     test procedure): the LightningModule's ``forward`` is wrapped for the duration and restored after
     (also after an exception), and returns the log of the averaged probabilities, so ``cross_entropy``,
@@ -367,9 +373,9 @@ class FractionalMaxPooling(StructuralCallback):
         if before is not None and example is not None:
             self._check_sizes(pl_module, example.to(pl_module.device), before, replaced)
         elif fresh:
-            rank_zero_warn("FractionalMaxPooling could not build an example input (set `example_input_array` on the "
-                           "LightningModule), so whether the layers after pooling accept the new sizes is checked "
-                           "at the first batch instead of at setup.")
+            rank_zero_warn("FractionalMaxPooling could not run the model on an example input at setup (set "
+                           "`example_input_array` on the LightningModule to a batch it accepts), so whether the layers "
+                           "after pooling accept the new sizes shows at the first batch instead.")
         self.report.log("max-pooling layers")
 
     def _check_sizes(self, pl_module: nn.Module, example: torch.Tensor, before: tuple[Any, dict],
