@@ -1,0 +1,103 @@
+"""Stochastic depth: training-step time of batch mode (skips branches) and row mode vs the plain zoo ResNet-56.
+
+Each configuration is a short ``trainer.fit`` of the zoo's ``ImageClassifier`` on synthetic 3x32x32
+data (``benchmarks.step.measure_step``: interleaved repetitions, median step time). ``batch`` is
+``StochasticDepth(drop_rate, mode="batch")``, which does not run a skipped branch; ``row`` drops per
+example (every branch computed); ``torchvision-batch`` applies ``torchvision.ops.stochastic_depth(...,
+mode="batch")`` to the same blocks, which computes the branch and then multiplies it by 0 or 1/(1-p).
+The expected-compute limit is the fraction of conv/linear multiply-accumulates left when block l is
+skipped with probability p_l (the linear rule), measured with forward hooks.
+
+Target (issue 5): ``batch`` <= 0.80x the plain step with drop_rate 0.5, batch 64, 32x32, CPU.
+
+Example:
+    ``python -m benchmarks stochastic_depth``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from functools import partial
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks._structural import add_common_options, apply_common_options, conv_linear_macs, publish
+from benchmarks.harness import format_table, medians
+from benchmarks.step import measure_step
+from lightning_tricks import StochasticDepth
+from lightning_tricks.regularization.stochastic_depth import drop_probabilities
+from lightning_tricks.surgery import SwappableMixin, swap_class
+from lightning_tricks.zoo import BasicBlock, build_backbone
+
+
+class _TorchvisionDepth(SwappableMixin):
+    """The peer: torchvision's stochastic_depth on the computed branch (no compute saved)."""
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return torchvision.ops.stochastic_depth(super().residual(x), self.tv_p, "batch", self.training)
+
+
+class TorchvisionStochasticDepth(Callback):
+    """Converts the zoo's BasicBlocks to ``torchvision.ops.stochastic_depth(mode="batch")`` with the linear rule."""
+
+    def __init__(self, drop_rate: float = 0.5) -> None:
+        self.drop_rate = drop_rate
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        blocks = [m for m in pl_module.modules() if isinstance(m, BasicBlock)]
+        for block, p in zip(blocks, drop_probabilities(len(blocks), self.drop_rate), strict=True):
+            swap_class(block, _TorchvisionDepth)
+            block.tv_p = p
+
+
+def expected_compute_ratio(backbone: str, drop_rate: float, image_size: int) -> float:
+    """Fraction of the plain model's multiply-accumulates left on average when blocks are skipped."""
+    model = build_backbone(backbone, num_classes=10, in_channels=3)
+    macs = conv_linear_macs(model, torch.zeros(1, 3, image_size, image_size))
+    blocks = [n for n, m in model.named_modules() if isinstance(m, BasicBlock)]
+    probs = drop_probabilities(len(blocks), drop_rate)
+    total = sum(macs.values())
+    saved = sum(p * sum(v for k, v in macs.items() if k.startswith(block + ".")) for block, p in zip(blocks, probs, strict=True))
+    return (total - saved) / total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks stochastic_depth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="resnet56")
+    parser.add_argument("--drop-rate", type=float, default=0.5)
+    add_common_options(parser, steps=10, batch_size=64)
+    args = parser.parse_args(argv)
+    apply_common_options(args)
+    configs = {
+        "baseline": [],
+        "batch": [partial(StochasticDepth, args.drop_rate, mode="batch", seed=0)],
+        "row": [partial(StochasticDepth, args.drop_rate, mode="row", seed=0)],
+        "torchvision-batch": [partial(TorchvisionStochasticDepth, args.drop_rate)],
+    }
+    start = time.perf_counter()
+    samples = measure_step(configs, backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
+                           channels=3, steps=args.steps, repeats=args.repeats, warmup_steps=args.warmup_steps,
+                           quick=args.quick)
+    wall = time.perf_counter() - start
+    limit = expected_compute_ratio(args.backbone, args.drop_rate, args.image_size)
+    meds = medians(samples)
+    ratio = meds["batch"] / meds["baseline"]
+    lines = [
+        f"Backbone `{args.backbone}` (zoo), batch {args.batch_size}, 3x{args.image_size}x{args.image_size}, CPU, "
+        f"drop_rate {args.drop_rate} (linear rule, scaling 'test'), torch threads {torch.get_num_threads()}; per fit "
+        f"{args.warmup_steps} warm-up + {args.steps} measured steps, sample = median step; 1 warm-up round, "
+        f"{args.repeats} interleaved repeats.",
+        "",
+        format_table(samples, "baseline"),
+        "",
+        f"`batch` / plain = **{ratio:.3f}** (target <= 0.80; expected-compute limit {limit:.3f}, the conv/linear "
+        f"multiply-accumulates left on average). `torchvision-batch` computes every branch, so it saves nothing.",
+    ]
+    publish("stochastic_depth", "training-step time, StochasticDepth vs plain ResNet", argv, wall, lines,
+            args.quick, args.no_write)
+    return 0

@@ -1,0 +1,455 @@
+r"""Fractional max pooling (Graham 2014): max pooling by a non-integer factor over pseudo-random regions.
+
+Each pooling layer shrinks the spatial size by :math:`\alpha \in (1, 2)` (``output_ratio`` :math:`= 1/\alpha`,
+default :math:`1/\sqrt 2`) instead of 2. The region boundaries are
+:math:`a_i = \lceil \alpha (i + u) \rceil`, :math:`i = 0 .. N_{out}`, for a random :math:`u \in (0, 1)` per
+example, channel and axis, and each region spans ``kernel_size`` inputs from :math:`a_i` (2: overlapping
+regions, the paper's best setting). Training draws a fresh :math:`u` every step; at test the paper
+averages the predictions of several draws.
+
+Torch's ``nn.FractionalMaxPool2d`` is random even in ``eval()`` and rejects a sample of another dtype
+(autocast). :class:`SeededFractionalMaxPool2d` builds on it: training draws come from the trick's own
+generator in the input's dtype; eval uses one fixed draw per channel (deterministic) unless the module's
+``lt_stochastic_eval`` flag is set (:func:`lightning_tricks.stochastic.stochastic_eval`, test-time
+averaging), and :func:`average_pooling_draws` averages ``k`` draws in one batched pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_tricks._validation import check_int, check_range
+from lightning_tricks.distributed import derive_seed
+from lightning_tricks.regularization._callback import StructuralCallback
+from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.surgery import (
+    ModelNotSupportedError,
+    Predicate,
+    SurgeryReport,
+    check_patterns,
+    keys_unchanged,
+    replace_module,
+    select_modules,
+)
+
+DEFAULT_RATIO = 1 / math.sqrt(2)
+"""The paper's :math:`\\alpha = \\sqrt 2`: each layer halves the number of pixels."""
+
+
+def check_ratio(output_ratio: float) -> float:
+    return check_range("output_ratio", output_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+
+
+class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
+    """``nn.FractionalMaxPool2d`` with owned randomness, a deterministic eval and autocast support.
+
+    Args:
+        kernel_size: pooling window (2: overlapping regions, as in the paper).
+        output_ratio: output size / input size, in (0, 1); default ``1/sqrt(2)``.
+        randomness: generators to draw from (a callback shares one among its layers); a private one
+            seeded with 0 when ``None``.
+        index: this layer's index among the trick's layers (keys its draws and its eval sample).
+
+    Attributes:
+        lt_stochastic_eval: while True, eval draws fresh regions (test-time averaging); False by default.
+
+    Example:
+        >>> pool = SeededFractionalMaxPool2d().eval()
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> y = pool(x)
+        >>> y.shape, torch.equal(y, pool(x))
+        (torch.Size([2, 3, 5, 5]), True)
+    """
+
+    lt_stochastic_eval = False
+
+    def __init__(self, kernel_size: int = 2, output_ratio: float = DEFAULT_RATIO,
+                 randomness: LayerRandomness | None = None, index: int = 0) -> None:
+        check_int("kernel_size", kernel_size, 1)
+        check_ratio(output_ratio)
+        super().__init__(kernel_size, output_ratio=(output_ratio, output_ratio))
+        self.lt_randomness = randomness if randomness is not None else LayerRandomness(0)
+        self.lt_index = index
+        self.lt_stochastic_eval = False
+        # The eval regions, (channels, 2): one fixed draw, made at the first eval forward from (seed, layer).
+        # Not saved in the state_dict: it is reproducible from the seed.
+        self.register_buffer("eval_sample", None, persistent=False)
+
+    def _eval_sample(self, channels: int, device: torch.device) -> torch.Tensor:
+        if self.eval_sample is None or self.eval_sample.shape[0] != channels:
+            key = derive_seed(self.lt_randomness.seed, 0xE7A1, self.lt_index)
+            self.eval_sample = torch.rand(channels, 2, generator=torch.Generator().manual_seed(key)).to(device)
+        return self.eval_sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        n, c = (x.shape[0], x.shape[1]) if batched else (1, x.shape[0])
+        if self.training or self.lt_stochastic_eval:
+            generator = self.lt_randomness.generator(x.device, self.lt_index, self.training)
+            samples = torch.rand(n, c, 2, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            samples = self._eval_sample(c, x.device).to(device=x.device, dtype=x.dtype).expand(n, c, 2)
+        return F.fractional_max_pool2d(x, self.kernel_size, self.output_size, self.output_ratio,
+                                       self.return_indices, _random_samples=samples)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, output_ratio={self.output_ratio[0]:.4g}"
+
+
+def _can_wrap(module: nn.Module) -> str | None:
+    if isinstance(module, SeededFractionalMaxPool2d):
+        return None
+    if type(module) is nn.MaxPool2d:
+        return "it returns indices (for MaxUnpool2d), whose sizes would change" if module.return_indices else None
+    return "FractionalMaxPooling replaces nn.MaxPool2d layers"
+
+
+def fractional_pools(model: nn.Module) -> list[SeededFractionalMaxPool2d]:
+    """The fractional pooling layers of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, SeededFractionalMaxPool2d)]
+
+
+def apply_fractional_pooling(
+    model: nn.Module,
+    output_ratio: float = DEFAULT_RATIO,
+    *,
+    kernel_size: int = 2,
+    layers: Sequence[str] | None = None,
+    randomness: LayerRandomness | None = None,
+    predicate: Predicate | None = None,
+) -> tuple[SurgeryReport, dict[str, nn.Module]]:
+    """Replace ``nn.MaxPool2d`` layers of ``model`` by :class:`SeededFractionalMaxPool2d` (idempotent).
+
+    Pooling layers hold no state, so ``state_dict`` keys are unchanged. The replaced layers' own
+    kernel, stride and padding are not kept: every converted layer pools by ``output_ratio``.
+
+    Args:
+        model: any module.
+        output_ratio: output size / input size, in (0, 1).
+        kernel_size: pooling window of the new layers.
+        layers: glob patterns on qualified module names (``None``: every ``nn.MaxPool2d``).
+        randomness: shared generators; a private one seeded with 0 when ``None``.
+        predicate: extra filter ``(name, module) -> bool``.
+
+    Returns:
+        The report and the replaced ``nn.MaxPool2d`` modules by name (to undo the change).
+
+    Raises:
+        ModelNotSupportedError: the model has no ``nn.MaxPool2d``.
+        InvalidArgumentError: a bad argument, or a pattern that matches no ``nn.MaxPool2d``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1))
+        >>> apply_fractional_pooling(net)[0].converted
+        ['1']
+    """
+    layers = check_patterns("layers", layers)
+    check_ratio(output_ratio)
+    check_int("kernel_size", kernel_size, 1)
+    chosen = select_modules(model, layers, can_wrap=_can_wrap, arg_name="layers", trick="FractionalMaxPooling",
+                            predicate=predicate)
+    if not chosen:
+        raise ModelNotSupportedError(
+            f"FractionalMaxPooling found no nn.MaxPool2d in {type(model).__name__}: it replaces max-pooling layers "
+            "(modules, not F.max_pool2d calls in forward); add nn.MaxPool2d layers or pick another regularizer."
+        )
+    report = SurgeryReport("FractionalMaxPooling", detail=f"output_ratio={output_ratio:.4g}, kernel_size={kernel_size}")
+    shared = randomness if randomness is not None else LayerRandomness(0)
+    before = list(model.state_dict().keys())
+    device = next(model.parameters(), torch.empty(0)).device
+    replaced: dict[str, nn.Module] = {}
+    for index, (name, module) in enumerate(chosen):
+        new = SeededFractionalMaxPool2d(kernel_size, output_ratio, shared, index)
+        if isinstance(module, SeededFractionalMaxPool2d) and (
+                (module.kernel_size, module.output_ratio) == (new.kernel_size, new.output_ratio)):
+            module.lt_randomness, module.lt_index = shared, index
+            module.eval_sample = None  # redrawn from the (possibly new) seed at the next eval forward
+            report.already.append(name)
+            continue
+        new.to(device=device).train(module.training)
+        replaced[name] = replace_module(model, name, new)
+        report.converted.append(name)
+    keys_unchanged(before, model, "FractionalMaxPooling")
+    return report, replaced
+
+
+@contextmanager
+def pooling_draws(model: nn.Module) -> Iterator[list[SeededFractionalMaxPool2d]]:
+    """Within the block, the fractional pooling layers (only them) draw fresh regions in eval mode."""
+    pools = fractional_pools(model)
+    previous = [p.lt_stochastic_eval for p in pools]
+    try:
+        for pool in pools:
+            pool.lt_stochastic_eval = True
+        yield pools
+    finally:
+        for pool, flag in zip(pools, previous, strict=True):
+            pool.lt_stochastic_eval = flag
+
+
+def average_pooling_draws(
+    model: nn.Module,
+    x: torch.Tensor,
+    samples: int,
+    max_batch: int | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The paper's test procedure: average the class probabilities of ``samples`` pooling draws.
+
+    The ``samples`` copies of the batch run as one batch (every example and copy draws its own regions),
+    split into chunks of at most ``max_batch`` rows. Only the fractional pooling layers are random;
+    dropout and batch norm stay as the model's mode says (call it in ``eval()``).
+
+    Args:
+        model: the model holding the fractional pooling layers (and called, unless ``forward`` is given).
+        x: a batch of inputs; the model must return logits of shape ``(batch, classes)``.
+        samples: number of draws ``k`` (1 is a single random draw).
+        max_batch: most rows per forward pass (default: all ``k * batch`` at once).
+        forward: what to call instead of ``model`` (e.g. a LightningModule's original forward).
+
+    Returns:
+        ``log(mean_k softmax(logits_k))`` in float32: log-probabilities of the averaged prediction, which
+        work as logits (``argmax``, ``cross_entropy``, ``softmax`` gives the averaged probabilities).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(1), nn.LazyLinear(3))
+        >>> _ = apply_fractional_pooling(net[:2]); _ = net(torch.zeros(1, 1, 12, 12))
+        >>> average_pooling_draws(net.eval(), torch.randn(5, 1, 12, 12), samples=12).exp().sum(1)
+        tensor([1.0000, 1.0000, 1.0000, 1.0000, 1.0000])
+    """
+    check_int("samples", samples, 1)
+    if max_batch is not None:
+        check_int("max_batch", max_batch, 1)
+    call = forward if forward is not None else model
+    batch = x.shape[0]
+    copies_per_pass = samples if max_batch is None else max(1, max_batch // max(batch, 1))
+    outputs = []
+    with pooling_draws(model):
+        done = 0
+        while done < samples:
+            copies = min(copies_per_pass, samples - done)
+            logits = call(x.repeat(copies, *([1] * (x.dim() - 1))))
+            if logits.dim() != 2 or logits.shape[0] != copies * batch:
+                raise ValueError(f"average_pooling_draws expects logits of shape (batch, classes), got {tuple(logits.shape)}.")
+            outputs.append(logits.float().log_softmax(-1).view(copies, batch, -1))
+            done += copies
+    log_probs = torch.cat(outputs)
+    return torch.logsumexp(log_probs, dim=0) - math.log(samples)
+
+
+def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> torch.Tensor | None:
+    """Two zero images shaped like the model's input: from ``example_input_array``, else one dataset sample."""
+    example = getattr(pl_module, "example_input_array", None)
+    if isinstance(example, torch.Tensor):
+        return torch.zeros_like(example)
+    hooks = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
+             "predict": "predict_dataloader"}
+    source: Any = getattr(trainer, "datamodule", None)
+    loader = None
+    try:
+        if source is not None:
+            loader = getattr(source, hooks.get(stage, "train_dataloader"))()
+        elif stage == "fit":
+            loader = trainer.fit_loop._data_source.dataloader()
+    except Exception:  # a loader that cannot be built here is not our error to report
+        return None
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, (list, tuple)) and loader:
+        dataset = getattr(loader[0], "dataset", None)
+    try:
+        with torch.random.fork_rng(devices=[]):  # a random transform must not shift the run's random stream
+            item = dataset[0]  # type: ignore[index]
+    except Exception:
+        return None
+    sample = item[0] if isinstance(item, (list, tuple)) else item
+    if not isinstance(sample, torch.Tensor) or sample.dim() < 3 or not sample.is_floating_point():
+        return None
+    return torch.zeros(2, *sample.shape, dtype=sample.dtype)
+
+
+def _dry_run(model: nn.Module, x: torch.Tensor, watch: Sequence[tuple[str, nn.Module]],
+             sizes: dict[str, tuple[int, ...]]) -> Any:
+    """The model's output on ``x`` in eval mode without gradients; ``sizes`` receives the watched layers' output sizes."""
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: sizes.__setitem__(name, tuple(out.shape[-2:])))
+               for name, m in watch]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (list, tuple)):
+        return [_shapes(o) for o in out]
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    return None
+
+
+class FractionalMaxPooling(StructuralCallback):
+    """Fractional max pooling on an unmodified LightningModule: its ``nn.MaxPool2d`` layers pool by ``1/sqrt(2)``.
+
+    At ``setup`` (before checkpoint restore and DDP wrapping) the chosen ``nn.MaxPool2d`` layers are
+    replaced by :class:`SeededFractionalMaxPool2d` (they hold no parameters: ``state_dict`` keys are
+    unchanged). Training draws pseudo-random overlapping regions from the callback's generator, keyed by
+    (seed, rank, step, layer); eval uses one fixed draw per channel (deterministic). With ``test_samples=k > 1`` the
+    model's predictions in ``test`` and ``predict`` are the average of ``k`` pooling draws (the paper's
+    test procedure): the LightningModule's ``forward`` is wrapped for the duration and restored after
+    (also after an exception), and returns the log of the averaged probabilities, so ``cross_entropy``,
+    ``argmax`` and ``softmax`` in the user's steps keep working.
+
+    The layers after a converted pool see a larger map (ratio 0.71 instead of 0.5). A model that needs
+    the original size (a ``Flatten`` into a ``Linear`` without global pooling) fails at setup: the
+    callback runs the model on two zero images shaped like its input (from ``example_input_array`` or
+    the first dataset sample) before and after the change and reports the layer sizes.
+
+    Args:
+        output_ratio: output size / input size of each converted layer, in (0, 1). Default ``1/sqrt(2)``.
+        kernel_size: pooling window (2: overlapping regions, the paper's best).
+        layers: glob patterns on qualified module names (default: every ``nn.MaxPool2d``).
+        test_samples: number of pooling draws averaged in ``test``/``predict`` (1: the deterministic eval).
+        max_batch: most rows per forward pass when averaging (default: ``test_samples * batch``).
+        seed: seed of the draws; ``None`` uses the ``seed_everything`` seed (or 0).
+
+    Raises:
+        InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches no ``nn.MaxPool2d``.
+        ModelNotSupportedError: (at setup) no ``nn.MaxPool2d``, or a model that needs the original spatial size.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[FractionalMaxPooling(test_samples=12)], logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(self, output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2, layers: list[str] | None = None,
+                 test_samples: int = 1, max_batch: int | None = None, seed: int | None = None) -> None:
+        super().__init__(seed)
+        check_ratio(output_ratio)
+        check_int("kernel_size", kernel_size, 1)
+        check_int("test_samples", test_samples, 1)
+        if max_batch is not None:
+            check_int("max_batch", max_batch, 1)
+        layers = check_patterns("layers", layers)
+        self.output_ratio, self.kernel_size, self.layers = output_ratio, kernel_size, layers
+        self.test_samples, self.max_batch = test_samples, max_batch
+        self.report: SurgeryReport | None = None
+        self._wrapper: Any = None
+        self._saved_forward: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(output_ratio=self.output_ratio, layers=self.layers)
+
+    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
+        stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
+        fresh = not fractional_pools(pl_module)
+        example = _example_input(trainer, pl_module, stage) if fresh else None
+        before: tuple[Any, dict] | None = None
+        if example is not None:
+            watch = [(n, m) for n, m in pl_module.named_modules() if type(m) is nn.MaxPool2d]
+            sizes: dict[str, tuple[int, ...]] = {}
+            try:
+                before = _dry_run(pl_module, example.to(pl_module.device), watch, sizes), sizes
+            except Exception:  # our guess of the input does not fit the model: nothing to compare with
+                before = None
+        self.report, replaced = apply_fractional_pooling(pl_module, self.output_ratio, kernel_size=self.kernel_size,
+                                                         layers=self.layers, randomness=randomness)
+        if before is not None and example is not None:
+            self._check_sizes(pl_module, example.to(pl_module.device), before, replaced)
+        elif fresh:
+            rank_zero_warn("FractionalMaxPooling could not run the model on an example input at setup (set "
+                           "`example_input_array` on the LightningModule to a batch it accepts), so whether the layers "
+                           "after pooling accept the new sizes shows at the first batch instead.")
+        self.report.log("max-pooling layers")
+
+    def _check_sizes(self, pl_module: nn.Module, example: torch.Tensor, before: tuple[Any, dict],
+                     replaced: dict[str, nn.Module]) -> None:
+        out_before, sizes_before = before
+        watch = [(n, pl_module.get_submodule(n)) for n in replaced]
+        problem, sizes_after = None, {}
+        try:
+            out_after = _dry_run(pl_module, example, watch, sizes_after)
+            if _shapes(out_after) != _shapes(out_before):
+                problem = f"the model's output shape changes from {_shapes(out_before)} to {_shapes(out_after)}"
+        except Exception as err:
+            problem = f"the forward pass fails: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if problem is None:
+            return
+        for name, old in replaced.items():  # undo, so the model is left as it was
+            replace_module(pl_module, name, old)
+        sizes = "; ".join(f"{n}: MaxPool2d gives {'x'.join(map(str, sizes_before.get(n, ())))}, fractional pooling "
+                          f"{'x'.join(map(str, sizes_after.get(n, ()))) or '?'}" for n in replaced)
+        raise ModelNotSupportedError(
+            f"FractionalMaxPooling changes the spatial size after pooling ({sizes}), and the layers after it need the "
+            f"original size: {problem} (checked with input {tuple(example.shape)}). This happens when a Flatten feeds "
+            "a Linear without global pooling: add nn.AdaptiveAvgPool2d before the Flatten, or choose with `layers` "
+            "only pools whose following layers accept any size."
+        )
+
+    # -- test-time averaging: wrap forward during test and predict ----------------------------------------------
+
+    def _wrap(self, pl_module: pl.LightningModule) -> None:
+        if self.test_samples == 1 or self._wrapper is not None:
+            return
+        assert self.randomness is not None
+        self.randomness.reset_eval()  # the same draws in every test run
+        had_own = "forward" in pl_module.__dict__
+        inner = pl_module.forward
+        samples, max_batch = self.test_samples, self.max_batch
+
+        def averaged_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not averaged_forward.active:  # type: ignore[attr-defined]
+                return inner(x, *args, **kwargs)
+            return average_pooling_draws(pl_module, x, samples, max_batch, lambda v: inner(v, *args, **kwargs))
+
+        averaged_forward.active = True  # type: ignore[attr-defined]
+        self._wrapper, self._saved_forward = averaged_forward, (had_own, inner)
+        pl_module.forward = averaged_forward  # type: ignore[method-assign]
+
+    def _unwrap(self, pl_module: pl.LightningModule) -> None:
+        if self._wrapper is None:
+            return
+        had_own, inner = self._saved_forward
+        if pl_module.__dict__.get("forward") is self._wrapper:
+            if had_own:
+                pl_module.forward = inner  # type: ignore[method-assign]
+            else:
+                del pl_module.forward
+        else:  # someone wrapped forward after us: we cannot unwrap, so become a pass-through
+            self._wrapper.active = False
+        self._wrapper = self._saved_forward = None
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrap(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrap(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwrap(pl_module)
+
+
+__all__ = ["DEFAULT_RATIO", "FractionalMaxPooling", "SeededFractionalMaxPool2d", "apply_fractional_pooling",
+           "average_pooling_draws", "fractional_pools", "pooling_draws"]

@@ -1,0 +1,492 @@
+r"""Stochastic depth (Huang et al. 2016): skip residual branches at random in training, use them all at test.
+
+Block :math:`l` of :math:`L` computes :math:`H_l = \mathrm{act}(b_l f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` in
+training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = \mathrm{drop\_rate} \cdot l / L` (the
+paper's linear decay rule; its :math:`p_L = 0.5` is ``drop_rate=0.5``) or :math:`p_l = \mathrm{drop\_rate}`
+(``uniform``). At test every block runs, scaled so that the expected pre-activation matches training:
+
+* ``scaling="test"`` (the paper's, default): :math:`H_l = \mathrm{act}((1 - p_l) f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))`
+  at test; the converted block does this in ``eval()``.
+* ``scaling="train"`` (inverted, as timm's ``drop_path``): a kept branch is multiplied by :math:`1/(1-p_l)` in
+  training and eval is the original block, untouched (a checkpoint then evaluates correctly without the
+  trick). On our digits ResNet-20 runs it trained markedly worse at lr 0.1 (see docs/stochastic_depth.md).
+
+``batch`` mode draws one :math:`b_l` per block per training step for the whole batch and, when it is 0,
+does not run the branch at all: that is where the paper's training speed-up comes from (torchvision's
+``ops.stochastic_depth`` always computes the branch). The decision is keyed by (seed, step, block), so it
+is the same on every DDP rank. ``row`` mode draws one :math:`b_l` per example (timm's ``drop_path``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_tricks._validation import check_choice, check_int, check_probability
+from lightning_tricks.regularization._callback import StructuralCallback
+from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.surgery import (
+    ModelNotSupportedError,
+    Predicate,
+    SurgeryReport,
+    SwappableMixin,
+    check_patterns,
+    keys_unchanged,
+    original_class,
+    select_modules,
+    swap_class,
+)
+
+MODES = ("batch", "row")
+RULES = ("linear", "uniform")
+SCALINGS = ("test", "train")
+"""``test``: the paper's, the branch times ``1 - p`` at test; ``train``: inverted, a kept branch times ``1/(1-p)``."""
+Tensor = torch.Tensor
+
+
+def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
+    """Drop probability of each block: ``drop_rate * l / L`` for ``l = 1..L`` (``linear``) or ``drop_rate``.
+
+    Example:
+        >>> drop_probabilities(4, 0.5)
+        [0.125, 0.25, 0.375, 0.5]
+    """
+    check_int("num_blocks", num_blocks, 0)
+    check_probability("drop_rate", drop_rate, allow_one=False)
+    check_choice("rule", rule, RULES)
+    if rule == "uniform":
+        return [float(drop_rate)] * num_blocks
+    return [drop_rate * layer / num_blocks for layer in range(1, num_blocks + 1)]
+
+
+def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True, scaling: str = "test",
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Stochastic depth on an already computed residual branch.
+
+    Training: ``row`` keeps each example's branch with probability ``1 - p``, ``batch`` makes one draw
+    for the whole batch; a kept branch is scaled by ``1 / (1 - p)`` with ``scaling="train"``. Test: the
+    branch times ``1 - p`` with ``scaling="test"``, unchanged with ``"train"``. This functional form cannot
+    save compute (the branch is already computed); the blocks of :func:`apply_stochastic_depth` skip it.
+
+    Example:
+        >>> r = torch.ones(4, 2)
+        >>> drop_residual(r, 0.5, scaling="train", generator=torch.Generator().manual_seed(0)).tolist()
+        [[2.0, 2.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
+        >>> drop_residual(r, 0.5, training=False)[0].tolist()
+        [0.5, 0.5]
+    """
+    check_probability("p", p, allow_one=False)
+    check_choice("mode", mode, MODES)
+    check_choice("scaling", scaling, SCALINGS)
+    keep = 1.0 - p
+    if p == 0 or (not training and scaling == "train"):
+        return residual
+    if not training:
+        return residual * keep
+    shape = (residual.shape[0],) + (1,) * (residual.dim() - 1) if mode == "row" else (1,) * residual.dim()
+    mask = torch.empty(shape, device=residual.device, dtype=residual.dtype).bernoulli_(keep, generator=generator)
+    return residual * (mask.div_(keep) if scaling == "train" else mask)
+
+# ---------------------------------------------------------------------------------------------------------------
+# block adapters: how to compute the branch, the shortcut and the final activation of a known block type
+
+
+@dataclass(frozen=True)
+class BlockAdapter:
+    """How to run a residual block type in parts.
+
+    Attributes:
+        residual: ``(block, x) -> f(x)``, the branch.
+        shortcut: ``(block, x) -> id(x)``, the identity or projection.
+        post: ``(block, y) -> act(y)``, applied to ``branch + shortcut``.
+        inplace_post: ``post`` may modify its argument in place (the shortcut is then cloned when it is ``x``).
+    """
+
+    residual: Callable[[nn.Module, Tensor], Tensor]
+    shortcut: Callable[[nn.Module, Tensor], Tensor]
+    post: Callable[[nn.Module, Tensor], Tensor]
+    inplace_post: bool = False
+
+
+def _downsample(block: nn.Module, x: Tensor) -> Tensor:
+    return x if block.downsample is None else block.downsample(x)
+
+
+def _relu(block: nn.Module, y: Tensor) -> Tensor:
+    return F.relu(y)
+
+
+def _tv_basic(b: nn.Module, x: Tensor) -> Tensor:
+    return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
+
+
+def _tv_bottleneck(b: nn.Module, x: Tensor) -> Tensor:
+    return b.bn3(b.conv3(b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))))
+
+
+def _timm_basic(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
+    x = b.bn2(b.conv2(x))
+    return x if b.se is None else b.se(x)
+
+
+def _timm_bottleneck(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.act1(b.bn1(b.conv1(x)))
+    x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
+    x = b.bn3(b.conv3(x))
+    return x if b.se is None else b.se(x)
+
+
+@cache
+def block_adapters() -> dict[type, BlockAdapter]:
+    """The block types converted through an adapter: torchvision's and timm's ResNet blocks."""
+    adapters: dict[type, BlockAdapter] = {}
+    try:
+        from torchvision.models import resnet as tv
+
+        adapters[tv.BasicBlock] = BlockAdapter(_tv_basic, _downsample, _relu)
+        adapters[tv.Bottleneck] = BlockAdapter(_tv_bottleneck, _downsample, _relu)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.models import resnet as timm_resnet
+
+        adapters[timm_resnet.BasicBlock] = BlockAdapter(_timm_basic, _downsample, lambda b, y: b.act2(y), True)
+        adapters[timm_resnet.Bottleneck] = BlockAdapter(_timm_bottleneck, _downsample, lambda b, y: b.act3(y), True)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return adapters
+
+
+def has_residual_method(module: nn.Module) -> bool:
+    """Whether ``module`` follows our protocol: a ``residual(x)`` method that its forward adds to the shortcut."""
+    return callable(getattr(type(module), "residual", None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# converted blocks
+
+
+class _DepthMixin(SwappableMixin):
+    """State shared by the converted blocks: drop probability, mode, scaling, index, last decision."""
+
+    def _lt_configure(self, p: float, mode: str, scaling: str, randomness: LayerRandomness, index: int) -> None:
+        self.lt_drop_prob = float(p)
+        self.lt_mode = mode
+        self.lt_scaling = scaling
+        self.lt_randomness = randomness
+        self.lt_index = index
+        self.lt_last_kept: bool | None = None
+
+    def _lt_plain(self) -> bool:
+        """Whether the block runs exactly as the original: ``p == 0``, or eval with inverted scaling."""
+        return self.lt_drop_prob == 0 or (not self.training and self.lt_scaling == "train")  # type: ignore[attr-defined]
+
+    def _lt_branch_scale(self) -> float:
+        """Factor of a computed branch: 1/(1-p) for a kept branch in training (``train`` scaling), 1-p at
+        test (``test`` scaling), else 1."""
+        if self.training:  # type: ignore[attr-defined]
+            return 1.0 / (1.0 - self.lt_drop_prob) if self.lt_scaling == "train" else 1.0
+        return 1.0 - self.lt_drop_prob
+
+    def _lt_keep_branch(self) -> bool:
+        kept = self.lt_randomness.uniform(self.lt_index) >= self.lt_drop_prob
+        self.lt_last_kept = kept
+        return kept
+
+    def _lt_scale(self, branch: Tensor) -> Tensor:
+        """The branch with its row mask (``row`` mode in training) and scale applied."""
+        scale = self._lt_branch_scale()
+        if self.training and self.lt_mode == "row":  # type: ignore[attr-defined]
+            shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+            generator = self.lt_randomness.generator(branch.device, self.lt_index)
+            mask = torch.empty(shape, device=branch.device, dtype=branch.dtype)
+            mask.bernoulli_(1.0 - self.lt_drop_prob, generator=generator)
+            return branch * (mask.mul_(scale) if scale != 1.0 else mask)
+        return branch * scale if scale != 1.0 else branch
+
+    def _lt_skip(self) -> bool:
+        """``batch`` mode in training: draw the decision; True when the branch is skipped for this step."""
+        return self.training and self.lt_mode == "batch" and not self._lt_keep_branch()  # type: ignore[attr-defined]
+
+
+class _AdapterDepthMixin(_DepthMixin):
+    """For block types with a :class:`BlockAdapter`: the forward is rebuilt from the block's parts."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._lt_plain():
+            return super().forward(x)  # type: ignore[misc]
+        adapter = block_adapters()[type(self).__lt_base__]
+        shortcut = adapter.shortcut(self, x)  # type: ignore[arg-type]
+        if self._lt_skip():
+            if adapter.inplace_post and shortcut is x:
+                shortcut = x.clone()
+            return adapter.post(self, shortcut)  # type: ignore[arg-type]
+        branch = self._lt_scale(adapter.residual(self, x))  # type: ignore[arg-type]
+        return adapter.post(self, branch + shortcut)  # type: ignore[arg-type]
+
+
+class _ResidualMethodDepthMixin(_DepthMixin):
+    """For blocks with a ``residual(x)`` method (the zoo's BasicBlock, your own): only ``residual`` changes."""
+
+    def residual(self, x: Tensor) -> Tensor:
+        if self._lt_plain():
+            return super().residual(x)  # type: ignore[misc]
+        if self._lt_skip():
+            return x.new_zeros(())  # broadcasts in `residual(x) + shortcut(x)`: the branch is not computed
+        return self._lt_scale(super().residual(x))  # type: ignore[misc]
+
+
+def _can_wrap(module: nn.Module) -> str | None:
+    if isinstance(module, _DepthMixin) or type(module) in block_adapters() or has_residual_method(module):
+        return None
+    return ("not a residual block StochasticDepth can convert (torchvision/timm BasicBlock or Bottleneck, or a "
+            "block with a `residual(x)` method that its forward adds to the shortcut)")
+
+
+def _auto_detected(name: str, module: nn.Module) -> bool:
+    return original_class(module) in block_adapters() or hasattr(module, "shortcut")
+
+
+def stochastic_depth_blocks(model: nn.Module) -> list[nn.Module]:
+    """The converted blocks of ``model`` in order (index ``l - 1`` holds block ``l``)."""
+    return sorted((m for m in model.modules() if isinstance(m, _DepthMixin)), key=lambda m: m.lt_index)
+
+
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+    """Recompute the batch-norm running statistics of a stochastic-depth model with every block in test form.
+
+    In training, the layers after a block see a mixture of "branch skipped" and "branch kept" inputs, so
+    the running statistics batch norm collects do not describe the test-time network (every block on,
+    scaled); on our digits runs this cost several points of accuracy (docs/stochastic_depth.md). This
+    runs ``batches`` (``(x, ...)`` tuples or tensors) through the model with the converted blocks in their
+    test form and batch norm in training mode, averaging the statistics over all of them (momentum
+    ``None``), then restores the modes. Parameters are not changed. Call it after training, on training data.
+
+    Args:
+        model: a model converted by :func:`apply_stochastic_depth`.
+        batches: an iterable of batches (e.g. the training DataLoader).
+        max_batches: stop after this many batches (default: all).
+
+    Returns:
+        The number of batches used.
+
+    Example:
+        >>> from lightning_tricks.zoo import CifarResNet
+        >>> net = CifarResNet(20)
+        >>> _ = apply_stochastic_depth(net, 0.5)
+        >>> recalibrate_batch_norm(net, [torch.randn(8, 3, 32, 32)] * 2)
+        2
+    """
+    if max_batches is not None:
+        check_int("max_batches", max_batches, 1)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    training = model.training
+    device = next(model.parameters()).device
+    used = 0
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the batches
+        model.train()
+        for block in stochastic_depth_blocks(model):
+            block.training = False  # the block runs in test form; its batch norms stay in training mode
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x.to(device))
+                used += 1
+                if max_batches is not None and used >= max_batches:
+                    break
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(training)
+    return used
+
+
+def apply_stochastic_depth(
+    model: nn.Module,
+    drop_rate: float = 0.5,
+    *,
+    mode: str = "batch",
+    rule: str = "linear",
+    scaling: str = "test",
+    blocks: Sequence[str] | None = None,
+    randomness: LayerRandomness | None = None,
+    predicate: Predicate | None = None,
+) -> SurgeryReport:
+    """Convert the residual blocks of ``model`` in place (idempotent; parameter names unchanged).
+
+    Blocks are found automatically: torchvision's ``BasicBlock``/``Bottleneck``, timm's ResNet
+    ``BasicBlock``/``Bottleneck``, and any module with a ``residual(x)`` method and a ``shortcut``
+    attribute (the zoo's ``BasicBlock``). Your own block qualifies when its ``forward`` computes
+    ``... self.residual(x) + <shortcut> ...`` out of place; select it with ``blocks`` patterns. Block
+    ``l`` of ``L`` in ``named_modules()`` order (input to output) gets ``drop_probabilities(L)[l - 1]``.
+
+    Args:
+        model: any module.
+        drop_rate: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
+        mode: ``batch`` (skip the branch for the whole batch: saves compute) or ``row`` (per example).
+        rule: ``linear`` or ``uniform``.
+        scaling: ``test`` (the paper's: the branch times ``1 - p_l`` in eval) or ``train`` (inverted: a kept
+            branch times ``1 / (1 - p_l)`` in training, eval untouched).
+        blocks: glob patterns on qualified module names (``None``: automatic detection).
+        randomness: shared generators (the callback's); a private one seeded with 0 when ``None``.
+        predicate: extra filter ``(name, module) -> bool``.
+
+    Raises:
+        ModelNotSupportedError: no residual block found; a timm block that already has ``drop_path``.
+        InvalidArgumentError: a bad argument, or a pattern that matches no convertible block.
+
+    Example:
+        >>> from lightning_tricks.zoo import CifarResNet
+        >>> apply_stochastic_depth(CifarResNet(20), 0.5).total
+        9
+    """
+    check_probability("drop_rate", drop_rate, allow_one=False)
+    check_choice("mode", mode, MODES)
+    check_choice("rule", rule, RULES)
+    blocks = check_patterns("blocks", blocks)
+    check_choice("scaling", scaling, SCALINGS)
+    report = SurgeryReport("StochasticDepth")
+    if drop_rate == 0:
+        return report
+    chosen = select_modules(model, blocks, can_wrap=_can_wrap, arg_name="blocks", trick="StochasticDepth",
+                            default=None if blocks is not None else _auto_detected, predicate=predicate)
+    if not chosen:
+        raise ModelNotSupportedError(
+            f"StochasticDepth found no residual block in {type(model).__name__}: it looks for torchvision and timm "
+            "ResNet BasicBlock/Bottleneck and for modules with a `residual(x)` method and a `shortcut` attribute "
+            "(the zoo's BasicBlock). For your own block, give it a `residual(x)` method whose output its forward "
+            "adds to the shortcut, and select it with `blocks` (glob patterns on module names)."
+        )
+    with_drop_path = [n for n, m in chosen if getattr(m, "drop_path", None) is not None]
+    if with_drop_path:
+        raise ModelNotSupportedError(
+            f"StochasticDepth: blocks {with_drop_path[:3]} already apply timm's drop_path (the model was created "
+            "with drop_path_rate > 0): create it with drop_path_rate=0, or leave stochastic depth to timm."
+        )
+    probabilities = drop_probabilities(len(chosen), drop_rate, rule)
+    report.detail = (f"drop probabilities {probabilities[0]:.3g}..{probabilities[-1]:.3g} ({rule} rule), "
+                     f"mode={mode!r}, scaling={scaling!r}")
+    before = list(model.state_dict().keys())
+    shared = randomness if randomness is not None else LayerRandomness(0, per_rank=mode == "row")
+    for index, ((name, module), p) in enumerate(zip(chosen, probabilities, strict=True)):
+        mixin = _AdapterDepthMixin if original_class(module) in block_adapters() else _ResidualMethodDepthMixin
+        (report.converted if swap_class(module, mixin) else report.already).append(name)
+        module._lt_configure(p, mode, scaling, shared, index)  # type: ignore[attr-defined]
+    keys_unchanged(before, model, "StochasticDepth")
+    return report
+
+
+class StochasticDepth(StructuralCallback):
+    """Stochastic depth on an unmodified LightningModule with residual blocks.
+
+    At ``setup`` (before checkpoint restore and DDP wrapping) the residual blocks are converted in place
+    (parameter names unchanged). In training, block ``l`` of ``L`` is skipped with probability
+    ``p_l = drop_rate * l / L`` (``rule='linear'``, the paper's) or ``drop_rate`` (``uniform``). Eval
+    runs every block: with ``scaling='test'`` (the paper's, default) the branch is multiplied by
+    ``1 - p_l`` at test; with ``scaling='train'`` a kept branch is multiplied by ``1 / (1 - p_l)`` in
+    training and eval is the original block. Either way the expected training pre-activation equals the
+    test one. With ``scaling='test'``, evaluate with the callback present (it converts the model in every
+    stage), since the plain model lacks the ``1 - p_l`` factor.
+
+    ``mode='batch'`` skips the whole branch for the batch (no compute for it: faster training) with a
+    decision keyed by (seed, step, block), identical on every DDP rank. Parameters of a skipped block
+    get no gradient, so under ``DDPStrategy`` the callback turns on ``find_unused_parameters`` (logged);
+    with ``static_graph=True`` or a non-DDP distributed strategy it stops at setup and says what to set.
+    ``mode='row'`` drops per example (every branch is computed; no effect on DDP).
+
+    Args:
+        drop_rate: the last block's drop probability (``linear``) or every block's (``uniform``), in [0, 1).
+            The paper uses 0.5. 0 converts nothing.
+        mode: ``batch`` or ``row``.
+        rule: ``linear`` or ``uniform``.
+        scaling: ``test`` (the paper's) or ``train`` (inverted; eval is the untouched model).
+        blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
+            of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
+        warmup_steps: ramp every ``p_l`` linearly from 0 over this many training batches (0: no warm-up).
+        seed: seed of the decisions; ``None`` uses the ``seed_everything`` seed (or 0).
+
+    Raises:
+        InvalidArgumentError: a bad argument, or a ``blocks`` pattern that matches no convertible block.
+        ModelNotSupportedError: (at setup) no residual block, a timm model with ``drop_path_rate > 0``,
+            ``static_graph=True`` or an unsupported distributed strategy in ``batch`` mode.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[StochasticDepth(drop_rate=0.5)], logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "test",
+                 blocks: list[str] | None = None, warmup_steps: int = 0, seed: int | None = None) -> None:
+        super().__init__(seed)
+        check_probability("drop_rate", drop_rate, allow_one=False)
+        check_choice("mode", mode, MODES)
+        check_choice("rule", rule, RULES)
+        check_choice("scaling", scaling, SCALINGS)
+        check_int("warmup_steps", warmup_steps, 0)
+        blocks = check_patterns("blocks", blocks)
+        self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
+        self.scaling = scaling
+        self.warmup_steps = warmup_steps
+        self.per_rank = mode == "row"  # batch decisions must agree on every rank
+        self.report: SurgeryReport | None = None
+        self._blocks: list[nn.Module] = []
+        self._targets: list[float] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(drop_rate=self.drop_rate, mode=self.mode, blocks=self.blocks)
+
+    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
+        self.report = apply_stochastic_depth(pl_module, self.drop_rate, mode=self.mode, rule=self.rule,
+                                             scaling=self.scaling, blocks=self.blocks, randomness=randomness)
+        if self.drop_rate == 0:
+            return
+        self._blocks = stochastic_depth_blocks(pl_module)
+        self._targets = [b.lt_drop_prob for b in self._blocks]
+        self.report.log("residual blocks")
+        if self.mode == "batch":
+            self._configure_unused_parameters(trainer)
+
+    def _configure_unused_parameters(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            kwargs = strategy._ddp_kwargs
+            if kwargs.get("static_graph"):
+                raise ModelNotSupportedError(
+                    "StochasticDepth(mode='batch') skips different blocks at different steps, which DDP's "
+                    "static_graph=True forbids: use DDPStrategy(static_graph=False) or StochasticDepth(mode='row')."
+                )
+            if not kwargs.get("find_unused_parameters"):
+                kwargs["find_unused_parameters"] = True
+                rank_zero_info("StochasticDepth: set find_unused_parameters=True on the DDP strategy (the parameters "
+                               "of skipped blocks get no gradient in a step).")
+        elif not isinstance(strategy, SingleDeviceStrategy) and trainer.world_size > 1:
+            raise ModelNotSupportedError(
+                f"StochasticDepth(mode='batch') leaves the parameters of skipped blocks without gradient, which "
+                f"{type(strategy).__name__} is not known to handle: use strategy='ddp' or StochasticDepth(mode='row')."
+            )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if self.warmup_steps and self._blocks:
+            ramp = min(1.0, self.batches_seen / self.warmup_steps)
+            for block, target in zip(self._blocks, self._targets, strict=True):
+                block.lt_drop_prob = target * ramp
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+__all__ = ["SCALINGS", "BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters", "drop_probabilities",
+           "drop_residual", "recalibrate_batch_norm", "stochastic_depth_blocks"]

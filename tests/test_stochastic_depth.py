@@ -1,0 +1,303 @@
+"""Stochastic depth: block discovery, schedule, E[train] = test, skipped compute, DDP agreement, errors."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+from lightning_tricks import StochasticDepth
+from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.regularization.stochastic_depth import (
+    apply_stochastic_depth,
+    drop_probabilities,
+    drop_residual,
+    recalibrate_batch_norm,
+    stochastic_depth_blocks,
+)
+from lightning_tricks.surgery import ModelNotSupportedError
+from lightning_tricks.zoo import build_backbone
+from tests.helpers import cpu_trainer, run_ddp
+from tests.structural_user_module import TinyResNet, digits_loader
+from tests.user_module import UserModule
+
+
+@pytest.mark.parametrize("name,blocks", [("resnet18", 8), ("resnet50", 16), ("timm:resnet18", 8),
+                                         ("timm:resnet26", 8), ("resnet56", 27)])
+def test_wraps_exactly_the_residual_blocks(name, blocks):
+    model = build_backbone(name, num_classes=10)
+    keys = list(model.state_dict())
+    report = apply_stochastic_depth(model, 0.5)
+    assert report.total == blocks == len(stochastic_depth_blocks(model))
+    assert list(model.state_dict()) == keys
+
+
+def test_drop_rate_schedule_matches_the_formula():
+    model = build_backbone("resnet56")
+    apply_stochastic_depth(model, 0.5)
+    probs = [b.lt_drop_prob for b in stochastic_depth_blocks(model)]
+    assert probs == pytest.approx([0.5 * l / 27 for l in range(1, 28)])  # noqa: E741
+    assert [b.lt_index for b in stochastic_depth_blocks(model)] == list(range(27))
+    apply_stochastic_depth(model, 0.2, rule="uniform")  # re-applying reconfigures, idempotently
+    assert {b.lt_drop_prob for b in stochastic_depth_blocks(model)} == {0.2}
+    assert drop_probabilities(4, 0.4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def _scaled_last_bn(block, last_bn, scale):
+    """Reference: the original block with its branch multiplied by ``scale`` (via its last BN's affine)."""
+    ref = copy.deepcopy(block)
+    ref.__class__ = type(block).__lt_base__
+    bn = ref.get_submodule(last_bn)
+    with torch.no_grad():
+        bn.weight.mul_(scale)
+        bn.bias.mul_(scale)
+    return ref
+
+
+@pytest.mark.parametrize("scaling", ["test", "train"])
+@pytest.mark.parametrize("name,path,last_bn", [("resnet18", "layer2.0", "bn2"), ("resnet50", "layer2.0", "bn3"),
+                                               ("timm:resnet18", "layer2.0", "bn2"),
+                                               ("timm:resnet26", "layer1.1", "bn3"),
+                                               ("resnet20", "layer2.0", "bn2")])
+def test_kept_skipped_and_eval_blocks_equal_the_original_block_scaled(name, path, last_bn, scaling):
+    """Training: act(s * branch + shortcut) when kept (s = 1/(1-p) for inverted scaling, else 1), act(shortcut)
+    when skipped; eval: act((1-p) * branch + shortcut) for the paper's scaling, the original block otherwise."""
+    torch.manual_seed(0)
+    model = build_backbone(name, num_classes=10)
+    block = model.get_submodule(path)
+    apply_stochastic_depth(model, 0.5, blocks=[path], scaling=scaling)
+    block.eval()  # BN uses running statistics, so the reference is comparable; our forward checks .training:
+    p = block.lt_drop_prob
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    kept_scale = 1 / (1 - p) if scaling == "train" else 1.0
+    for kept, scale in ((True, kept_scale), (False, 0.0)):
+        block.lt_randomness.step = next(s for s in range(100) if _decision(block, s) == kept)
+        block.training = True  # only the block's flag: its BN submodules stay in eval
+        out = block(x)
+        block.training = False
+        assert block.lt_last_kept is kept
+        assert torch.allclose(out, _scaled_last_bn(block, last_bn, scale)(x), atol=1e-5)
+    eval_scale = 1 - p if scaling == "test" else 1.0
+    reference = _scaled_last_bn(block, last_bn, eval_scale)(x)
+    assert torch.allclose(block(x), reference, atol=1e-6)
+    if scaling == "train":
+        assert torch.equal(block(x), reference)  # exactly the original block
+
+
+def _decision(block, step):
+    randomness = block.lt_randomness
+    randomness.step = step
+    return randomness.uniform(block.lt_index) >= block.lt_drop_prob
+
+
+class _LinearResidual(nn.Module):
+    """A user block without a final activation: E[train output] must equal the eval output exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+
+    def residual(self, x):
+        return self.branch(x)
+
+    def forward(self, x):
+        return self.residual(x) + x
+
+
+@pytest.mark.parametrize("scaling", ["test", "train"])
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_monte_carlo_expectation_of_training_equals_test(mode, scaling):
+    torch.manual_seed(0)
+    block = nn.Sequential(_LinearResidual())
+    randomness = LayerRandomness(seed=2, per_rank=False)
+    apply_stochastic_depth(block, 0.5, mode=mode, rule="uniform", scaling=scaling, blocks=["0"], randomness=randomness)
+    x = torch.randn(1, 4)
+    n = 4000
+    with torch.no_grad():
+        expected = block.eval()(x)
+        block.train()
+        if mode == "batch":
+            outputs = []
+            for step in range(n):
+                randomness.step = step
+                outputs.append(block(x))
+            outputs = torch.cat(outputs)
+        else:
+            randomness.step = 0
+            outputs = block(x.expand(n, 4))
+        branch = block[0].branch(x)
+    kept = 2.0 if scaling == "train" else 1.0  # each output is x + b * kept * branch, b ~ Bernoulli(0.5)
+    tolerance = 4 * kept * 0.5 * branch.abs() / n ** 0.5 + 1e-6  # 4 standard deviations of the mean
+    assert ((outputs.mean(0) - expected[0]).abs() <= tolerance[0]).all()
+    assert set(torch.round((outputs - x) / branch, decimals=4).flatten().tolist()) == {0.0, kept}
+    assert torch.allclose(expected, x + (0.5 if scaling == "test" else 1.0) * branch)
+
+
+def test_batch_mode_skips_the_branch_compute_and_leaves_no_gradient():
+    model = build_backbone("resnet20")
+    randomness = LayerRandomness(seed=0, per_rank=False)
+    apply_stochastic_depth(model, 0.5, randomness=randomness)
+    blocks = stochastic_depth_blocks(model)
+    calls = []
+    for b in blocks:
+        b.conv1.register_forward_hook(lambda module, args, out: calls.append(module))
+    kept_total = 0
+    for step in range(4):
+        randomness.step = step
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        kept = [b.lt_last_kept for b in blocks]
+        kept_total += sum(kept)
+        for b, k in zip(blocks, kept, strict=True):
+            assert (b.conv1.weight.grad is not None) is k  # a skipped block's parameters get no gradient
+    assert len(calls) == kept_total < 4 * len(blocks)
+
+
+def test_recalibrate_batch_norm_uses_the_test_time_network():
+    """With inverted scaling the test-time network is the original one: the recalibrated statistics must be
+    those of the plain model run over the same batches (cumulative average)."""
+    torch.manual_seed(0)
+    model = build_backbone("resnet20")
+    plain = copy.deepcopy(model)
+    apply_stochastic_depth(model, 0.5, scaling="train")
+    batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(3)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    model.eval()
+    assert recalibrate_batch_norm(model, batches, max_batches=2) == 2
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        plain.train()
+        for x, _ in batches[:2]:
+            plain(x)
+    for ours, ref in zip(model.buffers(), plain.buffers(), strict=True):
+        assert torch.allclose(ours, ref, atol=1e-6)
+    assert not model.training and all(not b.training for b in stochastic_depth_blocks(model))
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_warmup_ramps_the_drop_probabilities(tmp_path):
+    model = TinyResNet()
+    callback = StochasticDepth(drop_rate=0.4, rule="uniform", warmup_steps=4, seed=0)
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.blocks[0].lt_drop_prob)
+
+    trainer = cpu_trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[callback, Record()])
+    trainer.fit(model, train_dataloaders=digits_loader(192))
+    assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+
+
+def test_functional_drop_residual_row_batch_and_scalings():
+    r = torch.ones(1000, 3)
+    rows = drop_residual(r, 0.25, "row", scaling="train", generator=torch.Generator().manual_seed(0))
+    assert set(rows.unique().tolist()) == {0.0, torch.tensor(4 / 3).item()} and (rows == rows[:, :1]).all()
+    assert 0.2 < (rows[:, 0] == 0).float().mean() < 0.3
+    paper = drop_residual(r, 0.25, "row", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(paper * (4 / 3), rows)  # same mask, no training-time scaling
+    whole = drop_residual(r, 0.25, "batch", generator=torch.Generator().manual_seed(1))
+    assert whole.unique().numel() == 1
+    assert torch.equal(drop_residual(r, 0.25, training=False), r * 0.75)
+    assert torch.equal(drop_residual(r, 0.25, training=False, scaling="train"), r)
+    assert torch.equal(drop_residual(r, 0.0), r)
+
+
+def test_errors_name_what_was_looked_for():
+    with pytest.raises(ModelNotSupportedError, match="found no residual block in MLP: it looks for torchvision and timm"):
+        apply_stochastic_depth(build_backbone("mlp", in_channels=1, image_size=8), 0.5)
+    with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'fc1' matches only modules StochasticDepth cannot "
+                                                   r"convert: 'fc1' \(Linear: not a residual block"):
+        apply_stochastic_depth(TinyResNet(), 0.5, blocks=["fc1"])
+    with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'layer9\.\*' matches no submodule"):
+        apply_stochastic_depth(build_backbone("resnet20"), 0.5, blocks=["layer9.*"])
+    with pytest.raises(ModelNotSupportedError, match="already apply timm's drop_path"):
+        apply_stochastic_depth(build_backbone("timm:resnet18", drop_path_rate=0.1), 0.5)
+    for kwargs, message in [(dict(drop_rate=1.0), r"`drop_rate`=1.0 is invalid: expected a number in \[0.0, 1.0\)"),
+                            (dict(drop_rate=-0.5), "`drop_rate`=-0.5 is invalid"),
+                            (dict(mode="block"), "`mode`='block' is invalid: expected one of 'batch', 'row'"),
+                            (dict(rule="exp"), "`rule`='exp' is invalid"),
+                            (dict(scaling="both"), "`scaling`='both' is invalid: expected one of 'test', 'train'"),
+                            (dict(warmup_steps=-1), "`warmup_steps`=-1 is invalid")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            StochasticDepth(**kwargs)
+
+
+def test_model_without_residual_blocks_fails_at_setup_before_training(tmp_path):
+    model = UserModule()
+    trainer = cpu_trainer(tmp_path, max_steps=2, callbacks=[StochasticDepth()])
+    with pytest.raises(ModelNotSupportedError, match="found no residual block in UserModule"):
+        trainer.fit(model, train_dataloaders=digits_loader(32))
+    assert trainer.global_step == 0
+
+
+def test_ddp_strategy_gets_find_unused_parameters_and_static_graph_stops_at_setup():
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork"), logger=False)
+    StochasticDepth().setup(trainer, TinyResNet(), "fit")
+    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
+    static = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(static_graph=True), logger=False)
+    with pytest.raises(ModelNotSupportedError, match=r"static_graph=True forbids: use DDPStrategy\(static_graph=False\) "
+                                                     r"or StochasticDepth\(mode='row'\)"):
+        StochasticDepth().setup(static, TinyResNet(), "fit")
+    row = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork"), logger=False)
+    StochasticDepth(mode="row").setup(row, TinyResNet(), "fit")
+    assert not row.strategy._ddp_kwargs.get("find_unused_parameters")  # row mode computes every branch
+
+
+class _RecordDecisions(Callback):
+    def __init__(self):
+        self.decisions, self.has_grad = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.has_grad.append([b.conv1.weight.grad is not None for b in stochastic_depth_blocks(pl_module)])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.decisions.append([b.lt_last_kept for b in stochastic_depth_blocks(pl_module)])
+
+
+def _decisions_probe(trainer, module):
+    recorder = next(c for c in trainer.callbacks if isinstance(c, _RecordDecisions))
+    return {"decisions": recorder.decisions, "has_grad": recorder.has_grad, "weights": [p.detach().clone() for p in module.parameters()],
+            "find_unused": trainer.strategy._ddp_kwargs.get("find_unused_parameters")}
+
+
+def test_ddp_two_processes_same_decisions_on_every_rank_and_no_hang(tmp_path):
+    model = build_backbone("resnet20", num_classes=10, in_channels=1)
+    module = _ZooModule(model)
+    results = run_ddp(module, tmp_path=tmp_path, probe=_decisions_probe, max_epochs=1, limit_val_batches=0,
+                      callbacks=[StochasticDepth(drop_rate=0.5, rule="uniform"), _RecordDecisions()])
+    first, second = results
+    assert len(first["decisions"]) == 2 and first["decisions"] == second["decisions"]
+    assert not all(all(d) for d in first["decisions"])  # blocks were skipped (some parameters unused)
+    assert first["find_unused"] is True
+    assert first["has_grad"] == first["decisions"] == second["has_grad"]  # skipped: no gradient, as on one process
+    for a, b in zip(first["weights"], second["weights"], strict=True):
+        assert torch.equal(a, b)
+
+
+class _ZooModule(pl.LightningModule):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def train_dataloader(self):
+        return digits_loader(128, batch_size=32)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
