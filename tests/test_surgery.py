@@ -124,7 +124,9 @@ def test_state_dict_keys_identical_and_checkpoints_load_both_ways():
         assert torch.equal(tricked.state_dict()[k], v)
     fresh = TinyResNet()
     fresh.load_state_dict(tricked.state_dict())  # tricked -> plain
-    _all_tricks(tricked)  # idempotent: a second surgery changes nothing
+    again = [apply_dropconnect(tricked, 0.5, layers=["fc1"]), apply_stochastic_depth(tricked, 0.5),
+             apply_fractional_pooling(tricked)[0]]  # idempotent: a second surgery changes nothing
+    assert [(r.converted, r.already) for r in again] == [([], ["fc1"]), ([], ["blocks.0", "blocks.1"]), ([], ["pool"])]
     assert list(tricked.state_dict()) == keys
     converted = (_DropConnectMixin, _DepthMixin, SeededFractionalMaxPool2d)
     assert [n for n, m in tricked.named_modules() if isinstance(m, converted)] == ["pool", "blocks.0", "blocks.1", "fc1"]

@@ -223,7 +223,9 @@ def average_pooling_draws(
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(1), nn.LazyLinear(3))
         >>> _ = apply_fractional_pooling(net[:2]); _ = net(torch.zeros(1, 1, 12, 12))
-        >>> average_pooling_draws(net.eval(), torch.randn(5, 1, 12, 12), samples=12).exp().sum(1)
+        >>> with torch.no_grad():
+        ...     probabilities = average_pooling_draws(net.eval(), torch.randn(5, 1, 12, 12), samples=12).exp()
+        >>> probabilities.sum(1)
         tensor([1.0000, 1.0000, 1.0000, 1.0000, 1.0000])
     """
     check_int("samples", samples, 1)
