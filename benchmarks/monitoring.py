@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick")
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine two threads waiting on each other at "
+                        "every barrier turn a busy neighbour into a 10x slower step; one thread degrades smoothly)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet20, batch 16, few steps and repeats")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
@@ -144,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch_size = 16 if q and args.batch_size == 64 else args.batch_size
     steps = args.steps or (6 if q else 50)
     repeats = args.repeats or (3 if q else 5)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     medians, means = measure(backbone, batch_size, steps, args.warmup_steps, repeats, q, args.accelerator)
     wall = time.perf_counter() - start
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
         "",
         f"`ImageClassifier('{backbone}')`, SGD, synthetic 3x32x32 data, batch {batch_size}, accelerator "
-        f"`{args.accelerator}`. Per fit {args.warmup_steps} warm-up + {steps} measured steps ({measured_steps}; "
+        f"`{args.accelerator}`, {args.threads} torch thread(s). Per fit {args.warmup_steps} warm-up + {steps} measured steps ({measured_steps}; "
         "UpdateRatioMonitor measures the steps that are multiples of 50); per fit the median and the mean step "
         f"time are taken; 1 warm-up round, {repeats} interleaved repeats; the table shows the median over repeats "
         "and its ratio to the baseline. Targets: DeadUnitMonitor <= 1.05 per step, UpdateRatioMonitor(every 50) "

@@ -362,6 +362,20 @@ def test_monitor_warns_above_warn_fraction_and_validation_passes_are_separate(tm
     assert len(monitor.history["train"]) == 1
 
 
+def test_trainer_validate_alone_tracks_the_validation_pass(tmp_path):
+    torch.manual_seed(12)
+    model = UserMLP()
+    kill_units(model.net[2], [4])
+    x, y = toy_data(24)
+    monitor = DeadUnitMonitor(stages="validation", plot=False)
+    cpu_trainer(tmp_path, callbacks=[monitor]).validate(model, loader(x, y))
+    with torch.no_grad():
+        dead = ~(model.net[3](model.net[2](model.net[1](model.net[0](x)))) > 0).any(0)
+    assert torch.equal(monitor.last_report["validation"].sites["net.3"].flagged, dead) and dead[4]
+    assert len(monitor.history["validation"]) == 1 and not monitor.history["train"]
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 def test_model_with_nothing_to_monitor_fails_at_setup(tmp_path):
     class Functional(UserMLP):
         def __init__(self):

@@ -503,6 +503,11 @@ class DeadUnitTracker:
 STAGES = ("train", "validation", "both")
 
 
+def _none_if_nan(value: float) -> float | None:
+    """History holds None, not NaN, so that records compare equal after a checkpoint round trip."""
+    return None if math.isnan(value) else value
+
+
 class DeadUnitMonitor(Callback):
     """Log, per layer and per epoch, the fraction of dead ReLU units (and saturated sigmoid/tanh units).
 
@@ -708,11 +713,8 @@ class DeadUnitMonitor(Callback):
         if not report.sites:
             return
         self.last_report[stage] = report
-        def or_none(value: float) -> float | None:  # None, not NaN: records compare equal after a checkpoint
-            return None if math.isnan(value) else value
-
-        record = {"epoch": epoch, "overall": or_none(report.dead_fraction),
-                  "saturated_overall": or_none(report.saturated_fraction),
+        record = {"epoch": epoch, "overall": _none_if_nan(report.dead_fraction),
+                  "saturated_overall": _none_if_nan(report.saturated_fraction),
                   "dead": report.fractions("dead"), "saturated": report.fractions("saturation")}
         self.history[stage].append(record)
         self._log(pl_module, stage, report)
