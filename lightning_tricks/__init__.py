@@ -32,6 +32,7 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
+from lightning_tricks.setup import FoldReport, fold_batch_norm
 from lightning_tricks.stopping import (
     EarlyStopping,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "EarlyStopping",
     "Ensemble",
     "ExactDistributedEvaluation",
+    "FoldReport",
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
@@ -96,5 +98,6 @@ __all__ = [
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "fold_batch_norm",
     "overfit_check",
 ]
