@@ -34,6 +34,8 @@ def _forward_time(model: nn.Module, x: torch.Tensor, iters: int) -> float:
         for _ in range(iters):
             start = time.perf_counter()
             model(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -45,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5, help="forward passes per sample (median)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (default 5)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--section", default="bn_folding", help="RESULTS.md section (default 'bn_folding')")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 2 iterations (not a figure)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -54,12 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.iters = 3, 2
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     rows = ["| model | BatchNorm layers folded | unfolded ms | folded ms | folded / unfolded | max output diff / max output |",
             "|---|---:|---:|---:|---:|---:|"]
     start = time.perf_counter()
     for name in args.models:
-        model = build_backbone(name, num_classes=10).eval()
+        model = build_backbone(name, num_classes=10).to(args.device).eval()
         folded, report = fold_batch_norm(model, x[:2], return_report=True)
         with torch.inference_mode():
             reference = model(x)
@@ -73,12 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{diff:.1e} |")
     wall = time.perf_counter() - start
     lines = [
-        f"Batch {args.batch_size} of 3x{args.image_size}x{args.image_size}, CPU, eval mode, `torch.inference_mode`, "
+        f"Batch {args.batch_size} of 3x{args.image_size}x{args.image_size}, device `{args.device}`, eval mode, `torch.inference_mode`, "
         f"torch threads {torch.get_num_threads()}; sample = median of {args.iters} forward passes; 1 warm-up round, "
         f"{args.repeats} interleaved repeats; randomly initialized models (folding does not depend on the values).",
         "",
         *rows,
     ]
     publish("bn_folding", "inference time with BatchNorm folded into the preceding conv/linear", argv, wall, lines,
-            args.quick, args.no_write)
+            args.quick, args.no_write, section=args.section)
     return 0

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -55,36 +56,45 @@ def _ttach(model: nn.Module) -> nn.Module:
     return ttach.ClassificationTTAWrapper(nn.Sequential(model, nn.Softmax(dim=-1)), transforms, merge_mode="mean")
 
 
-def _timed(fn: Callable[[], object], iters: int) -> Callable[[], None]:
+def _timed(fn: Callable[[], object], iters: int, device: torch.device) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             for _ in range(iters):
                 fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return run
 
 
-def measure_speed(backbone: str, batch_size: int, repeats: int, iters: int, quick: bool) -> tuple[str, str, float]:
+def measure_speed(backbone: str, batch_size: int, repeats: int, iters: int, quick: bool,
+                  device_name: str = "cpu") -> tuple[str, str, float]:
     """Interleaved timings of one backbone; returns the markdown table, a summary line, ttach parity error."""
-    model = _model(backbone)
-    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    device = torch.device(device_name)
+    model = _model(backbone).to(device)
+    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     ours_ten = TTAWrapper(model, views=["ten_crop"], crop_size=CROP)
-    peer = _ttach(model)
+    peer = _ttach(model) if importlib.util.find_spec("ttach") is not None else None
     with torch.inference_mode():
-        parity = (ours_ten(x).exp() - peer(x)).abs().max().item()
-    cases: dict[str, Callable[[], None]] = {"plain": _timed(lambda: model(x), iters)}
+        parity = 0.0 if peer is None else (ours_ten(x).exp() - peer(x)).abs().max().item()
+    cases: dict[str, Callable[[], None]] = {"plain": _timed(lambda: model(x), iters, device)}
     for name, views in SAME_SIZE_VIEWS.items():
         wrapper = TTAWrapper(model, views=views, translate=2)
-        cases[name] = _timed(lambda w=wrapper: w(x), iters)
-    cases["ten_crop ours (K=10)"] = _timed(lambda: ours_ten(x), iters)
-    cases["ten_crop ttach (K=10)"] = _timed(lambda: peer(x), iters)
+        cases[name] = _timed(lambda w=wrapper: w(x), iters, device)
+    cases["ten_crop ours (K=10)"] = _timed(lambda: ours_ten(x), iters, device)
+    if peer is not None:
+        cases["ten_crop ttach (K=10)"] = _timed(lambda: peer(x), iters, device)
     samples = interleaved(cases, repeats=repeats, quick=quick)
     meds = medians(samples)
     per_view = [f"{name}: {meds[name] / meds['plain'] / int(name.split('K=')[1].rstrip(')')):.3f}"
                 for name in SAME_SIZE_VIEWS]
-    speedup = meds["ten_crop ttach (K=10)"] / meds["ten_crop ours (K=10)"]
     summary = (f"`{backbone}`, batch {batch_size}: cost per view relative to plain evaluation, (TTA / plain) / K = "
-               f"{'; '.join(per_view)}. Ten-crop: ours / ttach = {1 / speedup:.3f} (ours {speedup:.2f}x faster); "
-               f"max |ours - ttach| on merged probabilities = {parity:.1e}.")
+               f"{'; '.join(per_view)}.")
+    if peer is None:
+        summary += " ttach is not installed: no peer comparison."
+    else:
+        speedup = meds["ten_crop ttach (K=10)"] / meds["ten_crop ours (K=10)"]
+        summary += (f" Ten-crop: ours / ttach = {1 / speedup:.3f} (ours {speedup:.2f}x faster); "
+                    f"max |ours - ttach| on merged probabilities = {parity:.1e}.")
     return format_table({k: [v / iters for v in vals] for k, vals in samples.items()}, "plain"), summary, parity
 
 
@@ -147,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="batches per timed sample (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; 3 with --quick)")
     p.add_argument("--memory-batch", type=int, default=None, help="batch of the memory cases (default 256; 32 with --quick)")
+    p.add_argument("--device", default="cpu", help="torch device of the speed cases (peak memory is measured on CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory cases")
+    p.add_argument("--section", default="tta", help="RESULTS.md section (default 'tta'; '-quick' is appended with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: small batches, 3 repeats")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--memory-probe", choices=MEMORY_CASES, help=argparse.SUPPRESS)
@@ -168,13 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     sections = []
     for backbone in backbones:
-        table, summary, parity = measure_speed(backbone, batch_size, repeats, iters, q)
+        table, summary, parity = measure_speed(backbone, batch_size, repeats, iters, q, args.device)
         if parity > 1e-4:
             raise AssertionError(f"ours and ttach disagree on the same views ({parity:.2e}): the comparison is void")
         sections += [f"### `{backbone}`, batch {batch_size}, 3x32x32 (time per batch)", "", table, "", summary, ""]
-    memory = measure_memory("resnet20", memory_batch, 1 if q else 3)
+    memory = None if args.no_memory else measure_memory("resnet20", memory_batch, 1 if q else 3)
     wall = time.perf_counter() - start
-    section = "tta-quick" if q else "tta"
+    section = f"{args.section}-quick" if q else args.section
     command = shlex.join(["python", "-m", "benchmarks", "tta", *(sys.argv[2:] if argv is None else argv)])
     markdown = "\n".join([
         f"## {section}: test-time augmentation{' (quick smoke run, not a figure)' if q else ''}",
@@ -190,14 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Machine: {machine_description()}.",
         "",
+        f"Device: `{args.device}`.",
+        "",
         *sections,
-        f"### Peak memory, ten-crop (K=10), `resnet20`, batch {memory_batch}",
-        "",
-        f"Each case in {1 if q else 3} fresh processes with 1 thread: resident memory added at the peak of one "
-        "evaluation (Linux `VmHWM` reset through `/proc/self/clear_refs`, minus the resident memory before), and the "
-        "largest batch the model was called with (a forward pre-hook).",
-        "",
-        memory,
+        *([] if memory is None else [
+            f"### Peak memory, ten-crop (K=10), `resnet20`, batch {memory_batch}",
+            "",
+            f"Each case in {1 if q else 3} fresh processes with 1 thread: resident memory added at the peak of one "
+            "evaluation (Linux `VmHWM` reset through `/proc/self/clear_refs`, minus the resident memory before), "
+            "and the largest batch the model was called with (a forward pre-hook).",
+            "",
+            memory,
+        ]),
     ])
     print(markdown)
     if not args.no_write:

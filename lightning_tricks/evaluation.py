@@ -43,6 +43,13 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
+from lightning_tricks._lightning_internals import (
+    PREPARE_DATALOADER,
+    REQUIRES_DISTRIBUTED_SAMPLER,
+    data_connector,
+    rebuild_dataloader,
+    require_verified,
+)
 from lightning_tricks._validation import InvalidArgumentError, check_int
 
 EXACT_STAGES = ("validate", "test")
@@ -185,21 +192,17 @@ def exact_eval_dataloader(dataloader: DataLoader, num_replicas: int | None = Non
         >>> [b.tolist() for b in exact_eval_dataloader(loader, num_replicas=2, rank=0)]
         [[0, 2], [4]]
     """
-    from lightning.fabric.utilities.data import _reinstantiate_wrapped_cls
-    from lightning.pytorch.utilities.data import _get_dataloader_init_args_and_kwargs
-
     reason = _rebuildable(dataloader)
     if reason is not None:
         raise ValueError(f"cannot evaluate this {type(dataloader).__name__} exactly on several ranks: {reason}.")
     batch_sampler = EvenDistributedBatchSampler(dataloader.sampler, dataloader.batch_size or 1, num_replicas, rank,
                                                 seed)
-    args, kwargs = _get_dataloader_init_args_and_kwargs(dataloader, dataloader.sampler)
-    kwargs.update(batch_sampler=batch_sampler, batch_size=1, sampler=None, shuffle=False, drop_last=False)
-    return _reinstantiate_wrapped_cls(dataloader, *args, **kwargs)
+    return rebuild_dataloader(dataloader, batch_sampler=batch_sampler, batch_size=1, sampler=None, shuffle=False,
+                              drop_last=False)
 
 
 def _active_modes(trainer: pl.Trainer) -> frozenset[RunningStage]:
-    patch = getattr(trainer._data_connector, _PATCH_ATTR, None)
+    patch = getattr(data_connector(trainer), _PATCH_ATTR, None)
     return patch.modes() if patch is not None else frozenset()
 
 
@@ -251,18 +254,18 @@ class _ExactEvaluationPatch:
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
-        self.connector = trainer._data_connector
+        self.connector = data_connector(trainer)
         self.strategy = trainer.strategy
-        self.original_prepare = self.connector._prepare_dataloader
+        self.original_prepare = getattr(self.connector, PREPARE_DATALOADER)
         self.owners: dict[int, frozenset[RunningStage]] = {}
         self.warned: set[str] = set()
-        self.connector._prepare_dataloader = self.prepare_dataloader
+        setattr(self.connector, PREPARE_DATALOADER, self.prepare_dataloader)
         if not isinstance(self.strategy.reduce, _ExactMeanReduce):
             self.strategy.reduce = _ExactMeanReduce(trainer, self.strategy.reduce)
 
     def remove(self) -> None:
-        if self.connector.__dict__.get("_prepare_dataloader") == self.prepare_dataloader:
-            del self.connector._prepare_dataloader
+        if self.connector.__dict__.get(PREPARE_DATALOADER) == self.prepare_dataloader:
+            delattr(self.connector, PREPARE_DATALOADER)
         if isinstance(self.strategy.__dict__.get("reduce"), _ExactMeanReduce):
             del self.strategy.reduce
 
@@ -271,7 +274,7 @@ class _ExactEvaluationPatch:
 
     def prepare_dataloader(self, dataloader: object, shuffle: bool, mode: RunningStage) -> object:
         if (mode in self.modes() and isinstance(dataloader, DataLoader)
-                and self.connector._requires_distributed_sampler(dataloader)):
+                and getattr(self.connector, REQUIRES_DISTRIBUTED_SAMPLER)(dataloader)):
             reason = _rebuildable(dataloader)
             if reason is None:
                 kwargs = self.trainer.distributed_sampler_kwargs or {}
@@ -302,11 +305,12 @@ def install_exact_evaluation(trainer: pl.Trainer, owner: object, stages: Sequenc
     modes = frozenset(_MODES[s] for s in stages if s in _MODES)
     if trainer.world_size <= 1 or not modes:
         return False
-    connector = trainer._data_connector
+    require_verified("Exact distributed evaluation")
+    connector = data_connector(trainer)
     patch = getattr(connector, _PATCH_ATTR, None)
     if patch is None:
         if not all(callable(getattr(connector, name, None))
-                   for name in ("_prepare_dataloader", "_requires_distributed_sampler")):
+                   for name in (PREPARE_DATALOADER, REQUIRES_DISTRIBUTED_SAMPLER)):
             raise RuntimeError(
                 "ExactDistributedEvaluation needs Lightning's DataConnector._prepare_dataloader and "
                 "_requires_distributed_sampler (Lightning 2.x); they were not found. Pin lightning to 2.6 or "
@@ -320,7 +324,7 @@ def install_exact_evaluation(trainer: pl.Trainer, owner: object, stages: Sequenc
 
 def uninstall_exact_evaluation(trainer: pl.Trainer, owner: object) -> None:
     """Withdraw ``owner``'s stages; restore Lightning's behaviour when no owner is left. Safe to call twice."""
-    connector = trainer._data_connector
+    connector = data_connector(trainer)
     patch = getattr(connector, _PATCH_ATTR, None)
     if patch is None:
         return

@@ -120,7 +120,7 @@ def test_dict_and_tuple_batches(tmp_path):
         trainer.fit(module, datamodule=ImageData(n=16, batch_size=8, kind=kind))
         assert recorder.batch_types == [dict if kind == "dict" else tuple] * 2
         assert all(((x == 0).flatten(1).sum(1) > 0).all() for x, _ in recorder.train)
-        assert callback._batches_seen == 2  # the mixin's pass is the only one
+        assert callback.state_dict()["batches_seen"] == 2  # the mixin's pass is the only one
 
 
 def test_tuple_of_views_fails_naming_the_mixin(tmp_path):
@@ -149,7 +149,7 @@ def test_p_zero_leaves_batches_untouched(tmp_path):
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(ListModule(), datamodule=ImageData(n=16, batch_size=8))
     assert all(torch.equal(x, torch.ones_like(x)) for x in recorder.train)
-    assert callback._batches_seen == 0 and not callback._generators  # no draws, no generator
+    assert callback.state_dict()["batches_seen"] == 0 and not callback._generators  # no draws, no generator
 
 
 def test_resume_mid_epoch_reproduces_masks(tmp_path):

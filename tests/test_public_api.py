@@ -2,6 +2,7 @@
 
 import inspect
 
+import docstring_parser
 import lightning.pytorch.callbacks
 import pytest
 from lightning.pytorch.callbacks import Callback
@@ -45,10 +46,31 @@ def test_callback_by_short_name_on_the_command_line(name, tmp_path, monkeypatch)
     assert any(type(c) is getattr(lightning_tricks, name) for c in cli.trainer.callbacks)
 
 
-@pytest.mark.parametrize("name", EXPORTED_CALLBACKS or ["(none yet)"])
-def test_public_callbacks_are_documented(name):
-    if name == "(none yet)":
-        return
-    cls = getattr(lightning_tricks, name)
-    doc = inspect.getdoc(cls) or ""
-    assert "Example" in doc and "Args" in doc, f"{name} needs a Google-style docstring with Args and Example"
+PUBLIC_CALLABLES = sorted(
+    name for name in lightning_tricks.__all__
+    if inspect.isclass(obj := getattr(lightning_tricks, name)) or inspect.isfunction(obj)
+)
+
+
+def _documented_arguments(doc: str) -> set[str]:
+    return {p.arg_name.split()[0].lstrip("*") for p in docstring_parser.parse(doc).params}
+
+
+@pytest.mark.parametrize("name", PUBLIC_CALLABLES)
+def test_public_api_is_documented(name):
+    """Every argument is in the Google-style Args (or Attributes) section, and there is a doctest Example."""
+    obj = getattr(lightning_tricks, name)
+    doc = inspect.getdoc(obj) or ""
+    documented = _documented_arguments(doc)
+    if inspect.isclass(obj):
+        documented |= _documented_arguments(inspect.getdoc(obj.__init__) or "")
+        signature = inspect.signature(obj.__init__)
+    else:
+        signature = inspect.signature(obj)
+    arguments = [n for n, p in signature.parameters.items()
+                 if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    undocumented = [n for n in arguments if n not in documented]
+    assert not undocumented, f"{name}: arguments {undocumented} are not in its docstring's Args section"
+    examples = docstring_parser.parse(doc).examples
+    assert examples and any(">>>" in (e.description or "") + (e.snippet or "") for e in examples), \
+        f"{name} needs an Example section with a >>> line"

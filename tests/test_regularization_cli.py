@@ -37,7 +37,7 @@ def test_user_module_trains_with_each_callback_from_yaml(callback, cls, tmp_path
         assert ours[0].selected_names == ["net.1.weight", "net.3.weight"]
         assert float(cli.trainer.callback_metrics["weight_penalty"]) > 0
     else:
-        assert ours[0]._batches_seen == 3
+        assert ours[0].state_dict()["batches_seen"] == 3
 
 
 def test_short_names_and_a_bad_value_on_the_command_line(tmp_path, monkeypatch, capsys):

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_tricks._lightning_internals import fit_train_dataloader
 from lightning_tricks._validation import InvalidArgumentError, check_int
 from lightning_tricks.distributed import broadcast_module, make_generator
 from lightning_tricks.init._measure import batch_input
@@ -41,36 +41,6 @@ def _check_batch_key(batch_key: Any) -> None:
         raise InvalidArgumentError(f"`batch_key`={batch_key!r} is invalid: expected a dict key (str) or a tuple index (int).")
 
 
-def resumed_checkpoint(trainer: pl.Trainer) -> Any:
-    """The checkpoint this ``fit`` is about to restore, seen from ``Callback.setup``; None for a fresh run.
-
-    Lightning 2.6 sets ``trainer.ckpt_path`` only after ``Callback.setup`` (when it restores), so in
-    ``setup`` the path being resumed is still the ``ckpt_path`` argument of ``Trainer._run``, read
-    here from the call stack. If that frame is not found (another Lightning version), a path set with
-    ``trainer.ckpt_path = ...`` is used; failing both, the caller initializes and the restore that
-    follows ``setup`` overwrites the weights with the checkpoint's, which is still correct.
-    """
-    frame = inspect.currentframe()
-    run_code = pl.Trainer._run.__code__
-    while frame is not None:
-        if frame.f_code is run_code and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
-        frame = frame.f_back
-    connector = trainer._checkpoint_connector
-    return connector._ckpt_path if getattr(connector, "_user_managed", False) else None
-
-
-def _train_dataloader(trainer: pl.Trainer) -> Any:
-    source = trainer.fit_loop._data_source
-    if not source.is_defined():
-        raise InvalidArgumentError("WeightInit(scheme='lsuv') needs training batches, but this fit has no train "
-                                   "dataloader (pass a datamodule or train_dataloaders to Trainer.fit).")
-    loader = source.dataloader()
-    while isinstance(loader, (Mapping, list, tuple)) and loader:  # a collection of loaders: use the first
-        loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
-    return loader
-
-
 class WeightInit(Callback):
     """Initialize the model's weights with a scheme or LSUV when ``fit`` starts, on every rank alike.
 
@@ -79,9 +49,11 @@ class WeightInit(Callback):
     which ``seed_everything`` sets), LSUV all-reduces its variances, and rank 0's parameters are then
     broadcast explicitly, so all ranks start bit-identical whatever the strategy does.
 
-    It never re-initializes a model that has weights to keep: not when ``fit`` resumes from a
-    checkpoint (``ckpt_path``; the checkpoint's weights are restored as they are), not on a second
-    ``fit`` of the same module, and not for validate/test/predict.
+    It never leaves a model with weights it should have kept: when ``fit`` resumes from a checkpoint
+    (``ckpt_path``), Lightning restores the checkpoint's weights after ``setup``, over the fresh
+    initialization (Lightning tells a callback which checkpoint it resumes only after ``setup``:
+    :attr:`skipped` says so from ``on_fit_start``); it does not re-initialize on a second ``fit`` of the
+    same module, nor for validate/test/predict.
 
     Args:
         scheme: ``default``, ``zeros``, ``normal``, ``xavier_uniform``, ``xavier_normal`` (torch's Glorot:
@@ -175,11 +147,8 @@ class WeightInit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        resumed = resumed_checkpoint(trainer)
         self.skipped = None
-        if resumed is not None:
-            self.skipped = f"resuming from {resumed}: the checkpoint's weights are kept"
-        elif self._initialized is not None and self._initialized() is pl_module:
+        if self._initialized is not None and self._initialized() is pl_module:
             self.skipped = "this module was initialized by an earlier fit: its trained weights are kept"
         if self.skipped is not None:
             rank_zero_info(f"WeightInit: not initializing ({self.skipped}).")
@@ -198,8 +167,17 @@ class WeightInit(Callback):
         self._initialized = weakref.ref(pl_module)
         self._log(trainer)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None and self.skipped is None:
+            self.skipped = f"resuming from {trainer.ckpt_path}: the checkpoint's weights replaced the initialization"
+            self.lsuv_report = []  # it described weights that no longer exist
+            rank_zero_info(f"WeightInit: {self.skipped}.")
+
     def _run_lsuv(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[LSUVLayer]:
-        loader = _train_dataloader(trainer)
+        loader = fit_train_dataloader(trainer, pl_module)
+        if loader is None:
+            raise InvalidArgumentError("WeightInit(scheme='lsuv') needs training batches, but this fit has no train "
+                                       "dataloader (pass a datamodule or train_dataloaders to Trainer.fit).")
         inputs: list[torch.Tensor] = []
         # iterating a shuffling loader draws from the global RNG: fork it so training's randomness is untouched
         with torch.random.fork_rng(devices=[]):
@@ -346,4 +324,4 @@ class ActivationStatistics(Callback):
                 logger.log_image(key="activation_statistics", images=[str(path)], step=step)
 
 
-__all__ = ["ActivationStatistics", "WeightInit", "resumed_checkpoint"]
+__all__ = ["ActivationStatistics", "WeightInit"]

@@ -1,10 +1,10 @@
 """Training diagnostics from CS231n's "babysitting the learning process": dead and saturated units,
 update/weight ratios, the initial-loss check, the overfit-a-small-sample check, and their plots."""
 
+from lightning_tricks.monitoring.dead_unit_monitor import DeadUnitMonitor
 from lightning_tricks.monitoring.dead_units import (
     ACTIVATION_TYPES,
     DEFAULT_ACTIVATIONS,
-    DeadUnitMonitor,
     DeadUnitReport,
     DeadUnitTracker,
     NothingToMonitorError,

@@ -9,7 +9,8 @@ never recovers, and "as much as 40% of your network can be dead". Sigmoid and ta
   activations' device and without any host synchronization, one "ever fired" bit per unit (and a
   saturated-position count for sigmoid/tanh), then :meth:`DeadUnitTracker.report` all-reduces them
   across DDP ranks and returns per-layer masks and fractions.
-* :class:`DeadUnitMonitor` is the Lightning callback: it tracks the training and/or validation
+* :class:`~lightning_tricks.monitoring.dead_unit_monitor.DeadUnitMonitor` (in ``dead_unit_monitor.py``)
+  is the Lightning callback: it tracks the training and/or validation
   passes per epoch, logs ``dead_units/<layer>`` and ``dead_units/overall``, warns above
   ``warn_fraction``, and draws a layers-by-epochs heat map.
 
@@ -24,22 +25,16 @@ import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from typing_extensions import override
 
 from lightning_tricks._validation import (
     ConfigError,
     InvalidArgumentError,
     check_choice,
     check_non_negative,
-    check_probability,
     check_range,
 )
 from lightning_tricks.distributed import all_reduce, is_distributed
@@ -128,6 +123,27 @@ def _layer_dim_rule(module: nn.Module) -> str | None:
     return None
 
 
+def _check_selection(activations: Sequence[str], layers: Sequence[str], unit_dim: str) -> tuple[list[str], list[str]]:
+    activations, layers = list(activations), list(layers)
+    for name in activations:
+        check_choice("activations", name, ACTIVATION_TYPES)
+    if isinstance(layers, str) or any(not isinstance(pattern, str) or not pattern for pattern in layers):
+        raise InvalidArgumentError(f"`layers`={layers!r} is invalid: expected a list of module names or patterns.")
+    check_choice("unit_dim", unit_dim, UNIT_DIMS)
+    return activations, layers
+
+
+def check_dead_unit_args(activations: Sequence[str], layers: Sequence[str], threshold: float, unit_dim: str,
+                         saturation_eps: float, saturation_fraction: float) -> tuple[list[str], list[str]]:
+    """The one validator of the dead-unit arguments, shared by :class:`DeadUnitTracker`,
+    :func:`find_watched_modules` and :class:`DeadUnitMonitor`; returns ``(activations, layers)`` as lists."""
+    activations, layers = _check_selection(activations, layers, unit_dim)
+    check_non_negative("threshold", threshold)
+    check_range("saturation_eps", saturation_eps, 0.0, 0.5, low_inclusive=False, high_inclusive=False)
+    check_range("saturation_fraction", saturation_fraction, 0.0, 1.0, low_inclusive=False)
+    return activations, layers
+
+
 def find_watched_modules(
     model: nn.Module,
     activations: Sequence[str] = DEFAULT_ACTIVATIONS,
@@ -150,9 +166,7 @@ def find_watched_modules(
         NothingToMonitorError: a ``layers`` pattern that matches no module, or nothing found at all,
             with the candidates and the fix.
     """
-    for name in activations:
-        check_choice("activations", name, ACTIVATION_TYPES)
-    check_choice("unit_dim", unit_dim, UNIT_DIMS)
+    activations, layers = _check_selection(activations, layers, unit_dim)
     named = [(n, m) for n, m in model.named_modules() if n]
     previous = _previous_siblings(model)
     found: dict[str, WatchedModule] = {}
@@ -338,9 +352,8 @@ class DeadUnitTracker:
         saturation_fraction: float = 0.99,
         owner: str = "DeadUnitTracker",
     ) -> None:
-        check_non_negative("threshold", threshold)
-        check_range("saturation_eps", saturation_eps, 0.0, 0.5, low_inclusive=False, high_inclusive=False)
-        check_range("saturation_fraction", saturation_fraction, 0.0, 1.0, low_inclusive=False)
+        activations, layers = check_dead_unit_args(activations, layers, threshold, unit_dim, saturation_eps,
+                                                   saturation_fraction)
         self.model = model
         self.threshold = float(threshold)
         self.saturation_eps = float(saturation_eps)
@@ -500,319 +513,14 @@ class DeadUnitTracker:
         return DeadUnitReport(reports, [w.name for w in self.watched if w.name not in seen_modules])
 
 
-STAGES = ("train", "validation", "both")
-
-
-def _none_if_nan(value: float) -> float | None:
-    """History holds None, not NaN, so that records compare equal after a checkpoint round trip."""
-    return None if math.isnan(value) else value
-
-
-class DeadUnitMonitor(Callback):
-    """Log, per layer and per epoch, the fraction of dead ReLU units (and saturated sigmoid/tanh units).
-
-    A unit (a feature of a linear layer, a channel of a convolution) is dead for the epoch when its
-    output was ``<= threshold`` for every example and position of the epoch, on every DDP rank.
-    ReLU-family modules are found automatically; for a model that calls ``F.relu`` functionally,
-    name the layers whose outputs feed it in ``layers`` (pre-activation mode: alive when
-    ``> threshold``). For ``LeakyReLU``/``PReLU``/``RReLU`` "dead" means the unit stayed in the
-    negative-slope region (its output never exceeded the threshold): it still passes a gradient scaled
-    by the slope, but it is a linear unit. Per epoch it logs ``dead_units/<layer>`` and
-    ``dead_units/overall`` (validation pass: ``val_dead_units/...``), ``saturated_units/...`` for
-    sigmoid/tanh layers, warns on rank zero when the overall fraction exceeds ``warn_fraction``, and
-    at the end of fit draws a layers x epochs heat map (PNG file, and into loggers that take images).
-
-    The hooks reduce each activation to one value per unit on its device and never synchronize with
-    the host; the per-unit bits are all-reduced once per epoch. Hooks are registered at the start of
-    fit (after ``configure_model``) and removed at its end.
-
-    Args:
-        activations: activation kinds to find: ``relu``, ``relu6``, ``leaky_relu``, ``prelu``, ``rrelu``,
-            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, leaky_relu, sigmoid, tanh.
-            ``[]`` watches only ``layers``.
-        layers: names or ``fnmatch`` patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
-            functional activation (pre-activation mode).
-        threshold: a unit fires when its output is ``> threshold``; >= 0.
-        warn_fraction: warn when the overall dead (or saturated) fraction exceeds it; in [0, 1].
-            Default 0.1, as keras-contrib's ``DeadReluDetector``.
-        stages: ``"train"``, ``"validation"`` or ``"both"``: the passes to track, each with its own epoch count.
-        unit_dim: ``"auto"``, ``"channel"`` (dimension 1) or ``"last"``.
-        saturation_eps: distance from the bounds that counts as saturated; in (0, 0.5).
-        saturation_fraction: share of a unit's outputs within ``saturation_eps`` of the bounds for it to count
-            as saturated; in (0, 1].
-        log_per_layer: log one metric per layer besides the overall fraction.
-        plot: draw the heat map at the end of fit (rank zero).
-        plot_dir: folder of the PNG; default the logger's ``log_dir``, else the trainer's ``default_root_dir``.
-
-    Raises:
-        InvalidArgumentError: an argument out of range.
-        NothingToMonitorError: at the start of fit, when the model has nothing to monitor (the message
-            lists the conv/linear/norm layers to name in ``layers``).
-
-    Example:
-        >>> monitor = DeadUnitMonitor(warn_fraction=0.2)
-        >>> trainer = pl.Trainer(callbacks=[monitor])  # doctest: +SKIP
-        >>> trainer.fit(model)  # doctest: +SKIP
-        >>> monitor.history["train"][-1]["overall"]  # doctest: +SKIP
-        0.03
-    """
-
-    def __init__(
-        self,
-        activations: list[str] | None = None,
-        layers: list[str] | None = None,
-        threshold: float = 0.0,
-        warn_fraction: float = 0.1,
-        stages: str = "train",
-        unit_dim: str = "auto",
-        saturation_eps: float = 0.01,
-        saturation_fraction: float = 0.99,
-        log_per_layer: bool = True,
-        plot: bool = True,
-        plot_dir: str | None = None,
-    ) -> None:
-        self.activations = list(DEFAULT_ACTIVATIONS if activations is None else activations)
-        for name in self.activations:
-            check_choice("activations", name, ACTIVATION_TYPES)
-        self.layers = list(layers or [])
-        for pattern in self.layers:
-            if not isinstance(pattern, str) or not pattern:
-                raise InvalidArgumentError(f"`layers`={layers!r} is invalid: expected a list of module names or patterns.")
-        if not self.activations and not self.layers:
-            raise InvalidArgumentError("`activations`=[] is invalid: expected activation kinds, or `layers` to watch.")
-        check_non_negative("threshold", threshold)
-        check_probability("warn_fraction", warn_fraction)
-        check_choice("stages", stages, STAGES)
-        check_choice("unit_dim", unit_dim, UNIT_DIMS)
-        check_range("saturation_eps", saturation_eps, 0.0, 0.5, low_inclusive=False, high_inclusive=False)
-        check_range("saturation_fraction", saturation_fraction, 0.0, 1.0, low_inclusive=False)
-        self.threshold, self.warn_fraction, self.stages, self.unit_dim = threshold, warn_fraction, stages, unit_dim
-        self.saturation_eps, self.saturation_fraction = saturation_eps, saturation_fraction
-        self.log_per_layer, self.plot, self.plot_dir = log_per_layer, plot, plot_dir
-        self.trackers: dict[str, DeadUnitTracker] = {}
-        self.history: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-        self.last_report: dict[str, DeadUnitReport] = {}
-        self.heatmap_paths: list[Path] = []
-        self._train_epoch_closed = False
-        self._warned: dict[str, bool] = {}
-        self._plot_folder: Path | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, activations=self.activations, layers=self.layers)
-
-    def _tracked(self, stage: str) -> bool:
-        return self.stages in (stage, "both")
-
-    # -- setup and teardown ---------------------------------------------------------------------
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.trackers:
-            return
-        stages = ("train", "validation") if trainer.state.fn == "fit" else ("validation",)
-        for stage in stages:
-            if self._tracked(stage):
-                tracker = DeadUnitTracker(pl_module, self.activations, self.layers, self.threshold, self.unit_dim,
-                                          self.saturation_eps, self.saturation_fraction, owner="DeadUnitMonitor")
-                tracker.enabled = False
-                self.trackers[stage] = tracker.attach()
-        if self.plot:  # trainer.log_dir broadcasts under DDP: resolve it here, on every rank
-            self._plot_folder = Path(self.plot_dir or trainer.log_dir or trainer.default_root_dir)
-
-    def _detach(self) -> None:
-        for tracker in self.trackers.values():
-            tracker.detach()
-        self.trackers.clear()
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._attach(trainer, pl_module)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != "fit" and self._tracked("validation"):
-            self._attach(trainer, pl_module)  # trainer.validate(): no on_fit_start
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
-        if self.plot and trainer.is_global_zero:
-            self._draw(trainer)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._detach()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._detach()
-
-    # -- switching between passes ---------------------------------------------------------------
-    def _start(self, stage: str) -> None:
-        tracker = self.trackers.get(stage)
-        if tracker is not None:
-            tracker.reset()
-            tracker.enabled = True
-
-    def _pause(self, stage: str) -> None:
-        if stage in self.trackers:
-            self.trackers[stage].enabled = False
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_epoch_closed = False
-        self._start("train")
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if "train" in self.trackers:
-            self.trackers["train"].new_pass()
-
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pause("train")
-        if trainer.sanity_checking:
-            return
-        # Validation at the end of a training epoch runs before on_train_epoch_end, and a ModelCheckpoint
-        # monitoring a validation metric may save right after it (check_val_every_n_epoch > 1): close the
-        # training epoch first, so that the checkpoint holds its figures.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if trainer.state.fn == "fit" and epoch_loop.batch_progress.is_last_batch:
-            self._finish(trainer, pl_module, "train")
-        self._start("validation")
-
-    @override
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "validation" in self.trackers:
-            self.trackers["validation"].new_pass()
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._finish(trainer, pl_module, "validation")
-        self._pause("validation")
-        if trainer.state.fn == "fit" and "train" in self.trackers and not self._train_epoch_closed:
-            self.trackers["train"].enabled = True  # validation in the middle of a training epoch
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "train")
-
-    # -- per-epoch results ---------------------------------------------------------------------
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        tracker = self.trackers.get(stage)
-        epoch = trainer.current_epoch
-        if tracker is None or (stage == "train" and self._train_epoch_closed):
-            return
-        if stage == "train":
-            self._train_epoch_closed = True  # closed at validation start or at the epoch's end, not both
-        tracker.enabled = False
-        report = tracker.report()  # all ranks reach here: collective
-        if not report.sites:
-            return
-        self.last_report[stage] = report
-        record = {"epoch": epoch, "overall": _none_if_nan(report.dead_fraction),
-                  "saturated_overall": _none_if_nan(report.saturated_fraction),
-                  "dead": report.fractions("dead"), "saturated": report.fractions("saturation")}
-        self.history[stage].append(record)
-        self._log(pl_module, stage, report)
-        self._warn(stage, epoch, report)
-
-    def _log(self, pl_module: pl.LightningModule, stage: str, report: DeadUnitReport) -> None:
-        prefix = "" if stage == "train" else "val_"
-        metrics: dict[str, float] = {}
-        for kind, key, overall in (("dead", "dead_units", report.dead_fraction),
-                                   ("saturation", "saturated_units", report.saturated_fraction)):
-            if math.isnan(overall):
-                continue
-            metrics[f"{prefix}{key}/overall"] = overall
-            if self.log_per_layer:
-                metrics.update({f"{prefix}{key}/{site}": f for site, f in report.fractions(kind).items()})
-        # Already identical on every rank; sync_dist with "max" is exact and silences Lightning's per-key DDP warning.
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-
-    def _warn(self, stage: str, epoch: int, report: DeadUnitReport) -> None:
-        for kind, overall, what in (("dead", report.dead_fraction, "dead"),
-                                    ("saturation", report.saturated_fraction, "saturated")):
-            key = f"{stage}:{kind}"
-            above = not math.isnan(overall) and overall > self.warn_fraction
-            if above and not self._warned.get(key):
-                worst = sorted(report.fractions(kind).items(), key=lambda kv: -kv[1])[:5]
-                advice = ("A too-high learning rate or a bad initialization kills ReLUs (CS231n): lower the learning "
-                          "rate, check the init (He for ReLU), or add normalization." if kind == "dead" else
-                          "Saturated units pass almost no gradient: normalize inputs, use a smaller init, or ReLU.")
-                units = sum(s.units for s in report.sites.values() if s.kind == kind)
-                rank_zero_warn(
-                    f"DeadUnitMonitor: {100 * overall:.1f}% of {units} units are {what} after epoch {epoch} "
-                    f"({stage} pass), above warn_fraction={self.warn_fraction}. Worst layers: "
-                    + ", ".join(f"{n} {100 * f:.0f}%" for n, f in worst) + f". {advice}"
-                )
-            self._warned[key] = above
-        if report.never_called and epoch == self.history[stage][0]["epoch"]:
-            rank_zero_warn(f"DeadUnitMonitor: {', '.join(report.never_called)} produced no output in the {stage} "
-                           f"pass of epoch {epoch} and are not counted.")
-
-    # -- heat map --------------------------------------------------------------------------------
-    def heatmap(self, stage: str = "train") -> Any:
-        """The layers x epochs figure of ``stage`` (dead fractions; saturated fractions for sigmoid/tanh rows).
-
-        Raises:
-            ValueError: no epoch of ``stage`` was recorded.
-        """
-        from lightning_tricks.monitoring.plots import dead_unit_heatmap
-
-        records = self.history[stage]
-        if not records:
-            raise ValueError(f"no {stage} epoch has been recorded yet.")
-        rows: dict[str, list[float]] = {}
-        for kind, suffix in (("dead", ""), ("saturated", " [saturated]")):
-            for record in records:
-                for site in record[kind]:
-                    rows.setdefault(site + suffix, [])
-        for row in rows:
-            kind, site = ("saturated", row.removesuffix(" [saturated]")) if row.endswith(" [saturated]") else ("dead", row)
-            rows[row] = [record[kind].get(site, math.nan) for record in records]
-        last = records[-1]["overall"]
-        title = f"Dead units per layer ({stage} pass)"
-        if last is not None:
-            title += f"; overall {100 * last:.1f}% at epoch {records[-1]['epoch']}"
-        return dead_unit_heatmap(rows, [record["epoch"] for record in records], title=title,
-                                 colorbar_label="dead (saturated) fraction")
-
-    def _draw(self, trainer: pl.Trainer) -> None:
-        from lightning_tricks.monitoring.plots import log_figure, save_figure
-
-        folder = self._plot_folder or Path(trainer.default_root_dir)
-        for stage, records in self.history.items():
-            if not records:
-                continue
-            figure = self.heatmap(stage)
-            path = save_figure(figure, folder / f"dead_units_{stage}.png")
-            self.heatmap_paths.append(path)
-            taken = log_figure(trainer.loggers, f"dead_units/heatmap_{stage}", figure, trainer.global_step)
-            where = f"sent to {', '.join(taken)} and " if taken else ""
-            rank_zero_info(f"DeadUnitMonitor: heat map {where}saved to {path}")
-
-    # -- checkpoint --------------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {"train": [], "validation": [], **state_dict.get("history", {})}
-
-
 __all__ = [
     "ACTIVATION_TYPES",
     "DEFAULT_ACTIVATIONS",
-    "DeadUnitMonitor",
     "DeadUnitReport",
     "DeadUnitTracker",
     "NothingToMonitorError",
     "SiteReport",
     "WatchedModule",
+    "check_dead_unit_args",
     "find_watched_modules",
 ]

@@ -46,8 +46,17 @@ class MissingExampleInputError(ConfigError, ValueError):
 
 @dataclass
 class FoldReport:
-    """What :func:`fold_batch_norm` did: ``folded`` maps each BatchNorm's name to the layer it went into;
-    ``skipped`` maps each BatchNorm left in place to the reason."""
+    """What :func:`fold_batch_norm` did (``return_report=True``).
+
+    Attributes:
+        folded: each folded BatchNorm's name -> the name of the layer it went into.
+        skipped: each BatchNorm left in place -> the reason.
+
+    Example:
+        >>> print(FoldReport(folded={"1": "0"}, skipped={"4": "its input does not come straight from a conv"}))
+        folded 1 BatchNorm layer(s), left 1
+          left 4: its input does not come straight from a conv
+    """
 
     folded: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,102 @@
+"""Every access to Lightning's private state, in one place (listed with reasons in ``docs/internals.md``).
+
+Each function here exists because Lightning has no public route to what a trick needs; each says
+which. They were verified against the Lightning versions in :data:`VERIFIED_LIGHTNING`. On another
+version :func:`require_verified` refuses, with one line, the features whose failure would be silent
+(a metric computed on the wrong samples), unless ``LIGHTNING_TRICKS_ALLOW_UNVERIFIED_LIGHTNING=1``;
+the others fail loudly on their own when an attribute is gone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from lightning_tricks._validation import ConfigError
+
+VERIFIED_LIGHTNING: tuple[str, ...] = ("2.6",)
+"""Lightning minor versions these accesses were checked against (the test suite runs on them)."""
+ALLOW_ENV = "LIGHTNING_TRICKS_ALLOW_UNVERIFIED_LIGHTNING"
+
+
+class UnverifiedLightningError(ConfigError, RuntimeError):
+    """A feature that relies on Lightning's private state is used on a Lightning version it was not checked on."""
+
+
+def lightning_minor(version: str = lightning.__version__) -> str:
+    """``"2.6"`` for ``"2.6.5"`` or ``"2.6.0rc1"``."""
+    return ".".join(version.split(".")[:2])
+
+
+def require_verified(feature: str, version: str = lightning.__version__) -> None:
+    """Refuse ``feature`` on a Lightning version outside :data:`VERIFIED_LIGHTNING` (one line, how to proceed)."""
+    if lightning_minor(version) in VERIFIED_LIGHTNING or os.environ.get(ALLOW_ENV) == "1":
+        return
+    raise UnverifiedLightningError(
+        f"{feature} replaces a private Lightning method and was verified on Lightning "
+        f"{', '.join(VERIFIED_LIGHTNING)}.x, not {version}: install lightning=={VERIFIED_LIGHTNING[-1]}.*, turn the "
+        f"feature off, or set {ALLOW_ENV}=1 to try it anyway.")
+
+
+# -- evaluation loaders (ExactDistributedEvaluation, TTA, Ensemble) ------------------------------------------
+# No public hook lets a callback replace the DistributedSampler Lightning puts on evaluation loaders: the
+# loaders are wrapped inside the data connector, whatever their source (datamodule, module hooks, arguments).
+
+
+def data_connector(trainer: pl.Trainer) -> Any:
+    """``trainer._data_connector``: where every loader of every stage is prepared."""
+    return trainer._data_connector
+
+
+PREPARE_DATALOADER = "_prepare_dataloader"
+"""The connector method that gives a loader its sampler; replaced per instance for the exact stages."""
+REQUIRES_DISTRIBUTED_SAMPLER = "_requires_distributed_sampler"
+"""The connector method that says whether Lightning would add a DistributedSampler to a loader."""
+
+
+def rebuild_dataloader(dataloader: DataLoader, **overrides: Any) -> DataLoader:
+    """A copy of ``dataloader`` with other constructor arguments, the way Lightning rebuilds loaders for DDP
+    (keeping a DataLoader subclass's own arguments); there is no public equivalent."""
+    from lightning.fabric.utilities.data import _reinstantiate_wrapped_cls
+    from lightning.pytorch.utilities.data import _get_dataloader_init_args_and_kwargs
+
+    args, kwargs = _get_dataloader_init_args_and_kwargs(dataloader, dataloader.sampler)
+    kwargs.update(overrides)
+    return _reinstantiate_wrapped_cls(dataloader, *args, **kwargs)
+
+
+# -- the training loader during Callback.setup (LSUV, fractional pooling's probe) ----------------------------
+# Loaders given to ``trainer.fit(train_dataloaders=...)`` are reachable only through the fit loop's data
+# source until the loop builds them, after ``Callback.setup``. Public routes are tried first.
+
+
+def _first_loader(loader: Any) -> Any:
+    while isinstance(loader, (Mapping, list, tuple)) and loader:  # a collection of loaders: use the first
+        loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
+    return loader
+
+
+def fit_train_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any | None:
+    """The training loader of the current ``fit``, from ``Callback.setup`` on; None when there is none.
+
+    Public routes first: the datamodule's ``train_dataloader``, then the module's own. Loaders passed to
+    ``trainer.fit(train_dataloaders=...)`` come from the fit loop's data source (private).
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and _overrides(datamodule, pl.LightningDataModule, "train_dataloader"):
+        return _first_loader(datamodule.train_dataloader())
+    source = trainer.fit_loop._data_source
+    if source.is_defined():
+        return _first_loader(source.dataloader())
+    if _overrides(pl_module, pl.LightningModule, "train_dataloader"):
+        return _first_loader(pl_module.train_dataloader())
+    return None
+
+
+def _overrides(obj: Any, base: type, name: str) -> bool:
+    return getattr(type(obj), name, None) is not getattr(base, name, None)
