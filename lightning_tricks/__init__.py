@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks._model_probe import infer_num_classes
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
@@ -96,5 +97,6 @@ __all__ = [
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "infer_num_classes",
     "overfit_check",
 ]
