@@ -94,7 +94,7 @@ class InputModuleProbe:
         >>> holder = nn.ModuleDict({"model": model})
         >>> x = torch.randn(2, 4)
         >>> with InputModuleProbe(holder, [x, torch.zeros(2)]) as probe:
-        ...     _ = holder["model"](x)
+        ...     _ = holder.model(x)
         >>> probe.found.name, tuple(probe.found.output.shape)
         ('model', (2, 3))
     """
