@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tricks import InitialLossCheck, Mixup, TestTimeAugmentation, TTAWrapper
+from lightning_tricks import InitialLossCheck, Mixup, TTAWrapper
+from lightning_tricks import TestTimeAugmentation as TTACallback  # an alias pytest does not collect
 from tests.helpers import cpu_trainer, run_ddp
 from tests.regularization_modules import ImageData, Recorder
 from tests.step_style_modules import CLASSES, STYLES, ImageNetStyle
@@ -49,7 +50,7 @@ def test_style_trains_with_mixup_and_initial_loss_check_and_tests_with_tta(style
 
     key = STYLES[style]
     plain = cpu_trainer(tmp_path).test(module, datamodule=data, verbose=False)[0][key]
-    tta = TestTimeAugmentation(**VIEWS)
+    tta = TTACallback(**VIEWS)
     augmented = cpu_trainer(tmp_path, callbacks=[tta]).test(module, datamodule=data, verbose=False)[0][key]
     x_all, y_all = data.test_dataloader().dataset.x, data.test_dataloader().dataset.y
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_style_trains_with_mixup_and_initial_loss_check_and_tests_with_tta(style
 
 def _ddp_probe(trainer, pl_module):
     check = next(c for c in trainer.callbacks if isinstance(c, InitialLossCheck))
-    tta = next(c for c in trainer.callbacks if isinstance(c, TestTimeAugmentation))
+    tta = next(c for c in trainer.callbacks if isinstance(c, TTACallback))
     data = trainer.datamodule.val_dataloader().dataset
     with torch.no_grad():
         reference = float(F.nll_loss(TTAWrapper(pl_module.model.eval(), **VIEWS)(data.x), data.y))
@@ -75,7 +76,7 @@ def test_ddp_imagenet_style_with_all_three(tmp_path):
     """Under DDP the model is wrapped and the steps are redirected through it: the probe still finds `model`."""
     torch.manual_seed(0)
     data = ImageData(n=32, batch_size=8, ones=False, classes=CLASSES)
-    callbacks = [InitialLossCheck(), Mixup(mode="sample"), TestTimeAugmentation(**VIEWS, stages=["validate"])]
+    callbacks = [InitialLossCheck(), Mixup(mode="sample"), TTACallback(**VIEWS, stages=["validate"])]
     ranks = run_ddp(ImageNetStyle(), data, tmp_path=tmp_path, probe=_ddp_probe, callbacks=callbacks, max_epochs=1,
                     num_sanity_val_steps=0)
     for rank in ranks:
