@@ -380,7 +380,7 @@ def test_a_step_that_calls_a_submodule_is_augmented_from_its_first_batch(tmp_pat
     assert "forward" not in model.__dict__ and "forward" not in model.net.__dict__
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # the probe's hooks are gone
     model.acc.reset()
-    again = cpu_trainer(tmp_path, callbacks=[tta]).test(model, datamodule=data, verbose=False)[0]  # reuses `net`
+    again = cpu_trainer(tmp_path, callbacks=[tta]).test(model, datamodule=data, verbose=False)[0]  # finds `net` again
     assert again == result
     model.acc.reset()
     explicit = cpu_trainer(tmp_path, callbacks=[TTACallback(**TRANSLATE, module="net")]).test(

@@ -86,8 +86,8 @@ class TestTimeAugmentation(Callback):
         self._batch = (0, 0)
         self._calls = 0
         self._batches = 0
-        self._announced: set[str] = set()
-        self._found: dict[str, str] = {}  # stage -> the submodule its steps call, found at its first batch
+        self._announced: set[tuple[str, str | None]] = set()
+        self._found: dict[str, str] = {}  # stage -> the submodule its steps call, found at its first batch of the run
         self._probe: InputModuleProbe | None = None
 
     @property
@@ -106,6 +106,7 @@ class TestTimeAugmentation(Callback):
         return target
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._found.clear()  # found again for this run's module
         target = self._target(pl_module, self.module)
         if self.config.stochastic_passes > 1 and not _has_randomness(target):
             raise _no_stochastic_layers(self.config.stochastic_passes, f"{type(target).__name__} (`module`={self.module!r})")
@@ -147,7 +148,7 @@ class TestTimeAugmentation(Callback):
         target.forward = forward_with_tta
         self._wrapped = (target, original, had_own)
         if (stage, path) not in self._announced:
-            self._announced.add((stage, path))  # type: ignore[arg-type]
+            self._announced.add((stage, path))
             where = type(pl_module).__name__ + (f".{path}" if path else "")
             rank_zero_info(f"TestTimeAugmentation: {stage} predictions of {where} average {self.config.describe()}.")
 
