@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks._model_probe import infer_num_classes
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
@@ -99,5 +100,6 @@ __all__ = [
     "WeightPenalty",
     "__version__",
     "fold_batch_norm",
+    "infer_num_classes",
     "overfit_check",
 ]

@@ -190,15 +190,59 @@ def test_tuple_batches_fail_at_first_batch_naming_the_mixin_and_work_with_it(tmp
 
 
 def test_a_loss_that_ignores_y_fails_at_first_backward(tmp_path):
-    class NllModule(ListModule):
+    class SquaredErrorModule(ListModule):  # one_hot(y) is a plain tensor: the loss never sees the mixed labels
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.nll_loss(F.log_softmax(self(x), 1), y)
+            return F.mse_loss(self(x).softmax(1), F.one_hot(y, 4).float())
 
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Mixup()])
-    with pytest.raises(MixupTargetsUnusedError, match="targets='soft'"):
-        trainer.fit(NllModule(), datamodule=ImageData(n=16, batch_size=8))
+    with pytest.raises(MixupTargetsUnusedError, match="F.nll_loss or nn.NLLLoss.*targets='soft'"):
+        trainer.fit(SquaredErrorModule(), datamodule=ImageData(n=16, batch_size=8))
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_loss_on_log_softmax_is_the_mixed_nll_by_hand(mode, reduction):
+    n, k = 9, 5
+    y = torch.tensor([0, 4, 1, 3, 2, 2, 0, 1, 4])
+    plan = sample_mix_plan(n, alpha=0.7, mode=mode, generator=torch.Generator().manual_seed(5))
+    assert (len(set(plan.lam.tolist())) == 1) == (mode == "batch")
+    logits = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    log_probs = F.log_softmax(logits, dim=1)
+    rows, lam = torch.arange(n), plan.lam.double()
+    nll_own, nll_partner = -log_probs[rows, y], -log_probs[rows, y[plan.perm]]
+    per_sample = lam * nll_own + (1 - lam) * nll_partner  # lam * nll(y_i) + (1 - lam) * nll(y_j)
+    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    weighted = lam * weight[y] * nll_own + (1 - lam) * weight[y[plan.perm]] * nll_partner
+    weighted = {"mean": weighted.mean(), "sum": weighted.sum(), "none": weighted}[reduction]
+    for loss_fn in (lambda lp, t: F.nll_loss(lp, t, reduction=reduction), nn.NLLLoss(reduction=reduction)):
+        state = _MixState(plan, 0.0, None, "Mixup")
+        got = loss_fn(log_probs, MixedLabels.wrap(y, state).long())
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert state.consumed and type(got) is torch.Tensor
+    got = nn.NLLLoss(weight=weight, reduction=reduction)(log_probs, MixedLabels.wrap(y, _MixState(plan, 0.0, None, "M")))
+    torch.testing.assert_close(got, weighted, rtol=1e-12, atol=1e-12)
+    # on log_softmax outputs the soft NLL is the soft cross-entropy of the logits, gradients included
+    labels = MixedLabels.wrap(y, _MixState(plan, 0.1, None, "Mixup"))
+    nll = F.nll_loss(F.log_softmax(logits, 1), labels, reduction=reduction)
+    ce = F.cross_entropy(logits, mix_targets(y, plan, k, 0.1, dtype=torch.float64), reduction=reduction)
+    torch.testing.assert_close(nll, ce, rtol=1e-12, atol=1e-12)
+    (grad_nll,) = torch.autograd.grad(nll.sum(), logits)
+    (grad_ce,) = torch.autograd.grad(ce.sum(), logits)
+    torch.testing.assert_close(grad_nll, grad_ce, rtol=1e-10, atol=1e-12)
+
+
+def test_nll_loss_with_plain_labels_and_mixed_labels_in_bad_shapes():
+    y = torch.tensor([0, 2, 1])
+    log_probs = F.log_softmax(torch.randn(3, 4), 1)
+    assert torch.equal(F.nll_loss(log_probs, y), -log_probs[torch.arange(3), y].mean())  # untouched without Mixup
+    plan = sample_mix_plan(3, alpha=1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BatchFormatError, match=r"F.nll_loss got an input of shape \(3, 4, 2\) for 3 mixed labels"):
+        F.nll_loss(torch.randn(3, 4, 2), MixedLabels.wrap(y, _MixState(plan, 0.0, None, "Mixup")))
+    with pytest.raises(InvalidArgumentError, match=r"`num_classes`=5 does not match the 4 classes F.nll_loss got"):
+        F.nll_loss(log_probs, MixedLabels.wrap(y, _MixState(plan, 0.0, 5, "Mixup")))
 
 
 def test_double_label_smoothing_warns_at_setup(tmp_path):

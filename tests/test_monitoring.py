@@ -512,17 +512,46 @@ def test_initial_loss_warns_with_both_numbers_for_a_scaled_last_layer_and_can_fa
         cpu_trainer(tmp_path, callbacks=[InitialLossCheck(fail=True)]).fit(scaled(), loader(x, y))
 
 
-def test_initial_loss_needs_logits_or_num_classes(tmp_path):
+def test_initial_loss_finds_the_classes_whatever_the_step_calls_or_needs_num_classes(tmp_path):
     class NetDirect(UserMLP):
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self.net(x), y)  # bypasses self(x): the forward hook sees nothing
+            return F.cross_entropy(self.net(x), y)  # bypasses self(x): the probe finds `net`
 
-    x, y = toy_data(32, classes=4)
-    with pytest.raises(NothingToMonitorError, match="Pass num_classes=C"):
-        cpu_trainer(tmp_path, callbacks=[InitialLossCheck()]).fit(NetDirect(), loader(x, y))
+    class ForwardDirect(UserMLP):
+        def __init__(self, classes):
+            super().__init__(classes=classes)
+            self.projection = nn.Linear(classes, 7)  # the last nn.Linear, unused: the logits' width comes first
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.forward(x), y)  # bypasses the module's hooks: the probe finds `net`
+
+    class Functional(UserMLP):  # no module ever receives the batch's input, and no nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Identity()
+            self.weight = nn.Parameter(torch.randn(6, 4) * 0.01)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(x @ self.weight, y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = toy_data(32, classes=3)
+    torch.manual_seed(3)
+    for module, classes in ((NetDirect(classes=4), 4), (ForwardDirect(classes=5), 5)):
+        first = float(F.cross_entropy(module.net(x[:16]), y[:16]))
+        check = InitialLossCheck()
+        cpu_trainer(tmp_path, callbacks=[check]).fit(module, loader(x, y))
+        assert check.expected == pytest.approx(math.log(classes)) and check.observed == pytest.approx(first, rel=1e-6)
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())  # hooks removed
+    with pytest.raises(InvalidArgumentError, match="InitialLossCheck needs the number of classes.*set `num_classes`"):
+        cpu_trainer(tmp_path, callbacks=[InitialLossCheck()]).fit(Functional(), loader(x, y))
     check = InitialLossCheck(num_classes=4)
-    cpu_trainer(tmp_path, callbacks=[check]).fit(NetDirect(), loader(x, y))
+    cpu_trainer(tmp_path, callbacks=[check]).fit(Functional(), loader(x, y))
     assert check.expected == pytest.approx(math.log(4)) and check.observed is not None
 
 

@@ -1,4 +1,3 @@
-import math
 import os
 
 import lightning.pytorch as pl
@@ -344,24 +343,60 @@ def test_forward_is_restored_after_an_exception_inside_test(tmp_path):
 
 
 class CallsBackbone(UserNet):
+    """Lightning's ImageNet example's style: the step calls the submodule (``self.model(images)``), not self(x)."""
+
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self.acc(self.net(x), y)  # bypasses self.forward
+        logits = self.net(x)  # bypasses self.forward
+        self.acc(logits, y)
+        self.log("test_acc", self.acc)
+        self.log("test_loss", F.cross_entropy(logits, y))
+
+
+class Preprocesses(UserNet):
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.acc(self.net(x * 2.0), y)  # no module is called with the batch's input tensor
         self.log("test_acc", self.acc)
 
 
-def test_a_step_that_bypasses_forward_fails_loudly_and_module_fixes_it(tmp_path):
-    model = CallsBackbone()
-    with pytest.raises(ForwardNotCalledError, match="set `module` to the submodule the step calls"):
-        cpu_trainer(tmp_path, callbacks=[TTACallback(views=["vflip"])]).test(model, datamodule=Data(),
-                                                                                     verbose=False)
-    assert "forward" not in model.__dict__
-    model = CallsBackbone()  # fresh metric state: the failed run had updated it
-    result = cpu_trainer(tmp_path, callbacks=[TTACallback(views=["vflip"], module="net")]).test(
-        model, datamodule=Data(), verbose=False)[0]
-    assert result["test_acc"] == pytest.approx(_reference(model, Data(), views=["vflip"])[0], abs=1e-6)
-    assert "forward" not in model.net.__dict__
-    with pytest.raises(InvalidArgumentError, match="`module`='backbone' is invalid for CallsBackbone"):
+class NoModel(UserNet):
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.acc(x.flatten(1)[:, :CLASSES], y)  # never calls `net`
+
+
+def test_a_step_that_calls_a_submodule_is_augmented_from_its_first_batch(tmp_path):
+    torch.manual_seed(0)
+    model, data = CallsBackbone(), Data()
+    plain = cpu_trainer(tmp_path).test(model, datamodule=data, verbose=False)[0]
+    model.acc.reset()
+    tta = TTACallback(**TRANSLATE)
+    result = cpu_trainer(tmp_path, callbacks=[tta]).test(model, datamodule=data, verbose=False)[0]
+    acc, loss = _reference(model, data, **TRANSLATE)
+    assert result["test_acc"] == pytest.approx(acc, abs=1e-6) and result["test_loss"] == pytest.approx(loss, abs=1e-5)
+    assert abs(result["test_loss"] - plain["test_loss"]) > 1e-4  # every batch, the first one included, was augmented
+    assert tta._found == {"test": "net"} and not tta.active
+    assert "forward" not in model.__dict__ and "forward" not in model.net.__dict__
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # the probe's hooks are gone
+    model.acc.reset()
+    again = cpu_trainer(tmp_path, callbacks=[tta]).test(model, datamodule=data, verbose=False)[0]  # finds `net` again
+    assert again == result
+    model.acc.reset()
+    explicit = cpu_trainer(tmp_path, callbacks=[TTACallback(**TRANSLATE, module="net")]).test(
+        model, datamodule=data, verbose=False)[0]
+    assert explicit == result
+
+
+def test_a_step_that_calls_no_module_with_its_input_fails_loudly(tmp_path):
+    model = Preprocesses()
+    with pytest.raises(ForwardNotCalledError, match="or set `module` to the submodule to augment"):
+        cpu_trainer(tmp_path, callbacks=[TTACallback(views=["vflip"])]).test(model, datamodule=Data(), verbose=False)
+    assert "forward" not in model.__dict__ and all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ForwardNotCalledError, match="NoModel.net.forward, and check `module`"):
+        cpu_trainer(tmp_path, callbacks=[TTACallback(views=["vflip"], module="net")]).test(
+            NoModel(), datamodule=Data(), verbose=False)
+    with pytest.raises(InvalidArgumentError, match="`module`='backbone' is invalid for Preprocesses"):
         cpu_trainer(tmp_path, callbacks=[TTACallback(module="backbone")]).test(model, datamodule=Data())
 
 
@@ -402,8 +437,29 @@ def test_torchvision_and_timm_models_merge_like_the_brute_force():
 
 
 def test_exported_and_listed():
-    assert "TestTimeAugmentation" in lightning_tricks.CALLBACKS and lightning_tricks.TestTimeAugmentation is TTACallback and lightning_tricks.TTAWrapper is TTAWrapper
-    assert math.isclose(tta_forward(nn.Identity(), torch.zeros(2, 3), TTAConfig(views=("identity",))).sum().item(), 0)
+    assert "TestTimeAugmentation" in lightning_tricks.CALLBACKS and lightning_tricks.TestTimeAugmentation is TTACallback
+    assert lightning_tricks.TTAWrapper is TTAWrapper and lightning_tricks.TTAConfig is TTAConfig
+
+
+def test_non_image_inputs_identity_is_the_model_and_passes_average_the_seeded_draws():
+    """(batch, features) inputs: the identity view is forward(x) itself; stochastic passes are one batch of K * B rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, CLASSES)).double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    out = torch.randn(4, CLASSES)
+    assert tta_forward(lambda v: out, x, TTAConfig(views=["identity"])) is out  # no copy, no merge
+    passes = 5
+    merged = tta_forward(model, x, TTAConfig(views=["identity"], stochastic_passes=passes), seed=7,
+                         stochastic_module=model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model[1].train()
+        draws = model(x.repeat(passes, 1)).softmax(-1).view(passes, 4, CLASSES)
+        model[1].eval()
+    torch.testing.assert_close(merged.exp(), draws.mean(0), rtol=0, atol=1e-12)
+    assert not torch.allclose(merged.exp(), model(x).softmax(-1))  # the passes did draw dropout masks
+    with pytest.raises(ValueError, match="views \\['hflip'\\] need image batches"):
+        tta_forward(model, x, TTAConfig(views=["hflip"]))
 
 
 # -- DDP ------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks._model_probe import FoundModule, InputModuleProbe, infer_num_classes
 from lightning_tricks._validation import (
     ConfigError,
     InvalidArgumentError,
@@ -74,17 +75,20 @@ class InitialLossCheck(Callback):
     The loss is the one your ``training_step`` returned for the first batch (Lightning passes it to
     ``on_train_batch_end``); it was computed before the first optimizer step, so it is the loss of the
     initial weights, in training mode, and costs nothing extra. Under DDP it is averaged over ranks
-    and every rank takes the same decision. ``C`` is ``num_classes`` when given, else the last
-    dimension of the logits, read by a one-shot forward hook on the LightningModule during that step
-    (so ``training_step`` must call ``self(x)``; otherwise pass ``num_classes``). The check is skipped
-    when fit resumes from a checkpoint past step 0.
+    and every rank takes the same decision. ``C`` is ``num_classes`` when given, else found by
+    :func:`~lightning_tricks.infer_num_classes`: the datamodule's ``num_classes``, else the width of the
+    logits, else the model's last ``nn.Linear``. The logits are those of the outermost module the first
+    step calls with the batch's input (hooks for that one step, see
+    :class:`~lightning_tricks._model_probe.InputModuleProbe`), so ``self(x)``, ``self.forward(x)`` and
+    ``self.model(x)`` in ``training_step`` all work. The check is skipped when fit resumes from a
+    checkpoint past step 0.
 
     It is off when ``|loss - log C| > tolerance * log C``; the warning gives both numbers. The check
     assumes a softmax cross-entropy averaged over the batch; a regularization term added to the loss
     raises it (switch it off for this check, as the lectures say).
 
     Args:
-        num_classes: ``C``; None infers it from the logits.
+        num_classes: C; None infers it (datamodule, logits, last ``nn.Linear``).
         tolerance: allowed relative deviation from ``log C``; > 0.
         fail: raise :class:`InitialLossError` instead of warning.
 
@@ -94,7 +98,8 @@ class InitialLossCheck(Callback):
         passed: whether the loss was within the tolerance, or None before the check.
 
     Raises:
-        InvalidArgumentError: an argument out of range.
+        InvalidArgumentError: an argument out of range; after the first step, no number of classes found
+            (or the datamodule's disagrees with the logits).
 
     Example:
         >>> check = InitialLossCheck(tolerance=0.2)
@@ -113,8 +118,7 @@ class InitialLossCheck(Callback):
         self.expected: float | None = None
         self.passed: bool | None = None
         self._pending = False
-        self._seen_classes: int | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._probe: InputModuleProbe | None = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,19 +126,21 @@ class InitialLossCheck(Callback):
         self._pending = trainer.global_step == 0
         if not self._pending:
             rank_zero_info(f"InitialLossCheck: skipped, fit resumes at step {trainer.global_step}.")
-            return
-        if self.num_classes is None:
-            self._handle = pl_module.register_forward_hook(self._capture)
 
-    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        logits = _logits(output)
-        if logits is not None and self._seen_classes is None:
-            self._seen_classes = int(logits.shape[-1])
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending and self.num_classes is None and self._probe is None:
+            self._probe = InputModuleProbe(pl_module, batch, accept=lambda output: _logits(output) is not None)
+            self._probe.__enter__()
 
-    def _remove_hook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def _remove_hook(self) -> FoundModule | None:
+        """Close the probe; return what it found."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return None
+        probe.close()
+        return probe.found
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -142,7 +148,7 @@ class InitialLossCheck(Callback):
         if not self._pending:
             return
         self._pending = False
-        self._remove_hook()
+        found = self._remove_hook()
         loss = _loss(outputs)
         if loss is None:
             raise NothingToMonitorError(
@@ -150,12 +156,13 @@ class InitialLossCheck(Callback):
                 f"({type(outputs).__name__}): return the loss tensor (or a dict with a 'loss' tensor), which "
                 "automatic optimization needs anyway and manual optimization allows."
             )
-        num_classes = self.num_classes or self._seen_classes
+        num_classes = self.num_classes
+        if num_classes is None:
+            logits = _logits(found.output) if found is not None else None
+            num_classes = infer_num_classes(trainer, pl_module, "InitialLossCheck", logits=logits)
         if num_classes is None or num_classes < 2:
-            raise NothingToMonitorError(
-                "InitialLossCheck could not infer the number of classes: the LightningModule's forward was not "
-                "called in training_step or did not return (batch, C) logits. Pass num_classes=C."
-            )
+            raise NothingToMonitorError(f"InitialLossCheck found {num_classes} class(es): the check needs a "
+                                        "classifier with C >= 2 classes; pass num_classes=C.")
         # the loss Lightning hands over is divided by accumulate_grad_batches; undo it, then average ranks
         value = loss.detach().double() * trainer.accumulate_grad_batches
         observed = float(all_reduce(value.clone(), "mean"))

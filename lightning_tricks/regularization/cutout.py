@@ -84,6 +84,20 @@ def sample_cutout_centers(
     return centers
 
 
+def rectangle_mask(top: torch.Tensor, left: torch.Tensor, bottom: torch.Tensor, right: torch.Tensor, height: int,
+                   width: int) -> torch.Tensor:
+    """Boolean ``(*shape, height, width)`` mask, True in rows ``[top, bottom)`` and columns ``[left, right)``.
+
+    The corners are integer tensors of one broadcastable ``shape``; bounds outside the image clip the
+    rectangle (shared by Cutout's holes and CutMix's boxes).
+    """
+    rows = torch.arange(height, device=top.device)
+    cols = torch.arange(width, device=top.device)
+    in_rows = (rows >= top[..., None]) & (rows < bottom[..., None])
+    in_cols = (cols >= left[..., None]) & (cols < right[..., None])
+    return in_rows[..., :, None] & in_cols[..., None, :]
+
+
 def cutout_mask(centers: torch.Tensor, length: int, height: int, width: int) -> torch.Tensor:
     """Boolean ``(N, height, width)`` mask, True inside any of each sample's clipped square holes.
 
@@ -95,11 +109,8 @@ def cutout_mask(centers: torch.Tensor, length: int, height: int, width: int) -> 
     """
     drawn = centers[..., 0] != NO_HOLE  # (N, n_holes)
     start = centers - length // 2
-    rows = torch.arange(height, device=centers.device)
-    cols = torch.arange(width, device=centers.device)
-    in_rows = (rows >= start[..., 0, None]) & (rows < start[..., 0, None] + length) & drawn[..., None]
-    in_cols = (cols >= start[..., 1, None]) & (cols < start[..., 1, None] + length)
-    mask = in_rows[..., :, None] & in_cols[..., None, :]  # (N, n_holes, H, W)
+    mask = rectangle_mask(start[..., 0], start[..., 1], start[..., 0] + length, start[..., 1] + length, height, width)
+    mask = mask & drawn[..., None, None]  # (N, n_holes, H, W)
     return mask[:, 0] if mask.shape[1] == 1 else mask.any(dim=1)
 
 
@@ -211,4 +222,4 @@ class Cutout(BatchTransformCallback):
         return replace_item(batch, slot, out)
 
 
-__all__ = ["NO_HOLE", "Cutout", "cutout", "cutout_mask", "sample_cutout_centers"]
+__all__ = ["NO_HOLE", "Cutout", "cutout", "cutout_mask", "rectangle_mask", "sample_cutout_centers"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_tricks._model_probe import infer_num_classes
 from lightning_tricks._validation import (
     ConfigError,
     InvalidArgumentError,
@@ -44,6 +45,7 @@ from lightning_tricks.regularization._batch import (
     get_item,
     replace_item,
 )
+from lightning_tricks.regularization.cutout import rectangle_mask
 
 MODES = ("batch", "sample")
 TARGET_FORMATS = ("labels", "soft")
@@ -67,11 +69,13 @@ class MixPlan:
 
 
 def _beta(concentration: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Beta(c, c) draws as G1 / (G1 + G2) with Gamma(c) draws (float64 where the device has it: no underflow)."""
-    g1 = torch._standard_gamma(concentration, generator=generator)
-    g2 = torch._standard_gamma(concentration, generator=generator)
-    total = g1 + g2
-    return torch.where(total > 0, g1 / total, torch.full_like(total, 0.5))
+    """Beta(c, c) draws as G1 / (G1 + G2) with Gamma(c) draws (float64 where the device has it: no underflow).
+
+    ``torch.distributions.Beta`` takes no generator; ``Gamma.sample`` does, so Beta is built from two Gamma draws.
+    """
+    gamma = torch.distributions.Gamma(concentration, torch.ones_like(concentration), validate_args=False)
+    g1, g2 = gamma.sample((2,), generator=generator)  # validate_args=False: no host synchronization
+    return g1 / (g1 + g2)  # Gamma clamps its draws to the smallest positive float: the sum is > 0
 
 
 def check_mix_args(alpha: float, cutmix_alpha: float | None, switch_prob: float | None, p: float, mode: str,
@@ -164,11 +168,7 @@ def sample_mix_plan(
 
 def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``(N, height, width)`` bool, True inside each sample's ``[top, left, bottom, right)`` box."""
-    rows = torch.arange(height, device=boxes.device)
-    cols = torch.arange(width, device=boxes.device)
-    in_rows = (rows >= boxes[:, 0, None]) & (rows < boxes[:, 2, None])
-    in_cols = (cols >= boxes[:, 1, None]) & (cols < boxes[:, 3, None])
-    return in_rows[:, :, None] & in_cols[:, None, :]
+    return rectangle_mask(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], height, width)
 
 
 def apply_mix(images: torch.Tensor, plan: MixPlan) -> torch.Tensor:
@@ -281,7 +281,7 @@ def mixup(
 
 
 class MixupTargetsUnusedError(ConfigError, RuntimeError):
-    """Mixup mixed the images, but the training step did not give its targets to ``F.cross_entropy``."""
+    """Mixup mixed the images, but the training step did not give its targets to a label loss it serves."""
 
 
 class _MixState:
@@ -296,7 +296,56 @@ class _MixState:
         self.double_smoothing = False
 
 
-_CE_SIGNATURE = inspect.signature(F.cross_entropy)
+def _reduction(arguments: dict[str, Any]) -> str:
+    """The ``reduction`` a call means, also when it uses the deprecated ``size_average``/``reduce`` flags."""
+    size_average, reduce = arguments.get("size_average"), arguments.get("reduce")
+    if size_average is None and reduce is None:
+        return arguments["reduction"]
+    if reduce is False:
+        return "none"
+    return "sum" if size_average is False else "mean"
+
+
+def _soft_cross_entropy(arguments: dict[str, Any], soft: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy`` itself takes class probabilities as targets."""
+    return F.cross_entropy(**{**arguments, "target": soft})
+
+
+def _soft_nll(arguments: dict[str, Any], soft: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood of soft targets ``q`` under log-probabilities ``input``: ``-sum_c w_c q_c input_c``.
+
+    With ``q`` a one-hot it is ``F.nll_loss``; ``"mean"`` averages over samples, as ``F.cross_entropy``
+    does with class-probability targets (so both losses agree on ``log_softmax`` outputs).
+    """
+    log_probs, weight = arguments["input"], arguments.get("weight")
+    weighted = soft if weight is None else soft * weight
+    per_sample = -(weighted * log_probs).sum(dim=1)
+    reduction = _reduction(arguments)
+    if reduction == "mean":
+        return per_sample.mean()
+    return per_sample.sum() if reduction == "sum" else per_sample
+
+
+@dataclass(frozen=True)
+class _LabelLoss:
+    """A loss of ``(input, target)`` with class-index targets, and how it is computed on soft targets."""
+
+    function: Any
+    name: str
+    soft: Any  # (arguments with a plain input, (N, K) soft targets) -> the loss
+    smoothing_arg: str | None = None
+
+    @property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.function)
+
+
+# The label losses MixedLabels serve; nn.CrossEntropyLoss and nn.NLLLoss call these functions.
+_LABEL_LOSSES = {loss.function: loss for loss in (
+    _LabelLoss(F.cross_entropy, "F.cross_entropy", _soft_cross_entropy, "label_smoothing"),
+    _LabelLoss(F.nll_loss, "F.nll_loss", _soft_nll),
+)}
+SERVED_LOSSES = "F.cross_entropy, nn.CrossEntropyLoss, F.nll_loss or nn.NLLLoss"
 # Tensor methods after which the result still holds the same labels, so it stays mixed.
 _KEEPS_LABELS = {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int, torch.Tensor.cuda, torch.Tensor.cpu,
                  torch.Tensor.detach, torch.Tensor.clone, torch.Tensor.contiguous, torch.Tensor.view,
@@ -314,14 +363,16 @@ def _unwrap(obj: Any) -> Any:
 
 
 class MixedLabels(torch.Tensor):
-    """Class-index labels ``(N,)`` that ``F.cross_entropy`` and ``nn.CrossEntropyLoss`` read as Mixup's soft targets.
+    """Class-index labels ``(N,)`` that the label losses read as Mixup's soft targets.
 
     What :class:`Mixup` puts in the batch with ``targets="labels"``. Everywhere else it is an ordinary
     int64 tensor of each sample's own label, so a training step that computes accuracy from ``y`` keeps
-    working. When ``F.cross_entropy(logits, y)`` receives it (directly or through
-    ``nn.CrossEntropyLoss``), the call is made with the ``(N, K)`` mixed distribution instead, ``K``
-    taken from the logits. ``.to()``, ``.long()``, ``.view()`` and similar keep it mixed; any other
-    operation returns a plain tensor.
+    working. When a label loss receives it as its target -- ``F.cross_entropy(logits, y)`` or
+    ``F.nll_loss(log_probs, y)``, directly or through ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` -- the
+    loss is computed on the ``(N, K)`` mixed distribution ``q`` instead, ``K`` taken from the input:
+    the cross-entropy with probability targets, or the soft negative log-likelihood
+    ``-sum_c q_c log p_c``, which is ``lam * nll(y_i) + (1 - lam) * nll(y_j)`` without label smoothing.
+    ``.to()``, ``.long()``, ``.view()`` and similar keep it mixed; any other operation returns a plain tensor.
     """
 
     _mix_state: _MixState
@@ -341,76 +392,45 @@ class MixedLabels(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.cross_entropy:
-            return _mixed_cross_entropy(args, kwargs)
+        loss = _LABEL_LOSSES.get(func)
+        if loss is not None:
+            return _mixed_loss(loss, args, kwargs)
         source = args[0] if args and isinstance(args[0], MixedLabels) else None
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*_unwrap(args), **_unwrap(kwargs))
+        # every argument unwrapped to a plain tensor: `func` runs as on any tensor and does not come back here
+        out = func(*_unwrap(args), **_unwrap(kwargs))
         if (source is not None and func in _KEEPS_LABELS and isinstance(out, torch.Tensor)
                 and out.shape == source.shape and not out.is_floating_point()):
             return MixedLabels.wrap(out, source._mix_state)
         return out
 
 
-def _mixed_cross_entropy(args: Any, kwargs: Any) -> torch.Tensor:
-    bound = _CE_SIGNATURE.bind(*args, **kwargs)
+def _mixed_loss(loss: _LabelLoss, args: Any, kwargs: Any) -> torch.Tensor:
+    """Compute a label loss whose target is :class:`MixedLabels` on the mixed distribution instead."""
+    bound = loss.signature.bind(*args, **kwargs)
+    bound.apply_defaults()
     target = bound.arguments["target"]
-    logits = _unwrap(bound.arguments["input"])
-    bound.arguments["input"] = logits
-    if isinstance(target, MixedLabels):
-        state = target._mix_state
-        if logits.ndim != 2 or logits.shape[0] != target.shape[0]:
-            raise BatchFormatError(f"{state.owner}: F.cross_entropy got logits of shape {tuple(logits.shape)} for "
-                                   f"{target.shape[0]} mixed labels: expected (N, num_classes).")
-        k = logits.shape[1]
-        if state.num_classes is not None and state.num_classes != k:
-            raise InvalidArgumentError(f"{state.owner}: `num_classes`={state.num_classes} does not match the "
-                                       f"{k} logits the loss got; fix num_classes or leave it unset.")
-        if state.check_labels:
-            state.check_labels = False
-            _check_labels(target.as_subclass(torch.Tensor), k, state.owner)
-        smoothing = bound.arguments.get("label_smoothing", 0.0)
-        if smoothing and state.label_smoothing and state.warn_double_smoothing and not state.double_smoothing:
-            state.double_smoothing = True
-            rank_zero_warn(f"{state.owner}(label_smoothing={state.label_smoothing}) and a cross-entropy loss with "
-                           f"label_smoothing={smoothing} smooth the labels twice; keep one of them.")
-        state.consumed = True
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        bound.arguments["target"] = target.soft_targets(k, dtype)
-    with torch._C.DisableTorchFunctionSubclass():
-        return F.cross_entropy(*bound.args, **bound.kwargs)
-
-
-def _last_linear_out_features(module: nn.Module) -> int | None:
-    last = None
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return None if last is None else last.out_features
-
-
-def infer_num_classes(trainer: pl.Trainer | None, pl_module: nn.Module, owner: str = "Mixup") -> int:
-    """The number of classes from the datamodule's ``num_classes`` attribute or the model's last ``nn.Linear``.
-
-    Raises:
-        InvalidArgumentError: neither is found, or they disagree.
-    """
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    from_data = getattr(datamodule, "num_classes", None)
-    from_data = from_data if isinstance(from_data, int) and not isinstance(from_data, bool) else None
-    from_model = _last_linear_out_features(pl_module)
-    if from_data is not None and from_model is not None and from_data != from_model:
-        raise InvalidArgumentError(
-            f"{owner}: the datamodule says num_classes={from_data} but the model's last nn.Linear has "
-            f"out_features={from_model}; set `num_classes` explicitly."
-        )
-    found = from_data if from_data is not None else from_model
-    if found is None:
-        raise InvalidArgumentError(
-            f"{owner} needs the number of classes: it looked for a `num_classes` attribute on the datamodule and "
-            "for an nn.Linear in the model (its last one gives the classes), and found neither; set `num_classes`."
-        )
-    return found
+    arguments = {name: _unwrap(value) for name, value in bound.arguments.items()}
+    if not isinstance(target, MixedLabels):  # the mixed labels are in another argument: nothing to mix
+        return loss.function(**arguments)
+    state, scores = target._mix_state, arguments["input"]
+    if scores.ndim != 2 or scores.shape[0] != target.shape[0]:
+        raise BatchFormatError(f"{state.owner}: {loss.name} got an input of shape {tuple(scores.shape)} for "
+                               f"{target.shape[0]} mixed labels: expected (N, num_classes).")
+    k = scores.shape[1]
+    if state.num_classes is not None and state.num_classes != k:
+        raise InvalidArgumentError(f"{state.owner}: `num_classes`={state.num_classes} does not match the "
+                                   f"{k} classes {loss.name} got; fix num_classes or leave it unset.")
+    if state.check_labels:
+        state.check_labels = False
+        _check_labels(target.as_subclass(torch.Tensor), k, state.owner)
+    smoothing = arguments[loss.smoothing_arg] if loss.smoothing_arg else 0.0
+    if smoothing and state.label_smoothing and state.warn_double_smoothing and not state.double_smoothing:
+        state.double_smoothing = True
+        rank_zero_warn(f"{state.owner}(label_smoothing={state.label_smoothing}) and a cross-entropy loss with "
+                       f"label_smoothing={smoothing} smooth the labels twice; keep one of them.")
+    state.consumed = True
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return loss.soft(arguments, target.soft_targets(k, dtype))
 
 
 def _smoothing_losses(module: nn.Module) -> list[float]:
@@ -421,13 +441,15 @@ class Mixup(BatchTransformCallback):
     """Mixup and CutMix on training batches; validation, test and predict see the original data.
 
     The images are blended with a random partner (a permutation of the batch) and the targets become
-    the same blend of the two labels. An unmodified ``training_step`` with ``F.cross_entropy(logits, y)``
-    or ``nn.CrossEntropyLoss`` keeps working in both target formats:
+    the same blend of the two labels. An unmodified ``training_step`` with ``F.cross_entropy(logits, y)``,
+    ``nn.CrossEntropyLoss``, or ``F.nll_loss(F.log_softmax(logits, 1), y)`` / ``nn.NLLLoss`` keeps working,
+    whether it calls ``self(x)``, ``self.forward(x)`` or a submodule (``self.model(x)``):
 
     * ``targets="labels"`` (default): ``y`` stays the ``(N,)`` labels of each sample's own image (so
       ``(logits.argmax(1) == y)`` accuracy keeps working) as a :class:`MixedLabels` tensor, which
-      ``F.cross_entropy``/``nn.CrossEntropyLoss`` read as the mixed distribution. If the training step
-      never gives ``y`` to one of them, the first backward raises :class:`MixupTargetsUnusedError`.
+      the label losses read as the mixed distribution (cross-entropy with probability targets, or the soft
+      negative log-likelihood ``lam * nll(y_i) + (1 - lam) * nll(y_j)``). If the training step never gives
+      ``y`` to one of them, the first backward raises :class:`MixupTargetsUnusedError`.
     * ``targets="soft"``: ``y`` becomes the ``(N, K)`` class probabilities, for soft-target losses (timm's
       ``SoftTargetCrossEntropy``, a BCE); accuracy must then use ``y.argmax(1)``.
 
@@ -444,8 +466,9 @@ class Mixup(BatchTransformCallback):
             callback off (the batch is left exactly as it is).
         mode: ``"batch"``: one weight and one box per batch, as in the papers; ``"sample"``: each sample its own.
         label_smoothing: eps in [0, 1): one-hots become ``(1 - eps) * onehot + eps / K`` before mixing.
-        num_classes: K. Not needed with ``targets="labels"`` (taken from the logits, checked if given); with
-            ``"soft"``, None infers it from the datamodule's ``num_classes`` or the model's last ``nn.Linear``.
+        num_classes: K. Not needed with ``targets="labels"`` (taken from the loss's input, checked if given);
+            with ``"soft"``, None infers it with :func:`~lightning_tricks.infer_num_classes` (the datamodule's
+            ``num_classes``, else the model's last ``nn.Linear``).
         targets: ``"labels"`` or ``"soft"`` (see above).
         input_key: where the images are (dict key or position); None finds them.
         target_key: where the targets are; None: the element after the images, or a dict's ``label``/``y``/...
@@ -537,9 +560,8 @@ class Mixup(BatchTransformCallback):
         if state is not None and not state.consumed:
             raise MixupTargetsUnusedError(
                 f"{self.name} mixed the images, but the training step did not pass the targets `y` to "
-                "F.cross_entropy or nn.CrossEntropyLoss, so the loss did not see the mixed labels. Pass `y` "
-                "unchanged to one of them, or use Mixup(targets='soft') to receive (N, num_classes) class "
-                "probabilities for your own loss."
+                f"{SERVED_LOSSES}, so the loss did not see the mixed labels. Pass `y` unchanged to one of "
+                "them, or use Mixup(targets='soft') to receive (N, num_classes) class probabilities for your own loss."
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

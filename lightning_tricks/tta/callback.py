@@ -1,0 +1,283 @@
+"""The Lightning callback of test-time augmentation: the steps' model returns merged predictions."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
+from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
+from lightning_tricks.distributed import derive_seed
+from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.tta.config import tta_config
+from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.wrapper import _has_randomness, _no_stochastic_layers
+
+TTA_STAGES = ("validate", "test", "predict")
+_STAGE_IDS = {"validate": 0, "test": 1, "predict": 2}
+
+
+class ForwardNotCalledError(ConfigError, RuntimeError):
+    """The step of the evaluated stage called no model with its input, so TTA could not act."""
+
+
+class TestTimeAugmentation(Callback):
+    """Test-time augmentation for an unmodified LightningModule: the model its steps call returns merged predictions.
+
+    During the chosen stages the callback replaces ``forward`` of the model the steps call by
+    :func:`tta_forward` around the original, so ``test_step`` and ``predict_step`` get the merged
+    prediction (log-probabilities of the merged distribution), and the user's loss and metrics report
+    TTA figures. Which model: with ``module=None``, the LightningModule's ``forward`` is wrapped, which
+    serves steps that call ``self(x)`` or ``self.forward(x)``; if the first batch of a stage never calls
+    it (a step that calls ``self.model(images)``, as Lightning's ImageNet example does), hooks during
+    that batch find the outermost module the step called with the batch's input
+    (:class:`~lightning_tricks._model_probe.InputModuleProbe`), that call's output is replaced by the
+    merged prediction, and that module is wrapped for the rest of the stage and later ones. The
+    original ``forward`` is restored when the stage ends, when it raises, and at teardown; nothing is
+    added to the model's ``state_dict``. A step that calls no module with its input raises
+    :class:`ForwardNotCalledError` at the first batch.
+
+    Under DDP, evaluation loaders of the TTA stages are made exact (every sample evaluated once, see
+    :mod:`lightning_tricks.evaluation`), so test metrics equal the single-process values.
+
+    Args:
+        views: view families, combined as a cartesian product (default ``["hflip"]``); see
+            :class:`TTAConfig`. Flips are label-preserving for natural images, not for digits or text.
+        crop_size: side of the crops of ``center_crop``/``five_crop``/``ten_crop``.
+        scales: shorter-side sizes for multi-scale testing.
+        translate: shift in pixels of the ``translate`` views.
+        padding_mode: border fill of shifted views (``replicate``, ``reflect``, ``zeros``).
+        stochastic_passes: draws per view with dropout and ``lt_stochastic_eval`` modules active.
+        merge: ``mean``, ``gmean``, ``max`` or ``vote``; see :func:`merge_predictions`.
+        task: ``classification`` or ``regression`` (mean of raw outputs).
+        max_batch: largest number of rows per model call (memory bound); ``None``: all views of a shape at once.
+        stages: stages to augment, from ``validate`` (also fit's validation), ``test``, ``predict``
+            (default ``["test", "predict"]``).
+        module: dotted attribute path of the submodule whose ``forward`` to wrap (e.g. ``"model"``);
+            ``None``: found as described above.
+        exact_distributed: under DDP, evaluate every ``validate``/``test`` sample exactly once.
+        seed: seed of the stochastic passes; draws depend on (seed, rank, stage, dataloader, batch index).
+
+    Example:
+        >>> tta = TestTimeAugmentation(views=["hflip", "five_crop"], crop_size=28)
+        >>> trainer = pl.Trainer(callbacks=[tta])  # doctest: +SKIP
+        >>> trainer.test(model, datamodule=dm)  # doctest: +SKIP
+    """
+
+    def __init__(self, views: list[str] | None = None, crop_size: int | None = None, scales: list[int] | None = None,
+                 translate: int = 2, padding_mode: str = "replicate", stochastic_passes: int = 1, merge: str = "mean",
+                 task: str = "classification", max_batch: int | None = None, stages: list[str] | None = None,
+                 module: str | None = None, exact_distributed: bool = True, seed: int = 0) -> None:
+        self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
+                                 max_batch)
+        self.stages = _check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
+        if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
+            raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
+                                       "'model' or 'net.backbone', or None for the LightningModule.")
+        check_int("seed", seed)
+        self.module, self.exact_distributed, self.seed = module, exact_distributed, seed
+        self._wrapped: tuple[nn.Module, Any, bool] | None = None
+        self._stage: str | None = None
+        self._batch = (0, 0)
+        self._calls = 0
+        self._batches = 0
+        self._announced: set[tuple[str, str | None]] = set()
+        self._found: dict[str, str] = {}  # stage -> the submodule its steps call, found at its first batch of the run
+        self._probe: InputModuleProbe | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(config=self.config, stages=self.stages, module=self.module)
+
+    def _target(self, pl_module: pl.LightningModule, path: str | None) -> nn.Module:
+        target: Any = pl_module
+        for part in path.split(".") if path else ():
+            if not isinstance(getattr(target, part, None), nn.Module):
+                raise InvalidArgumentError(
+                    f"`module`={path!r} is invalid for {type(pl_module).__name__}: it has no submodule at "
+                    f"{part!r}. Submodules: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}."
+                )
+            target = getattr(target, part)
+        return target
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._found.clear()  # found again for this run's module
+        target = self._target(pl_module, self.module)
+        if self.config.stochastic_passes > 1 and not _has_randomness(target):
+            raise _no_stochastic_layers(self.config.stochastic_passes, f"{type(target).__name__} (`module`={self.module!r})")
+        if self.config.num_views == 1:
+            rank_zero_warn("TestTimeAugmentation has a single identity view: predictions are the plain model's.")
+        if self.exact_distributed:
+            install_exact_evaluation(trainer, self, self.stages)
+
+    # -- forward wrapping -------------------------------------------------------------------------
+
+    def _augment(self, trainer: pl.Trainer, stage: str, target: nn.Module, forward: Any, args: tuple,
+                 kwargs: dict) -> Tensor:
+        """The merged prediction of ``forward(*args, **kwargs)`` over the views of ``args[0]``."""
+        if not args:
+            raise TypeError("TestTimeAugmentation wraps forward(x, ...): call the model with the input batch as "
+                            "its first positional argument.")
+        x, rest = args[0], args[1:]
+        batch = x.shape[0] if isinstance(x, Tensor) and x.ndim else None
+        for value in (*rest, *kwargs.values()):
+            if isinstance(value, Tensor) and value.ndim and value.shape[0] == batch:
+                raise TypeError("TestTimeAugmentation augments forward's first argument only; forward also got a "
+                                f"tensor with {batch} rows, which the views would not match.")
+        seed = None
+        if self.config.stochastic_passes > 1:
+            seed = derive_seed(self.seed, trainer.global_rank, _STAGE_IDS[stage], *self._batch)
+        with self._probe.paused() if self._probe is not None else contextlib.nullcontext():
+            return tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
+                               stochastic_module=target)
+
+    def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, path: str | None) -> None:
+        target = self._target(pl_module, path)
+        had_own = "forward" in target.__dict__
+        original, callback = target.forward, self
+
+        def forward_with_tta(*args: Any, **kwargs: Any) -> Tensor:
+            callback._calls += 1
+            return callback._augment(trainer, stage, target, original, args, kwargs)
+
+        target.forward = forward_with_tta
+        self._wrapped = (target, original, had_own)
+        if (stage, path) not in self._announced:
+            self._announced.add((stage, path))
+            where = type(pl_module).__name__ + (f".{path}" if path else "")
+            rank_zero_info(f"TestTimeAugmentation: {stage} predictions of {where} average {self.config.describe()}.")
+
+    def _wrap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in self.stages or self._wrapped is not None:
+            return
+        self._install(trainer, pl_module, stage, self.module if self.module is not None else self._found.get(stage))
+        self._stage, self._calls, self._batches = stage, 0, 0
+
+    def _unwrap(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if self._wrapped is None:
+            return
+        target, original, had_own = self._wrapped
+        if had_own:
+            target.forward = original
+        else:
+            target.__dict__.pop("forward", None)
+        self._wrapped, self._stage = None, None
+
+    @property
+    def active(self) -> bool:
+        """Whether the model's forward is currently wrapped."""
+        return self._wrapped is not None
+
+    # -- finding the model the step calls ----------------------------------------------------------
+
+    def _batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, batch: Any,
+                     batch_idx: int, dataloader_idx: int) -> None:
+        if self._stage != stage:
+            return
+        self._batch = (dataloader_idx, batch_idx)
+        if self._batches == 0 and self.module is None and stage not in self._found:
+            self._probe = InputModuleProbe(pl_module, batch, accept=self._predictions_accepter(trainer, pl_module, batch),
+                                           replace=lambda module, args, kwargs, output: self._replace(
+                                               trainer, stage, module, args, kwargs))
+            self._probe.__enter__()
+
+    def _predictions_accepter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """What a call must return to be the model: one row per input; for classification, (rows, classes)."""
+        x = batch_input(batch)
+        classes = infer_num_classes(trainer, pl_module, required=False) if self.config.task == "classification" else None
+
+        def accept(output: Any) -> bool:
+            if not isinstance(output, Tensor) or x is None or not output.ndim or output.shape[0] != x.shape[0]:
+                return False
+            return self.config.task != "classification" or (output.ndim == 2 and classes in (None, output.shape[1]))
+        return accept
+
+    def _replace(self, trainer: pl.Trainer, stage: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self._wrapped is not None and module is self._wrapped[0]:
+            return None  # its forward is the wrapped one: the output is already merged
+        return self._augment(trainer, stage, module, module.forward, args, kwargs)
+
+    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._stage != stage:
+            return
+        self._batches += 1
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close()
+        if self._batches > 1 or self._calls:
+            return
+        self._unwrap()
+        if probe is not None and probe.found is not None:  # the step called a submodule: wrap it from now on
+            self._found[stage] = probe.found.name
+            self._install(trainer, pl_module, stage, probe.found.name)
+            self._stage = stage
+            return
+        name = type(pl_module).__name__ + (f".{self.module}" if self.module else "")
+        hint = ("no module of it was called with the batch's input tensor either (hooks watched that batch). Compute "
+                "the predictions with self(x), self.forward(x) or a submodule called on the batch's input, or set "
+                "`module` to the submodule to augment" if self.module is None else "check `module`")
+        raise ForwardNotCalledError(f"TestTimeAugmentation could not act: the first {stage} batch never called "
+                                    f"{name}.forward, and {hint}.")
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrap(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrap(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrap(trainer, pl_module, "predict")
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_start(trainer, pl_module, "validate", batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._batch_start(trainer, pl_module, "test", batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._batch_start(trainer, pl_module, "predict", batch, batch_idx, dataloader_idx)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(trainer, pl_module, "validate")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(trainer, pl_module, "test")
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(trainer, pl_module, "predict")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap()
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwrap()
+        uninstall_exact_evaluation(trainer, self)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwrap()
+        uninstall_exact_evaluation(trainer, self)
+
+
