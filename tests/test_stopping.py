@@ -663,3 +663,14 @@ def test_message_keeps_lightnings_wording_then_ours(tmp_path):
     assert message.startswith("Monitored metric val_metric did not improve in the last 2 records.")
     assert message.endswith("Early stopping (patience) at epoch 3: val_metric did not improve by more than "
                             "min_delta=0 in 2 checks (patience=2). Best val_metric=0.8 at epoch 1.")
+
+
+def test_checkpoint_of_an_earlier_version_still_restores_its_weights(tmp_path):
+    """Versions before the split kept the weights in the callback state as `best_state_dict`."""
+    torch.manual_seed(3)
+    old = ScriptedModule([0.1]).state_dict()
+    legacy = {"wait_count": 0, "stopped_epoch": 0, "best_score": torch.tensor(0.1), "patience": 3,
+              "best_epoch": 0, "best_state_dict": old}
+    stopper = EarlyStopping(monitor=KEY, patience=3)
+    stopper.load_state_dict(legacy)
+    assert stopper.best_epoch == 0 and same_weights(stopper.best_state_dict, old)

@@ -332,7 +332,7 @@ class StoppingRule(StoppingLogic):
 
     def __init__(
         self,
-        mode: str | None = "min",
+        mode: str | None = None,
         patience: int = 3,
         min_delta: float = 0.0,
         threshold_mode: str = "abs",
