@@ -15,12 +15,20 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_tricks
 from lightning_tricks._validation import ConfigError, InvalidArgumentError
-from lightning_tricks.stopping import EarlyStopping, MonitorNotFoundError, StoppingRule, WeightSnapshot
+from lightning_tricks.stopping import (
+    BEST_WEIGHTS_KEY,
+    LIGHTNING_REASON,
+    EarlyStopping,
+    MonitorNotFoundError,
+    StoppingRule,
+    WeightSnapshot,
+)
 from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp
 
 KEY = "val_metric"
@@ -117,7 +125,8 @@ def reference_stop(values, mode="min", patience=3, min_delta=0.0, threshold_mode
             best_idx = i
         counted = idx[:pos + 1]
         last_reset = max((p for p, j in enumerate(counted) if resets[j]), default=-1)
-        if last_reset != pos and pos - last_reset >= patience:
+        # Keras's baseline: an improving check never stops, even when it did not reset the count
+        if not improved[i] and pos - last_reset >= patience:
             return i, best_idx
         if worse_for is not None and pos >= worse_for and all(
                 not improved[counted[p]] and better(values[counted[p - 1]], values[counted[p]])
@@ -174,8 +183,7 @@ def test_rule_matches_lightning_on_random_sequences():
             decision = ours.step(current, epoch)
             assert decision.stop == their_stop, (values, kwargs, epoch)
             if their_stop:
-                from lightning_tricks.stopping import _LIGHTNING_REASON
-                assert _LIGHTNING_REASON[decision.trigger] == theirs.stopping_reason
+                assert LIGHTNING_REASON[decision.trigger] == theirs.stopping_reason
                 break
             assert torch.equal(ours.best_score, theirs.best_score) and ours.wait_count == theirs.wait_count
 
@@ -192,8 +200,9 @@ TRIGGER_CASES = {
     # rel 10%: 85 < 100 - 10 improves; 80 and 78 are not below 85 - 8.5 -> stop at 3
     "rel_min_delta": ([100.0, 85.0, 80.0, 78.0, 10.0], dict(patience=2, min_delta=0.1, threshold_mode="rel"),
                       3, 1, "patience"),
-    # baseline 0.5 (max): 0.3, 0.35, 0.4 improve but never beat it, so every check counts -> stop at 2
-    "baseline": ([0.3, 0.35, 0.4, 0.6, 0.7], dict(mode="max", baseline=0.5, patience=3), 2, 2, "baseline"),
+    # Keras's own case: baseline 0.5, patience 5: 0.9, 0.8, 0.7 improve without beating it, so the count runs
+    # on (1, 2, 3); 0.71 and 0.72 do not improve (4, 5) -> stop at 4 after 5 epochs, best epoch 2
+    "baseline": ([0.9, 0.8, 0.7, 0.71, 0.72, 0.73], dict(baseline=0.5, patience=5), 4, 2, "baseline"),
     # start_from_epoch=3: the better early values are ignored; best 0.9 at 3, patience 1 -> stop at 4
     "start_from_epoch": ([0.1, 0.1, 0.1, 0.9, 0.95, 0.5], dict(start_from_epoch=3, patience=1), 4, 3, "patience"),
     # worse_for=2: best 0.5 at 1; 0.6 > 0.5 and 0.7 > 0.6, two strictly worse checks in a row -> stop at 3
@@ -243,7 +252,9 @@ def test_restores_best_weights_at_max_epochs_and_equals_model_checkpoint_best(tm
     last = torch.load(latest.last_model_path, weights_only=True)
     assert last["epoch"] == 4 and same_weights(last["state_dict"], model.snapshots[4])
     ours = last["callbacks"][stopper.state_key]
-    assert same_weights(ours["best_state_dict"], model.snapshots[1]) and ours["best_epoch"] == 1
+    assert same_weights(last[BEST_WEIGHTS_KEY][stopper.state_key], model.snapshots[1]) and ours["best_epoch"] == 1
+    # the callback's own state stays small and comparable: the best score is its only tensor
+    assert [k for k, v in ours.items() if isinstance(v, torch.Tensor)] == ["best_score"]
 
 
 def test_restore_best_weights_false_keeps_the_final_weights(tmp_path):
@@ -288,7 +299,7 @@ def test_check_on_validation_end_with_two_checks_per_epoch_matches_lightning(tmp
     t2, m2 = fit(tmp_path, values, [ours], max_epochs=4, val_check_interval=0.5)
     assert not ours._check_on_train_epoch_end
     assert (t2.current_epoch, ours.stopped_epoch) == (t1.current_epoch, theirs.stopped_epoch) == (3, 2)
-    assert ours.rule.checks == 5 and same_weights(m2.state_dict(), m2.snapshots[1])
+    assert ours.checks == 5 and same_weights(m2.state_dict(), m2.snapshots[1])
 
 
 def test_lightning_checkpoint_state_loads_and_the_trainer_finds_us():
@@ -299,7 +310,6 @@ def test_lightning_checkpoint_state_loads_and_the_trainer_finds_us():
     assert ours.state_key == theirs.state_key
     ours.load_state_dict(theirs.state_dict())
     assert float(ours.best_score) == 0.5 and ours.wait_count == 1 and ours.patience == 4
-    assert ours._best_weights_missing  # a best score without weights: we say so at the end instead of guessing
     back = LightningEarlyStopping(monitor=KEY)
     back.load_state_dict(ours.state_dict())
     assert float(back.best_score) == 0.5 and back.wait_count == 1
@@ -408,7 +418,7 @@ def test_ddp_key_missing_on_one_rank(tmp_path):
 # Bad input, the functional core on zoo models, the CLI
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(mode="maximum"), "`mode`='maximum' is invalid: expected one of 'min', 'max'"),
+    (dict(mode="maximum"), "`mode` can be min, max or None (inferred from the monitored name), got maximum."),
     (dict(patience=-1), "`patience`=-1 is invalid: expected an integer in [0, inf]"),
     (dict(patience=2.5), "`patience`=2.5 is invalid: expected an integer"),
     (dict(average_window=-2, min_average_change=0.1), "`average_window`=-2 is invalid: expected an integer in [1, inf]"),
@@ -428,6 +438,8 @@ def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(InvalidArgumentError) as err:
         EarlyStopping(**kwargs)
     assert message in str(err.value)
+    # also Lightning's exception type, so `except MisconfigurationException` written for Lightning's class works
+    assert isinstance(err.value, MisconfigurationException)
 
 
 def test_monitor_that_never_appears(tmp_path):
@@ -499,6 +511,166 @@ def test_example_config_under_two_process_ddp(tmp_path):
 def test_ddp_strict_key_missing_on_one_rank_raises_on_every_rank(tmp_path):
     """strict=True and rank 1 never logs the key: both ranks raise the same error at the same check (no hang)."""
     per_rank = [[1.0, 0.5, 0.7], [None] * 3]
-    with pytest.raises(Exception, match=r"not available on ranks \[1\]"):
+    with pytest.raises(Exception, match=r"not available on 1 of 2 ranks"):
         run_ddp(ScriptedModule(per_rank), tmp_path=tmp_path, callbacks=[EarlyStopping(monitor=KEY)], max_epochs=3,
                 num_sanity_val_steps=0, limit_train_batches=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras's EarlyStopping test cases, ported (keras/src/callbacks/early_stopping_test.py)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("patience", [0, 1, 2, 3])
+def test_keras_patience_case(patience):
+    """Keras's test_early_stopping_patience: the stop epoch is max(patience, 1) + 2."""
+    rule = StoppingRule(monitor="loss", patience=patience)
+    losses = [10.0, 9.0, 8.0, 9.0, 8.9, 8.8, 8.7, 8.6, 8.5]
+    stops = [epoch for epoch, loss in enumerate(losses) if rule.step(loss, epoch).stop]
+    assert stops[0] == max(patience, 1) + 2
+
+
+def test_keras_restore_cases_with_and_without_baseline():
+    """Keras's test_early_stopping_final_weights_when_restoring_model_weights, first two cases."""
+    def run(losses, **kwargs):
+        rule = StoppingRule(monitor="val_loss", **kwargs)
+        for epoch, loss in enumerate(losses):
+            if rule.step(loss, epoch).stop:
+                return epoch + 1, rule.best_epoch
+        return len(losses), rule.best_epoch
+
+    assert run([0.2, 0.15, 0.1, 0.11, 0.12], patience=2) == (5, 2)
+    # no epoch beats the baseline: 5 epochs trained, the best one (2) restored
+    assert run([0.9, 0.8, 0.7, 0.71, 0.72, 0.73], patience=5, baseline=0.5) == (5, 2)
+
+
+def test_baseline_never_stops_a_run_that_improves_at_every_check(tmp_path):
+    """Keras: an improving check never stops training, even while it stays worse than the baseline."""
+    values = [0.9, 0.8, 0.7, 0.65, 0.6, 0.58]  # improves every epoch, never below the baseline 0.1
+    stopper = EarlyStopping(monitor=KEY, patience=2, baseline=0.1)
+    trainer, model = fit(tmp_path, values, [stopper])
+    assert stopper.stopped_epoch == 0 and stopper.stopping_trigger is None and trainer.current_epoch == len(values)
+    assert stopper.wait_count == len(values)  # the count ran on at every check: no improvement beat the baseline
+    assert stopper.restored_epoch == 5 and same_weights(model.state_dict(), model.snapshots[5])
+    # one check without improvement now stops it (the count is past patience), as in Keras
+    rule = StoppingRule(patience=2, baseline=0.1)
+    decisions = [rule.step(v, epoch) for epoch, v in enumerate([*values, 0.59])]
+    assert [d.stop for d in decisions] == [False] * len(values) + [True] and decisions[-1].trigger == "baseline"
+
+
+# --------------------------------------------------------------------------------------------------
+# One object for two fits; mode inferred from the monitored name
+# --------------------------------------------------------------------------------------------------
+class WiderModule(ScriptedModule):
+    """Another architecture: the first fit's weights cannot load into it."""
+
+    def __init__(self, values) -> None:
+        super().__init__(values)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _second_fit(tmp_path, stopper, values):
+    torch.manual_seed(1)
+    model = WiderModule(values)
+    trainer = cpu_trainer(tmp_path, callbacks=[stopper], max_epochs=len(values), num_sanity_val_steps=0,
+                          limit_train_batches=2)
+    trainer.fit(model)
+    return trainer, model
+
+
+def test_one_object_for_two_fits_never_loads_the_first_fits_weights(tmp_path):
+    """Counters and best score carry over, as Lightning's do (same stop epochs as Lightning's class); weights never."""
+    first, second = [1.0, 0.5, 0.7, 0.8], [0.9, 0.4, 0.6, 0.7]
+    theirs = LightningEarlyStopping(monitor=KEY, patience=2)
+    fit(tmp_path / "l1", first, [theirs])
+    _second_fit(tmp_path / "l2", theirs, second)
+
+    stopper = EarlyStopping(monitor=KEY, patience=2)
+    fit(tmp_path / "a", first, [stopper])
+    assert (stopper.stopped_epoch, stopper.restored_epoch) == (3, 1)
+    with pytest.warns(RuntimeWarning, match="or from an earlier fit of this callback"):
+        trainer, model = _second_fit(tmp_path / "b", stopper, second)
+    # 0.9 is not below the first fit's best 0.5 and the wait count was already 2: stop at once, like Lightning's
+    assert stopper.stopped_epoch == theirs.stopped_epoch == 0 and trainer.current_epoch == 1
+    assert stopper.restored_epoch is None and same_weights(model.state_dict(), model.snapshots[0])
+
+
+def test_second_fit_restores_its_own_best(tmp_path):
+    stopper = EarlyStopping(monitor=KEY, patience=2)
+    fit(tmp_path / "a", [1.0, 0.5, 0.7, 0.8], [stopper])
+    trainer, model = _second_fit(tmp_path / "b", stopper, [0.45, 0.3, 0.6, 0.7, 0.8])
+    assert (stopper.stopped_epoch, stopper.best_epoch, stopper.restored_epoch) == (3, 1, 1)
+    assert same_weights(model.state_dict(), model.snapshots[1])
+
+
+def test_mode_inferred_from_the_monitored_name_restores_the_best_epoch(tmp_path, caplog):
+    values = [0.5, 0.9, 0.7, 0.6, 0.55, 0.95]
+    with caplog.at_level("INFO"):
+        stopper = EarlyStopping(monitor="val_acc", patience=2)
+    assert stopper.mode == "max" and stopper.state_key == "EarlyStopping{'monitor': 'val_acc', 'mode': 'max'}"
+    assert sum("mode='max' inferred from monitor='val_acc'" in r.getMessage() for r in caplog.records) == 1
+    torch.manual_seed(0)
+    model = ScriptedModule(values, key="val_acc")
+    trainer = cpu_trainer(tmp_path, callbacks=[stopper], max_epochs=len(values), num_sanity_val_steps=0,
+                          limit_train_batches=2)
+    trainer.fit(model)
+    assert (stopper.stopped_epoch, stopper.restored_epoch) == (3, 1)
+    assert same_weights(model.state_dict(), model.snapshots[1])
+    # an explicit mode keeps Lightning's meaning, whatever the name says; loss-like names infer min
+    assert EarlyStopping(monitor="val_acc", mode="min").mode == "min"
+    assert EarlyStopping(monitor="val_loss").mode == "min" and StoppingRule(mode=None, monitor="val/F1").mode == "max"
+
+
+# --------------------------------------------------------------------------------------------------
+# Lightning's contract: what Lightning's own tests (../shared/conformance) rely on
+# --------------------------------------------------------------------------------------------------
+def test_pickle_round_trip_after_a_fit_keeps_equal_state(tmp_path):
+    import pickle
+
+    stopper = EarlyStopping(monitor=KEY, patience=5)
+    fit(tmp_path, [1.0, 0.5, 0.7], [stopper])
+    assert stopper.best_state_dict is not None
+    loaded = pickle.loads(pickle.dumps(stopper))
+
+    def ours(callback):  # the trainer attaches its module's `log`/`log_dict` to every callback: not our state
+        return {k: v for k, v in vars(callback).items() if k not in ("log", "log_dict")}
+
+    assert ours(loaded) == ours(stopper)
+    assert loaded.state_dict() == stopper.state_dict()
+
+
+def test_check_outside_fit_with_restore_on():
+    """Called on a Trainer that has no model (as Lightning's test_early_stopping_squeezes does): no crash."""
+    stopper = EarlyStopping(monitor="foo")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False)
+    trainer.callback_metrics["foo"] = torch.tensor([[0.25]])
+    stopper._run_early_stopping_check(trainer)
+    assert float(stopper.best_score) == 0.25 and stopper.best_epoch == 0 and stopper.best_state_dict is None
+
+
+def test_a_subclass_overriding_the_decision_is_honoured(tmp_path):
+    class StopAtOnce(EarlyStopping):
+        def _evaluate_stopping_criteria(self, current):
+            return True, "custom reason"
+
+    stopper = StopAtOnce(monitor=KEY, patience=10)
+    trainer, _ = fit(tmp_path, [1.0, 0.5, 0.4], [stopper])
+    assert trainer.current_epoch == 1 and stopper.stopping_reason_message == "custom reason"
+
+
+def test_message_keeps_lightnings_wording_then_ours(tmp_path):
+    stopper = EarlyStopping(monitor=KEY, patience=2)
+    fit(tmp_path, [1.0, 0.8, 0.9, 0.85], [stopper])
+    message = stopper.stopping_reason_message
+    assert message.startswith("Monitored metric val_metric did not improve in the last 2 records.")
+    assert message.endswith("Early stopping (patience) at epoch 3: val_metric did not improve by more than "
+                            "min_delta=0 in 2 checks (patience=2). Best val_metric=0.8 at epoch 1.")
+
+
+def test_checkpoint_of_an_earlier_version_still_restores_its_weights(tmp_path):
+    """Versions before the split kept the weights in the callback state as `best_state_dict`."""
+    torch.manual_seed(3)
+    old = ScriptedModule([0.1]).state_dict()
+    legacy = {"wait_count": 0, "stopped_epoch": 0, "best_score": torch.tensor(0.1), "patience": 3,
+              "best_epoch": 0, "best_state_dict": old}
+    stopper = EarlyStopping(monitor=KEY, patience=3)
+    stopper.load_state_dict(legacy)
+    assert stopper.best_epoch == 0 and same_weights(stopper.best_state_dict, old)
