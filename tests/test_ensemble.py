@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import lightning
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -89,7 +90,8 @@ def save_member(module: pl.LightningModule, path: Path, class_path: str | None =
     hparams = dict(module.hparams)
     if class_path:
         hparams["_class_path"] = class_path
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, **extra}, path)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__, **extra}, path)
     return path
 
 
@@ -422,6 +424,92 @@ def test_class_resolution_missing_files_and_mismatched_classes(tmp_path):
     zoo = save_member(ImageClassifier("mlp", num_classes=5), tmp_path / "zoo5.ckpt", "lightning_tricks.ImageClassifier")
     with pytest.raises(InvalidArgumentError, match="members predict 5 classes but the datamodule has num_classes=10"):
         cpu_trainer(tmp_path).test(Ensemble(checkpoints=[str(zoo)]), datamodule=digits())
+
+
+class ImageNetStyle(pl.LightningModule):
+    """Written like Lightning's ImageNet example: a constructor argument (``data_path``) that is not saved in
+    the hyper-parameters, and a step that calls ``self.model(images)``."""
+
+    def __init__(self, data_path: str, width: int = 16, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["data_path"])
+        self.data_path = data_path
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        images, target = batch
+        output = self.model(images)
+        return F.cross_entropy(output, target)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def test_member_kwargs_build_a_module_whose_constructor_needs_more_than_its_hparams(tmp_path):
+    pl.seed_everything(0)
+    trainer = cpu_trainer(tmp_path, limit_train_batches=3, limit_val_batches=0)
+    model = ImageNetStyle(data_path=str(tmp_path / "imagenet"))
+    trainer.fit(model, datamodule=digits())
+    path = tmp_path / "imagenet.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(CheckpointError, match="missing 1 required positional argument: 'data_path'.*member_kwargs="):
+        Ensemble(checkpoints=[str(path)], member_class=ImageNetStyle).load_members()
+    kwargs = {"data_path": "/elsewhere/imagenet"}
+    ensemble = Ensemble(checkpoints=[str(path), str(path)], member_class=ImageNetStyle, member_kwargs=kwargs)
+    members = ensemble.load_members()
+    assert [m.data_path for m in members] == ["/elsewhere/imagenet"] * 2
+    assert all(torch.equal(m.model[1].weight, model.model[1].weight) for m in members)
+    assert load_member(path, ImageNetStyle, member_kwargs=kwargs).data_path == "/elsewhere/imagenet"
+    dm = digits()
+    metrics = cpu_trainer(tmp_path).test(ensemble, datamodule=dm, verbose=False)[0]
+    x, y = dm.test_set.tensors
+    with torch.no_grad():
+        expected = (model.eval()(x).argmax(-1) == y).float().mean().item()
+    assert metrics["test_acc"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(InvalidArgumentError, match="`member_kwargs`=.* expected a dict"):
+        Ensemble(checkpoints=[str(path)], member_kwargs=["data_path"])
+
+
+def test_missing_path_fails_at_construction_in_one_line(tmp_path):
+    plain = save_member(PlainNet(), tmp_path / "plain.ckpt")
+    missing = tmp_path / "runs" / "nope.ckpt"
+    with pytest.raises(DataNotFoundError) as err:
+        Ensemble(checkpoints=[str(plain), str(missing)], member_class=PlainNet)
+    assert str(err.value) == (f"`checkpoints`[1]={str(missing)!r} does not exist: expected a Lightning checkpoint "
+                              "file (.ckpt).")
+
+
+@pytest.mark.parametrize("content", [bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3),
+                                                         dtype=torch.uint8).tolist()),
+                                     b"", b"\x80\x02 a pickle, not a torch file", b"epoch,loss\n1,0.5\n"],
+                         ids=["random", "empty", "pickle-like", "text"])
+def test_a_file_that_is_not_a_checkpoint_says_so(content, tmp_path):
+    path = tmp_path / "member.ckpt"
+    path.write_bytes(content)
+    ensemble = Ensemble(checkpoints=[str(path)], member_class=PlainNet)
+    with pytest.raises(CheckpointError) as err:
+        ensemble.load_members()
+    assert not isinstance(err.value, UnsafeCheckpointError)
+    assert "is not a PyTorch checkpoint" in str(err.value) and "trust_checkpoints" not in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_every_member_gets_the_tricks_its_checkpoint_records(tmp_path, monkeypatch):
+    import lightning_tricks.ensemble.loading as loading
+
+    calls = []
+    monkeypatch.setattr(loading, "apply_recorded_tricks",
+                        lambda module, checkpoint: calls.append((module, checkpoint)) or [])
+    model = PlainNet()
+    path = save_member(model, tmp_path / "plain.ckpt", current_model_state=PlainNet().state_dict())
+    ensemble = Ensemble(checkpoints=[str(path)], member_class=PlainNet, ema_members="both")
+    members = ensemble.load_members()
+    assert len(calls) == 1 and calls[0][0] is members[0]  # the raw member is a copy made after it
+    assert torch.equal(calls[0][1]["state_dict"]["net.1.weight"], model.net[1].weight)
+    assert load_member(path, PlainNet) is calls[1][0] and len(calls) == 2
 
 
 def test_undeclared_class_counts_fail_at_the_first_batch_before_any_metric(tmp_path):

@@ -17,7 +17,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_choice, check_int
 from lightning_tricks.ensemble import _vmap
-from lightning_tricks.ensemble.loading import ClassSpec, checkpoint_members, class_path
+from lightning_tricks.ensemble.loading import (
+    ClassSpec,
+    check_checkpoint_files,
+    checkpoint_members,
+    class_path,
+)
 from lightning_tricks.ensemble.voting import (
     check_vote_weights,
     fit_vote_weights,
@@ -60,7 +65,7 @@ def check_member_class(member_class: Any, count: int) -> list[ClassSpec | None]:
 
 
 def check_ensemble_arguments(checkpoints: Any, members: Any, member_class: Any, voting: Any, weights: Any,
-                             fast_path: Any, ema_members: Any, num_classes: Any
+                             fast_path: Any, ema_members: Any, num_classes: Any, member_kwargs: Any = None
                              ) -> tuple[list[str], list[nn.Module], list[ClassSpec | None], int, list[float] | None]:
     """The Ensemble's validator: ``(checkpoints, members, class per checkpoint, member count, weights)``."""
     checkpoints = check_checkpoints(checkpoints)
@@ -77,6 +82,10 @@ def check_ensemble_arguments(checkpoints: Any, members: Any, member_class: Any, 
     if num_classes is not None:
         check_int("num_classes", num_classes, 2)
     specs = check_member_class(member_class, len(checkpoints))
+    if member_kwargs is not None and not (isinstance(member_kwargs, dict) and all(isinstance(k, str)
+                                                                               for k in member_kwargs)):
+        raise InvalidArgumentError(f"`member_kwargs`={member_kwargs!r} is invalid: expected a dict of constructor "
+                                   "argument names to values, or None.")
     member_count = len(checkpoints) * (2 if ema_members == "both" else 1) + len(modules)
     if weights is not None:
         if voting == "soft":
@@ -166,8 +175,10 @@ class Ensemble(pl.LightningModule):
 
     Members come from checkpoint paths (each built with its own LightningModule class, recorded by
     LightningCLI or given as ``member_class``), from modules passed in Python, or both, and may differ
-    in architecture. Checkpoints load lazily, at ``setup`` (or the first forward in plain Python), with
-    ``torch.load(weights_only=True)`` unless ``trust_checkpoints``.
+    in architecture. Every checkpoint path must exist when the Ensemble is built; the files load lazily,
+    at ``setup`` (or the first forward in plain Python), through Lightning's ``load_from_checkpoint``
+    with ``weights_only=True`` unless ``trust_checkpoints``, and get back the structural tricks they
+    record (`lightning_tricks.checkpoint.apply_recorded_tricks`).
 
     Voting: ``soft`` averages the members' softmax probabilities and takes the argmax (the lectures'
     recipe), ``hard`` takes the per-sample majority of the members' argmax classes (ties go to the tied
@@ -203,10 +214,14 @@ class Ensemble(pl.LightningModule):
         trust_checkpoints: load with ``weights_only=False`` and import the modules checkpoints name. Only
             for files from a trusted source: unpickling can run arbitrary code.
         num_classes: the class count; checked against the members and the datamodule.
+        member_kwargs: constructor arguments passed to every checkpoint member's class, as
+            ``load_from_checkpoint(**kwargs)`` takes them: those its hyper-parameters lack (a module that
+            needs ``data_path`` but does not save it) or override.
 
     Raises:
         InvalidArgumentError: an empty or malformed checkpoint list, an unknown choice, weights of the
             wrong length or negative, ``weights`` with ``soft`` voting.
+        DataNotFoundError: a checkpoint path that does not exist.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -226,15 +241,18 @@ class Ensemble(pl.LightningModule):
         ema_members: str = "ema",
         trust_checkpoints: bool = False,
         num_classes: int | None = None,
+        member_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         checkpoints, modules, self._class_specs, member_count, weights = check_ensemble_arguments(
-            checkpoints, members, member_class, voting, weights, fast_path, ema_members, num_classes)
+            checkpoints, members, member_class, voting, weights, fast_path, ema_members, num_classes, member_kwargs)
+        check_checkpoint_files(checkpoints)
         self.save_hyperparameters(ignore=["members", "member_class"])
         self.hparams["member_class"] = (None if member_class is None else
                                         [s if isinstance(s, str) else class_path(s) for s in self._class_specs])
         self.checkpoints, self.voting, self.fast_path = checkpoints, voting, fast_path
         self.ema_members, self.trust_checkpoints, self.num_classes = ema_members, trust_checkpoints, num_classes
+        self.member_kwargs = dict(member_kwargs or {})
         self.member_count = member_count
         self.members = nn.ModuleList()
         self.member_names: list[str] = []
@@ -252,7 +270,6 @@ class Ensemble(pl.LightningModule):
         """Load the checkpoints (once) and group members of one architecture; returns ``self.members``.
 
         Raises:
-            DataNotFoundError: a checkpoint file is missing.
             UnsafeCheckpointError: a checkpoint needs unpickling and ``trust_checkpoints`` is False.
             CheckpointError: a checkpoint that cannot be built, or ``ema_members='both'`` on a checkpoint
                 without EMA weights.
@@ -261,7 +278,7 @@ class Ensemble(pl.LightningModule):
         if len(self.members):
             return self.members
         loaded: list[tuple[str, nn.Module]] = list(checkpoint_members(
-            self.checkpoints, self._class_specs, self.ema_members, self.trust_checkpoints))
+            self.checkpoints, self._class_specs, self.ema_members, self.trust_checkpoints, self.member_kwargs))
         loaded += [(f"members[{i}]:{type(m).__name__}", m) for i, m in enumerate(self._python_members)]
         self._declared_classes = [_declared_num_classes(m) for _, m in loaded]
         _check_class_counts([name for name, _ in loaded], self._declared_classes, self.num_classes, "predict")
