@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
 import types
 import warnings
 from collections import Counter
@@ -287,25 +286,41 @@ def test_probe_falls_back_to_the_loop_when_vmap_cannot_serve_and_vmap_says_why()
         assert Ensemble(members=dynamic, num_classes=3, fast_path="probe").member_logits(x).shape == (2, 5, 3)
 
 
-class Sleepy(nn.Module):
-    """A member whose cost is known: ``loop_ms`` per call one by one, ``vmap_ms`` per call when vectorized."""
+class ProbeClock:
+    """A clock for the probe that advances only when a member says what its call cost."""
 
-    def __init__(self, loop_ms: float, vmap_ms: float) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Costed(nn.Module):
+    """A member whose cost is known: ``loop_ms`` per call one by one, ``vmap_ms`` per vectorized call (when
+    ``functional_call`` has swapped in the stacked parameters), charged to a ``ProbeClock``."""
+
+    def __init__(self, clock: ProbeClock, loop_ms: float, vmap_ms: float) -> None:
         super().__init__()
-        self.linear, self.loop_ms, self.vmap_ms = nn.Linear(4, 3), loop_ms, vmap_ms
+        self.linear, self.clock, self.loop_ms, self.vmap_ms = nn.Linear(4, 3), clock, loop_ms, vmap_ms
+        self.own_weight = [self.linear.weight]  # a list, so that it is not a registered parameter
 
     def extra_repr(self) -> str:
         return f"loop_ms={self.loop_ms}, vmap_ms={self.vmap_ms}"
 
     def forward(self, x):
-        vectorized = torch._C._functorch.is_batchedtensor(self.linear.weight)
-        time.sleep((self.vmap_ms if vectorized else self.loop_ms) / 1000)
+        vectorized = self.linear.weight is not self.own_weight[0]
+        self.clock.now += (self.vmap_ms if vectorized else self.loop_ms) / 1000
         return self.linear(x)
 
 
 @pytest.mark.parametrize("loop_ms,vmap_ms,expected", [(10, 10, "vmap"), (2, 30, "loop")])
-def test_probe_picks_the_faster_path(loop_ms, vmap_ms, expected):
-    members = [Sleepy(loop_ms, vmap_ms) for _ in range(3)]  # loop: 3 calls; vmap: 1 call
+def test_probe_picks_the_faster_path(loop_ms, vmap_ms, expected, monkeypatch):
+    from lightning_tricks.ensemble import _vmap
+
+    clock = ProbeClock()
+    monkeypatch.setattr(_vmap, "clock", clock)
+    members = [Costed(clock, loop_ms, vmap_ms) for _ in range(3)]  # loop: 3 calls; vmap: 1 call
     auto = Ensemble(members=members, num_classes=3, fast_path="probe")
     x = torch.randn(5, 4)
     torch.testing.assert_close(auto.member_logits(x), torch.stack([m(x) for m in members]), rtol=0, atol=1e-6)

@@ -2,7 +2,8 @@
 
 Chosen only where a measured probe shows it faster than running the members one by one (or when the
 user asks for it with ``fast_path="vmap"``); the loop stays the default on CPU. Everything vmap-specific
-lives here, so that the path can be dropped by deleting this module and its one call site.
+lives here; `Ensemble._plan` is its one caller, so the path can be dropped by deleting this module
+and that method.
 """
 
 from __future__ import annotations
