@@ -660,6 +660,78 @@ def test_snapshot_uneven_budget_warns_and_snapshots_the_last_step(tmp_path):
     assert recorder.lrs == {t: pytest.approx(snapshot_lr(t, 10, 3, 0.2), abs=1e-15) for t in range(1, 11)}
 
 
+class NetInHparams(pl.LightningModule):
+    """Written like a popular project template: the network is a constructor argument saved with the other
+    hyper-parameters (``save_hyperparameters()`` pickles the ``nn.Module``); OneCycleLR stepped per batch."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1, one_cycle: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.nll_loss(F.log_softmax(self.forward(x), dim=1), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if not self.hparams.one_cycle:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,
+                                                        total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_snapshot_ensemble_of_a_module_whose_hparams_hold_an_nn_module(tmp_path):
+    pl.seed_everything(0)
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snaps"))
+    model = NetInHparams(_small_net(), lr=0.05)
+    cpu_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=0,
+                callbacks=[snapshots]).fit(model, datamodule=digits())
+    with pytest.raises(UnsafeCheckpointError, match="trust_checkpoints=True"):  # a stranger's file would be refused
+        Ensemble(checkpoints=snapshots.snapshot_paths, member_class=NetInHparams).load_members()
+    ensemble = snapshots.ensemble()
+    members = ensemble.load_members()
+    for member, path in zip(members, snapshots.snapshot_paths, strict=True):
+        saved = torch.load(path, weights_only=False)["state_dict"]
+        assert member is not model and type(member) is NetInHparams
+        assert all(torch.equal(member.state_dict()[k], v) for k, v in saved.items())
+    assert torch.equal(members[1].net[1].weight, model.net[1].weight)
+    assert not torch.equal(members[0].net[1].weight, members[1].net[1].weight)
+    dm = digits()
+    test_acc = cpu_trainer(tmp_path).test(ensemble, datamodule=dm, verbose=False)[0]["test_acc"]
+    x, y = dm.test_set.tensors
+    with torch.no_grad():
+        expected = soft_vote(torch.stack([m(x) for m in members])).argmax(-1)
+    assert test_acc == pytest.approx((expected == y).float().mean().item(), abs=1e-6)
+    # a snapshot replaced on disk is no longer "ours": it is not unpickled
+    torch.save(torch.load(snapshots.snapshot_paths[0], weights_only=False), snapshots.snapshot_paths[0])
+    with pytest.raises(CheckpointError, match="changed on disk since SnapshotEnsemble wrote it"):
+        snapshots.ensemble()
+
+
+def test_snapshot_peak_is_the_configured_lr_not_one_cycles_starting_lr(tmp_path):
+    snapshots, recorder = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "s")), LrRecorder()
+    model = NetInHparams(_small_net(), lr=0.2, one_cycle=True)
+    with pytest.warns(UserWarning, match="removing the scheduler.*OneCycleLR"):
+        cpu_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0,
+                    callbacks=[snapshots, recorder]).fit(model, datamodule=digits())
+    assert snapshots.base_lrs == [[pytest.approx(0.2)]]  # OneCycleLR had set lr = 0.2 / 25 at construction
+    assert recorder.lrs == {t: pytest.approx(snapshot_lr(t, 8, 2, 0.2), abs=1e-12) for t in range(1, 9)}
+    from lightning_tricks.ensemble.snapshot import configured_lr
+
+    assert configured_lr({"lr": 0.008, "initial_lr": 0.008, "max_lr": 0.2}) == 0.2
+    assert configured_lr({"lr": 0.05, "initial_lr": 0.1}) == 0.1  # e.g. a warm-up LambdaLR at its first step
+    assert configured_lr({"lr": 0.3}) == 0.3
+
+
 def test_snapshot_ddp_ranks_share_the_schedule_and_snapshots(tmp_path):
     def probe(trainer, module):
         snap = next(c for c in trainer.callbacks if isinstance(c, SnapshotEnsemble))

@@ -5,6 +5,7 @@ Functional core: :func:`snapshot_lr`, the schedule. Lightning shell: the :class:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -16,8 +17,29 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
-from lightning_tricks.ensemble.loading import class_path
+from lightning_tricks.ensemble.loading import CheckpointError, class_path, copy_with_weights, read_checkpoint
 from lightning_tricks.ensemble.module import Ensemble
+
+
+def configured_lr(param_group: dict[str, Any]) -> float:
+    """The learning rate a parameter group was configured with, whatever a scheduler has done to ``lr`` since.
+
+    OneCycleLR records its peak as ``max_lr`` (its ``initial_lr`` is ``max_lr / div_factor``, where it
+    starts); every torch scheduler records the optimizer's own learning rate as ``initial_lr`` when it is
+    built; without a scheduler ``lr`` is the configured one.
+    """
+    for key in ("max_lr", "initial_lr", "lr"):
+        if isinstance(param_group.get(key), (int, float)):
+            return float(param_group[key])
+    raise InvalidArgumentError(f"A parameter group without a numeric learning rate: {sorted(param_group)}.")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def snapshot_lr(step: int, total_steps: int, cycles: int, lr: float) -> float:
@@ -42,8 +64,9 @@ class SnapshotEnsemble(Callback):
     :func:`snapshot_lr`: ``alpha0/2 * (cos(pi * ((t-1) mod ceil(T/M)) / ceil(T/M)) + 1)``. At the end of
     each cycle (steps ``ceil(T/M)``, ``2 ceil(T/M)``, ... and ``T``) the model is saved with
     ``trainer.save_checkpoint(weights_only=True)`` to ``dirpath``; an ``ensemble.yaml`` beside the
-    snapshots lists them as a ready :class:`Ensemble` config, and :meth:`ensemble` builds that Ensemble
-    in Python. The schedule is a function of ``trainer.global_step``, so a run resumed with
+    snapshots lists them as a ready `Ensemble` config, and `ensemble()` builds the Ensemble in Python
+    by loading each snapshot's weights into a deep copy of the trained module (no rebuild from
+    hyper-parameters, so modules whose hyper-parameters hold objects such as an ``nn.Module`` work). The schedule is a function of ``trainer.global_step``, so a run resumed with
     ``ckpt_path`` continues it exactly; the base learning rates, budget and snapshot paths are in the
     callback's checkpoint state.
 
@@ -54,7 +77,8 @@ class SnapshotEnsemble(Callback):
         cycles: M, the number of cycles and snapshots; 1 <= M <= T, and M cycles of ``ceil(T/M)`` steps
             must fit in T.
         lr: alpha0, the learning rate at the start of every cycle; ``None`` takes each parameter group's
-            learning rate when training starts.
+            configured learning rate (`configured_lr`: OneCycleLR's ``max_lr``, else the ``initial_lr``
+            a scheduler recorded, else ``lr``) when training starts.
         dirpath: where snapshots go; defaults to ``<trainer.log_dir>/snapshots``.
 
     Raises:
@@ -78,8 +102,9 @@ class SnapshotEnsemble(Callback):
         self.base_lrs: list[list[float]] | None = None
         self.snapshot_paths: list[str] = []
         self.snapshot_steps: list[int] = []
+        self.snapshot_digests: list[str] = []
         self.member_class: str | None = None
-        self._module_class: type[pl.LightningModule] | None = None
+        self._trained_module: pl.LightningModule | None = None
         self._dir: Path | None = None
 
     @property
@@ -130,12 +155,12 @@ class SnapshotEnsemble(Callback):
                            "returned by configure_optimizers.")
             trainer.lr_scheduler_configs.clear()
         if self.base_lrs is None:
-            self.base_lrs = [[self.lr if self.lr is not None else float(group.get("initial_lr", group["lr"]))
+            self.base_lrs = [[self.lr if self.lr is not None else configured_lr(group)
                               for group in optimizer.param_groups] for optimizer in trainer.optimizers]
         elif [len(lrs) for lrs in self.base_lrs] != [len(o.param_groups) for o in trainer.optimizers]:
             raise InvalidArgumentError("SnapshotEnsemble was resumed with other optimizers or parameter groups than "
                                        "its schedule was planned for: resume with the same configure_optimizers.")
-        self._module_class = type(pl_module)
+        self._trained_module = pl_module
         self.member_class = class_path(type(pl_module))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -160,6 +185,8 @@ class SnapshotEnsemble(Callback):
         cycle = math.ceil(step / self.cycle_length)
         path = self._dir / f"snapshot-cycle={cycle}-step={step}.ckpt"
         trainer.save_checkpoint(path, weights_only=True)  # every rank calls it; rank 0 writes
+        # the file's digest lets ensemble() load exactly this file without asking whether to trust it
+        self.snapshot_digests.append(trainer.strategy.broadcast(_sha256(path) if trainer.is_global_zero else ""))
         self.snapshot_paths.append(str(path.resolve()))
         self.snapshot_steps.append(step)
         if trainer.is_global_zero:
@@ -176,7 +203,9 @@ class SnapshotEnsemble(Callback):
         config = {"model": {"class_path": "lightning_tricks.Ensemble",
                             "init_args": {"checkpoints": list(self.snapshot_paths), "member_class": self.member_class}}}
         header = ("# The snapshots of one SnapshotEnsemble run as an ensemble (written by lightning-tricks).\n"
-                  f"#   lightning-tricks test --config {self.config_path} --data <the datamodule you trained on>\n")
+                  f"#   lightning-tricks test --config {self.config_path} --data <the datamodule you trained on>\n"
+                  "# A module whose hyper-parameters hold objects (an nn.Module) also needs trust_checkpoints: true;\n"
+                  "# one whose constructor needs arguments not in its hyper-parameters, member_kwargs: {...}.\n")
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -188,22 +217,45 @@ class SnapshotEnsemble(Callback):
                            f"`lightning-tricks test --config {self.config_path}` or SnapshotEnsemble.ensemble().")
 
     def ensemble(self, **kwargs: Any) -> Ensemble:
-        """An :class:`Ensemble` of the snapshots taken so far (``kwargs`` go to ``Ensemble``: voting, ...)."""
+        """An `Ensemble` of the snapshots taken so far (``kwargs`` go to ``Ensemble``: voting, ...).
+
+        After ``fit`` in this process, each snapshot's weights load into a deep copy of the trained module.
+        A snapshot file is read with ``weights_only=False`` only if it is byte for byte the file this
+        callback wrote (its SHA-256 is in the callback's state). Without the trained module (a callback
+        restored in another process), the snapshots are rebuilt from their class and hyper-parameters.
+
+        Raises:
+            CheckpointError: a snapshot changed on disk since it was written.
+        """
         if not self.snapshot_paths:
             raise RuntimeError("SnapshotEnsemble has no snapshots yet: call ensemble() after trainer.fit.")
-        member_class = self._module_class or self.member_class
-        return Ensemble(checkpoints=list(self.snapshot_paths), member_class=member_class, **kwargs)
+        if self._trained_module is None:
+            return Ensemble(checkpoints=list(self.snapshot_paths), member_class=self.member_class, **kwargs)
+        digests = self.snapshot_digests + [""] * (len(self.snapshot_paths) - len(self.snapshot_digests))
+        return Ensemble(members=[self._snapshot_member(path, digest)
+                                 for path, digest in zip(self.snapshot_paths, digests, strict=True)], **kwargs)
+
+    def _snapshot_member(self, path: str, digest: str) -> pl.LightningModule:
+        label = f"snapshot {path!r}"
+        if digest and _sha256(path) != digest:
+            raise CheckpointError(f"{label} changed on disk since SnapshotEnsemble wrote it (its SHA-256 differs): "
+                                  "refusing to unpickle it; rerun the training or rebuild it with Ensemble(...).")
+        checkpoint = read_checkpoint(path, trust_checkpoints=bool(digest), label=label)
+        assert self._trained_module is not None
+        return copy_with_weights(self._trained_module, checkpoint, label)  # type: ignore[return-value]
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "base_lrs": self.base_lrs, "snapshot_paths": list(self.snapshot_paths),
-                "snapshot_steps": list(self.snapshot_steps), "member_class": self.member_class}
+                "snapshot_steps": list(self.snapshot_steps), "snapshot_digests": list(self.snapshot_digests),
+                "member_class": self.member_class}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total_steps = state_dict["total_steps"]
         self.base_lrs = state_dict["base_lrs"]
         self.snapshot_paths = list(state_dict["snapshot_paths"])
         self.snapshot_steps = list(state_dict["snapshot_steps"])
+        self.snapshot_digests = list(state_dict.get("snapshot_digests", []))
         self.member_class = state_dict["member_class"]
 
 
-__all__ = ["SnapshotEnsemble", "snapshot_lr"]
+__all__ = ["SnapshotEnsemble", "configured_lr", "snapshot_lr"]
