@@ -49,8 +49,8 @@ def snapshot_lr(step: int, total_steps: int, cycles: int, lr: float) -> float:
     ``ceil(T / M)`` iterations starts at ``lr`` and anneals towards 0.
 
     Example:
-        >>> [round(snapshot_lr(t, 8, 2, 0.1), 4) for t in range(1, 9)]
-        [0.1, 0.0854, 0.05, 0.0146, 0.1, 0.0854, 0.05, 0.0146]
+        >>> tuple(round(snapshot_lr(t, 8, 2, 0.1), 4) for t in range(1, 9))
+        (0.1, 0.0854, 0.05, 0.0146, 0.1, 0.0854, 0.05, 0.0146)
     """
     cycle_length = math.ceil(total_steps / cycles)
     return lr / 2 * (math.cos(math.pi * ((step - 1) % cycle_length) / cycle_length) + 1)
