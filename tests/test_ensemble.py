@@ -512,19 +512,30 @@ def test_a_file_that_is_not_a_checkpoint_says_so(content, tmp_path):
     assert str(path) in str(err.value)
 
 
-def test_every_member_gets_the_tricks_its_checkpoint_records(tmp_path, monkeypatch):
+def test_every_member_gets_the_tricks_its_checkpoint_records_before_its_weights_load(tmp_path, monkeypatch):
     import lightning_tricks.ensemble.loading as loading
 
-    calls = []
-    monkeypatch.setattr(loading, "apply_recorded_tricks",
-                        lambda module, checkpoint: calls.append((module, checkpoint)) or [])
+    def apply_marker_trick(module, checkpoint):  # like a structural trick: converts and adds a marker buffer
+        calls.append((module, checkpoint))
+        if checkpoint.get("tricks") and not hasattr(module.net[1], "marker"):
+            module.net[1].register_buffer("marker", torch.ones(1))
+        return ["Marker"] if checkpoint.get("tricks") else []
+
+    calls: list = []
+    monkeypatch.setattr(loading, "apply_recorded_tricks", apply_marker_trick)
     model = PlainNet()
     path = save_member(model, tmp_path / "plain.ckpt", current_model_state=PlainNet().state_dict())
-    ensemble = Ensemble(checkpoints=[str(path)], member_class=PlainNet, ema_members="both")
-    members = ensemble.load_members()
+    members = Ensemble(checkpoints=[str(path)], member_class=PlainNet, ema_members="both").load_members()
     assert len(calls) == 1 and calls[0][0] is members[0]  # the raw member is a copy made after it
     assert torch.equal(calls[0][1]["state_dict"]["net.1.weight"], model.net[1].weight)
     assert load_member(path, PlainNet) is calls[1][0] and len(calls) == 2
+    # a checkpoint whose converted modules hold a buffer the plain module lacks: a strict load works only
+    # if the trick is applied first
+    model.net[1].register_buffer("marker", torch.full((1,), 7.0))
+    converted = save_member(model, tmp_path / "converted.ckpt", tricks=["Marker"])
+    (member,) = Ensemble(checkpoints=[str(converted)], member_class=PlainNet).load_members()
+    assert torch.equal(member.net[1].marker, torch.full((1,), 7.0))
+    assert "on_load_checkpoint" not in PlainNet.__dict__  # the class is left as it was
 
 
 def test_undeclared_class_counts_fail_at_the_first_batch_before_any_metric(tmp_path):

@@ -5,11 +5,13 @@ checkpoints, runs ``configure_model`` and ``on_load_checkpoint`` and honours Lig
 allowlist). What it lacks is added here: the class looked up from the ``_class_path`` that LightningCLI
 records in the hyper-parameters (members of one ensemble may have different classes), errors that name
 the file, the raw weights of an ``EMAWeightAveraging`` checkpoint, and the structural tricks a checkpoint
-records (`lightning_tricks.checkpoint.apply_recorded_tricks`).
+records (`lightning_tricks.checkpoint.apply_recorded_tricks`), applied from ``on_load_checkpoint`` so that
+they are in place before Lightning's strict ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import os
@@ -17,7 +19,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +156,34 @@ def _load_weights(module: nn.Module, state: dict[str, Any], label: str) -> None:
 
 
 def _with_recorded_tricks(module: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
-    """The one place where a loaded member gets the structural tricks its checkpoint records."""
+    """The one place where a member gets the structural tricks its checkpoint records. It runs before the
+    member's weights load strictly (converted modules may hold buffers the plain module lacks); applying
+    twice changes nothing."""
     apply_recorded_tricks(module, checkpoint)
-    return module.eval()
+    return module
+
+
+@contextlib.contextmanager
+def _tricks_before_weights(cls: type[pl.LightningModule]) -> Iterator[list[nn.Module]]:
+    """Wrap ``cls.on_load_checkpoint`` for one ``load_from_checkpoint`` call, which calls that hook between
+    building the module and its strict ``load_state_dict``: the point where recorded tricks must be applied,
+    with the checkpoint Lightning has migrated. Yields the modules the wrapper served."""
+    served: list[nn.Module] = []
+    own = cls.__dict__.get("on_load_checkpoint")
+    hook = cls.on_load_checkpoint
+
+    def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        hook(self, checkpoint)
+        served.append(_with_recorded_tricks(self, checkpoint))
+
+    cls.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+    try:
+        yield served
+    finally:
+        if own is None:
+            del cls.on_load_checkpoint
+        else:
+            cls.on_load_checkpoint = own  # type: ignore[method-assign]
 
 
 def build_members(path: str | os.PathLike, checkpoint: dict[str, Any], member_class: ClassSpec | None = None,
@@ -171,8 +198,11 @@ def build_members(path: str | os.PathLike, checkpoint: dict[str, Any], member_cl
     label = label or f"checkpoint {str(path)!r}"
     cls = _member_class(checkpoint, member_class, trust_checkpoints, label)
     try:
-        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=not trust_checkpoints,
-                                         **(member_kwargs or {}))
+        with _tricks_before_weights(cls) as served:
+            model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=not trust_checkpoints,
+                                             **(member_kwargs or {}))
+        if not any(m is model for m in served):  # a subclass (named by the CLI's _class_path) with its own hook
+            _with_recorded_tricks(model, checkpoint)
     except ConfigError:
         raise
     except RuntimeError as err:
@@ -185,7 +215,6 @@ def build_members(path: str | os.PathLike, checkpoint: dict[str, Any], member_cl
                 "load_from_checkpoint(**kwargs) takes them." if isinstance(err, TypeError) else "")
         raise CheckpointError(f"{label}: building {class_path(cls)} from its saved hyper-parameters failed: "
                               f"{type(err).__name__}: {err}.{hint}") from err
-    model = _with_recorded_tricks(model, checkpoint)
     members = []
     raw_state = checkpoint.get("current_model_state")
     for k, variant in enumerate(variants):
@@ -198,9 +227,9 @@ def build_members(path: str | os.PathLike, checkpoint: dict[str, Any], member_cl
 
 def copy_with_weights(template: nn.Module, checkpoint: dict[str, Any], label: str) -> nn.Module:
     """A deep copy of a live ``template`` module holding the checkpoint's weights: no class lookup, no rebuild."""
-    module = copy.deepcopy(template)
+    module = _with_recorded_tricks(copy.deepcopy(template), checkpoint)
     _load_weights(module, checkpoint["state_dict"], label)
-    return _with_recorded_tricks(module, checkpoint)
+    return module.eval()
 
 
 def load_member(path: str | os.PathLike, member_class: ClassSpec | None = None, trust_checkpoints: bool = False,
