@@ -54,23 +54,33 @@ class EMAMembers(EMAWeightAveraging):
                          update_starting_at_step=update_starting_at_step,
                          update_starting_at_epoch=update_starting_at_epoch)
         self.raw_state: dict[str, torch.Tensor] | None = None
+        self.ema_state: dict[str, torch.Tensor] | None = None
+        self._trained_module: nn.Module | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        super().on_train_end(trainer, pl_module)
+        self.raw_state = _cloned_state(pl_module)
+        super().on_train_end(trainer, pl_module)  # copies the averaged weights into the model
+        self.ema_state = _cloned_state(pl_module)
+        self._trained_module = pl_module
 
     def members(self) -> list[nn.Module]:
-        """``[EMA model, raw model]``: two new modules (copies), in eval mode."""
-        if self.raw_state is None or self._average_model is None:
+        """``[EMA model, raw model]``: two new modules (copies of the trained one), in eval mode."""
+        if self.raw_state is None or self.ema_state is None or self._trained_module is None:
             raise RuntimeError("EMAMembers.members() is available after trainer.fit with this callback.")
-        ema = copy.deepcopy(self._average_model.module).eval()
-        raw = copy.deepcopy(ema)
-        raw.load_state_dict(self.raw_state)
-        return [ema, raw]
+        members = []
+        for state in (self.ema_state, self.raw_state):
+            member = copy.deepcopy(self._trained_module)
+            member.load_state_dict(state)
+            members.append(member.eval())
+        return members
 
     def ensemble(self, **kwargs: Any) -> Ensemble:
         """An :class:`Ensemble` of the EMA model and the raw model (``kwargs`` go to ``Ensemble``)."""
         return Ensemble(members=self.members(), **kwargs)
+
+
+def _cloned_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 __all__ = ["EMAMembers"]
