@@ -65,3 +65,25 @@ def randomize_norm_stats(module: nn.Module, seed: int) -> nn.Module:
 
 def digits(**kwargs) -> DigitsDataModule:
     return DigitsDataModule(**{"batch_size": 64, "eval_batch_size": 45, **kwargs})  # 270 test images = 6 x 45
+
+
+class ImageNetStyle(pl.LightningModule):
+    """Written like Lightning's ImageNet example: a constructor argument (``data_path``) that is not saved in
+    the hyper-parameters, and a step that calls ``self.model(images)``."""
+
+    def __init__(self, data_path: str, width: int = 16, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["data_path"])
+        self.data_path = data_path
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        images, target = batch
+        output = self.model(images)
+        return F.cross_entropy(output, target)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)

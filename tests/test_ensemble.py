@@ -31,7 +31,7 @@ from lightning_tricks.ensemble import (
     vote_shares,
 )
 from lightning_tricks.zoo import DigitsDataModule, ImageClassifier, build_backbone
-from tests.ensemble_modules import PlainNet, digits, randomize_norm_stats, save_member
+from tests.ensemble_modules import ImageNetStyle, PlainNet, digits, randomize_norm_stats, save_member
 from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -373,28 +373,6 @@ def test_class_resolution_missing_files_and_mismatched_classes(tmp_path):
     zoo = save_member(ImageClassifier("mlp", num_classes=5), tmp_path / "zoo5.ckpt", "lightning_tricks.ImageClassifier")
     with pytest.raises(InvalidArgumentError, match="members predict 5 classes but the datamodule has num_classes=10"):
         cpu_trainer(tmp_path).test(Ensemble(checkpoints=[str(zoo)]), datamodule=digits())
-
-
-class ImageNetStyle(pl.LightningModule):
-    """Written like Lightning's ImageNet example: a constructor argument (``data_path``) that is not saved in
-    the hyper-parameters, and a step that calls ``self.model(images)``."""
-
-    def __init__(self, data_path: str, width: int = 16, lr: float = 0.1) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["data_path"])
-        self.data_path = data_path
-        self.model = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        images, target = batch
-        output = self.model(images)
-        return F.cross_entropy(output, target)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 def test_member_kwargs_build_a_module_whose_constructor_needs_more_than_its_hparams(tmp_path):

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_tricks import Ensemble, SnapshotEnsemble
 from lightning_tricks._validation import InvalidArgumentError
 from lightning_tricks.ensemble import CheckpointError, UnsafeCheckpointError, snapshot_lr, soft_vote
-from tests.ensemble_modules import LrRecorder, PlainNet, digits
+from tests.ensemble_modules import ImageNetStyle, LrRecorder, PlainNet, digits
 from tests.helpers import cpu_trainer, run_ddp
 
 
@@ -152,6 +152,21 @@ def test_snapshot_ensemble_of_a_module_whose_hparams_hold_an_nn_module(tmp_path)
     torch.save(torch.load(snapshots.snapshot_paths[0], weights_only=False), snapshots.snapshot_paths[0])
     with pytest.raises(CheckpointError, match="changed on disk since SnapshotEnsemble wrote it"):
         snapshots.ensemble()
+
+
+def test_snapshot_ensemble_of_a_module_whose_constructor_needs_more_than_its_hparams(tmp_path):
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "snaps"))
+    model = ImageNetStyle(data_path=str(tmp_path / "imagenet"))
+    cpu_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0,
+                callbacks=[snapshots]).fit(model, datamodule=digits())
+    copies = snapshots.ensemble().load_members()  # copies of the trained module: nothing to rebuild
+    assert [m.data_path for m in copies] == [model.data_path] * 2
+    assert torch.equal(copies[1].model[1].weight, model.model[1].weight)
+    restored = SnapshotEnsemble(cycles=2)  # in another process: no trained module, so the snapshots are rebuilt
+    restored.load_state_dict(snapshots.state_dict())
+    rebuilt = restored.ensemble(member_kwargs={"data_path": "/elsewhere"}).load_members()
+    assert [m.data_path for m in rebuilt] == ["/elsewhere"] * 2
+    assert all(torch.equal(a.model[1].weight, b.model[1].weight) for a, b in zip(copies, rebuilt, strict=True))
 
 
 def test_snapshot_peak_is_the_configured_lr_not_one_cycles_starting_lr(tmp_path):
