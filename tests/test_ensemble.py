@@ -400,6 +400,18 @@ def test_member_kwargs_build_a_module_whose_constructor_needs_more_than_its_hpar
         Ensemble(checkpoints=[str(path)], member_kwargs=["data_path"])
 
 
+def test_a_checkpoint_of_an_old_lightning_version_is_migrated_and_loads(tmp_path, caplog):
+    model = PlainNet()
+    path = save_member(model, tmp_path / "old.ckpt", epoch=3, global_step=40)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["pytorch-lightning_version"] = "1.5.0"
+    torch.save(checkpoint, path)
+    with caplog.at_level("INFO"):
+        (member,) = Ensemble(checkpoints=[str(path)], member_class=PlainNet).load_members()
+    assert "upgraded your loaded checkpoint from v1.5.0" in caplog.text  # Lightning's own migration ran
+    assert torch.equal(member.net[1].weight, model.net[1].weight)
+
+
 def test_missing_path_fails_at_construction_in_one_line(tmp_path):
     plain = save_member(PlainNet(), tmp_path / "plain.ckpt")
     missing = tmp_path / "runs" / "nope.ckpt"
