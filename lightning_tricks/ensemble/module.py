@@ -164,6 +164,13 @@ def _epoch_values(metrics: dict[str, Metric]) -> dict[str, torch.Tensor]:
     return {name: value.float() for name, value in values.items()}
 
 
+def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    try:
+        return module.trainer
+    except RuntimeError:  # "is not attached to a `Trainer`"
+        return None
+
+
 def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -396,20 +403,22 @@ class Ensemble(pl.LightningModule):
             raise ConfigError("An Ensemble only evaluates (validate, test, predict): train its members on their own, "
                               "or use the SnapshotEnsemble callback while training one model.")
         self.load_members()
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        trainer = _attached_trainer(self)
+        datamodule = trainer.datamodule if trainer is not None else None
         theirs = getattr(datamodule, "num_classes", None)
         mine = self.expected_num_classes()
         if isinstance(theirs, int) and mine is not None and theirs != mine:
             raise InvalidArgumentError(f"The ensemble's members predict {mine} classes but the datamodule has "
                                        f"num_classes={theirs}.")
         rank_zero_info("Ensemble members: " + ", ".join(f"{i}: {n}" for i, n in enumerate(self.member_names)))
-        if self._trainer is not None and stage in ("validate", "test"):
+        if trainer is not None and stage in ("validate", "test"):
             # no DistributedSampler padding: DDP metrics equal the single-process ones (lightning_tricks.evaluation)
-            install_exact_evaluation(self.trainer, self, ["validate", "test"])
+            install_exact_evaluation(trainer, self, ["validate", "test"])
 
     def teardown(self, stage: str) -> None:
-        if self._trainer is not None:
-            uninstall_exact_evaluation(self.trainer, self)
+        trainer = _attached_trainer(self)
+        if trainer is not None:
+            uninstall_exact_evaluation(trainer, self)
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y = _split(batch)
