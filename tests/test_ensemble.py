@@ -1,11 +1,11 @@
-"""Ensembles: voting against brute force, safe loading, fast path vs loop, CLI, DDP, snapshots, EMA members."""
+"""Ensembles: voting against brute force, member loading, fast path vs loop, the Ensemble module, CLI, DDP.
+
+SnapshotEnsemble and EMAMembers have their own files (test_ensemble_snapshot.py, test_ensemble_ema.py)."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
-import time
 import types
 import warnings
 from collections import Counter
@@ -15,11 +15,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_tricks import EMAMembers, Ensemble, SnapshotEnsemble
+from lightning_tricks import Ensemble
 from lightning_tricks._validation import DataNotFoundError, InvalidArgumentError
 from lightning_tricks.cli import build_cli, main
 from lightning_tricks.ensemble import (
@@ -28,47 +27,15 @@ from lightning_tricks.ensemble import (
     fit_vote_weights,
     hard_vote,
     load_member,
-    snapshot_lr,
     soft_vote,
     vote_shares,
 )
 from lightning_tricks.zoo import DigitsDataModule, ImageClassifier, build_backbone
+from tests.ensemble_modules import ImageNetStyle, PlainNet, digits, randomize_norm_stats, save_member
 from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.accelerator=cpu"]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# a LightningModule written the way users write theirs: list batches, plain F.cross_entropy, its own scheduler
-
-
-class PlainNet(pl.LightningModule):
-    def __init__(self, hidden: int = 32, lr: float = 0.1, num_classes: int = 10) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
-
-
-class LrRecorder(Callback):
-    """The learning rate each optimizer step used, by step number (1-based)."""
-
-    def __init__(self) -> None:
-        self.lrs: dict[int, float] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
 class RankMetricsReport(Callback):
@@ -84,25 +51,6 @@ class RankMetricsReport(Callback):
             json.dumps({"world_size": trainer.world_size, "metrics": metrics}))
 
 
-def save_member(module: pl.LightningModule, path: Path, class_path: str | None = None, **extra) -> Path:
-    """A checkpoint as Lightning writes it (state_dict + hyper_parameters), optionally with a CLI `_class_path`."""
-    hparams = dict(module.hparams)
-    if class_path:
-        hparams["_class_path"] = class_path
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, **extra}, path)
-    return path
-
-
-def randomize_norm_stats(module: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def zoo_checkpoints(tmp_path_factory) -> list[str]:
     """Two checkpoints of different zoo architectures, written by the CLI (so they record `_class_path`)."""
@@ -116,9 +64,6 @@ def zoo_checkpoints(tmp_path_factory) -> list[str]:
         paths.append(str(path))
     return paths
 
-
-def digits(**kwargs) -> DigitsDataModule:
-    return DigitsDataModule(**{"batch_size": 64, "eval_batch_size": 45, **kwargs})  # 270 test images = 6 x 45
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -205,16 +150,6 @@ def test_bad_arguments(kwargs, message):
         Ensemble(**kwargs)
     assert message in str(err.value)
 
-
-def test_snapshot_lr_is_the_papers_formula():
-    total, cycles, lr = 100, 3, 0.2
-    length = math.ceil(total / cycles)
-    for t in range(1, total + 1):
-        expected = lr / 2 * (math.cos(math.pi * ((t - 1) % length) / length) + 1)
-        assert snapshot_lr(t, total, cycles, lr) == pytest.approx(expected, abs=1e-15)
-    assert [snapshot_lr(t, total, cycles, lr) for t in (1, length + 1, 2 * length + 1)] == [lr] * 3
-
-
 # ------------------------------------------------------------------------------------------------------------
 # fast path
 
@@ -285,25 +220,41 @@ def test_probe_falls_back_to_the_loop_when_vmap_cannot_serve_and_vmap_says_why()
         assert Ensemble(members=dynamic, num_classes=3, fast_path="probe").member_logits(x).shape == (2, 5, 3)
 
 
-class Sleepy(nn.Module):
-    """A member whose cost is known: ``loop_ms`` per call one by one, ``vmap_ms`` per call when vectorized."""
+class ProbeClock:
+    """A clock for the probe that advances only when a member says what its call cost."""
 
-    def __init__(self, loop_ms: float, vmap_ms: float) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Costed(nn.Module):
+    """A member whose cost is known: ``loop_ms`` per call one by one, ``vmap_ms`` per vectorized call (when
+    ``functional_call`` has swapped in the stacked parameters), charged to a ``ProbeClock``."""
+
+    def __init__(self, clock: ProbeClock, loop_ms: float, vmap_ms: float) -> None:
         super().__init__()
-        self.linear, self.loop_ms, self.vmap_ms = nn.Linear(4, 3), loop_ms, vmap_ms
+        self.linear, self.clock, self.loop_ms, self.vmap_ms = nn.Linear(4, 3), clock, loop_ms, vmap_ms
+        self.own_weight = [self.linear.weight]  # a list, so that it is not a registered parameter
 
     def extra_repr(self) -> str:
         return f"loop_ms={self.loop_ms}, vmap_ms={self.vmap_ms}"
 
     def forward(self, x):
-        vectorized = torch._C._functorch.is_batchedtensor(self.linear.weight)
-        time.sleep((self.vmap_ms if vectorized else self.loop_ms) / 1000)
+        vectorized = self.linear.weight is not self.own_weight[0]
+        self.clock.now += (self.vmap_ms if vectorized else self.loop_ms) / 1000
         return self.linear(x)
 
 
 @pytest.mark.parametrize("loop_ms,vmap_ms,expected", [(10, 10, "vmap"), (2, 30, "loop")])
-def test_probe_picks_the_faster_path(loop_ms, vmap_ms, expected):
-    members = [Sleepy(loop_ms, vmap_ms) for _ in range(3)]  # loop: 3 calls; vmap: 1 call
+def test_probe_picks_the_faster_path(loop_ms, vmap_ms, expected, monkeypatch):
+    from lightning_tricks.ensemble import _vmap
+
+    clock = ProbeClock()
+    monkeypatch.setattr(_vmap, "clock", clock)
+    members = [Costed(clock, loop_ms, vmap_ms) for _ in range(3)]  # loop: 3 calls; vmap: 1 call
     auto = Ensemble(members=members, num_classes=3, fast_path="probe")
     x = torch.randn(5, 4)
     torch.testing.assert_close(auto.member_logits(x), torch.stack([m(x) for m in members]), rtol=0, atol=1e-6)
@@ -408,7 +359,7 @@ def test_class_resolution_missing_files_and_mismatched_classes(tmp_path):
     plain = save_member(model, tmp_path / "plain.ckpt")
     with pytest.raises(CheckpointError, match="does not record its LightningModule class.*member_class="):
         Ensemble(checkpoints=[str(plain)]).load_members()
-    for spec in ("tests.test_ensemble.PlainNet", PlainNet):
+    for spec in ("tests.ensemble_modules.PlainNet", PlainNet):
         (member,) = Ensemble(checkpoints=[str(plain)], member_class=spec).load_members()
         assert type(member) is PlainNet and torch.equal(member.net[1].weight, model.net[1].weight)
     unimported = save_member(model, tmp_path / "named.ckpt", class_path="some_unimported_package.Net")
@@ -422,6 +373,93 @@ def test_class_resolution_missing_files_and_mismatched_classes(tmp_path):
     zoo = save_member(ImageClassifier("mlp", num_classes=5), tmp_path / "zoo5.ckpt", "lightning_tricks.ImageClassifier")
     with pytest.raises(InvalidArgumentError, match="members predict 5 classes but the datamodule has num_classes=10"):
         cpu_trainer(tmp_path).test(Ensemble(checkpoints=[str(zoo)]), datamodule=digits())
+
+
+def test_member_kwargs_build_a_module_whose_constructor_needs_more_than_its_hparams(tmp_path):
+    pl.seed_everything(0)
+    trainer = cpu_trainer(tmp_path, limit_train_batches=3, limit_val_batches=0)
+    model = ImageNetStyle(data_path=str(tmp_path / "imagenet"))
+    trainer.fit(model, datamodule=digits())
+    path = tmp_path / "imagenet.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(CheckpointError, match="missing 1 required positional argument: 'data_path'.*member_kwargs="):
+        Ensemble(checkpoints=[str(path)], member_class=ImageNetStyle).load_members()
+    kwargs = {"data_path": "/elsewhere/imagenet"}
+    ensemble = Ensemble(checkpoints=[str(path), str(path)], member_class=ImageNetStyle, member_kwargs=kwargs)
+    members = ensemble.load_members()
+    assert [m.data_path for m in members] == ["/elsewhere/imagenet"] * 2
+    assert all(torch.equal(m.model[1].weight, model.model[1].weight) for m in members)
+    assert load_member(path, ImageNetStyle, member_kwargs=kwargs).data_path == "/elsewhere/imagenet"
+    dm = digits()
+    metrics = cpu_trainer(tmp_path).test(ensemble, datamodule=dm, verbose=False)[0]
+    x, y = dm.test_set.tensors
+    with torch.no_grad():
+        expected = (model.eval()(x).argmax(-1) == y).float().mean().item()
+    assert metrics["test_acc"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(InvalidArgumentError, match="`member_kwargs`=.* expected a dict"):
+        Ensemble(checkpoints=[str(path)], member_kwargs=["data_path"])
+
+
+def test_a_checkpoint_of_an_old_lightning_version_is_migrated_and_loads(tmp_path, caplog):
+    model = PlainNet()
+    path = save_member(model, tmp_path / "old.ckpt", epoch=3, global_step=40)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["pytorch-lightning_version"] = "1.5.0"
+    torch.save(checkpoint, path)
+    with caplog.at_level("INFO"):
+        (member,) = Ensemble(checkpoints=[str(path)], member_class=PlainNet).load_members()
+    assert "upgraded your loaded checkpoint from v1.5.0" in caplog.text  # Lightning's own migration ran
+    assert torch.equal(member.net[1].weight, model.net[1].weight)
+
+
+def test_missing_path_fails_at_construction_in_one_line(tmp_path):
+    plain = save_member(PlainNet(), tmp_path / "plain.ckpt")
+    missing = tmp_path / "runs" / "nope.ckpt"
+    with pytest.raises(DataNotFoundError) as err:
+        Ensemble(checkpoints=[str(plain), str(missing)], member_class=PlainNet)
+    assert str(err.value) == (f"`checkpoints`[1]={str(missing)!r} does not exist: expected a Lightning checkpoint "
+                              "file (.ckpt).")
+
+
+@pytest.mark.parametrize("content", [bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3),
+                                                         dtype=torch.uint8).tolist()),
+                                     b"", b"\x80\x02 a pickle, not a torch file", b"epoch,loss\n1,0.5\n"],
+                         ids=["random", "empty", "pickle-like", "text"])
+def test_a_file_that_is_not_a_checkpoint_says_so(content, tmp_path):
+    path = tmp_path / "member.ckpt"
+    path.write_bytes(content)
+    ensemble = Ensemble(checkpoints=[str(path)], member_class=PlainNet)
+    with pytest.raises(CheckpointError) as err:
+        ensemble.load_members()
+    assert not isinstance(err.value, UnsafeCheckpointError)
+    assert "is not a PyTorch checkpoint" in str(err.value) and "trust_checkpoints" not in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_every_member_gets_the_tricks_its_checkpoint_records_before_its_weights_load(tmp_path, monkeypatch):
+    import lightning_tricks.ensemble.loading as loading
+
+    def apply_marker_trick(module, checkpoint):  # like a structural trick: converts and adds a marker buffer
+        calls.append((module, checkpoint))
+        if checkpoint.get("tricks") and not hasattr(module.net[1], "marker"):
+            module.net[1].register_buffer("marker", torch.ones(1))
+        return ["Marker"] if checkpoint.get("tricks") else []
+
+    calls: list = []
+    monkeypatch.setattr(loading, "apply_recorded_tricks", apply_marker_trick)
+    model = PlainNet()
+    path = save_member(model, tmp_path / "plain.ckpt", current_model_state=PlainNet().state_dict())
+    members = Ensemble(checkpoints=[str(path)], member_class=PlainNet, ema_members="both").load_members()
+    assert len(calls) == 1 and calls[0][0] is members[0]  # the raw member is a copy made after it
+    assert torch.equal(calls[0][1]["state_dict"]["net.1.weight"], model.net[1].weight)
+    assert load_member(path, PlainNet) is calls[1][0] and len(calls) == 2
+    # a checkpoint whose converted modules hold a buffer the plain module lacks: a strict load works only
+    # if the trick is applied first
+    model.net[1].register_buffer("marker", torch.full((1,), 7.0))
+    converted = save_member(model, tmp_path / "converted.ckpt", tricks=["Marker"])
+    (member,) = Ensemble(checkpoints=[str(converted)], member_class=PlainNet).load_members()
+    assert torch.equal(member.net[1].marker, torch.full((1,), 7.0))
+    assert "on_load_checkpoint" not in PlainNet.__dict__  # the class is left as it was
 
 
 def test_undeclared_class_counts_fail_at_the_first_batch_before_any_metric(tmp_path):
@@ -485,140 +523,6 @@ def test_padded_distributed_evaluation_is_announced():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ensemble._warn_padding(torch.utils.data.DataLoader(even, sampler=torch.utils.data.DistributedSampler(even, 2, 0)))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# SnapshotEnsemble
-
-
-def _snapshot_trainer(tmp_path, callbacks, **kwargs):
-    return cpu_trainer(tmp_path, max_epochs=6, limit_train_batches=4, limit_val_batches=0, callbacks=callbacks,
-                       enable_checkpointing=True, **kwargs)
-
-
-def test_snapshot_schedule_snapshots_ensemble_and_resume_mid_cycle(tmp_path):
-    pl.seed_everything(0)
-    snap_dir, ckpt_dir = tmp_path / "snapshots", tmp_path / "ckpts"
-    snapshots, recorder = SnapshotEnsemble(cycles=3, dirpath=str(snap_dir)), LrRecorder()
-    regular = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
-    model = PlainNet(lr=0.1)
-    with pytest.warns(UserWarning, match="removing the scheduler.*StepLR"):
-        _snapshot_trainer(tmp_path, [snapshots, recorder, regular]).fit(model, datamodule=digits())
-    total, length = 24, 8  # 6 epochs x 4 batches, 3 cycles
-    assert snapshots.total_steps == total and snapshots.cycle_length == length
-    assert recorder.lrs == {t: pytest.approx(snapshot_lr(t, total, 3, 0.1), abs=1e-15) for t in range(1, total + 1)}
-    assert snapshots.snapshot_steps == [8, 16, 24]
-    assert [Path(p).name for p in snapshots.snapshot_paths] == [
-        "snapshot-cycle=1-step=8.ckpt", "snapshot-cycle=2-step=16.ckpt", "snapshot-cycle=3-step=24.ckpt"]
-    assert all(Path(p).is_file() for p in snapshots.snapshot_paths)
-    config = yaml.safe_load((snap_dir / "ensemble.yaml").read_text())
-    assert config["model"]["init_args"] == {"checkpoints": snapshots.snapshot_paths,
-                                            "member_class": "tests.test_ensemble.PlainNet"}
-    ensemble = snapshots.ensemble()
-    members = ensemble.load_members()
-    assert len(members) == 3 and torch.equal(members[2].net[1].weight, model.net[1].weight)
-    assert not torch.equal(members[0].net[1].weight, members[2].net[1].weight)
-    assert cpu_trainer(tmp_path).test(ensemble, datamodule=digits(), verbose=False)[0]["test_acc"] > 0.5
-
-    # resume from the end of epoch 3 = step 12, the middle of cycle 2
-    resumed, recorder2 = SnapshotEnsemble(cycles=3, dirpath=str(snap_dir)), LrRecorder()
-    _snapshot_trainer(tmp_path, [resumed, recorder2]).fit(PlainNet(lr=0.1), datamodule=digits(),
-                                                          ckpt_path=str(ckpt_dir / "epoch=2.ckpt"))
-    assert sorted(recorder2.lrs) == list(range(13, total + 1))
-    assert recorder2.lrs == {t: recorder.lrs[t] for t in range(13, total + 1)}
-    assert resumed.snapshot_paths == snapshots.snapshot_paths and resumed.snapshot_steps == [8, 16, 24]
-
-
-@pytest.mark.parametrize("cycles,max_epochs,message", [
-    (0, 6, "`cycles`=0 is invalid: expected an integer in [1, inf]"),
-    (25, 6, "`cycles`=25 is invalid: expected at most the number of training steps (24 steps in 6 epochs)"),
-    (4, 1.5, "cycles of ceil(6/4)=2 steps make only 3"),
-])
-def test_snapshot_bad_cycles(cycles, max_epochs, message, tmp_path):
-    if cycles < 1:
-        with pytest.raises(InvalidArgumentError) as err:
-            SnapshotEnsemble(cycles=cycles)
-    else:
-        kwargs = {"max_epochs": 6} if max_epochs == 6 else {"max_epochs": -1, "max_steps": 6}
-        trainer = cpu_trainer(tmp_path, limit_train_batches=4, limit_val_batches=0,
-                              callbacks=[SnapshotEnsemble(cycles=cycles, dirpath=str(tmp_path))], **kwargs)
-        with pytest.raises(InvalidArgumentError) as err:
-            trainer.fit(PlainNet(), datamodule=digits())
-    assert message in str(err.value)
-
-
-def test_snapshot_uneven_budget_warns_and_snapshots_the_last_step(tmp_path):
-    snapshots, recorder = SnapshotEnsemble(cycles=3, lr=0.2, dirpath=str(tmp_path / "s")), LrRecorder()
-    trainer = cpu_trainer(tmp_path, max_epochs=-1, max_steps=10, limit_train_batches=4, limit_val_batches=0,
-                          callbacks=[snapshots, recorder])
-    with pytest.warns(UserWarning, match="last cycle is cut to 2 of 4 steps"):
-        trainer.fit(PlainNet(), datamodule=digits())
-    assert snapshots.snapshot_steps == [4, 8, 10]  # cycles of ceil(10/3) = 4 steps, the last one cut
-    assert recorder.lrs == {t: pytest.approx(snapshot_lr(t, 10, 3, 0.2), abs=1e-15) for t in range(1, 11)}
-
-
-def test_snapshot_ddp_ranks_share_the_schedule_and_snapshots(tmp_path):
-    def probe(trainer, module):
-        snap = next(c for c in trainer.callbacks if isinstance(c, SnapshotEnsemble))
-        rec = next(c for c in trainer.callbacks if isinstance(c, LrRecorder))
-        return {"lrs": rec.lrs, "paths": snap.snapshot_paths, "weight": module.net[1].weight.detach().clone()}
-
-    ranks = run_ddp(PlainNet(lr=0.1), digits(), tmp_path=tmp_path, fn="fit", probe=probe, max_epochs=2,
-                    limit_train_batches=4, limit_val_batches=0,
-                    callbacks=[SnapshotEnsemble(cycles=2, lr=0.05, dirpath=str(tmp_path / "snaps")), LrRecorder()])
-    assert ranks[0]["lrs"] == ranks[1]["lrs"] == {t: pytest.approx(snapshot_lr(t, 8, 2, 0.05)) for t in range(1, 9)}
-    assert ranks[0]["paths"] == ranks[1]["paths"] and len(ranks[0]["paths"]) == 2
-    assert all(Path(p).is_file() for p in ranks[0]["paths"])
-    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
-    members = Ensemble(checkpoints=ranks[0]["paths"], member_class=PlainNet).load_members()
-    assert torch.equal(members[1].net[1].weight, ranks[0]["weight"])
-
-
-# ------------------------------------------------------------------------------------------------------------
-# EMA members
-
-
-def test_ema_and_raw_weights_as_two_members(tmp_path):
-    pl.seed_everything(0)
-    ema = EMAMembers(decay=0.7)
-    regular = ModelCheckpoint(dirpath=tmp_path / "ckpts", filename="last-epoch", save_top_k=1)
-    model = PlainNet()
-    cpu_trainer(tmp_path, max_epochs=2, limit_train_batches=5, limit_val_batches=0, callbacks=[ema, regular],
-                enable_checkpointing=True).fit(model, datamodule=digits())
-    ema_member, raw_member = ema.members()
-    for name, value in model.state_dict().items():  # after fit the model holds the EMA weights
-        assert torch.equal(ema_member.state_dict()[name], value)
-        assert torch.equal(raw_member.state_dict()[name], ema.raw_state[name])
-    assert not torch.equal(ema_member.net[1].weight, raw_member.net[1].weight)
-    metrics = cpu_trainer(tmp_path).test(ema.ensemble(), datamodule=digits(), verbose=False)[0]
-    assert {"test_acc", "test_acc_member_0", "test_acc_member_1"} <= set(metrics)
-
-    # from a checkpoint written during fit (plain Lightning EMAWeightAveraging writes the same layout)
-    path = tmp_path / "ckpts" / "last-epoch.ckpt"
-    saved = torch.load(path, weights_only=True)
-    both = Ensemble(checkpoints=[str(path)], member_class=PlainNet, ema_members="both")
-    members = both.load_members()
-    assert both.member_names == ["last-epoch.ckpt[ema]", "last-epoch.ckpt[raw]"]
-    assert torch.equal(members[0].net[1].weight, saved["state_dict"]["net.1.weight"])
-    assert torch.equal(members[1].net[1].weight, saved["current_model_state"]["net.1.weight"])
-    (raw,) = Ensemble(checkpoints=[str(path)], member_class=PlainNet, ema_members="raw").load_members()
-    assert torch.equal(raw.net[1].weight, saved["current_model_state"]["net.1.weight"])
-    plain = save_member(model, tmp_path / "plain.ckpt")
-    with pytest.raises(CheckpointError, match="no 'current_model_state'.*EMAWeightAveraging"):
-        Ensemble(checkpoints=[str(plain)], member_class=PlainNet, ema_members="both").load_members()
-    assert issubclass(EMAMembers, EMAWeightAveraging)
-
-
-def test_ema_members_ddp_ranks_agree(tmp_path):
-    def probe(trainer, module):
-        ema = next(c for c in trainer.callbacks if isinstance(c, EMAMembers))
-        return [m.net[1].weight.detach().clone() for m in ema.members()]
-
-    ranks = run_ddp(PlainNet(), digits(), tmp_path=tmp_path, fn="fit", probe=probe, max_epochs=1,
-                    limit_train_batches=4, limit_val_batches=0, callbacks=[EMAMembers(decay=0.5)])
-    assert all(torch.equal(a, b) for a, b in zip(ranks[0], ranks[1], strict=True))
-    assert not torch.equal(ranks[0][0], ranks[0][1])  # the EMA and the raw weights differ
-
 
 # ------------------------------------------------------------------------------------------------------------
 # the example config through the CLI under DDP (one subprocess)
