@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,19 +11,14 @@ from lightning_tricks._validation import check_int
 from lightning_tricks.regularization._randomness import LayerRandomness
 
 
-def resolve_seed(seed: int | None) -> int:
-    """``seed``, else the seed of ``seed_everything`` (``PL_GLOBAL_SEED``, the same on every rank), else 0."""
-    if seed is not None:
-        return seed
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
 class StructuralCallback(Callback):
     """Converts the model in ``setup`` (before checkpoint restore and DDP wrapping) and keys its draws by step.
 
     Subclasses implement :meth:`apply` (idempotent surgery that returns the shared
-    :class:`LayerRandomness`). The counter of training batches is the callback's checkpointed state, so a
-    resumed run draws what the uninterrupted run would have drawn.
+    :class:`LayerRandomness`). The seed (``None``: the run's seed, the same on every rank) and the counter of
+    training batches are the randomness's checkpointed state (the package's one seed rule,
+    :class:`~lightning_tricks._seeding.RandomStream`), so a resumed run draws what the uninterrupted run
+    would have drawn.
     """
 
     per_rank: bool = True
@@ -33,38 +27,31 @@ class StructuralCallback(Callback):
         if seed is not None:
             check_int("seed", seed, 0)
         self.seed = seed
-        self.randomness: LayerRandomness | None = None
-        self.batches_seen = 0
-        self._resolved_seed: int | None = None
+        self.randomness = LayerRandomness(seed, per_rank=self.per_rank)
+
+    @property
+    def batches_seen(self) -> int:
+        """Training batches seen over the whole fit (resumed runs included): the step the draws are keyed by."""
+        return self.randomness.batches_seen
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
         raise NotImplementedError
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._resolved_seed is None:
-            self._resolved_seed = resolve_seed(self.seed)
-        if self.randomness is None:
-            self.randomness = LayerRandomness(self._resolved_seed, per_rank=self.per_rank)
-        self.randomness.seed = self._resolved_seed
-        self.randomness.rank = trainer.global_rank
+        self.randomness.shared = not self.per_rank  # a subclass may set per_rank after this __init__
+        self.randomness.setup(trainer)
         self.apply(trainer, pl_module, self.randomness)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        assert self.randomness is not None
-        self.randomness.step = self.batches_seen
-        self.batches_seen += 1
+        self.randomness.step = self.randomness.batches_seen
+        self.randomness.batches_seen += 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.randomness is not None:
-            self.randomness.step = None
+        self.randomness.step = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self._resolved_seed, "batches_seen": self.batches_seen}
+        return self.randomness.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batches_seen = int(state_dict["batches_seen"])
-        if state_dict.get("seed") is not None:
-            self._resolved_seed = int(state_dict["seed"])
-            if self.randomness is not None:
-                self.randomness.seed = self._resolved_seed
+        self.randomness.load_state_dict(state_dict)

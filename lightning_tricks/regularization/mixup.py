@@ -472,7 +472,8 @@ class Mixup(BatchTransformCallback):
         targets: ``"labels"`` or ``"soft"`` (see above).
         input_key: where the images are (dict key or position); None finds them.
         target_key: where the targets are; None: the element after the images, or a dict's ``label``/``y``/...
-        seed: seed of the callback's generator; None takes the ``seed_everything`` seed (else 0).
+        seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: an argument out of range; at setup, ``num_classes`` that cannot be inferred
