@@ -35,6 +35,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_tricks._validation import check_optional_int
 from lightning_tricks.distributed import derive_seed, global_rank
 
 
@@ -80,7 +81,8 @@ class RandomStream:
     """A callback's own random numbers: seed, per-rank derivation, device generators and checkpoint state.
 
     Args:
-        seed: the seed; ``None`` resolves to the run's seed at :meth:`setup` (see the module docstring).
+        seed: the seed (an integer, checked here); ``None`` resolves to the run's seed at :meth:`setup`
+            (see the module docstring).
         shared: draw the same on every rank (leave the rank out of the keys) instead of per rank.
 
     Attributes:
@@ -90,7 +92,7 @@ class RandomStream:
     """
 
     def __init__(self, seed: int | None = None, *, shared: bool = False) -> None:
-        self.seed: int | None = None if seed is None else int(seed)
+        self.seed: int | None = check_optional_int("seed", seed)
         self.shared = shared
         self.rank = global_rank()
         self.batches_seen = 0

@@ -130,10 +130,8 @@ class WeightInit(Callback):
         self.num_batches = check_int("num_batches", 1 if num_batches is None else num_batches, 1)
         _check_batch_key(batch_key)
         self.batch_key = batch_key
-        if seed is not None:
-            check_int("seed", seed)
-        self.seed = seed
-        self.randomness = RandomStream(seed, shared=True)  # every rank draws the same initialization
+        self.randomness = RandomStream(seed, shared=True)
+        self.seed = seed  # every rank draws the same initialization
         self.initialized_layers: list[str] = []
         self.lsuv_report: list[LSUVLayer] = []
         self.skipped: str | None = None

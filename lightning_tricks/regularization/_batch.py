@@ -174,10 +174,8 @@ class BatchTransformCallback(Callback):
 
     def __init__(self, input_key: Key = None, seed: int | None = None) -> None:
         self.input_key = check_key("input_key", input_key)
-        if seed is not None:
-            check_int("seed", seed)
-        self.seed = seed
         self.randomness = RandomStream(seed)
+        self.seed = seed
         self._transformed_batch: Any = None  # the batch BatchTransformMixin already transformed
 
     @property

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_tricks._validation import check_int
+from lightning_tricks._validation import check_optional_int
 from lightning_tricks.regularization._randomness import LayerRandomness
 
 
@@ -24,8 +24,7 @@ class StructuralCallback(Callback):
     per_rank: bool = True
 
     def __init__(self, seed: int | None) -> None:
-        if seed is not None:
-            check_int("seed", seed, 0)
+        check_optional_int("seed", seed, 0)
         self.seed = seed
         self.randomness = LayerRandomness(seed, per_rank=self.per_rank)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
 from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_bool, check_int
+from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_bool
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
@@ -82,10 +82,8 @@ class TestTimeAugmentation(Callback):
         if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
             raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
                                        "'model' or 'net.backbone', or None for the LightningModule.")
-        if seed is not None:
-            check_int("seed", seed)
-        self.module, self.exact_distributed, self.seed = module, check_bool("exact_distributed", exact_distributed), seed
         self.randomness = RandomStream(seed)
+        self.module, self.exact_distributed, self.seed = module, check_bool("exact_distributed", exact_distributed), seed
         self._wrapped: tuple[nn.Module, Any, bool] | None = None
         self._stage: str | None = None
         self._batch = (0, 0)
