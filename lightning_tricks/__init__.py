@@ -32,6 +32,14 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
+from lightning_tricks.setup import (
+    ActivationSwap,
+    BatchAugment,
+    Maxout,
+    MaxoutConv2d,
+    Standardize,
+    swap_activations,
+)
 from lightning_tricks.stopping import (
     EarlyStopping,
 )
@@ -48,6 +56,8 @@ __version__ = "0.1.0"
 # Callbacks; `lightning-tricks --help` prints this list.
 CALLBACKS: tuple[str, ...] = (
     "ActivationStatistics",
+    "ActivationSwap",
+    "BatchAugment",
     "Cutout",
     "DeadUnitMonitor",
     "DropConnect",
@@ -58,6 +68,7 @@ CALLBACKS: tuple[str, ...] = (
     "InitialLossCheck",
     "Mixup",
     "SnapshotEnsemble",
+    "Standardize",
     "StochasticDepth",
     "TestTimeAugmentation",
     "UpdateRatioMonitor",
@@ -67,6 +78,8 @@ CALLBACKS: tuple[str, ...] = (
 
 __all__ = [
     "ActivationStatistics",
+    "ActivationSwap",
+    "BatchAugment",
     "BatchTransformMixin",
     "CALLBACKS",
     "CIFAR10DataModule",
@@ -84,9 +97,12 @@ __all__ = [
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
+    "Maxout",
+    "MaxoutConv2d",
     "Mixup",
     "SeededFractionalMaxPool2d",
     "SnapshotEnsemble",
+    "Standardize",
     "StochasticDepth",
     "SyntheticDataModule",
     "TTAConfig",
@@ -97,4 +113,5 @@ __all__ = [
     "WeightPenalty",
     "__version__",
     "overfit_check",
+    "swap_activations",
 ]

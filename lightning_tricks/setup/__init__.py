@@ -1,5 +1,21 @@
-"""One-time setup: activation functions (swap, Maxout) and input preprocessing and augmentation."""
+"""One-time setup: activation functions (swap, Maxout), input preprocessing and batch augmentation."""
 
 from lightning_tricks.setup.activations import ActivationSwap, find_functional_activations, swap_activations
+from lightning_tricks.setup.augment import BatchAugment, augment
+from lightning_tricks.setup.maxout import Maxout, MaxoutConv2d, maxout
+from lightning_tricks.setup.preprocessing import InputStatistics, MomentAccumulator, Standardize, fit_statistics
 
-__all__ = ["ActivationSwap", "find_functional_activations", "swap_activations"]
+__all__ = [
+    "ActivationSwap",
+    "BatchAugment",
+    "InputStatistics",
+    "Maxout",
+    "MaxoutConv2d",
+    "MomentAccumulator",
+    "Standardize",
+    "augment",
+    "find_functional_activations",
+    "fit_statistics",
+    "maxout",
+    "swap_activations",
+]

@@ -346,16 +346,15 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None) -> S
                       and activation_kind(m) == spec.to and (spec.layers is None or any(
                           fnmatch.fnmatchcase(n, p) for p in spec.layers))]
 
+    already = {id(m) for n, m in model.named_modules() if n in report.already}
+
     def can_wrap(module: nn.Module) -> str | None:
+        if id(module) in already:
+            return None  # swapped by an earlier call: selected, then counted as already converted
         kind = activation_kind(module)
         return None if kind in spec.replace else f"not a {'/'.join(spec.replace)} activation"
 
-    try:
-        chosen = select_modules(model, spec.layers, can_wrap=can_wrap, arg_name="layers", trick="ActivationSwap")
-    except InvalidArgumentError:
-        if spec.layers is not None or not report.already:
-            raise
-        chosen = []
+    chosen = select_modules(model, spec.layers, can_wrap=can_wrap, arg_name="layers", trick="ActivationSwap")
     chosen = [(n, m) for n, m in chosen if n not in report.already]
     if not chosen and not report.already:
         raise _not_found(model, spec, trace)

@@ -27,7 +27,7 @@ a std below ``eps`` (a constant feature, e.g. digits' blank border pixels) divid
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,6 +298,27 @@ def _real_samples(loader: Any) -> int | None:
     return None
 
 
+def stream_training_set(trainer: pl.Trainer, update: Callable[[torch.Tensor], None], owner: str,
+                        input_key: Key = None, max_batches: int | None = None) -> torch.device:
+    """Call ``update(inputs)`` on every training batch of this rank's shard (padding skipped), on the device.
+
+    The global RNG is forked around the pass (a shuffling sampler draws from it), so training draws the same
+    batches as without it. Returns the device the inputs were moved to (the strategy's root device).
+    """
+    loader = _training_loader(trainer)
+    device = trainer.strategy.root_device
+    remaining = _real_samples(loader)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for index, batch in enumerate(loader):
+            if (max_batches is not None and index >= max_batches) or remaining == 0:
+                break
+            images = check_float_images(get_item(batch, find_slot(batch, input_key, "images", owner)), owner, 2)
+            if remaining is not None:
+                images, remaining = images[:remaining], remaining - min(remaining, images.shape[0])
+            update(move_data_to_device(images, device))
+    return device
+
+
 class Standardize(Callback):
     """Normalize every batch's inputs with statistics of the training set, computed once at fit start.
 
@@ -354,19 +375,8 @@ class Standardize(Callback):
 
     def compute(self, trainer: pl.Trainer) -> InputStatistics:
         """Stream this rank's training shard and all-reduce; every rank must call it (it is collective)."""
-        loader = _training_loader(trainer)
-        device = trainer.strategy.root_device
-        remaining = _real_samples(loader)
         accumulator = MomentAccumulator(self.mode)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            for index, batch in enumerate(loader):
-                if (self.max_batches is not None and index >= self.max_batches) or remaining == 0:
-                    break
-                images = check_float_images(get_item(batch, find_slot(batch, self.input_key, "images", "Standardize")),
-                                            "Standardize", 2)
-                if remaining is not None:
-                    images, remaining = images[:remaining], remaining - min(remaining, images.shape[0])
-                accumulator.update(move_data_to_device(images, device))
+        device = stream_training_set(trainer, accumulator.update, "Standardize", self.input_key, self.max_batches)
         accumulator.all_reduce(device)
         return accumulator.finalize(self.eps, self.n_components)
 
@@ -428,4 +438,4 @@ class Standardize(Callback):
         self._on_device.clear()
 
 
-__all__ = ["MODES", "InputStatistics", "MomentAccumulator", "Standardize", "fit_statistics"]
+__all__ = ["MODES", "InputStatistics", "MomentAccumulator", "Standardize", "fit_statistics", "stream_training_set"]
