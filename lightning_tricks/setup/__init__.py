@@ -3,7 +3,12 @@
 from lightning_tricks.setup.activations import ActivationSwap, find_functional_activations, swap_activations
 from lightning_tricks.setup.augment import BatchAugment, augment
 from lightning_tricks.setup.maxout import Maxout, MaxoutConv2d, maxout
-from lightning_tricks.setup.preprocessing import InputStatistics, MomentAccumulator, Standardize, fit_statistics
+from lightning_tricks.setup.preprocessing import (
+    InputStatistics,
+    MomentAccumulator,
+    Standardize,
+    fit_statistics,
+)
 
 __all__ = [
     "ActivationSwap",

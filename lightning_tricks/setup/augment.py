@@ -29,7 +29,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int, check_probability, check_range
+from lightning_tricks._validation import (
+    InvalidArgumentError,
+    check_choice,
+    check_int,
+    check_probability,
+    check_range,
+)
 from lightning_tricks.regularization._batch import (
     BatchTransformCallback,
     Key,

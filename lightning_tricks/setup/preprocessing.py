@@ -38,7 +38,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_choice, check_int, check_positive
+from lightning_tricks._validation import (
+    ConfigError,
+    InvalidArgumentError,
+    check_choice,
+    check_int,
+    check_positive,
+)
 from lightning_tricks.distributed import all_reduce
 from lightning_tricks.regularization._batch import (
     BatchFormatError,
