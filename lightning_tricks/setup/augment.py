@@ -8,7 +8,7 @@ Torch/torchvision ResNet references use ImageNet's ``[0.2175, 0.0188, 0.0045]``)
 drawn per image.
 
 * :func:`sample_augment_params` draws every sample's parameters at once; :func:`apply_augment` applies them
-  to the batch in one vectorized pass (crop and flip are one pair of ``gather`` calls, the colour operations
+  to the batch in one vectorized pass (crop and flip are one ``pad`` and one ``gather``, the colour operations
   broadcast per-sample factors). :func:`augment` does both.
 * :class:`BatchAugment` is the callback: training batches only, any batch size, its own generator seeded
   from ``(seed, global rank, batch counter)`` and kept in the checkpoint, in the style of :class:`~lightning_tricks.Cutout`.
@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_tricks._validation import (
@@ -107,45 +108,38 @@ def sample_augment_params(batch_size: int, channels: int, padding: int = 4, flip
     return params
 
 
-def _source_index(index: torch.Tensor, size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Map output positions of the padded image back to the source; also the mask of in-image ones (zeros)."""
-    if mode == "zeros":
-        valid = (index >= 0) & (index < size)
-        return index.clamp(0, size - 1), valid
-    if mode == "replicate":
-        return index.clamp(0, size - 1), None
-    index = index.abs()  # reflect (no repeated edge), as torch.nn.functional.pad(mode="reflect")
-    return torch.where(index >= size, 2 * (size - 1) - index, index), None
-
-
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor | None, flip: torch.Tensor | None, padding: int,
               padding_mode: str = "zeros") -> torch.Tensor:
     """Each image padded by ``padding``, cropped back to its size at its offset, then flipped if asked.
 
-    Two ``gather`` calls for the whole batch (rows, then columns); no padded copy is made.
+    One ``pad`` and one ``gather`` for the whole batch: every output pixel's index into its padded image is
+    ``(row + dy) * W_padded + (col or W - 1 - col) + dx``.
     """
-    n, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+    squeeze = images.ndim == 3
+    x = images.unsqueeze(1) if squeeze else images
+    n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
     if padding > 0 and padding_mode == "reflect" and padding >= min(height, width):
         raise InvalidArgumentError(f"`padding`={padding} is invalid with padding_mode='reflect' for {height}x{width} "
                                    "images: expected less than the shorter side.")
+    if padding > 0:
+        mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}[padding_mode]
+        x = F.pad(x.reshape(n, -1, height, width), (padding,) * 4, mode=mode)
+    padded_width = width + 2 * padding
     device = images.device
-    rows = torch.arange(height, device=device).expand(n, height)
-    cols = torch.arange(width, device=device).expand(n, width)
+    rows = torch.arange(height, device=device).view(1, height, 1)
+    cols = torch.arange(width, device=device).view(1, 1, width)
     if flip is not None:
-        cols = torch.where(flip[:, None], cols.flip(-1), cols)
+        cols = torch.where(flip.view(n, 1, 1), (width - 1) - cols, cols)
     if offsets is not None:
-        rows = rows + offsets[:, :1] - padding
-        cols = cols + offsets[:, 1:] - padding
-    rows, row_ok = _source_index(rows, height, padding_mode)
-    cols, col_ok = _source_index(cols, width, padding_mode)
-    lead = images.shape[1:-2]
-    view = (n,) + (1,) * len(lead)
-    out = images.gather(-2, rows.view(*view, height, 1).expand(*images.shape))
-    out = out.gather(-1, cols.view(*view, 1, width).expand(*images.shape))
-    if row_ok is not None and col_ok is not None:
-        inside = row_ok.view(*view, height, 1) & col_ok.view(*view, 1, width)
-        out = torch.where(inside, out, 0.0)
-    return out
+        rows = rows + offsets[:, 0].view(n, 1, 1)
+        cols = cols + offsets[:, 1].view(n, 1, 1)
+    else:
+        rows, cols = rows + padding, cols + padding
+    index = (rows * padded_width + cols).view(n, 1, height * width)
+    flat = x.reshape(n, -1, x.shape[-2] * x.shape[-1])
+    out = flat.gather(2, index.expand(n, flat.shape[1], height * width)).view(images.shape if not squeeze else
+                                                                             (n, 1, height, width))
+    return out.squeeze(1) if squeeze else out
 
 
 def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -153,15 +147,15 @@ def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """``c x + (1 - c) m`` per sample, ``m`` the image's mean grey level."""
+    """``c x + (1 - c) m`` per sample, ``m`` the image's mean grey level (the grey weights applied to the channel means)."""
+    spatial = tuple(range(2, images.ndim)) if images.ndim >= 4 else tuple(range(1, images.ndim))
+    means = images.mean(dim=spatial)  # (N, C) or (N,)
     if images.ndim >= 4 and images.shape[1] == 3:
-        weights = torch.tensor(_GRAY, dtype=images.dtype, device=images.device).view(1, 3, *([1] * (images.ndim - 2)))
-        gray = (images * weights).sum(1, keepdim=True)
+        mean = means @ torch.tensor(_GRAY, dtype=images.dtype, device=images.device)
     else:
-        gray = images.mean(1, keepdim=True) if images.ndim >= 4 else images
-    mean = gray.mean(dim=tuple(range(1, images.ndim)), keepdim=True)
+        mean = means.mean(1) if means.ndim == 2 else means
     c = _per_sample(factors, images)
-    return c * images + (1 - c) * mean
+    return images * c + _per_sample(mean, images) * (1 - c)
 
 
 def apply_augment(images: torch.Tensor, params: AugmentParams, padding: int = 4, padding_mode: str = "zeros",
