@@ -275,8 +275,9 @@ def find_functional_activations(model: nn.Module, example: Any, kinds: Sequence[
         ...         self.fc = nn.Linear(4, 4)
         ...     def forward(self, x):
         ...         return F.relu(self.fc(x))
-        >>> [kind for kind, _ in find_functional_activations(Net(), torch.zeros(2, 4))]
-        ['relu']
+        >>> kind, where = find_functional_activations(Net(), torch.zeros(2, 4))[0]
+        >>> kind
+        'relu'
     """
     for kind in kinds:
         check_choice("replace", kind, KINDS)
