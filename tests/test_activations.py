@@ -224,6 +224,23 @@ class _Probe(__import__("lightning.pytorch").pytorch.Callback):
         self.out["slopes"] = pl_module.net[2].weight.detach().clone()
 
 
+class NoForwardModule(MLPModule):
+    def forward(self, x):
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_a_module_without_forward_is_swapped_without_the_trace(tmp_path):
+    module, callback = NoForwardModule(width=8), ActivationSwap("prelu")
+    cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[callback]).fit(
+        module, datamodule=ImageData(ones=False))
+    assert type(module.net[2]) is nn.PReLU and module.net[2].weight.shape == (1,)
+    assert any(name == "trace" and "NotImplementedError" in reason for name, reason in callback.report.skipped)
+
+
 def test_zoo_classifier_by_backbone_name(tmp_path):
     module = ImageClassifier(backbone="simple_cnn", num_classes=4, in_channels=1)
     trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=1, callbacks=[ActivationSwap("prelu")])

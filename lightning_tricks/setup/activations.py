@@ -339,9 +339,22 @@ def swap_activations(
     return apply_swap(model, spec, example_input)
 
 
-def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None) -> SurgeryReport:
-    """:func:`swap_activations` with an already validated :class:`SwapSpec`."""
-    trace = trace_forward(model, example_input, spec.replace) if example_input is not None else None
+def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trace_optional: bool = False
+               ) -> SurgeryReport:
+    """:func:`swap_activations` with an already validated :class:`SwapSpec`.
+
+    With ``trace_optional``, a forward pass that fails (a LightningModule without ``forward``, an input it does
+    not take) is noted in the report and the swap goes on without it (PReLU then has one slope per module).
+    """
+    trace = None
+    note = None
+    if example_input is not None:
+        try:
+            trace = trace_forward(model, example_input, spec.replace)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's forward only loses the trace
+            if not trace_optional:
+                raise
+            note = f"no trace ({type(err).__name__} in forward): functional calls not checked"
     report = SurgeryReport("ActivationSwap", detail=spec.describe())
     report.already = [n for n, m in model.named_modules() if getattr(m, "init_gain", None) == spec.init_gain
                       and activation_kind(m) == spec.to and (spec.layers is None or any(
@@ -373,6 +386,8 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None) -> S
         report.converted.append(name)
     if trace is not None and trace.functional:
         report.skipped.append(("forward", f"{trace.functional_summary()} not swapped (functional)"))
+    if note is not None:
+        report.skipped.append(("trace", note))
     return report
 
 
@@ -451,7 +466,7 @@ class ActivationSwap(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_order(trainer)
-        self.report = apply_swap(pl_module, self.spec, example_input(trainer, pl_module))
+        self.report = apply_swap(pl_module, self.spec, example_input(trainer, pl_module), trace_optional=True)
         self.report.log("activations")
         functional = [reason for name, reason in self.report.skipped if name == "forward"]
         if functional:
