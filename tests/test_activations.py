@@ -15,7 +15,7 @@ from lightning_tricks.setup.maxout import maxout
 from lightning_tricks.surgery import ModelNotSupportedError
 from lightning_tricks.zoo import ImageClassifier
 from lightning_tricks.zoo.backbones import build_backbone
-from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp
+from tests.helpers import REPO, cpu_trainer, run_ddp
 from tests.regularization_modules import ImageData, ListModule
 
 
@@ -264,13 +264,18 @@ def test_maxout_equals_the_maximum_of_its_pieces():
         Maxout(3, 3, pieces=0)
 
 
-@pytest.mark.slow
-def test_user_module_on_the_cli(tmp_path):
-    proc = run_cli(["fit", "--config", str(REPO / "examples" / "digits.yaml"), "--model", "tests.user_module.UserModule",
-                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-                    "--trainer.logger=false", "--trainer.callbacks+=ActivationSwap", "--trainer.callbacks.to=prelu"], cwd=tmp_path)
-    out = proc.stdout + proc.stderr
-    assert "ActivationSwap: 1 activation (1 converted now" in out and "'net.2'" in out
+def test_user_module_on_the_cli(tmp_path, monkeypatch):
+    from lightning_tricks.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(REPO / "examples" / "digits.yaml"), "--model", "tests.user_module.UserModule",
+                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                     "--trainer.callbacks+=ActivationSwap", "--trainer.callbacks.to=prelu"])
+    swap = next(c for c in cli.trainer.callbacks if isinstance(c, ActivationSwap))
+    assert swap.spec.to == "prelu" and swap.report.total == 1
+    assert type(cli.model.net[2]) is nn.PReLU and cli.model.net[2].weight.shape == (64,)  # hidden=64 channels
+    assert "net.2.weight" in cli.model.state_dict()
 
 
 @pytest.mark.slow
