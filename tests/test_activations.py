@@ -96,6 +96,13 @@ def test_replace_kinds_and_layer_patterns():
         swap_activations(net, "elu", layers=["0"])
 
 
+def test_a_module_shared_under_two_names_is_replaced_under_both():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    net.append(net[1])  # the same ReLU object registered twice (as torchvision's Bottleneck reuses self.relu)
+    report = swap_activations(net, "elu")
+    assert report.converted == ["1"] and net[1] is net[3] and type(net[3]) is nn.ELU
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(to="swish"), "`to`='swish' is invalid: expected one of 'relu', 'leaky_relu'"),
     (dict(to="leaky_relu", slope=1.5), r"`slope`=1.5 is invalid: expected a number in \[0.0, 1.0\)"),

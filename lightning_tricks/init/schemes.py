@@ -112,7 +112,8 @@ def resolve_scheme(
     Args:
         scheme: one of :data:`SCHEMES`.
         nonlinearity: the activation after the layer, one of :data:`NONLINEARITIES`; its gain scales the
-            variance. Default: ``relu`` for ``kaiming_*``, ``linear`` (gain 1) for the others.
+            variance. Default: ``relu`` for ``kaiming_*``, ``linear`` (gain 1) for the others, or the
+            activation an ``ActivationSwap`` put in the model (see :func:`follow_activations`).
         negative_slope: leaky ReLU slope for ``nonlinearity='leaky_relu'`` (default 0.01).
         mode: ``fan_in`` (default) or ``fan_out`` for ``kaiming_*``.
         std: standard deviation for ``normal`` (default 0.01).

@@ -370,6 +370,9 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
 
     chosen = select_modules(model, spec.layers, can_wrap=can_wrap, arg_name="layers", trick="ActivationSwap")
     chosen = [(n, m) for n, m in chosen if n not in report.already]
+    aliases: dict[int, list[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
     if not chosen and not report.already:
         raise _not_found(model, spec, trace)
     for name, old in chosen:
@@ -382,7 +385,8 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
             param = next(model.parameters(), None)
             if param is not None:
                 new.to(device=param.device, dtype=param.dtype)
-        model.set_submodule(name, new)
+        for alias in aliases.get(id(old), [name]):  # a module registered under several names stays shared
+            model.set_submodule(alias, new)
         report.converted.append(name)
     if trace is not None and trace.functional:
         report.skipped.append(("forward", f"{trace.functional_summary()} not swapped (functional)"))
@@ -491,7 +495,11 @@ class ActivationSwap(Callback):
                     "(WeightInit then follows the new activation) or give WeightInit a `nonlinearity`.")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"to": self.spec.to, "swapped": list(self.report.converted + self.report.already) if self.report else []}
+        """What a loader needs to rebuild the swapped model: the request and the names it swapped."""
+        spec = self.spec
+        return {"to": spec.to, "replace": list(spec.replace), "slope": spec.slope, "alpha": spec.alpha,
+                "layers": None if spec.layers is None else list(spec.layers),
+                "swapped": list(self.report.converted + self.report.already) if self.report else []}
 
 
 __all__ = [
