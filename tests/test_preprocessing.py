@@ -191,3 +191,14 @@ def test_ddp_uneven_shards_equal_the_single_process_statistics(tmp_path):
 def test_accumulator_example_and_empty():
     with pytest.raises(ConfigError, match="no training sample was seen"):
         MomentAccumulator("channel").finalize()
+
+
+def test_bf16_autocast_with_swap_augment_and_standardize(tmp_path):
+    from lightning_tricks import ActivationSwap, BatchAugment
+
+    module = ListModule(in_channels=3)
+    callbacks = [ActivationSwap("prelu"), BatchAugment(padding=1, brightness=0.2, pca_std=0.1), Standardize("channel")]
+    trainer = cpu_trainer(tmp_path, max_steps=3, limit_val_batches=1, precision="bf16-mixed", callbacks=callbacks)
+    trainer.fit(module, datamodule=ImageData(n=24, shape=(3, 6, 6), ones=False))
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert isinstance(module.net[2], torch.nn.PReLU) and callbacks[1].pca_basis.shape == (3, 3)
