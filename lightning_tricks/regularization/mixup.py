@@ -30,6 +30,7 @@ from lightning_tricks._validation import (
     InvalidArgumentError,
     check_choice,
     check_int,
+    check_optional_int,
     check_positive,
     check_probability,
     check_range,
@@ -494,8 +495,7 @@ class Mixup(BatchTransformCallback):
         self.switch = check_mix_args(alpha, cutmix_alpha, switch_prob, p, mode, label_smoothing)
         self.alpha, self.cutmix_alpha, self.switch_prob = float(alpha), cutmix_alpha, switch_prob
         self.p, self.mode, self.label_smoothing = p, mode, float(label_smoothing)
-        if num_classes is not None:
-            check_int("num_classes", num_classes, 2)
+        check_optional_int("num_classes", num_classes, 2)
         self.num_classes = num_classes
         self.targets = check_choice("targets", targets, TARGET_FORMATS)
         self.target_key = check_key("target_key", target_key)
