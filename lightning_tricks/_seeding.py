@@ -98,19 +98,22 @@ class RandomStream:
         self.batches_seen = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def setup(self, trainer: pl.Trainer) -> int:
-        """Resolve the seed once (a collective under DDP when it is ``None``: call on every rank) and take the rank."""
+    def setup(self, trainer: pl.Trainer | None = None) -> int:
+        """Resolve the seed once and take the trainer's rank; returns the seed.
+
+        With a multi-rank ``trainer`` and no seed this is a collective (rank 0's run seed is broadcast):
+        call it on every rank, from a hook every rank runs (``Callback.setup``).
+        """
         if self.seed is None:
             self.seed = resolve_seed(None, trainer)
-        self.rank = trainer.global_rank
+        if trainer is not None:
+            self.rank = trainer.global_rank
         return self.seed
 
     @property
     def resolved_seed(self) -> int:
         """The seed, resolved here without a broadcast when :meth:`setup` was not called (use outside a fit)."""
-        if self.seed is None:
-            self.seed = run_seed()
-        return self.seed
+        return self.setup() if self.seed is None else self.seed
 
     @property
     def generators(self) -> Mapping[torch.device, torch.Generator]:
