@@ -9,6 +9,7 @@ from lightning_tricks.ensemble import (
     SnapshotEnsemble,
 )
 from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.finetune import Finetune
 from lightning_tricks.init import (
     ActivationStatistics,
     WeightInit,
@@ -54,6 +55,7 @@ CALLBACKS: tuple[str, ...] = (
     "EMAMembers",
     "EarlyStopping",
     "ExactDistributedEvaluation",
+    "Finetune",
     "FractionalMaxPooling",
     "InitialLossCheck",
     "Mixup",
@@ -81,6 +83,7 @@ __all__ = [
     "EarlyStopping",
     "Ensemble",
     "ExactDistributedEvaluation",
+    "Finetune",
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
