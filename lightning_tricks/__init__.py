@@ -33,6 +33,7 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
+from lightning_tricks.scaling import LargeBatchScaling
 from lightning_tricks.stopping import (
     EarlyStopping,
 )
@@ -58,6 +59,7 @@ CALLBACKS: tuple[str, ...] = (
     "Finetune",
     "FractionalMaxPooling",
     "InitialLossCheck",
+    "LargeBatchScaling",
     "Mixup",
     "SnapshotEnsemble",
     "StochasticDepth",
@@ -87,6 +89,7 @@ __all__ = [
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
+    "LargeBatchScaling",
     "Mixup",
     "SeededFractionalMaxPool2d",
     "SnapshotEnsemble",
