@@ -60,10 +60,11 @@ def check(seen, expected_lr):
         assert lr == pytest.approx(expected_lr(t), rel=1e-12, abs=1e-15), t
 
 
-def test_single_process_reference_and_warmup_steps(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_single_process_reference_and_warmup_steps(tmp_path, precision):
     seen = SeenLearningRates()
     net = model()
-    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[LargeBatchScaling(reference_batch_size=4, warmup_steps=3),
+    trainer = cpu_trainer(tmp_path, max_epochs=2, precision=precision, callbacks=[LargeBatchScaling(reference_batch_size=4, warmup_steps=3),
                                                              seen])
     trainer.fit(net, train_dataloaders=loader())
     check(seen.seen, lambda t: 0.05 * lr_multiplier(t, 2.0, 3))  # k = 8 / 4

@@ -3,8 +3,10 @@ rates per group, unfreeze schedule and resume, local weights files, DDP, errors.
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -287,3 +289,42 @@ def test_ddp_two_processes_frozen_layers_and_late_unfreezing(tmp_path):
     for key in frozen_keys(model, ["model.fc.", "model.layer3.2."]):
         assert torch.equal(rank0[key], before[key]), key
     assert not torch.equal(rank0["model.layer3.2.conv1.weight"], before["model.layer3.2.conv1.weight"])
+
+
+class PublicStyleModule(pl.LightningModule):
+    """Written the way public projects write them: nll_loss on log_softmax, self.model(x), OneCycleLR per step,
+    and the optimizer built on trainable parameters only (as Lightning's BaseFinetuning asks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = build_backbone("resnet20", num_classes=4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.nll_loss(F.log_softmax(self.model(x), dim=1), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=12)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_public_style_module_with_onecycle_and_a_filtered_optimizer(tmp_path):
+    ratios = []
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            head, backbone = (g["lr"] for g in trainer.optimizers[0].param_groups)
+            ratios.append(backbone / head)
+
+    seed_everything(0)
+    net = PublicStyleModule()
+    before = snapshot(net)
+    trainer = cpu_trainer(tmp_path, max_epochs=3,
+                          callbacks=[Finetune(train="head", unfreeze={1: "last:1", 2: "all"}, backbone_lr_factor=0.2),
+                                     Spy()])
+    trainer.fit(net, train_dataloaders=loader())
+    assert ratios == pytest.approx([0.2] * 12)
+    after = net.state_dict()
+    changed = [k for k in after if after[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert "model.conv1.weight" in changed and "model.layer1.0.conv1.weight" in changed  # unfrozen at epoch 2
