@@ -22,6 +22,7 @@ not a ``BaseFinetuning`` subclass. The order of work, and why:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,6 +39,7 @@ from lightning_tricks.transfer import (
     load_weights,
     parse_train,
     plan_freeze,
+    read_state_dict,
     replace_head,
 )
 
@@ -117,6 +119,7 @@ class Finetune(Callback):
         self._module: nn.Module | None = None
         self._user_frozen: set[int] = set()
         self._unreduced: list[nn.Parameter] = []
+        self._missing_weights = False
 
     @property
     def state_key(self) -> str:
@@ -128,33 +131,44 @@ class Finetune(Callback):
 
     # ------------------------------------------------------------------------------------- setup
 
-    def _prepare(self, pl_module: nn.Module) -> None:
-        """Load the weights and replace the head, once per module."""
+    def _prepare(self, pl_module: nn.Module, stage: str) -> None:
+        """Load the weights and replace the head, once per module.
+
+        A weights file that does not exist is an error only if no checkpoint is resumed (known later, at
+        ``load_state_dict``): a resumed checkpoint holds every weight, and the file may be gone. Outside fit, only a head of the wrong size is replaced, so that a fine-tuned checkpoint loads for
+        ``validate``/``test``/``predict``; a trained head of the right size is never touched.
+        """
         if getattr(pl_module, _MARK, None) is not None:
             return
-        user_frozen = [n for n, p in pl_module.named_parameters() if not p.requires_grad]
-        messages = []
-        if self.weights is not None:
-            report = load_weights(pl_module, self.weights, self.head, strict=self.strict, trust=self.trust_checkpoints,
-                                  skip_head=self.reset_head)
-            messages.append(f"loaded {report.loaded} tensors from {self.weights!r}")
         head = find_head(pl_module, self.head)
         old = pl_module.get_submodule(head)
         old_classes = old.out_features if isinstance(old, nn.Linear) else old.out_channels
-        if self.reset_head or (self.num_classes not in (None, old_classes)):
+        wrong_size = self.num_classes not in (None, old_classes)
+        if stage != "fit" and not wrong_size:
+            return
+        user_frozen = [n for n, p in pl_module.named_parameters() if not p.requires_grad]
+        messages = []
+        if self.weights is not None and stage == "fit" and not Path(self.weights).expanduser().is_file():
+            self._missing_weights = True
+        elif self.weights is not None and stage == "fit":
+            report = load_weights(pl_module, self.weights, self.head, strict=self.strict, trust=self.trust_checkpoints,
+                                  skip_head=self.reset_head)
+            messages.append(f"loaded {report.loaded} tensors from {self.weights!r}")
+        if wrong_size or (self.reset_head and stage == "fit"):
             replace_head(pl_module, self.num_classes, head)
             messages.append(f"head {head!r} replaced ({old_classes} -> {self.num_classes or old_classes} classes)")
         object.__setattr__(pl_module, _MARK, {"head": head, "user_frozen": user_frozen})
-        rank_zero_info("Finetune: " + "; ".join(messages + [f"training {self.train!r}"]))
+        rank_zero_info("Finetune: " + "; ".join(messages))
 
     def _apply_stage(self, stage: int, set_modes: bool) -> None:
         self.stage = stage
         apply_freeze(self.plans[stage], self._user_frozen, set_modes=set_modes)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._missing_weights = False
+        self._prepare(pl_module, stage)
         if stage != "fit":
             return
-        self._prepare(pl_module)
         self._module = pl_module
         names = set(getattr(pl_module, _MARK)["user_frozen"])
         self._user_frozen = {id(p) for n, p in pl_module.named_parameters() if n in names}
@@ -169,12 +183,15 @@ class Finetune(Callback):
         # Lightning restores callbacks after `setup` and before DDP wraps the model: re-freeze now, so DDP
         # registers the parameters the resumed stage trains.
         self.stage = min(int(state_dict.get("stage", 0)), len(self.stages) - 1)
+        self._missing_weights = False  # the checkpoint being resumed holds every weight
         if self._module is not None and self.plans:
             self._apply_stage(self.stage, set_modes=False)
 
     # -------------------------------------------------------------------------------- optimizers
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._missing_weights:
+            read_state_dict(self.weights)  # type: ignore[arg-type]  # raises DataNotFoundError, naming the file
         final = self.plans[-1]
         wanted = {id(p) for p in final.trainable_params()} - self._user_frozen
         in_optimizers = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}

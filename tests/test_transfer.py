@@ -328,3 +328,34 @@ def test_public_style_module_with_onecycle_and_a_filtered_optimizer(tmp_path):
     after = net.state_dict()
     changed = [k for k in after if after[k].is_floating_point() and not torch.equal(before[k], after[k])]
     assert "model.conv1.weight" in changed and "model.layer1.0.conv1.weight" in changed  # unfrozen at epoch 2
+
+
+def test_fine_tuned_checkpoint_tests_and_resumes_without_the_weights_file(tmp_path):
+    """`test`/resume with ckpt_path: the head is resized so the checkpoint loads; the weights file is not needed."""
+    seed_everything(0)
+    torch.save(classifier("resnet20", classes=4).state_dict(), tmp_path / "pre.pt")
+    tuned = classifier("resnet20", classes=3)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, callbacks=[Finetune(weights=str(tmp_path / "pre.pt"))])
+    data = loader(classes=3)
+    trainer.fit(tuned, train_dataloaders=data)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    (tmp_path / "pre.pt").unlink()
+    fresh = classifier("resnet20", classes=4)  # built for the pretraining task: its head is resized
+    trainer = cpu_trainer(tmp_path, callbacks=[Finetune(weights=str(tmp_path / "pre.pt"), num_classes=3)])
+    predictions = trainer.predict(fresh, dataloaders=data, ckpt_path=str(tmp_path / "tuned.ckpt"))
+    assert predictions[0].shape == (8, 3)
+    assert torch.equal(fresh.model.fc.weight, tuned.model.fc.weight)
+    same_size = classifier("resnet20", classes=3)
+    trainer = cpu_trainer(tmp_path, callbacks=[Finetune(weights=str(tmp_path / "pre.pt"))])
+    trainer.validate(same_size, dataloaders=data, ckpt_path=str(tmp_path / "tuned.ckpt"), verbose=False)
+    assert torch.equal(same_size.model.fc.weight, tuned.model.fc.weight)
+    resumed = classifier("resnet20", classes=3)
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[Finetune(weights=str(tmp_path / "pre.pt"))])
+    trainer.fit(resumed, train_dataloaders=data, ckpt_path=str(tmp_path / "tuned.ckpt"))
+    assert trainer.current_epoch == 2
+
+
+def test_a_missing_weights_file_fails_when_not_resuming(tmp_path):
+    trainer = cpu_trainer(tmp_path, callbacks=[Finetune(weights=str(tmp_path / "nowhere.pth"))])
+    with pytest.raises(FileNotFoundError, match="nowhere.pth' does not exist"):
+        trainer.fit(classifier("resnet20"), train_dataloaders=loader())
