@@ -135,7 +135,8 @@ class Finetune(Callback):
         """Load the weights and replace the head, once per module.
 
         A weights file that does not exist is an error only if no checkpoint is resumed (known later, at
-        ``load_state_dict``): a resumed checkpoint holds every weight, and the file may be gone. Outside fit, only a head of the wrong size is replaced, so that a fine-tuned checkpoint loads for
+        ``load_state_dict``): a resumed checkpoint holds every weight, and the file may be gone. Outside
+        fit, only a head of the wrong size is replaced, so that a fine-tuned checkpoint loads for
         ``validate``/``test``/``predict``; a trained head of the right size is never touched.
         """
         if getattr(pl_module, _MARK, None) is not None:

@@ -67,8 +67,8 @@ def lr_multiplier(step: int, factor: float, warmup_steps: int) -> float:
     """``m(t)``: ``1 + (k - 1) t / T`` during the warm-up (``t < T``), ``k`` after; ``k`` throughout when ``k <= 1``.
 
     Example:
-        >>> [lr_multiplier(t, factor=4.0, warmup_steps=3) for t in range(5)]
-        [1.0, 2.0, 3.0, 4.0, 4.0]
+        >>> tuple(lr_multiplier(t, factor=4.0, warmup_steps=3) for t in range(5))
+        (1.0, 2.0, 3.0, 4.0, 4.0)
     """
     if factor <= 1.0 or step >= warmup_steps:
         return factor

@@ -171,8 +171,8 @@ def backbone_units(model: nn.Module, head: str) -> list[Unit]:
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
-        >>> [u.name for u in backbone_units(net, "4")]
-        ['0']
+        >>> tuple(u.name for u in backbone_units(net, "4"))
+        ('0',)
     """
     units: list[Unit] = []
     pending: list[nn.Parameter] = []
@@ -287,8 +287,8 @@ def freeze(model: nn.Module, train: str = "head", head: str | None = None) -> Fr
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> plan = freeze(net, "last:1")
-        >>> [p.requires_grad for p in net.parameters()]
-        [False, False, True, True, True, True]
+        >>> tuple(p.requires_grad for p in net.parameters())
+        (False, False, True, True, True, True)
     """
     plan = plan_freeze(model, train, head)
     apply_freeze(plan)
