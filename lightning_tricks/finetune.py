@@ -47,6 +47,9 @@ _MARK = "_lightning_tricks_finetune"
 """Attribute set on a module once its weights were loaded and head replaced (a second fit must not redo it)."""
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 """Learning-rate values that optimizers and schedulers (OneCycleLR) keep in a parameter group."""
+# Per-group lists that torch schedulers keep as attributes; they must follow the split groups. Private access:
+# `_last_lr` (what get_last_lr returns) and `_schedulers` (the children of SequentialLR/ChainedScheduler) have no
+# public setter; verified on torch 2.14.
 _PER_GROUP_LRS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 _PER_GROUP_OTHER = ("lr_lambdas",)
 

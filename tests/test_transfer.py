@@ -95,6 +95,7 @@ def frozen_keys(model, trained_prefixes):
     ("timm:resnet18", "head", ["model.fc."], "adamw"),
     ("resnet20", "head", ["model.fc."], "adam"),
     ("resnet18", "last:2", ["model.fc.", "model.layer4."], "sgd"),
+    ("timm:resnet18", "last:1", ["model.fc.", "model.layer4.1."], "sgd"),
     ("resnet20", "last:1", ["model.fc.", "model.layer3.2."], "adamw"),
 ])
 def test_only_the_trained_part_changes(tmp_path, backbone, train, trained, optimizer):
@@ -295,8 +296,9 @@ class PublicStyleModule(pl.LightningModule):
     """Written the way public projects write them: nll_loss on log_softmax, self.model(x), OneCycleLR per step,
     and the optimizer built on trainable parameters only (as Lightning's BaseFinetuning asks)."""
 
-    def __init__(self):
+    def __init__(self, schedule="onecycle"):
         super().__init__()
+        self.schedule = schedule
         self.model = build_backbone("resnet20", num_classes=4)
 
     def training_step(self, batch, batch_idx):
@@ -305,11 +307,17 @@ class PublicStyleModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=12)
+        if self.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=12)
+        else:  # linear warm-up then a per-step lambda decay: per-group lists inside a SequentialLR
+            lr = torch.optim.lr_scheduler
+            scheduler = lr.SequentialLR(optimizer, [lr.LinearLR(optimizer, 0.1, total_iters=3),
+                                                    lr.LambdaLR(optimizer, lambda step: 0.9 ** step)], milestones=[3])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def test_public_style_module_with_onecycle_and_a_filtered_optimizer(tmp_path):
+@pytest.mark.parametrize("schedule", ["onecycle", "sequential"])
+def test_public_style_module_with_schedulers_and_a_filtered_optimizer(tmp_path, schedule):
     ratios = []
 
     class Spy(Callback):
@@ -318,7 +326,7 @@ def test_public_style_module_with_onecycle_and_a_filtered_optimizer(tmp_path):
             ratios.append(backbone / head)
 
     seed_everything(0)
-    net = PublicStyleModule()
+    net = PublicStyleModule(schedule)
     before = snapshot(net)
     trainer = cpu_trainer(tmp_path, max_epochs=3,
                           callbacks=[Finetune(train="head", unfreeze={1: "last:1", 2: "all"}, backbone_lr_factor=0.2),
