@@ -367,3 +367,19 @@ def test_a_missing_weights_file_fails_when_not_resuming(tmp_path):
     trainer = cpu_trainer(tmp_path, callbacks=[Finetune(weights=str(tmp_path / "nowhere.pth"))])
     with pytest.raises(FileNotFoundError, match="nowhere.pth' does not exist"):
         trainer.fit(classifier("resnet20"), train_dataloaders=loader())
+
+
+def test_timm_safetensors_and_ddp_prefixed_files_load(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    source = build_backbone("timm:resnet18", num_classes=7)
+    save_file(source.state_dict(), str(tmp_path / "timm.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ddp.pt")
+    for name in ("timm.safetensors", "ddp.pt"):
+        target = classifier("timm:resnet18", classes=4)
+        report = load_weights(target, tmp_path / name)
+        assert report.model_prefix == "model." and len(report.skipped_head) == 2
+        for key, value in source.state_dict().items():
+            if not key.startswith("fc."):
+                assert torch.equal(target.model.state_dict()[key], value), (name, key)
