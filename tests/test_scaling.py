@@ -135,17 +135,18 @@ def test_composes_with_early_stopping_restore(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes(tmp_path):
-    """2 processes x batch 8 with the default reference: k = 2; a 1-epoch warm-up is 2 steps per rank."""
+def test_ddp_two_processes_with_accumulation(tmp_path):
+    """2 processes x batch 8 x accumulation 2 with the default reference (8): k = 4; each rank has 2 batches per
+    epoch, so 1 optimizer step per epoch and a 2-epoch warm-up is 2 steps."""
     def probe(trainer, pl_module):
         callback = next(c for c in trainer.callbacks if isinstance(c, SeenLearningRates))
         return callback.seen
 
-    seen = run_ddp(model(WithLoader), tmp_path=tmp_path, probe=probe, max_epochs=2,
-                   callbacks=[LargeBatchScaling(warmup_epochs=1), SeenLearningRates()])
+    seen = run_ddp(model(WithLoader), tmp_path=tmp_path, probe=probe, max_epochs=4, accumulate_grad_batches=2,
+                   callbacks=[LargeBatchScaling(warmup_epochs=2), SeenLearningRates()])
     for rank_seen in seen:
-        check(rank_seen, lambda t: 0.05 * lr_multiplier(t, 2.0, 2))
-        assert len(rank_seen) == 4
+        check(rank_seen, lambda t: 0.05 * lr_multiplier(t, 4.0, 2))
+        assert [lr for _, lr in rank_seen] == pytest.approx([0.05, 0.125, 0.2, 0.2])
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
