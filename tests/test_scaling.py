@@ -168,3 +168,17 @@ def test_cli_short_name_with_defaults(tmp_path, monkeypatch):
     cli = build_cli(["--trainer.callbacks+=LargeBatchScaling", "--trainer.logger=false"], run=False)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, LargeBatchScaling))
     assert (callback.reference_batch_size, callback.warmup_epochs, callback.warmup_steps) == (None, None, None)
+
+
+@pytest.mark.slow
+def test_cli_two_processes_through_the_example(tmp_path):
+    """`strategy: ddp` relaunches the script: the example config scales by the 2 processes."""
+    from tests.helpers import REPO, run_cli
+
+    proc = run_cli(["fit", "--config", str(REPO / "examples" / "large_batch_ddp.yaml"), "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false"], cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert "LargeBatchScaling: global batch 64 = 2 x 32 x 1; learning rates x2 after a warm-up of 8 optimizer steps" \
+        in output
+    assert "Final validation accuracy:" in proc.stdout
