@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
@@ -96,5 +97,7 @@ __all__ = [
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "apply_recorded_tricks",
+    "load_from_checkpoint",
     "overfit_check",
 ]

@@ -13,8 +13,8 @@ The layers are the model's own ``nn.Linear`` / ``nn.Conv{1,2,3}d`` objects with 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +39,19 @@ MODES = ("step", "sample")
 """``step``: one mask per training step for the whole batch; ``sample``: one mask per example (Linear only)."""
 LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 """Layer types DropConnect converts (exact types: subclasses may bypass ``forward``, e.g. attention projections)."""
+
+
+def check_dropconnect_args(p: float = 0.5, mode: str = "step", layers: Sequence[str] | None = None,
+                           layer_types: Sequence[str] = ("Linear",)) -> list[str] | None:
+    """The one validator of DropConnect's arguments (layers, functional core, callback); returns ``layers``."""
+    check_probability("p", p, allow_one=False)
+    check_choice("mode", mode, MODES)
+    if isinstance(layer_types, str) or not layer_types:
+        raise InvalidArgumentError(f"`layer_types`={layer_types!r} is invalid: expected a non-empty list of "
+                                   + ", ".join(LAYER_TYPES) + ".")
+    for name in layer_types:
+        check_choice("layer_types", name, LAYER_TYPES)
+    return check_patterns("layers", layers)
 
 
 def dropconnect_weight(weight: torch.Tensor, p: float, generator: torch.Generator | None = None,
@@ -73,8 +86,7 @@ class _DropConnectMixin(SwappableMixin):
 
     def _lt_configure(self, p: float, mode: str, drop_bias: bool, randomness: LayerRandomness | None,
                       index: int) -> None:
-        check_probability("p", p, allow_one=False)
-        check_choice("mode", mode, MODES)
+        check_dropconnect_args(p, mode)
         if mode == "sample" and not isinstance(self, nn.Linear):
             raise InvalidArgumentError(f"`mode`='sample' is invalid for {type(self).__lt_base__.__name__}: "
                                        "expected 'step' (per-sample masks are for Linear layers).")
@@ -245,13 +257,7 @@ def apply_dropconnect(
         >>> apply_dropconnect(net, 0.3).converted
         ['0']
     """
-    layers = check_patterns("layers", layers)
-    check_probability("p", p, allow_one=False)
-    check_choice("mode", mode, MODES)
-    for name in layer_types:
-        check_choice("layer_types", name, LAYER_TYPES)
-    if not layer_types:
-        raise InvalidArgumentError("`layer_types`=[] is invalid: expected at least one of " + ", ".join(LAYER_TYPES) + ".")
+    layers = check_dropconnect_args(p, mode, layers, layer_types)
     report = SurgeryReport("DropConnect", detail=f"p={p}, mode={mode!r}, drop_bias={drop_bias}")
     if p == 0:
         return report
@@ -318,31 +324,30 @@ class DropConnect(StructuralCallback):
         >>> trainer = pl.Trainer(callbacks=[DropConnect(p=0.5)], logger=False)  # doctest: +SKIP
     """
 
+    converts = "layers"
+
     def __init__(self, p: float = 0.5, layers: list[str] | None = None, layer_types: list[str] | None = None,
                  mode: str = "step", drop_bias: bool = False, seed: int | None = None) -> None:
         super().__init__(seed)
-        check_probability("p", p, allow_one=False)
-        check_choice("mode", mode, MODES)
         layer_types = ["Linear"] if layer_types is None else list(layer_types)
-        if not layer_types:
-            raise InvalidArgumentError("`layer_types`=[] is invalid: expected a list of " + ", ".join(LAYER_TYPES) + ".")
-        for name in layer_types:
-            check_choice("layer_types", name, LAYER_TYPES)
-        layers = check_patterns("layers", layers)
+        layers = check_dropconnect_args(p, mode, layers, layer_types)
         self.p, self.layers, self.layer_types = p, layers, layer_types
         self.mode, self.drop_bias = mode, drop_bias
-        self.report: SurgeryReport | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(p=self.p, layers=self.layers, mode=self.mode)
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
-        self.report = apply_dropconnect(pl_module, self.p, layers=self.layers, layer_types=self.layer_types,
-                                        mode=self.mode, drop_bias=self.drop_bias, randomness=randomness)
-        if self.p == 0:
-            return
-        self.report.log("layers")
+    def init_args(self) -> dict[str, Any]:
+        return {"p": self.p, "layers": self.layers, "layer_types": self.layer_types, "mode": self.mode,
+                "drop_bias": self.drop_bias, "seed": self._resolved_seed}
+
+    def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
+                ) -> SurgeryReport:
+        # eval uses the plain weights (inverted scaling): nothing to record in checkpoints
+        return apply_dropconnect(model, self.p, layers=self.layers if modules is None else modules,
+                                 layer_types=self.layer_types, mode=self.mode, drop_bias=self.drop_bias,
+                                 randomness=randomness)
 
 
 __all__ = ["DropConnect", "DropConnectConv2d", "DropConnectLinear", "apply_dropconnect", "classifier_head",
