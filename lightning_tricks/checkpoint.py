@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCallback
-from lightning_tricks.surgery import is_marker
+from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
+from lightning_tricks.regularization.stochastic_depth import StochasticDepth
+from lightning_tricks.surgery import MARKER_PREFIX, is_marker, marker_values
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
 
@@ -40,9 +42,52 @@ class UnknownTrickError(ValueError):
 
 
 def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The structural tricks recorded in ``checkpoint`` (a loaded checkpoint dict), in the order they were applied."""
+    """The structural tricks recorded in ``checkpoint`` (a loaded checkpoint dict), in the order they were applied.
+
+    A checkpoint saved with ``weights_only=True`` (``ModelCheckpoint(save_weights_only=True)``) skips the
+    callbacks' hooks, so it has no record: the tricks are then rebuilt from the marker buffers in its
+    ``state_dict``, which hold what evaluation needs (pooling ratio, kernel, seed; each block's ``p_l``).
+
+    Args:
+        checkpoint: the loaded checkpoint dict.
+
+    Returns:
+        ``[{"class_path": ..., "init_args": {...}, "modules": [...]}, ...]`` (``[]`` when none).
+
+    Example:
+        >>> recorded_tricks({"state_dict": {}})
+        []
+    """
     records = checkpoint.get(RECORD_KEY, {})
-    return list(records.get("structural", [])) if isinstance(records, Mapping) else []
+    recorded = list(records.get("structural", [])) if isinstance(records, Mapping) else []
+    return recorded or _records_from_markers(checkpoint.get("state_dict") or {})
+
+
+def _records_from_markers(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+    pools: dict[tuple, list[str]] = {}
+    blocks: list[tuple[str, float]] = []
+    for key, value in state_dict.items():
+        if not is_marker(key):
+            continue
+        module, _, name = key.rpartition(".")
+        trick = name[len(MARKER_PREFIX):]
+        if trick == "FractionalMaxPooling":
+            ratio, kernel, seed, _ = marker_values(value, "fiii")
+            pools.setdefault((ratio, kernel, seed), []).append(module)
+        elif trick == "StochasticDepth":
+            blocks.append((module, float(marker_values(value, "f")[0])))
+        else:
+            raise UnknownTrickError(f"the checkpoint's state_dict has the marker {key!r} of an unknown trick.")
+    records = [{"class_path": f"{FractionalMaxPooling.__module__}.FractionalMaxPooling",
+                "init_args": {"output_ratio": ratio, "kernel_size": kernel, "seed": seed}, "modules": modules}
+               for (ratio, kernel, seed), modules in pools.items()]
+    if blocks:
+        probabilities = [p for _, p in blocks]
+        rule = "uniform" if len(set(probabilities)) == 1 else "linear"
+        records.append({"class_path": f"{StochasticDepth.__module__}.StochasticDepth",
+                        "init_args": {"drop_rate": probabilities[-1], "rule": rule, "scaling": "test"},
+                        "modules": [name for name, _ in blocks], "drop_probabilities": probabilities})
+    return records
 
 
 def _trick_class(class_path: Any) -> type[StructuralCallback]:
@@ -84,8 +129,12 @@ def apply_recorded_tricks(model: nn.Module, checkpoint: Mapping[str, Any]) -> li
         >>> apply_recorded_tricks(ImageClassifier(), {"state_dict": {}})
         []
     """
+    return _apply(model, recorded_tricks(checkpoint))
+
+
+def _apply(model: nn.Module, records: list[dict[str, Any]]) -> list[str]:
     applied = []
-    for record in recorded_tricks(checkpoint):
+    for record in records:
         cls = _trick_class(record.get("class_path"))
         cls.reapply(model, record)
         applied.append(cls.__name__)
@@ -128,7 +177,7 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
     buffer.seek(0)
     model = cls.load_from_checkpoint(buffer, map_location=map_location, strict=strict, weights_only=weights_only,
                                      **kwargs)
-    apply_recorded_tricks(model, checkpoint)
+    _apply(model, records)
     markers = {k: v for k, v in state.items() if is_marker(k)}
     unexpected = model.load_state_dict(markers, strict=False).unexpected_keys
     if unexpected:

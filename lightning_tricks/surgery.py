@@ -231,17 +231,33 @@ def _keep_missing_marker(module: nn.Module, state_dict: dict, prefix: str, *args
             state_dict[prefix + name] = buffer
 
 
-def mark(module: nn.Module, trick: str, values: Sequence[float]) -> str:
+def _encode(value: int | float) -> int:
+    if isinstance(value, float):  # the float64 bit pattern: exact, and an integer buffer survives model.half()
+        return int(torch.tensor(value, dtype=torch.float64).view(torch.int64))
+    return int(value)
+
+
+def marker_values(marker: torch.Tensor, kinds: str) -> list[int | float]:
+    """Decode a marker buffer written by :func:`mark`; ``kinds`` has ``f`` (float) or ``i`` (int) per value."""
+    codes = marker.detach().cpu().to(torch.int64)
+    return [float(code.view(torch.float64)) if kind == "f" else int(code) for code, kind in zip(codes, kinds,
+                                                                                              strict=True)]
+
+
+def mark(module: nn.Module, trick: str, values: Sequence[int | float]) -> str:
     """Give ``module`` the persistent buffer ``lightning_tricks_<trick>`` holding ``values``; returns its name.
 
     The buffer makes a checkpoint of the converted model fail to load strictly into the plain architecture,
     naming the trick; loading a checkpoint without it keeps the module's value (a load pre-hook fills it in).
+    The values (exact, as int64 codes: read them with :func:`marker_values`) are what is needed to convert
+    a plain model the same way when a checkpoint has no record of the trick (Lightning's ``weights_only``
+    checkpoints skip callback hooks).
     """
     name = MARKER_PREFIX + trick
     device = next(module.parameters(), next(module.buffers(), torch.empty(0))).device
-    value = torch.tensor([float(v) for v in values], device=device)
+    value = torch.tensor([_encode(v) for v in values], dtype=torch.int64, device=device)
     if name in dict(module.named_buffers(recurse=False)):
-        getattr(module, name).data = value.to(getattr(module, name).dtype)
+        setattr(module, name, value)
         return name
     module.register_buffer(name, value)
     if not getattr(module, "lt_marker_hook", False):
@@ -320,6 +336,7 @@ __all__ = [
     "is_marker",
     "keys_unchanged",
     "mark",
+    "marker_values",
     "original_class",
     "register_derived_class",
     "replace_module",

@@ -36,6 +36,7 @@ def _train(tmp_path, name):
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     path = tmp_path / f"{name}.ckpt"
     trainer.save_checkpoint(path)
+    trainer.save_checkpoint(tmp_path / f"{name}-weights.ckpt", weights_only=True)  # no callback hooks run
     reference = torch.cat(trainer.predict(model, dataloaders=loader))  # eval, with the callback, as trained
     return path, loader, reference
 
@@ -69,6 +70,15 @@ def test_load_from_checkpoint_predicts_exactly_as_the_trained_model(trained):
     else:
         assert [r["init_args"]["scaling"] for r in records] == ["test"]
         assert [b.lt_drop_prob for b in stochastic_depth_blocks(loaded)] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+
+
+def test_a_weights_only_checkpoint_is_rebuilt_from_its_marker_buffers(trained):
+    """ModelCheckpoint(save_weights_only=True) skips callback hooks: no record, but the markers suffice."""
+    name, path, loader, reference = trained
+    weights = path.with_name(f"{name}-weights.ckpt")
+    assert "lightning_tricks" not in torch.load(weights, weights_only=True)
+    loaded = lightning_tricks.load_from_checkpoint(LitResnet, weights)
+    assert torch.equal(_predict(loaded, loader), reference)
 
 
 def test_plain_load_of_a_trick_that_changes_evaluation_fails_naming_it(trained):

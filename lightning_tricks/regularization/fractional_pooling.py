@@ -15,7 +15,7 @@ averaging), and :func:`average_pooling_draws` averages ``k`` draws in one batche
 
 The converted network evaluates differently from the plain one (another output size), so each
 :class:`SeededFractionalMaxPool2d` holds a marker buffer ``lightning_tricks_FractionalMaxPooling``
-(``[output_ratio, kernel_size]``): a checkpoint loads into the plain architecture only with
+(output ratio, kernel size, seed and index): a checkpoint loads into the plain architecture only with
 ``strict=False``, and the callback records itself in the checkpoint for our loaders to re-apply.
 """
 
@@ -96,7 +96,12 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
         # The eval regions, (channels, 2): one fixed draw, made at the first eval forward from (seed, layer).
         # Not saved in the state_dict: it is reproducible from the seed.
         self.register_buffer("eval_sample", None, persistent=False)
-        mark(self, "FractionalMaxPooling", [output_ratio, kernel_size])  # a plain strict load must fail
+        self._lt_mark()
+
+    def _lt_mark(self) -> None:
+        """The marker buffer: a plain strict load must fail; its values rebuild the layer (see checkpoint.py)."""
+        mark(self, "FractionalMaxPooling", [float(self.output_ratio[0]), int(self.kernel_size[0]),
+                                            self.lt_randomness.seed, self.lt_index])
 
     def _eval_sample(self, channels: int, device: torch.device) -> torch.Tensor:
         if self.eval_sample is None or self.eval_sample.shape[0] != channels:
@@ -185,6 +190,7 @@ def apply_fractional_pooling(
                 (module.kernel_size, module.output_ratio) == (new.kernel_size, new.output_ratio)):
             module.lt_randomness, module.lt_index = shared, index
             module.eval_sample = None  # redrawn from the (possibly new) seed at the next eval forward
+            module._lt_mark()
             report.already.append(name)
             continue
         new.to(device=device).train(module.training)

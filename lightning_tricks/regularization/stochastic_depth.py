@@ -470,6 +470,22 @@ class StochasticDepth(StructuralCallback):
     def changes_evaluation(self) -> bool:
         return self.scaling == "test"
 
+    def record(self) -> dict[str, Any] | None:
+        record = super().record()
+        if record is not None:  # the exact p_l of each block (the test-time factor is 1 - p_l)
+            record["drop_probabilities"] = list(self._targets)
+        return record
+
+    @classmethod
+    def reapply(cls, model: nn.Module, record: dict[str, Any]) -> SurgeryReport:
+        report = super().reapply(model, record)
+        probabilities = record.get("drop_probabilities")
+        if probabilities is not None:
+            blocks = [model.get_submodule(name) for name in record["modules"]]
+            for block, p in zip(blocks, probabilities, strict=True):
+                block.lt_drop_prob = float(p)
+        return report
+
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
         report = apply_stochastic_depth(model, self.drop_rate, mode=self.mode, rule=self.rule, scaling=self.scaling,
