@@ -244,8 +244,11 @@ class _AdapterDepthMixin(_DepthMixin):
             if adapter.inplace_post and shortcut is x:
                 shortcut = x.clone()
             return adapter.post(self, shortcut)  # type: ignore[arg-type]
-        branch = self._lt_scale(adapter.residual(self, x))  # type: ignore[arg-type]
-        return adapter.post(self, branch + shortcut)  # type: ignore[arg-type]
+        branch = adapter.residual(self, x)  # type: ignore[arg-type]
+        if self.training and self.lt_mode == "row":  # type: ignore[attr-defined]
+            return adapter.post(self, self._lt_scale(branch) + shortcut)  # type: ignore[arg-type]
+        # the branch's factor rides on the addition: no extra kernel for inverted or test-time scaling
+        return adapter.post(self, torch.add(shortcut, branch, alpha=self._lt_branch_scale()))  # type: ignore[arg-type]
 
 
 class _ResidualMethodDepthMixin(_DepthMixin):
