@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_tricks import DropConnect, FractionalMaxPooling, StochasticDepth
 from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.checkpoint import recorded_tricks
 from lightning_tricks.regularization.dropconnect import _DropConnectMixin, apply_dropconnect
 from lightning_tricks.regularization.fractional_pooling import (
     DEFAULT_RATIO,
@@ -205,6 +206,8 @@ def test_ddp_two_processes_resume_all_tricks_continues_exactly(tmp_path):
 
     straight = fit(2)
     fit(1, save=str(tmp_path / "ddp.ckpt"))
+    records = recorded_tricks(torch.load(tmp_path / "ddp.ckpt", weights_only=True))
+    assert [(r["class_path"].rsplit(".", 1)[1], r["modules"]) for r in records] == [("FractionalMaxPooling", ["pool"])]
     resumed = fit(2, ckpt_path=str(tmp_path / "ddp.ckpt"))
     parameters = [n for n, _ in TinyResNet().named_parameters()]
     for name in parameters:  # DDP keeps the parameters equal on the ranks (BN running stats are per rank)
