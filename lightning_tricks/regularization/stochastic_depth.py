@@ -161,8 +161,17 @@ def _timm_bottleneck(b: nn.Module, x: Tensor) -> Tensor:
 
 @cache
 def block_adapters() -> dict[type, BlockAdapter]:
-    """The block types converted through an adapter: torchvision's and timm's ResNet blocks."""
-    adapters: dict[type, BlockAdapter] = {}
+    """The block types converted through an adapter: torchvision's and timm's ResNet blocks, the zoo's BasicBlock.
+
+    An adapter runs the block in parts, so the branch's factor rides on the residual addition
+    (``torch.add(shortcut, branch, alpha=...)``); other blocks with a ``residual(x)`` method pay one
+    elementwise multiply per kept branch.
+    """
+    from lightning_tricks.zoo.backbones import BasicBlock as ZooBasicBlock
+
+    adapters: dict[type, BlockAdapter] = {
+        ZooBasicBlock: BlockAdapter(lambda b, x: b.residual(x), lambda b, x: b.shortcut(x), _relu),
+    }
     try:
         from torchvision.models import resnet as tv
 
