@@ -37,10 +37,9 @@ def apply_common_options(args: argparse.Namespace) -> None:
 
 
 def publish(name: str, title: str, argv: Sequence[str] | None, wall: float, lines: Sequence[str], quick: bool,
-            no_write: bool, variant: str | None = None) -> None:
-    """Print the section and write it to RESULTS.md (``NAME[-VARIANT]``, with ``-quick`` for a smoke run)."""
-    section = f"{name}-{variant}" if variant else name
-    section = f"{section}-quick" if quick else section
+            no_write: bool, section: str | None = None) -> None:
+    """Print the section and write it to RESULTS.md (``section``, default ``NAME``; ``-quick`` appended)."""
+    section = f"{section or name}-quick" if quick else section or name
     command = shlex.join(["python", "-m", "benchmarks", name, *(sys.argv[2:] if argv is None else argv)])
     markdown = "\n".join([
         f"## {section}: {title}{' (quick smoke run, not a figure)' if quick else ''}",

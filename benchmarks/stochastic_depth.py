@@ -112,5 +112,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = ("training-step time, inverted vs test-time scaling" if args.scaling_only
              else "training-step time, StochasticDepth vs plain ResNet")
     publish("stochastic_depth", title, argv, wall, lines, args.quick, args.no_write,
-            variant="scaling" if args.scaling_only else None)
+            section="stochastic_depth-scaling" if args.scaling_only else None)
     return 0
