@@ -54,7 +54,7 @@ def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
     Returns:
         ``[{"class_path": ..., "init_args": {...}, "modules": [...]}, ...]`` (``[]`` when none).
 
-    Example:
+    Examples:
         >>> recorded_tricks({"state_dict": {}})
         []
     """
@@ -124,7 +124,7 @@ def apply_recorded_tricks(model: nn.Module, checkpoint: Mapping[str, Any]) -> li
     Raises:
         UnknownTrickError: the checkpoint names a class that is not one of our structural tricks.
 
-    Example:
+    Examples:
         >>> from lightning_tricks.zoo import ImageClassifier
         >>> apply_recorded_tricks(ImageClassifier(), {"state_dict": {}})
         []
@@ -159,7 +159,7 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
     Returns:
         The model, with the tricks re-applied and the weights loaded.
 
-    Example:
+    Examples:
         >>> import lightning_tricks
         >>> model = lightning_tricks.load_from_checkpoint(MyModule, "best.ckpt")  # doctest: +SKIP
     """
