@@ -141,6 +141,34 @@ def _apply(model: nn.Module, records: list[dict[str, Any]]) -> list[str]:
     return applied
 
 
+def apply_tricks_recorded_in(model: nn.Module, checkpoint_path: str | Path | None) -> list[str]:
+    """:func:`apply_recorded_tricks` for a checkpoint file, read with ``weights_only=True``.
+
+    Used by the CLI's ``validate/test/predict --ckpt_path`` before Lightning restores the weights. A path
+    that is not a file (``None``, ``"best"``) or a file that needs more than ``weights_only`` applies
+    nothing: Lightning's own load then reports it (and a marker of an unapplied trick fails it loudly).
+
+    Args:
+        model: the model the weights will be loaded into.
+        checkpoint_path: the ``.ckpt`` file.
+
+    Returns:
+        The names of the re-applied tricks.
+
+    Examples:
+        >>> from lightning_tricks.zoo import ImageClassifier
+        >>> apply_tricks_recorded_in(ImageClassifier(), "best")
+        []
+    """
+    if checkpoint_path is None or not Path(checkpoint_path).is_file():
+        return []
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception:  # not ours to report: Lightning's load of the same file says what is wrong
+        return []
+    return apply_recorded_tricks(model, checkpoint)
+
+
 def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, weights_only: bool = True,
                          map_location: Any = None, strict: bool | None = None, **kwargs: Any) -> ModuleT:
     """``cls.load_from_checkpoint(checkpoint_path, ...)`` with the checkpoint's structural tricks re-applied.
@@ -186,4 +214,5 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
     return model
 
 
-__all__ = ["UnknownTrickError", "apply_recorded_tricks", "load_from_checkpoint", "recorded_tricks"]
+__all__ = ["UnknownTrickError", "apply_recorded_tricks", "apply_tricks_recorded_in", "load_from_checkpoint",
+           "recorded_tricks"]

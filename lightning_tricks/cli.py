@@ -11,7 +11,6 @@ import os
 import sys
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -49,6 +48,12 @@ class TricksCLI(LightningCLI):
             label = title.split(" (")[0]
             print(f"{label} accuracy: {metrics[f'{prefix}acc']:.4f}", flush=True)
 
+    def _apply_recorded_tricks(self) -> None:
+        # a checkpoint of a structural trick (fractional pooling, ...) evaluates as trained only with it re-applied
+        lightning_tricks.checkpoint.apply_tricks_recorded_in(self.model, self.config_init[self.subcommand].get("ckpt_path"))
+
+    before_validate = before_test = before_predict = _apply_recorded_tricks
+
     def after_fit(self) -> None:
         restored = [getattr(c, "restored_epoch", None) for c in self.trainer.callbacks]
         restored = [e for e in restored if e is not None]
@@ -58,18 +63,6 @@ class TricksCLI(LightningCLI):
             self._report("val_", f"Final validation (restored weights of epoch {restored[-1]})")
         else:
             self._report("val_", "Final validation")
-
-    def _apply_recorded_tricks(self) -> None:
-        # a checkpoint of a structural trick (fractional pooling, ...) evaluates as trained only with it re-applied
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if isinstance(ckpt_path, str) and os.path.isfile(ckpt_path):
-            try:  # weights_only; a checkpoint that needs more fails in Lightning's own load, not here
-                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            except Exception:
-                return
-            lightning_tricks.apply_recorded_tricks(self.model, checkpoint)
-
-    before_validate = before_test = before_predict = _apply_recorded_tricks
 
     def after_validate(self) -> None:
         self._report("val_", "Validation")
