@@ -48,12 +48,6 @@ class TricksCLI(LightningCLI):
             label = title.split(" (")[0]
             print(f"{label} accuracy: {metrics[f'{prefix}acc']:.4f}", flush=True)
 
-    def _apply_recorded_tricks(self) -> None:
-        # a checkpoint of a structural trick (fractional pooling, ...) evaluates as trained only with it re-applied
-        lightning_tricks.checkpoint.apply_tricks_recorded_in(self.model, self.config_init[self.subcommand].get("ckpt_path"))
-
-    before_validate = before_test = before_predict = _apply_recorded_tricks
-
     def after_fit(self) -> None:
         restored = [getattr(c, "restored_epoch", None) for c in self.trainer.callbacks]
         restored = [e for e in restored if e is not None]
@@ -69,6 +63,15 @@ class TricksCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._report("test_", "Test")
+
+
+def _apply_recorded_tricks(cli: TricksCLI) -> None:
+    """``validate/test/predict --ckpt_path``: re-apply the structural tricks the checkpoint records (e.g. fractional
+    pooling) to the model before Lightning restores its weights, so it evaluates as it was trained."""
+    lightning_tricks.checkpoint.apply_tricks_recorded_in(cli.model, cli.config_init[cli.subcommand].get("ckpt_path"))
+
+
+TricksCLI.before_validate = TricksCLI.before_test = TricksCLI.before_predict = _apply_recorded_tricks  # type: ignore[method-assign]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
