@@ -287,6 +287,11 @@ def stochastic_depth_blocks(model: nn.Module) -> list[nn.Module]:
     return sorted((m for m in model.modules() if isinstance(m, _DepthMixin)), key=lambda m: m.lt_index)
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d,
+               nn.LazyBatchNorm3d)
+"""The batch-norm layers whose running statistics :func:`recalibrate_batch_norm` recomputes (torch's public classes)."""
+
+
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
     """Recompute the batch-norm running statistics of a stochastic-depth model with every block in test form.
 
@@ -314,7 +319,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
     """
     if max_batches is not None:
         check_int("max_batches", max_batches, 1)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
     training = model.training
     device = next(model.parameters()).device
