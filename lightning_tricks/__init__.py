@@ -4,6 +4,7 @@ Every public callback and mixin is re-exported here, so configs can say ``lightn
 """
 
 from lightning_tricks._model_probe import infer_num_classes
+from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
@@ -122,8 +123,10 @@ __all__ = [
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "apply_recorded_tricks",
     "fold_batch_norm",
     "infer_num_classes",
+    "load_from_checkpoint",
     "overfit_check",
     "swap_activations",
 ]
