@@ -65,6 +65,15 @@ class TricksCLI(LightningCLI):
         self._report("test_", "Test")
 
 
+def _apply_recorded_tricks(cli: TricksCLI) -> None:
+    """``validate/test/predict --ckpt_path``: re-apply the structural tricks the checkpoint records (e.g. fractional
+    pooling) to the model before Lightning restores its weights, so it evaluates as it was trained."""
+    lightning_tricks.checkpoint.apply_tricks_recorded_in(cli.model, cli.config_init[cli.subcommand].get("ckpt_path"))
+
+
+TricksCLI.before_validate = TricksCLI.before_test = TricksCLI.before_predict = _apply_recorded_tricks  # type: ignore[method-assign]
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
     """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``."""
     parser_kwargs: dict[str, Any] = {"epilog": _callbacks_epilog(), "description": lightning_tricks.__doc__}
