@@ -16,7 +16,8 @@ import pytest
 from tests.helpers import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-SCRIPTS = sorted((REPO / "examples").glob("*.py"))
+# add_to_existing_project.py is run by its own test below (a short real training run, not --fast)
+SCRIPTS = sorted(p for p in (REPO / "examples").glob("*.py") if p.name != "add_to_existing_project.py")
 FEW_BATCHES = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
                "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false"]
 
@@ -80,13 +81,16 @@ def test_every_script_runs_in_its_fast_mode(script, tmp_path, status_before):
 
 
 @pytest.mark.slow
-def test_add_to_existing_project_script_trains(tmp_path):
+def test_add_to_existing_project_script_trains(tmp_path, status_before):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "add_to_existing_project.py"), "--epochs", "3"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = float(proc.stdout.strip().splitlines()[-1].split(":")[1])
     assert accuracy > 0.9
     assert "InitialLossCheck: the first training loss is" in proc.stderr + proc.stdout  # the tricks ran
+    assert "WeightInit: kaiming_normal on 3 layers." in proc.stderr + proc.stdout
+    assert list(tmp_path.iterdir()) == [] and _git_status() == status_before
 
 
 @pytest.mark.slow
