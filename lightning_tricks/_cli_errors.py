@@ -109,14 +109,45 @@ def _explain_unknown_option(message: str, key: str) -> str | None:
             f"Its arguments: {_listing(names) or '(none)'}.")
 
 
+def _subclass_names(kind: str) -> set[str]:
+    """Names of the imported subclasses of the kind's base class (what jsonargparse resolves short names to)."""
+    import lightning.pytorch as pl
+
+    base = {"callback": pl.Callback, "model": pl.LightningModule, "datamodule": pl.LightningDataModule}.get(kind)
+    names, stack = set(), [base] if base else []
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            names.add(sub.__name__)
+            stack.append(sub)
+    return names
+
+
+def _resolvable(name: str, kind: str) -> bool:
+    return _importable(name) if "." in name else name in _subclass_names(kind)
+
+
 def _explain_unknown_class(message: str, key: str) -> str | None:
     kind = _CLASS_KEYS.get(key)
-    value = _given_value(message)
-    if kind is None or value is None or not re.fullmatch(r"[\w.]+", value) or _importable(value):
+    given = _given_value(message) or ""
+    if kind is None:
+        return None
+    candidates = re.findall(r"'class_path': '([\w.]+)'", given) or re.findall(r"class_path '([\w.]+)'", message) \
+        or ([given] if re.fullmatch(r"[\w.]+", given) else [])
+    value = next((c for c in candidates if not _resolvable(c, kind)), None)
+    if value is None:
         return None
     choices = class_choices(kind)
-    return (f"--{key}: unknown {kind} '{value}'{did_you_mean(value, choices)} "
+    return (f"--{key}: unknown {kind} '{value}'{did_you_mean(value.rsplit('.', 1)[-1], choices)} "
             f"Choices: {_listing(choices)}, or a class path such as my_package.My{kind.capitalize()}.")
+
+
+def _explain_ambiguous(message: str, key: str) -> str | None:
+    found = re.search(r"Multiple subclasses with name (\w+)\. Give the full class path to avoid ambiguity: (.*)$",
+                      message, re.M)
+    if not found:
+        return None
+    name, paths = found.groups()
+    return f"--{key}: {name} is ambiguous in a config file; write its full class path: {paths.rstrip('.')}."
 
 
 def _explain_type(message: str, key: str) -> str | None:
@@ -174,7 +205,8 @@ def one_line(message: str, options: Iterable[str] = ()) -> str:
     """One line for a jsonargparse error ``message``; ``options`` are the parser's option strings."""
     key_match = re.match(r'Parser key "([^"]+)"', message)
     key = key_match.group(1) if key_match else ""
-    for explain in (_explain_unknown_option, _explain_unknown_class, _explain_type, _explain_missing_file):
+    for explain in (_explain_ambiguous, _explain_unknown_option, _explain_unknown_class, _explain_type,
+                    _explain_missing_file):
         line = explain(message, key)
         if line:
             return line

@@ -97,6 +97,12 @@ def _cutout_typo_config(tmp_path: Path) -> str:
     return str(path)
 
 
+def _config(tmp_path: Path, class_path: str) -> str:
+    path = tmp_path / "callbacks.yaml"
+    path.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args:\n        monitor: val_acc\n")
+    return str(path)
+
+
 def _missing_config(tmp_path: Path) -> str:
     (tmp_path / "digits.yaml").write_text("trainer: {}\n")
     return str(tmp_path / "digitz.yaml")
@@ -113,6 +119,12 @@ def _missing_checkpoint(tmp_path: Path) -> str:
       "ModelCheckpoint"]),
     (lambda tmp: ["fit", "--config", _cutout_typo_config(tmp)],
      ["Cutout has no argument 'lenght'", "did you mean 'length'?", "Its arguments: length, n_holes, p,"]),
+    (lambda tmp: ["fit", "--config", _config(tmp, "lightning_tricks.EarlyStoping")],
+     ["unknown callback 'lightning_tricks.EarlyStoping'", "did you mean 'EarlyStopping'?", "Choices:"]),
+    (lambda tmp: ["fit", "--config", _config(tmp, "EarlyStopping")],
+     ["EarlyStopping is ambiguous", "lightning.pytorch.callbacks.EarlyStopping, lightning_tricks.EarlyStopping"]),
+    (lambda tmp: ["fit", "--model=ImageClassifer"],
+     ["unknown model 'ImageClassifer'", "did you mean 'ImageClassifier'?"]),
     (lambda tmp: ["fit", "--trainer.callbacks+=Cutout", "--trainer.callbacks.lenght=8"],
      ["Cutout has no argument 'lenght'", "did you mean 'length'?"]),
     (lambda tmp: ["fit", "--model.lr=fast"],
@@ -124,7 +136,7 @@ def _missing_checkpoint(tmp_path: Path) -> str:
      ["--ckpt_path: file not found:", "bset.ckpt", "did you mean 'best.ckpt'?"]),
     (lambda tmp: ["fit", "--trainer.max_epochz=3"],
      ["unrecognized argument --trainer.max_epochz=3", "did you mean '--trainer.max_epochs'?"]),
-], ids=["callback-name", "yaml-key", "cli-key", "type", "optional-type", "config-file", "ckpt-path", "option"])
+], ids=["callback-name", "yaml-key", "yaml-class", "yaml-ambiguous", "model-name", "cli-key", "type", "optional-type", "config-file", "ckpt-path", "option"])
 def test_bad_cli_input_is_one_line_with_the_value_and_the_choices(make_args, expected, tmp_path, monkeypatch,
                                                                    capsys):
     monkeypatch.chdir(tmp_path)
