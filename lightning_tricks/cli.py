@@ -34,6 +34,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 import lightning_tricks
@@ -254,6 +255,16 @@ class TricksCLI(LightningCLI):
             extra.append(_EpochLines())
         trainer.callbacks[:0] = extra  # before the checkpoint callbacks, which Lightning keeps last
         return trainer
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        """No datamodule and no loader of the model's own for the stage: say so in one line, before Lightning starts."""
+        needed = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
+                  "predict": "predict_dataloader"}.get(self.subcommand or "")
+        if needed and self.datamodule is None and not is_overridden(needed, self.model):
+            _fail(f"--data: {type(self.model).__name__} has no {needed} of its own and no --data was given; name a "
+                  f"datamodule: --data DigitsDataModule | CIFAR10DataModule | SyntheticDataModule | "
+                  f"my_package.MyDataModule.")
 
     def _configured_callbacks(self) -> list[Any]:
         init = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
