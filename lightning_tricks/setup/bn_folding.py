@@ -52,7 +52,7 @@ class FoldReport:
         folded: each folded BatchNorm's name -> the name of the layer it went into.
         skipped: each BatchNorm left in place -> the reason.
 
-    Example:
+    Examples:
         >>> print(FoldReport(folded={"1": "0"}, skipped={"4": "its input does not come straight from a conv"}))
         folded 1 BatchNorm layer(s), left 1
           left 4: its input does not come straight from a conv
@@ -219,7 +219,7 @@ def fold_batch_norm(model: nn.Module, example_input: Any = None, *, atol: float 
         RuntimeError: the folded copy's outputs differ from the original's (a model whose forward
             depends on something the trace did not see).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
