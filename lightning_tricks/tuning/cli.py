@@ -9,6 +9,7 @@ exit status 2, before anything is written to the study.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -83,9 +84,10 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def load_config(config_args: Sequence[str]) -> dict[str, Any]:
     """The complete ``fit`` config (every default filled in) that ``config_args`` describe, as a dict."""
-    from lightning_tricks.cli import build_cli
+    from lightning_tricks.tuning.study import quiet_build_cli, quiet_lightning
 
-    cli = build_cli(list(config_args), run=False)
+    quiet_lightning()
+    cli = quiet_build_cli(list(config_args))
     return yaml.safe_load(cli.parser.dump(cli.config))
 
 
@@ -124,10 +126,8 @@ def build_settings(args: argparse.Namespace, config_args: list[str]) -> tuple[An
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:  # Linux: a worker ends when the tune process that started it is killed
+    with contextlib.suppress(OSError, AttributeError):  # Linux: a worker ends when the tune process ends
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _spawn_workers(argv: Sequence[str], count: int, threads: int) -> list[subprocess.Popen]:

@@ -260,19 +260,39 @@ def trial_config(base: dict[str, Any], settings: TuneSettings, values: dict[str,
     return config
 
 
-def run_config(config: dict[str, Any], path: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
-    """Write ``config`` to ``path`` and fit it exactly as ``lightning-tricks fit --config path`` would build it.
+def build_from_config(config: dict[str, Any], path: Path) -> Any:
+    """Write ``config`` to ``path`` and build it as ``lightning-tricks fit --config path`` would (not run).
 
-    Returns the CLI object (``.trainer``, ``.model``, ``.datamodule``) after ``fit``.
+    Returns the CLI object (``.trainer``, ``.model``, ``.datamodule``).
     """
-    from lightning_tricks.cli import build_cli
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return quiet_build_cli(["--config", str(path)])
+
+
+def quiet_build_cli(args: list[str]) -> Any:
+    """``build_cli(args, run=False)`` without LightningCLI's warning that ``sys.argv`` holds other arguments."""
+    from lightning_tricks.cli import build_cli
+
     with warnings.catch_warnings():
         # LightningCLI warns when args= is given while sys.argv holds the tune command: intended here
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        cli = build_cli(["--config", str(path)], run=False)
+        return build_cli(args, run=False)
+
+
+def quiet_lightning(quiet: bool = True) -> None:
+    """Trials and checks run many short fits: keep Lightning's per-fit banners and tips out of the output."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning 2.6 internal deprecation, per fit
+        warnings.filterwarnings("ignore", message=".*overfit but enabled train dataloader shuffling.*")
+        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+
+
+def run_config(config: dict[str, Any], path: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
+    """:func:`build_from_config`, add ``extra_callbacks`` to the Trainer, fit; returns the CLI object."""
+    cli = build_from_config(config, path)
     cli.trainer.callbacks.extend(extra_callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
@@ -381,8 +401,7 @@ def run_worker(settings: TuneSettings, study: Any, base_config: dict[str, Any],
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING if settings.quiet else logging.INFO)
+    quiet_lightning(settings.quiet)
     objective = Objective(settings, base_config, echo)
     failures = 0
     while True:
@@ -412,5 +431,5 @@ def settings_dict(settings: TuneSettings) -> dict[str, Any]:
 
 
 __all__ = ["PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_dead_trials",
-           "load_or_create_study", "open_storage", "position", "run_config", "run_worker", "split_trials",
+           "load_or_create_study", "open_storage", "position", "build_from_config", "run_config", "run_worker", "split_trials",
            "stage_of", "stage_space", "trial_config"]
