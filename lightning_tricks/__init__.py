@@ -16,6 +16,7 @@ from lightning_tricks.init import (
 from lightning_tricks.monitoring import (
     DeadUnitMonitor,
     DeadUnitTracker,
+    DivergenceStop,
     InitialLossCheck,
     UpdateRatioMonitor,
     overfit_check,
@@ -50,6 +51,7 @@ CALLBACKS: tuple[str, ...] = (
     "ActivationStatistics",
     "Cutout",
     "DeadUnitMonitor",
+    "DivergenceStop",
     "DropConnect",
     "EMAMembers",
     "EarlyStopping",
@@ -74,6 +76,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitTracker",
     "DigitsDataModule",
+    "DivergenceStop",
     "DropConnect",
     "DropConnectConv2d",
     "DropConnectLinear",

@@ -12,6 +12,7 @@ from lightning_tricks.monitoring.dead_units import (
     WatchedModule,
     find_watched_modules,
 )
+from lightning_tricks.monitoring.divergence import DivergenceStop
 from lightning_tricks.monitoring.initial_loss import (
     InitialLossCheck,
     InitialLossError,
@@ -34,6 +35,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitReport",
     "DeadUnitTracker",
+    "DivergenceStop",
     "InitialLossCheck",
     "InitialLossError",
     "NothingToMonitorError",
