@@ -115,18 +115,22 @@ def overfit_step(config: dict[str, Any], folder: Path, num_batches: int, max_epo
                  target: float) -> StepResult:
     """Step 2: train a copy on ``num_batches`` minibatches (weight decay 0) and read the accuracy on them."""
     from lightning_tricks.monitoring import overfit_check
+    from lightning_tricks.tuning.pruning import CurveRecorder
 
     config = set_model_arg(_copy(config), find_init_arg(config, DECAY_KEYS), 0.0)
     config["trainer"].update(max_epochs=max_epochs)
     cli = _build(config, folder, "step2")
+    recorder = CurveRecorder("train_loss")
     report = overfit_check(cli.model, datamodule=cli.datamodule, num_batches=num_batches, max_epochs=max_epochs,
-                           target_accuracy=target, callbacks=_user_callbacks(cli),
+                           target_accuracy=target, callbacks=[*_user_callbacks(cli), recorder],
                            accelerator=config["trainer"].get("accelerator") or "auto", default_root_dir=str(folder))
     measured = (f"training accuracy {report.accuracy:.3f} on {report.num_samples} samples ({num_batches} batches) "
                 f"after {report.epochs} epochs; loss {report.initial_loss:.4f} -> {report.final_loss:.4f}")
     diagnosis = ""
     if not report.passed:
-        if not math.isfinite(report.final_loss) or report.final_loss > report.initial_loss:
+        losses = [v for _, v in recorder.train_loss]
+        exploded = any(not math.isfinite(v) or v > 3 * losses[0] for v in losses) if losses else False
+        if exploded or not math.isfinite(report.final_loss) or report.final_loss > report.initial_loss:
             diagnosis = "loss explodes (inf/NaN or above its start): learning rate too high, or bad initialization."
         elif report.final_loss > 0.9 * report.initial_loss:
             diagnosis = "loss not going down: learning rate too low, or bad initialization (or a bug in the loss)."

@@ -271,7 +271,9 @@ def narrow(dist: Distribution, best_values: Sequence[Any], margin: float = 0.25,
     lo, hi = min(values), max(values)
     pad = max(margin * (hi - lo), min_width * (hi_full - lo_full))
     low, high = max(lo_full, lo - pad), min(hi_full, hi + pad)
-    low_v, high_v = inv(low), inv(high)
+    # a clipped bound is the original one exactly (exp(log(x)) is not always x)
+    low_v = dist.low if low <= lo_full else inv(low)
+    high_v = dist.high if high >= hi_full else inv(high)
     if dist.kind in ("int", "log_int"):
         low_v, high_v = math.floor(low_v + 1e-9), math.ceil(high_v - 1e-9)
         low_v, high_v = max(low_v, dist.low), min(high_v, dist.high)

@@ -100,8 +100,10 @@ def open_storage(url: str) -> Any:
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 300}}  # concurrent workers wait for the lock
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                                          **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                              grace_period=GRACE_PERIOD, **kwargs)
     except Exception as err:  # sqlalchemy's, a missing driver, a bad URL: all one line for the user
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"cannot open the study storage {url!r}: {first}") from None
@@ -306,7 +308,7 @@ def divergence_callback(settings: TuneSettings) -> Any | None:
         from lightning_tricks.monitoring.divergence import DivergenceStop
     except ImportError:
         return None
-    return DivergenceStop(factor=settings.divergence_factor, check_finite=True)
+    return DivergenceStop(factor=settings.divergence_factor, check_finite=True, verbose=False)  # we print the reason
 
 
 class Objective:
