@@ -109,6 +109,10 @@ def build_settings(args: argparse.Namespace, config_args: list[str]) -> tuple[An
     params = load_search_space(args.search)
     base = load_config(config_args)
     space = resolve_space(base, params)
+    strategy = str((base.get("trainer") or {}).get("strategy") or "auto")
+    if strategy.startswith("ddp") and not any(k in strategy for k in ("spawn", "fork", "notebook")):
+        raise ConfigError(f"`trainer.strategy`={strategy!r} re-runs the command once per rank, which tune cannot do "
+                          "inside a trial: use --trainer.strategy=ddp_spawn (or ddp_fork) for DDP in each trial.")
     metric = args.metric or default_metric(base)
     max_epochs = int((base.get("trainer") or {}).get("max_epochs") or 10)
     study_name = args.study_name or Path(args.search).stem

@@ -10,6 +10,7 @@ called on a subset of ranks.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,6 +58,7 @@ class TrialPruning(Callback):
         self.trial_id = getattr(trial, "_trial_id", None)
         self.pruned = False
         self.stopping_reason: str | None = None
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -64,6 +66,8 @@ class TrialPruning(Callback):
         return state
 
     def _trial(self) -> Any:
+        if os.getpid() != self._pid:  # a forked DDP process must not share the parent's database connections
+            self.trial, self._pid = None, os.getpid()
         if self.trial is None and self.storage is not None and self.trial_id is not None:
             import optuna
 

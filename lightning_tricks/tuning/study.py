@@ -351,9 +351,10 @@ class Objective:
             extra.append(divergence)
         start = time.perf_counter()
         values: dict[str, Any] = {}
+        cli = None
         try:
             values.update({n: d.suggest(trial, n) for n, d in params.items()})
-            run_config(trial_config(self.base, s, values, epochs, trial_dir), trial_dir / "config.yaml", extra)
+            cli = run_config(trial_config(self.base, s, values, epochs, trial_dir), trial_dir / "config.yaml", extra)
         except Exception as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             trial.set_user_attr("reason", f"{type(err).__name__}: {reason}"[:500])
@@ -374,6 +375,9 @@ class Objective:
             self.echo(f"trial {trial.number} (stage {stage}) pruned: {pruning.stopping_reason}")
             raise optuna.TrialPruned(pruning.stopping_reason)
         value = recorder.best(s.direction)
+        if value is None and cli is not None and s.metric in cli.trainer.callback_metrics:
+            value = float(cli.trainer.callback_metrics[s.metric])  # spawned DDP ranks: the final value came back
+            value = value if math.isfinite(value) else None
         if value is None:
             raise ConfigError(f"the metric {s.metric!r} was never logged with a finite value during validation; "
                               "pass --metric with a metric your LightningModule logs (e.g. val_loss).")
