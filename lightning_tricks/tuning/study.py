@@ -138,6 +138,7 @@ def load_or_create_study(settings: TuneSettings, storage: Any, worker_index: int
     """Create the study (recording its settings) or join an existing one with the same settings."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print one line per trial ourselves
     seed = None if settings.seed is None else settings.seed + 7919 * worker_index
     study = optuna.create_study(storage=storage, study_name=settings.study_name, direction=settings.direction,
                                 sampler=make_sampler(settings.sampler, seed), pruner=make_pruner(settings.pruner),
