@@ -6,7 +6,8 @@ import yaml
 
 from tests.helpers import REPO
 
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+SEARCH_SPACES = {"search.yaml"}  # `lightning-tricks tune --search` files, not fit configs (tests/test_tune_space.py)
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name not in SEARCH_SPACES)
 
 
 @pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.name)

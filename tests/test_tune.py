@@ -179,7 +179,10 @@ def test_killed_study_completes_with_exactly_the_requested_trials(tmp_path):
     while time.time() < deadline:  # kill once two trials are done and a third runs
         time.sleep(0.5)
         if (run_dir / "study.db").exists():
-            states = _states(_study(run_dir))
+            try:
+                states = _states(_study(run_dir))
+            except KeyError:  # the file exists before the study is recorded in it
+                continue
             if states.get("COMPLETE", 0) >= 2 and states.get("RUNNING", 0) == 1:
                 break
     proc.send_signal(signal.SIGKILL)

@@ -140,3 +140,13 @@ def test_stage_two_ranges_surround_the_best_of_stage_one():
     assert 1e-3 < ranges["lr"].low < 1e-2 and 2e-2 < ranges["lr"].high < 0.1
     assert ranges["wd"] == params["wd"]
     assert stage_space(study.get_trials(), 1, settings)["lr"] == params["lr"]
+
+
+def test_example_search_space_fits_the_digits_config(tmp_path, monkeypatch):
+    from lightning_tricks.tuning.cli import load_config
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(tmp_path)
+    base = load_config(["--config", str(REPO / "examples" / "digits.yaml")])
+    space = resolve_space(base, load_search_space(REPO / "examples" / "search.yaml"))
+    assert space.params["model.init_args.lr"].log and space.paths["data.init_args.batch_size"][-1] == "batch_size"

@@ -294,7 +294,8 @@ def grid_values(dist: Distribution, points: int) -> list[Any]:
     fwd = math.log if dist.log else float
     inv = math.exp if dist.log else float
     lo, hi = fwd(dist.low), fwd(dist.high)
-    values = [type_cast(dist, inv(lo + (hi - lo) * i / (points - 1))) for i in range(points)]
+    inner = [inv(lo + (hi - lo) * i / (points - 1)) for i in range(1, points - 1)]
+    values = [type_cast(dist, v) for v in (dist.low, *inner, dist.high)]  # exact ends: exp(log(x)) is not x
     return list(dict.fromkeys(values))
 
 
