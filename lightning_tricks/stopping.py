@@ -151,7 +151,7 @@ class StoppingRule:
         divergence_threshold: stop once the value is worse than this.
         monitor: the metric's name, for messages.
 
-    Example:
+    Examples:
         >>> rule = StoppingRule(mode="min", patience=2)
         >>> [rule.step(v, epoch).stop for epoch, v in enumerate([1.0, 0.8, 0.9, 0.85])]
         [False, False, False, True]
@@ -339,7 +339,7 @@ class WeightSnapshot:
     device-to-host copy per improvement and no allocation. :meth:`restore` loads the copy back with
     ``load_state_dict`` (in place: the optimizer keeps referencing the same parameters).
 
-    Example:
+    Examples:
         >>> net = nn.Linear(3, 2)
         >>> snapshot = WeightSnapshot()
         >>> snapshot.capture(net)
@@ -461,7 +461,7 @@ class EarlyStopping(LightningEarlyStopping):
         MonitorNotFoundError: ``strict`` and the monitored key is not logged (at the first check).
         ConfigError: ``restore_best_weights`` with a sharded strategy or with ``WeightAveraging`` (at setup).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> import lightning_tricks as lt
         >>> stopper = lt.EarlyStopping(monitor="val_loss", patience=5, worse_for=3)

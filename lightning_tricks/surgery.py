@@ -18,7 +18,7 @@ itself. They share the rules written here:
   and pickle (``ddp_spawn``, ``torch.save(model)``, ``copy.deepcopy``) as "mixin + original class",
   so even a user's own block class survives a round trip in a fresh process.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> [name for name, _ in select_modules(model, ["*"], can_wrap=lambda m: None if isinstance(m, nn.Linear)

@@ -139,7 +139,7 @@ class TTAConfig:
             without ``crop_size`` (or ``crop_size`` with nothing to crop), ``crop_size`` larger than a
             scale, a scale or size ``<= 0``, conflicting families.
 
-    Example:
+    Examples:
         >>> TTAConfig(views=["hflip", "five_crop"], crop_size=28).num_views
         10
     """
@@ -282,7 +282,7 @@ def _base(x: Tensor, scale: int | None, pad: int, padding_mode: str) -> Tensor:
 def apply_view(x: Tensor, view: View, config: TTAConfig) -> Tensor:
     """The view of a batch ``x`` (``(batch, ..., height, width)``): resize, window, flips.
 
-    Example:
+    Examples:
         >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
         >>> apply_view(x, View(hflip=True), TTAConfig()).flatten()[:4].tolist()
         [3.0, 2.0, 1.0, 0.0]
@@ -319,7 +319,7 @@ def merge_predictions(outputs: Tensor, merge: str = "mean", task: str = "classif
 
     With ``K = 1`` the single output is returned unchanged. ``task="regression"`` averages raw outputs.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])  # 2 views, 1 input, 2 classes
         >>> merge_predictions(logits).exp()
         tensor([[0.5000, 0.5000]])
@@ -413,7 +413,7 @@ def tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TTAConfig, 
     Returns:
         The merged prediction, ``(B, classes)`` log-probabilities for classification with ``K > 1``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
         >>> tta_forward(model, torch.randn(2, 1, 4, 4), TTAConfig(views=["hflip"])).shape
         torch.Size([2, 3])
@@ -491,7 +491,7 @@ class TTAWrapper(nn.Module):
         seed: seed of the stochastic passes (each call draws the same randomness; ``None`` uses the
             global generators).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
         >>> tta = TTAWrapper(model, views=["hflip", "five_crop"], crop_size=28, max_batch=256)
         >>> log_probs = tta(torch.randn(4, 3, 32, 32))  # 10 views per image, as one batch of 40 rows
@@ -547,7 +547,7 @@ class TestTimeAugmentation(Callback):
         exact_distributed: under DDP, evaluate every ``validate``/``test`` sample exactly once.
         seed: seed of the stochastic passes; draws depend on (seed, rank, stage, dataloader, batch index).
 
-    Example:
+    Examples:
         >>> tta = TestTimeAugmentation(views=["hflip", "five_crop"], crop_size=28)
         >>> trainer = pl.Trainer(callbacks=[tta])  # doctest: +SKIP
         >>> trainer.test(model, datamodule=dm)  # doctest: +SKIP

@@ -318,7 +318,7 @@ class DeadUnitTracker:
         InvalidArgumentError: an argument out of range.
         NothingToMonitorError: nothing to watch in ``model``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> with DeadUnitTracker(model) as tracker:
         ...     _ = model(torch.randn(16, 4))
@@ -549,7 +549,7 @@ class DeadUnitMonitor(Callback):
         NothingToMonitorError: at the start of fit, when the model has nothing to monitor (the message
             lists the conv/linear/norm layers to name in ``layers``).
 
-    Example:
+    Examples:
         >>> monitor = DeadUnitMonitor(warn_fraction=0.2)
         >>> trainer = pl.Trainer(callbacks=[monitor])  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP

@@ -62,7 +62,7 @@ class DivergenceStop(Callback):
     Raises:
         InvalidArgumentError: ``factor`` <= 1, or both rules switched off.
 
-    Example:
+    Examples:
         >>> stop = DivergenceStop(factor=3.0)
         >>> trainer = pl.Trainer(callbacks=[stop])  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP

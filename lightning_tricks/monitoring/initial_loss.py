@@ -46,7 +46,7 @@ class InitialLossError(RuntimeError):
 def expected_initial_loss(num_classes: int) -> float:
     """``log(C)``: the cross-entropy of a uniform prediction over ``num_classes`` classes.
 
-    Example:
+    Examples:
         >>> round(expected_initial_loss(10), 4)
         2.3026
     """
@@ -96,7 +96,7 @@ class InitialLossCheck(Callback):
     Raises:
         InvalidArgumentError: an argument out of range.
 
-    Example:
+    Examples:
         >>> check = InitialLossCheck(tolerance=0.2)
         >>> trainer = pl.Trainer(callbacks=[check])  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP
@@ -272,7 +272,7 @@ def overfit_check(
         InvalidArgumentError: bad arguments, or neither or both of ``datamodule`` and ``train_dataloader``.
         ConfigError: batches that are not ``(inputs, targets)``, or a forward without logits.
 
-    Example:
+    Examples:
         >>> report = overfit_check(MyModule(), datamodule=MyData(), num_batches=1)  # doctest: +SKIP
         >>> report.passed, report.accuracy  # doctest: +SKIP
         (True, 1.0)

@@ -51,7 +51,7 @@ def dropconnect_weight(weight: torch.Tensor, p: float, generator: torch.Generato
         generator: the generator of the mask (on ``weight``'s device); torch's default one when ``None``.
         samples: draw this many masks and return shape ``(samples, *weight.shape)``.
 
-    Example:
+    Examples:
         >>> w = torch.ones(2, 3)
         >>> sorted(dropconnect_weight(w, 0.5, torch.Generator().manual_seed(0)).unique().tolist())
         [0.0, 2.0]
@@ -112,7 +112,7 @@ class DropConnectLinear(_DropConnectMixin, nn.Linear):
         randomness: the generators to draw from (a callback shares one among its layers); a private one
             seeded with 0 when ``None``.
 
-    Example:
+    Examples:
         >>> layer = DropConnectLinear(4, 3, p=0.5)
         >>> x = torch.ones(2, 4)
         >>> torch.equal(layer.eval()(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
@@ -165,7 +165,7 @@ class DropConnectConv2d(_DropConnectConvMixin, nn.Conv2d):
         randomness: the generators to draw from; a private one seeded with 0 when ``None``.
         **kwargs: the other ``nn.Conv2d`` arguments (stride, padding, ...).
 
-    Example:
+    Examples:
         >>> conv = DropConnectConv2d(3, 8, 3, p=0.2, padding=1)
         >>> conv(torch.zeros(1, 3, 8, 8)).shape
         torch.Size([1, 8, 8, 8])
@@ -240,7 +240,7 @@ def apply_dropconnect(
         InvalidArgumentError: a bad argument, or a pattern that matches nothing convertible.
         ModelNotSupportedError: the default rule finds no layer (e.g. a model whose only Linear is the head).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
         >>> apply_dropconnect(net, 0.3).converted
         ['0']
@@ -313,7 +313,7 @@ class DropConnect(StructuralCallback):
         InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches nothing convertible.
         ModelNotSupportedError: (at setup) no layer found by the default rule.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[DropConnect(p=0.5)], logger=False)  # doctest: +SKIP
     """

@@ -62,7 +62,7 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
     Attributes:
         lt_stochastic_eval: while True, eval draws fresh regions (test-time averaging); False by default.
 
-    Example:
+    Examples:
         >>> pool = SeededFractionalMaxPool2d().eval()
         >>> x = torch.randn(2, 3, 8, 8)
         >>> y = pool(x)
@@ -147,7 +147,7 @@ def apply_fractional_pooling(
         ModelNotSupportedError: the model has no ``nn.MaxPool2d``.
         InvalidArgumentError: a bad argument, or a pattern that matches no ``nn.MaxPool2d``.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1))
         >>> apply_fractional_pooling(net)[0].converted
         ['1']
@@ -220,7 +220,7 @@ def average_pooling_draws(
         ``log(mean_k softmax(logits_k))`` in float32: log-probabilities of the averaged prediction, which
         work as logits (``argmax``, ``cross_entropy``, ``softmax`` gives the averaged probabilities).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(1), nn.LazyLinear(3))
         >>> _ = apply_fractional_pooling(net[:2]); _ = net(torch.zeros(1, 1, 12, 12))
         >>> with torch.no_grad():
@@ -334,7 +334,7 @@ class FractionalMaxPooling(StructuralCallback):
         InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches no ``nn.MaxPool2d``.
         ModelNotSupportedError: (at setup) no ``nn.MaxPool2d``, or a model that needs the original spatial size.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[FractionalMaxPooling(test_samples=12)], logger=False)  # doctest: +SKIP
     """

@@ -55,7 +55,7 @@ Tensor = torch.Tensor
 def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
     """Drop probability of each block: ``drop_rate * l / L`` for ``l = 1..L`` (``linear``) or ``drop_rate``.
 
-    Example:
+    Examples:
         >>> drop_probabilities(4, 0.5)
         [0.125, 0.25, 0.375, 0.5]
     """
@@ -76,7 +76,7 @@ def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool 
     branch times ``1 - p`` with ``scaling="test"``, unchanged with ``"train"``. This functional form cannot
     save compute (the branch is already computed); the blocks of :func:`apply_stochastic_depth` skip it.
 
-    Example:
+    Examples:
         >>> r = torch.ones(4, 2)
         >>> drop_residual(r, 0.5, scaling="train", generator=torch.Generator().manual_seed(4)).tolist()
         [[2.0, 2.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
@@ -279,7 +279,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
     Returns:
         The number of batches used.
 
-    Example:
+    Examples:
         >>> from lightning_tricks.zoo import CifarResNet
         >>> net = CifarResNet(20)
         >>> _ = apply_stochastic_depth(net, 0.5)
@@ -348,7 +348,7 @@ def apply_stochastic_depth(
         ModelNotSupportedError: no residual block found; a timm block that already has ``drop_path``.
         InvalidArgumentError: a bad argument, or a pattern that matches no convertible block.
 
-    Example:
+    Examples:
         >>> from lightning_tricks.zoo import CifarResNet
         >>> apply_stochastic_depth(CifarResNet(20), 0.5).total
         9
@@ -423,7 +423,7 @@ class StochasticDepth(StructuralCallback):
         ModelNotSupportedError: (at setup) no residual block, a timm model with ``drop_path_rate > 0``,
             ``static_graph=True`` or an unsupported distributed strategy in ``batch`` mode.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[StochasticDepth(drop_rate=0.5)], logger=False)  # doctest: +SKIP
     """
