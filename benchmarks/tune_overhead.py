@@ -58,6 +58,7 @@ def make_cases(workdir: Path, epochs: int) -> dict[str, Any]:
     base["trainer"]["callbacks"] = [c for c in base["trainer"]["callbacks"]
                                     if not c["class_path"].endswith("ModelCheckpoint")]
     base["trainer"]["enable_checkpointing"] = False
+    base["trainer"]["default_root_dir"] = str(workdir)  # fit saves its config.yaml there, not in the cwd
     config = workdir / "fit.yaml"
     config.write_text(yaml.safe_dump(base, sort_keys=False))
     lr = base["model"]["init_args"]["lr"]
