@@ -221,3 +221,14 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(tmp_path):
     pids = {t.user_attrs["worker"]["pid"] for t in ran}
     assert 1 <= len(pids) <= 2
     assert out.count("best: trial") == 1  # one report, by the first worker
+
+
+def test_grid_sampler_tries_the_square_grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, search = _files(tmp_path)
+    assert tune_main(["--config", str(cfg), "--search", str(search), "--trials", "4", "--stages", "1", "--epochs", "1",
+                      "--sampler", "grid", "--run-dir", str(tmp_path / "run"), "--metric", "val_acc",
+                      "--pruner", "none"]) == 0
+    tried = {(t.params["model.init_args.lr"], t.params["model.init_args.weight_decay"])
+             for t in _study(tmp_path / "run").get_trials()}
+    assert tried == {(lr, wd) for lr in (1.0e-3, 1.0e-1) for wd in (0, 1.0e-4)}

@@ -43,7 +43,8 @@ def _tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, help="validation metric (default: the config's monitor, else val_loss)")
     p.add_argument("--direction", choices=("maximize", "minimize"), default=None,
                    help="default: inferred from the metric's name (acc -> maximize)")
-    p.add_argument("--sampler", default="random", help="random (default), tpe, cmaes, qmc, gp")
+    p.add_argument("--sampler", default="random", help="random (default), tpe, cmaes, qmc, gp, grid "
+                   "(round(trials^(1/d)) values per parameter, log-spaced on log ranges; --stages 1)")
     p.add_argument("--pruner", default="median", help="median (default), successive_halving, hyperband, none")
     p.add_argument("--top", type=float, default=0.25,
                    help="fraction of a stage's trials (at least 2) whose values the next stage's ranges surround")
@@ -78,6 +79,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ConfigError(f"`--divergence-factor`={args.divergence_factor} is invalid: expected 0 (off) or > 1.")
     if args.sampler not in SAMPLERS:
         raise ConfigError(f"`--sampler`={args.sampler!r} is invalid: expected one of {', '.join(SAMPLERS)}.")
+    if args.sampler == "grid" and args.stages != 1:
+        raise ConfigError("`--sampler`='grid' is invalid with --stages > 1: a grid does not narrow; use --stages 1.")
     if args.pruner not in PRUNERS:
         raise ConfigError(f"`--pruner`={args.pruner!r} is invalid: expected one of {', '.join(PRUNERS)}.")
 

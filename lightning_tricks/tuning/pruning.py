@@ -32,8 +32,9 @@ class TrialPruning(Callback):
     sets ``trainer.should_stop`` at the same epoch. The fit then ends normally (checkpoints and loggers
     close) and the caller raises ``optuna.TrialPruned``; ``pruned`` and ``stopping_reason`` say why.
 
-    The trial is reached through ``trial`` in the process that built the Trainer; when the Trainer is
-    sent to spawned processes the callback reconnects from ``storage``, ``study_name`` and the trial id.
+    The trial is reached through ``trial`` in the process that built the Trainer; in a spawned or forked
+    DDP process the callback reconnects from ``storage``, the study name and the trial id, with the
+    study's pruner (which the database does not store).
 
     Args:
         trial: the ``optuna.Trial`` being run.
@@ -55,6 +56,8 @@ class TrialPruning(Callback):
             raise ConfigError("TrialPruning needs `monitor`, the name of a logged validation metric.")
         self.trial, self.monitor, self.storage = trial, monitor, storage
         self.study_name = trial.study.study_name if trial is not None else None
+        # the database does not store the pruner: a reconnecting process needs the object itself
+        self.pruner = getattr(getattr(trial, "study", None), "pruner", None)
         self.trial_id = getattr(trial, "_trial_id", None)
         self.pruned = False
         self.stopping_reason: str | None = None
@@ -66,12 +69,13 @@ class TrialPruning(Callback):
         return state
 
     def _trial(self) -> Any:
-        if os.getpid() != self._pid:  # a forked DDP process must not share the parent's database connections
+        if os.getpid() != self._pid and self.storage is not None:
+            # a forked DDP process must not share the parent's database connections: reconnect by URL
             self.trial, self._pid = None, os.getpid()
         if self.trial is None and self.storage is not None and self.trial_id is not None:
             import optuna
 
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
             self.trial = optuna.trial.Trial(study, self.trial_id)
         return self.trial
 

@@ -32,9 +32,9 @@ import yaml
 
 from lightning_tricks._validation import ConfigError
 from lightning_tricks.tuning.pruning import CurveRecorder, TrialPruning
-from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_params, narrow
+from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_params, grid_values, narrow
 
-SAMPLERS = ("random", "tpe", "cmaes", "qmc", "gp")
+SAMPLERS = ("random", "tpe", "cmaes", "qmc", "gp", "grid")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 HEARTBEAT_INTERVAL = 10
 """Seconds between a running trial's heartbeats in the database."""
@@ -134,9 +134,14 @@ def _write_ahead_log(storage: Any) -> None:
         engine.dispose()  # connections opened before the listener reconnect with it
 
 
-def make_sampler(name: str, seed: int | None) -> Any:
+def make_sampler(name: str, seed: int | None, space: SearchSpace | None = None, trials: int = 1) -> Any:
+    """Optuna's sampler of that name; ``grid`` takes round(trials ** (1/d)) values per numeric parameter."""
     import optuna
 
+    if name == "grid":
+        assert space is not None
+        side = max(1, round(trials ** (1 / max(len(space.params), 1))))
+        return optuna.samplers.GridSampler({n: grid_values(d, side) for n, d in space.params.items()}, seed=seed)
     samplers: dict[str, Callable[[], Any]] = {
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
@@ -166,7 +171,8 @@ def load_or_create_study(settings: TuneSettings, storage: Any, worker_index: int
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print one line per trial ourselves
     seed = None if settings.seed is None else settings.seed + 7919 * worker_index
     study = optuna.create_study(storage=storage, study_name=settings.study_name, direction=settings.direction,
-                                sampler=make_sampler(settings.sampler, seed), pruner=make_pruner(settings.pruner),
+                                sampler=make_sampler(settings.sampler, seed, settings.space, settings.trials),
+                                pruner=make_pruner(settings.pruner),
                                 load_if_exists=True)
     identity = json.loads(json.dumps(settings.identity()))
     recorded = study.user_attrs.get("settings")
