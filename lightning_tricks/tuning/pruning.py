@@ -45,7 +45,7 @@ class TrialPruning(Callback):
         pruned: whether the pruner stopped the trial.
         stopping_reason: one line, or None.
 
-    Example:
+    Examples:
         >>> pruning = TrialPruning(trial, monitor="val_acc")  # doctest: +SKIP
         >>> pl.Trainer(callbacks=[pruning]).fit(model, datamodule)  # doctest: +SKIP
         >>> if pruning.pruned: raise optuna.TrialPruned(pruning.stopping_reason)  # doctest: +SKIP

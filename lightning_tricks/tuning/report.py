@@ -96,7 +96,7 @@ def write_best(config: dict[str, Any], path: Path, header: str) -> Path:
 def moving_average(values: Sequence[float], window: int) -> list[float]:
     """Trailing mean over up to ``window`` points (non-finite points are skipped).
 
-    Example:
+    Examples:
         >>> moving_average([1.0, 3.0, 5.0, 7.0], 2)
         [1.0, 2.0, 4.0, 6.0]
     """

@@ -255,7 +255,7 @@ def narrow(dist: Distribution, best_values: Sequence[Any], margin: float = 0.25,
     original range. Choice: unchanged (Optuna keeps one set of choices per parameter in a study; a
     later stage still samples every choice, at random).
 
-    Example:
+    Examples:
         >>> d = narrow(Distribution("log_uniform", 1e-4, 1e-1), [1e-2, 4e-2])
         >>> round(d.low, 4), round(d.high, 4)
         (0.0071, 0.0566)

@@ -76,7 +76,7 @@ class TuneSettings:
 def split_trials(trials: int, stages: int) -> list[int]:
     """Trials per stage: halving from one stage to the next (2/3 then 1/3 for two stages), each at least 1.
 
-    Example:
+    Examples:
         >>> split_trials(12, 2), split_trials(7, 3), split_trials(5, 1)
         ([8, 4], [4, 2, 1], [5])
     """
