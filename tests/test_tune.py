@@ -11,6 +11,7 @@ import optuna
 import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_tricks.tuning.cli import main, tune_main
 from tests.helpers import REPO
@@ -40,6 +41,14 @@ class FailWhen(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.value < 3:
             raise RuntimeError(f"FailWhen: value {self.value} < 3")
+
+
+class ImageLogger(CSVLogger):
+    """A CSV logger that takes images: records each ``log_image`` call as a file (the figures' logger path)."""
+
+    def log_image(self, key: str, images: list, step: int = 0) -> None:
+        Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.save_dir) / f"{key.replace('/', '_')}-{images[0].shape[2]}.img").touch()
 
 
 class Sleep(Callback):
@@ -90,7 +99,9 @@ def test_study_end_to_end_prunes_divergence_records_failures_and_writes_a_runnab
     space = {"model.init_args.lr": {"choice": [0.05, 1000.0]},  # 1000: the loss explodes at once
              "trainer.callbacks.FailWhen.value": {"int": [0, 9]},  # below 3: the trial raises
              "model.init_args.momentum": {"uniform": [0.5, 0.9]}}
-    cfg, search = _files(tmp_path, space)
+    config = {**TINY, "trainer": {**TINY["trainer"], "logger": {"class_path": "tests.test_tune.ImageLogger",
+                                                                 "init_args": {"save_dir": "logs"}}}}
+    cfg, search = _files(tmp_path, space, config)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         main(["tune", "--config", str(cfg), "--search", str(search), "--trials", "6", "--epochs", "1", "2",
@@ -119,6 +130,9 @@ def test_study_end_to_end_prunes_divergence_records_failures_and_writes_a_runnab
     assert rows[0].startswith("trial,state,stage,epochs,val_acc,") and len(rows) == 1 + len(trials)
     for png in ("curves.png", "params.png", "ranges.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in run_dir.glob("*.img")) == ["tune_curves-3.img", "tune_params-3.img",
+                                                             "tune_ranges-3.img"]  # RGB images to the logger
+    assert sorted(p.name for p in (run_dir / "trials").iterdir()) == [f"trial-{t.number:04d}" for t in trials]
     # best.yaml is a complete config that fit runs as is, with the best trial's values
     best = yaml.safe_load((run_dir / "best.yaml").read_text())
     winner = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)

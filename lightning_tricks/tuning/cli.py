@@ -166,7 +166,7 @@ def report(study: Any, settings: Any, base: dict[str, Any]) -> None:
               ", ".join(f"{k}={v}" for k, v in best.params.items()), flush=True)
     else:
         print("no trial completed: no best.yaml", flush=True)
-    written += rep.write_figures(study, out, settings.metric)
+    written += rep.write_figures(study, out, settings.metric, rep.config_loggers(base, out))
     print("wrote " + ", ".join(str(p) for p in written), flush=True)
 
 

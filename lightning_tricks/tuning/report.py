@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lightning_tricks.monitoring.plots import _new_figure  # the package's Agg figure (PNG and logger arrays)
 from lightning_tricks.tuning.space import Distribution, parse_distribution
 
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
@@ -115,9 +116,7 @@ def _stage_colors(stages: int) -> list[str]:
 
 def curves_figure(study: Any, metric: str) -> Any:
     """Training loss (moving average) and validation metric of every trial; colour = stage, dashed = pruned."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2), constrained_layout=True)
+    fig = _new_figure(11, 4.2)
     ax_loss, ax_val = fig.subplots(1, 2)
     colors = _stage_colors(5)
     for t in study.get_trials(deepcopy=False):
@@ -149,11 +148,9 @@ def _space(study: Any) -> dict[str, Distribution]:
 
 def params_figure(study: Any, metric: str) -> Any:
     """The final metric against each hyperparameter (log axis for log ranges), one panel per parameter."""
-    from matplotlib.figure import Figure
-
     space = _space(study)
     n = max(len(space), 1)
-    fig = Figure(figsize=(3.6 * n, 3.4), constrained_layout=True)
+    fig = _new_figure(3.6 * n, 3.4)
     axes = fig.subplots(1, n, squeeze=False)[0]
     colors = _stage_colors(5)
     done = [t for t in study.get_trials(deepcopy=False) if t.value is not None and t.state.name == "COMPLETE"]
@@ -176,15 +173,13 @@ def params_figure(study: Any, metric: str) -> Any:
 
 def ranges_figure(study: Any) -> Any:
     """Each numeric parameter's range per stage as horizontal bars (stage 2 inside stage 1), log axes for log."""
-    from matplotlib.figure import Figure
-
     space = {n: d for n, d in _space(study).items() if d.numeric}
     stage_ranges: dict[int, dict[str, Any]] = {}
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("ranges") and t.user_attrs.get("stage"):
             stage_ranges.setdefault(int(t.user_attrs["stage"]), t.user_attrs["ranges"])
     n = max(len(space), 1)
-    fig = Figure(figsize=(6, 0.9 + 1.0 * n), constrained_layout=True)
+    fig = _new_figure(6, 0.9 + 1.0 * n)
     axes = fig.subplots(n, 1, squeeze=False)[:, 0]
     colors = _stage_colors(5)
     for ax, (name, dist) in zip(axes, space.items(), strict=False):
@@ -201,14 +196,38 @@ def ranges_figure(study: Any) -> Any:
     return fig
 
 
-def write_figures(study: Any, folder: Path, metric: str) -> list[Path]:
-    """Write ``curves.png``, ``params.png`` and ``ranges.png`` into ``folder``."""
-    from lightning_tricks.monitoring.plots import save_figure
+def write_figures(study: Any, folder: Path, metric: str, loggers: Sequence[Any] = ()) -> list[Path]:
+    """Write ``curves.png``, ``params.png`` and ``ranges.png`` into ``folder``; also send them to ``loggers``
+    that take images (TensorBoard, Weights & Biases: see ``monitoring.plots.log_figure``)."""
+    from lightning_tricks.monitoring.plots import log_figure, save_figure
 
-    return [save_figure(curves_figure(study, metric), folder / "curves.png"),
-            save_figure(params_figure(study, metric), folder / "params.png"),
-            save_figure(ranges_figure(study), folder / "ranges.png")]
+    figures = {"curves": curves_figure(study, metric), "params": params_figure(study, metric),
+               "ranges": ranges_figure(study)}
+    for name, figure in figures.items():
+        log_figure(loggers, f"tune/{name}", figure, step=0)
+    return [save_figure(figure, folder / f"{name}.png") for name, figure in figures.items()]
+
+
+def config_loggers(config: dict[str, Any], folder: Path) -> list[Any]:
+    """The loggers of a ``fit`` config (``trainer.logger`` class paths), writing into ``folder``; none for
+    ``logger: false``. A logger that cannot be built here is skipped (the PNG files are written anyway)."""
+    import importlib
+
+    spec = (config.get("trainer") or {}).get("logger")
+    out = []
+    for entry in spec if isinstance(spec, list) else [spec]:
+        if not isinstance(entry, dict) or "class_path" not in entry:
+            continue
+        module, _, name = entry["class_path"].rpartition(".")
+        args = dict(entry.get("init_args") or {})
+        if "save_dir" in args:
+            args.update(save_dir=str(folder), name="figures")
+        try:
+            out.append(getattr(importlib.import_module(module), name)(**args))
+        except Exception as err:  # an optional logger package missing, an offline service: not fatal here
+            print(f"figures not sent to {name}: {type(err).__name__}: {err}".splitlines()[0], flush=True)
+    return out
 
 
 __all__ = ["best_trial", "curves_figure", "format_table", "moving_average", "params_figure", "ranges_figure",
-           "rows", "write_best", "write_csv", "write_figures"]
+           "config_loggers", "rows", "write_best", "write_csv", "write_figures"]
