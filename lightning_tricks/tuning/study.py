@@ -214,6 +214,18 @@ def fail_dead_trials(study: Any) -> list[int]:
     return failed
 
 
+def fail_abandoned_trials(study: Any, echo: Callable[[str], None] = print) -> None:
+    """Fail the RUNNING trials nobody runs any more: a dead process on this host (at once) or, on any host,
+    no heartbeat for :data:`GRACE_PERIOD` seconds (Optuna's ``fail_stale_trials``)."""
+    import optuna
+
+    for number in fail_dead_trials(study):
+        echo(f"trial {number} was left running by a process that is gone: marked failed.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def position(trials: Sequence[Any], number: int) -> int:
     """How many trials that did not fail have a smaller number: a trial's slot in the study."""
     from optuna.trial import TrialState
@@ -362,6 +374,7 @@ class Objective:
             if stage == 1 or stages_before_finished(trials, stage, s.stage_trials):
                 return stage, stage_space(trials, stage, s)
             time.sleep(POLL_SECONDS)  # a trial of an earlier stage is still running elsewhere
+            fail_abandoned_trials(trial.study, self.echo)  # ... unless its worker died
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -443,8 +456,7 @@ def run_worker(settings: TuneSettings, study: Any, base_config: dict[str, Any],
     objective = Objective(settings, base_config, echo)
     failures = 0
     while True:
-        for number in fail_dead_trials(study):
-            echo(f"trial {number} was left running by a process that is gone: marked failed.")
+        fail_abandoned_trials(study, echo)
         finished, running = counts(study)
         if finished >= settings.trials:
             return
@@ -453,6 +465,8 @@ def run_worker(settings: TuneSettings, study: Any, base_config: dict[str, Any],
             continue
         # optimize() keeps the trial's heartbeat and records an exception as a failed trial
         study.optimize(objective, n_trials=1, catch=(Exception,))
+        if objective.last_number is None:
+            continue
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
         failures = failures + 1 if last.state == TrialState.FAIL and "surplus" not in last.user_attrs.get(
             "reason", "") else 0
@@ -468,6 +482,7 @@ def settings_dict(settings: TuneSettings) -> dict[str, Any]:
     return out
 
 
-__all__ = ["PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_dead_trials",
+__all__ = ["PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_abandoned_trials",
+           "fail_dead_trials",
            "load_or_create_study", "open_storage", "position", "build_from_config", "run_config", "run_worker", "split_trials",
            "stage_of", "stage_space", "trial_config"]
