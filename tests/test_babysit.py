@@ -93,3 +93,12 @@ def test_bad_babysit_option_is_one_line(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == "lightning-tricks babysit: error: `--lr-steps`=0 is invalid: " \
                                               "expected an integer >= 1."
+
+
+def test_range_test_picks_candidates_from_lightnings_lr_find(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = check_config(load_config(["--config", DIGITS]))
+    result = lr_step(config, tmp_path, [], steps=60, drop=0.5, factor=3.0, method="range_test", small_decay=1e-4)
+    tried = [t["lr"] for t in result.details["tried"]]
+    assert len(tried) >= 2 and tried == sorted(tried, reverse=True)  # suggestion, lowest-loss rate, a tenth of it
+    assert result.passed and result.details["best_lr"] in tried and result.details["best_lr"] > 1e-4

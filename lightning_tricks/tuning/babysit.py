@@ -196,8 +196,12 @@ def train_at_lr(config: dict[str, Any], folder: Path, lr_key: str, lr: float, st
     return LRTrial(lr, first, last, blew_up, dropped, ratio)
 
 
-def lr_range_test(config: dict[str, Any], folder: Path, lr_key: str, steps: int) -> float | None:
-    """Lightning's learning-rate range test (``Tuner.lr_find``): its suggestion, or None."""
+def lr_range_test(config: dict[str, Any], folder: Path, lr_key: str, steps: int) -> list[float]:
+    """Lightning's learning-rate range test (``Tuner.lr_find``, 1e-6 to 1): candidates to train at.
+
+    Its suggestion (the steepest descent of the loss), the rate at the lowest loss of the sweep (where
+    the loss turns up: the edge of blowing up) and a tenth of it (Smith's rule of thumb).
+    """
     from lightning.pytorch.tuner import Tuner
 
     config = _copy(config)
@@ -205,9 +209,18 @@ def lr_range_test(config: dict[str, Any], folder: Path, lr_key: str, steps: int)
     if "schedule" in config["model"].get("init_args", {}):
         config["model"]["init_args"]["schedule"] = "none"
     cli = _build(config, folder, "step3-range-test")
-    finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, num_training=steps,
-                                        attr_name=lr_key, update_attr=False)
-    return None if finder is None else finder.suggestion()
+    finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, num_training=steps, min_lr=1e-6,
+                                        max_lr=1.0, attr_name=lr_key, update_attr=False)
+    if finder is None:
+        return []
+    # skip the sweep's first 10 points and its last, as Lightning's suggestion does (its smoothing starts biased)
+    lrs, losses = finder.results["lr"][10:-1], finder.results["loss"][10:-1]
+    finite = [(loss, lr) for lr, loss in zip(lrs, losses, strict=False) if math.isfinite(loss)]
+    candidates = [finder.suggestion()]
+    if finite:
+        at_min = min(finite)[1]
+        candidates += [at_min, at_min / 10]
+    return sorted({float(f"{c:.3g}") for c in candidates if c}, reverse=True)
 
 
 def lr_step(config: dict[str, Any], folder: Path, lrs: Sequence[float], steps: int, drop: float, factor: float,
@@ -221,8 +234,7 @@ def lr_step(config: dict[str, Any], folder: Path, lrs: Sequence[float], steps: i
     own_lr = float(config["model"]["init_args"][lr_key])
     candidates = sorted(set(lrs), reverse=True)
     if method == "range_test":
-        suggestion = lr_range_test(config, folder, lr_key, steps)
-        candidates = [suggestion] if suggestion else []
+        candidates = lr_range_test(config, folder, lr_key, steps)
     tried = [train_at_lr(config, folder, lr_key, lr, steps, drop, factor) for lr in candidates]
     good = [t for t in tried if t.dropped]
     best = max(good, key=lambda t: t.lr) if good else None
