@@ -223,7 +223,11 @@ def config_loggers(config: dict[str, Any], folder: Path) -> list[Any]:
         if "save_dir" in args:
             args.update(save_dir=str(folder), name="figures")
         try:
-            out.append(getattr(importlib.import_module(module), name)(**args))
+            cls = getattr(importlib.import_module(module), name)
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            if callable(getattr(cls, "log_image", None)) or issubclass(cls, TensorBoardLogger):
+                out.append(cls(**args))  # only loggers that take images (a CSV logger would leave an empty folder)
         except Exception as err:  # an optional logger package missing, an offline service: not fatal here
             print(f"figures not sent to {name}: {type(err).__name__}: {err}".splitlines()[0], flush=True)
     return out
