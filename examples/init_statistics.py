@@ -7,8 +7,7 @@ Run:  python examples/init_statistics.py [--out runs/init_statistics.png] [--see
 ``lecun_normal``), then ``f = relu`` with Xavier and with Kaiming (``randn * sqrt(2 / Din)``). It prints
 the std of each layer's activations and the fraction saturated (``|tanh| > 0.99``), and writes one
 figure per case (mean and std per layer, one histogram per layer) stacked into one PNG (under
-``runs/``, which git ignores). Under half a minute on 2 CPU cores; ``--fast`` uses layers of 256 units (a
-smoke test, same trends). docs/init.md shows the table and the figure.
+``runs/``, which git ignores). ``--fast`` uses layers of 256 units (a smoke test, same trends). docs/init.md shows the table and the figure.
 """
 
 from __future__ import annotations

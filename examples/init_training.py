@@ -64,7 +64,7 @@ def main() -> None:
         args.seeds, args.epochs, limit_batches = 1, 1, 3
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    # 0.01*randn drives activations and gradients into subnormal floats, which are ~10x slower on CPU;
+    # 0.01*randn drives activations and gradients into subnormal floats, which are much slower on CPU;
     # flushing them to zero changes no accuracy here (they are below 1e-38) and keeps the script short.
     torch.set_flush_denormal(True)
     start = time.perf_counter()

@@ -2,8 +2,8 @@
 
 ``--model`` and ``--data`` take any LightningModule / LightningDataModule class path, the user's own
 included. The zoo's ``ImageClassifier`` is the default model; the digits datamodule is the default
-data of that model only: a model of your own with its own ``*_dataloader`` methods trains on them
-(``--data null`` says so explicitly). Our callbacks are imported here, so ``--trainer.callbacks+=Cutout``
+data of our own models only (``ImageClassifier``, ``Ensemble``): a model of your own with its own
+``*_dataloader`` methods trains on them (``--data null`` says so explicitly). Our callbacks are imported here, so ``--trainer.callbacks+=Cutout``
 resolves short names, and ``EarlyStopping`` (a name Lightning exports too) means ours.
 
 What the command adds to a plain LightningCLI, each for a newcomer's first hour:
@@ -34,6 +34,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 import lightning_tricks
@@ -150,7 +151,7 @@ def _callbacks_epilog() -> str:
         f"lightning-tricks callbacks (use as --trainer.callbacks+=NAME or class_path: lightning_tricks.NAME; "
         f"on the command line {shadowed or 'a name Lightning exports too'} means ours, write "
         f"lightning.pytorch.callbacks.NAME for Lightning's): {names}. "
-        "Zoo: --model ImageClassifier (default; its default data is DigitsDataModule) | --data DigitsDataModule "
+        "Zoo: --model ImageClassifier (default) | Ensemble, whose default data is DigitsDataModule | --data DigitsDataModule "
         "| CIFAR10DataModule | SyntheticDataModule, or any class path of your own; a model of your own with "
         "its own *_dataloader methods needs no --data. "
         "fit stops at the first NaN/inf training loss (DivergenceStop); --divergence_stop=false turns that off. "
@@ -179,14 +180,14 @@ def _data_given(argv: list[str], subcommand: str | None) -> bool:
     return False
 
 
-def _is_zoo_model(class_path: str | None) -> bool:
-    from lightning_tricks.zoo import ImageClassifier
-
+def _is_our_model(class_path: str | None) -> bool:
+    """Whether the model class is one of this package's (the zoo's ImageClassifier, Ensemble), not the user's."""
     module, _, name = (class_path or "").rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name) is ImageClassifier
+        cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return False
+    return getattr(cls, "__module__", "").split(".")[0] == "lightning_tricks"
 
 
 class TricksCLI(LightningCLI):
@@ -223,15 +224,15 @@ class TricksCLI(LightningCLI):
             _fail(missing_file_message("ckpt_path", str(path), (".ckpt", ".pt", ".pth")))
 
     def _default_data(self, argv: list[str] | None) -> None:
-        """Drop the default digits datamodule when the model is not the zoo's and the user gave no data.
+        """Drop the default digits datamodule when the model is the user's and the user gave no data.
 
-        The digits default stays in the parser (so ``--data.batch_size=32`` tunes it); it belongs to the
-        zoo's model only: a model of your own runs on its own ``*_dataloader`` methods unless ``--data``
+        The digits default stays in the parser (so ``--data.batch_size=32`` tunes it); it belongs to our
+        own models only: a model of your own runs on its own ``*_dataloader`` methods unless ``--data``
         (or a config's ``data:``) names a datamodule.
         """
         node = self._node()
         model = node.get("model")
-        if argv is None or node.get("data") is None or model is None or _is_zoo_model(model.get("class_path")):
+        if argv is None or node.get("data") is None or model is None or _is_our_model(model.get("class_path")):
             return
         if not _data_given(argv, self.config.get("subcommand")):
             node.data = None
@@ -254,6 +255,16 @@ class TricksCLI(LightningCLI):
             extra.append(_EpochLines())
         trainer.callbacks[:0] = extra  # before the checkpoint callbacks, which Lightning keeps last
         return trainer
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        """No datamodule and no loader of the model's own for the stage: say so in one line, before Lightning starts."""
+        needed = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
+                  "predict": "predict_dataloader"}.get(self.subcommand or "")
+        if needed and self.datamodule is None and not is_overridden(needed, self.model):
+            _fail(f"--data: {type(self.model).__name__} has no {needed} of its own and no --data was given; name a "
+                  f"datamodule: --data DigitsDataModule | CIFAR10DataModule | SyntheticDataModule | "
+                  f"my_package.MyDataModule.")
 
     def _configured_callbacks(self) -> list[Any]:
         init = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
@@ -297,7 +308,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
     parser_kwargs: dict[str, Any] = {"epilog": _callbacks_epilog(), "description": lightning_tricks.__doc__}
     return TricksCLI(
         LightningModule,
-        None,  # --data is optional (``--data null``); the digits default belongs to the zoo's model only
+        None,  # --data is optional (``--data null``); the digits default belongs to our models only
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_class=TricksArgumentParser,

@@ -226,6 +226,18 @@ def test_module_with_its_own_dataloaders_trains_on_them(tmp_path, monkeypatch):
     assert type(zoo.datamodule) is lightning_tricks.DigitsDataModule
 
 
+def test_module_without_loaders_or_data_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--model", "tests.user_module.UserModule", *QUIET])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) <= 3 and lines[-1] == (
+        "lightning-tricks: error: --data: UserModule has no train_dataloader of its own and no --data was given; "
+        "name a datamodule: --data DigitsDataModule | CIFAR10DataModule | SyntheticDataModule | "
+        "my_package.MyDataModule.")
+
+
 # ---------------------------------------------------------------------------------------------------
 # readable output off a terminal (issue 13)
 

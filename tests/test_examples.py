@@ -24,8 +24,10 @@ FEW_BATCHES = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--t
 
 
 def _git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout
+    """``git status --porcelain`` of the repository ("" outside a git checkout, e.g. an unpacked sdist)."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                          text=True)
+    return proc.stdout if proc.returncode == 0 else ""
 
 
 @pytest.fixture(scope="module")

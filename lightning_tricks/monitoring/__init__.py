@@ -1,5 +1,6 @@
 """Training diagnostics from CS231n's "babysitting the learning process": dead and saturated units,
-update/weight ratios, the initial-loss check, the overfit-a-small-sample check, and their plots."""
+update/weight ratios, the initial-loss check, the overfit-a-small-sample check, the stop on a diverging
+loss, and their plots."""
 
 from lightning_tricks.monitoring.dead_units import (
     ACTIVATION_TYPES,
