@@ -66,7 +66,7 @@ class TestTimeAugmentation(Callback):
             one given to ``seed_everything``, else ``torch.initial_seed()``; rank 0's under DDP), resolved
             once at setup and kept in the checkpoint.
 
-    Example:
+    Examples:
         >>> tta = TestTimeAugmentation(views=["hflip", "five_crop"], crop_size=28)
         >>> trainer = pl.Trainer(callbacks=[tta])  # doctest: +SKIP
         >>> trainer.test(model, datamodule=dm)  # doctest: +SKIP
