@@ -19,6 +19,7 @@ from lightning_tricks.init import (
 from lightning_tricks.monitoring import (
     DeadUnitMonitor,
     DeadUnitTracker,
+    DivergenceStop,
     InitialLossCheck,
     UpdateRatioMonitor,
     overfit_check,
@@ -66,6 +67,7 @@ CALLBACKS: tuple[str, ...] = (
     "BatchAugment",
     "Cutout",
     "DeadUnitMonitor",
+    "DivergenceStop",
     "DropConnect",
     "EMAMembers",
     "EarlyStopping",
@@ -95,6 +97,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitTracker",
     "DigitsDataModule",
+    "DivergenceStop",
     "DropConnect",
     "DropConnectConv2d",
     "DropConnectLinear",

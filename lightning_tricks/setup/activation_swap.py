@@ -96,7 +96,7 @@ class ActivationSwap(StructuralCallback):
         ModelNotSupportedError: at setup, no activation module of the requested kinds (a model that calls
             ``F.relu`` in ``forward``).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[ActivationSwap(to="prelu")])
     """

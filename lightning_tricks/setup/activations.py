@@ -306,7 +306,7 @@ def find_functional_activations(model: nn.Module, example: Any, kinds: Sequence[
         ``[(kind, "Class.forward (file:line)"), ...]`` in call order; empty when every call of those kinds
         goes through an activation module (which :func:`swap_activations` can replace).
 
-    Example:
+    Examples:
         >>> class Net(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -368,7 +368,7 @@ def swap_activations(
         InvalidArgumentError: see :func:`resolve_swap`; a ``layers`` pattern that matches no activation.
         ModelNotSupportedError: no activation module of the ``replace`` kinds (a model calling ``F.relu``).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> swap_activations(model, "elu").converted, type(model[1]).__name__
         (['1'], 'ELU')
