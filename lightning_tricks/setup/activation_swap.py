@@ -192,7 +192,25 @@ class ActivationSwap(StructuralCallback):
 
     @classmethod
     def records_from_markers(cls, markers: Sequence[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
-        """The records of a checkpoint saved without callback hooks, from its ``(module name, marker)`` pairs."""
+        """The records of a checkpoint saved without callback hooks, from its ``(module name, marker)`` pairs.
+
+        Registered in :data:`lightning_tricks.checkpoint.MARKER_DECODERS`: a ``save_weights_only`` checkpoint
+        has no record, but its markers hold what the swap needs (:func:`~lightning_tricks.setup.activations.swap_marker_values`).
+
+        Args:
+            markers: ``(qualified module name, marker buffer)`` for each swapped module, in ``state_dict`` order.
+
+        Returns:
+            One record per distinct ``(to, slope, alpha)``, as :meth:`record` writes them.
+
+        Examples:
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+            >>> _ = apply_swap(net, resolve_swap("elu"))
+            >>> [r["init_args"]["to"] for r in ActivationSwap.records_from_markers(
+            ...     [("1", net[1].lightning_tricks_ActivationSwap)])]
+            ['elu']
+        """
         groups: dict[tuple[str, float, float], list[tuple[str, str, int]]] = {}
         for module, marker in markers:
             to, kind, slope, alpha, channels = swap_marker_values(marker)

@@ -181,19 +181,55 @@ def mark_swapped(module: nn.Module, spec: SwapSpec, replaced_kind: str) -> None:
     A checkpoint of the swapped model then fails to load strictly into the plain one, naming the trick, and a
     checkpoint without callback records (``save_weights_only``) is rebuilt from the values
     (:func:`swap_marker_values`).
+
+    Args:
+        module: the new activation module (from :func:`make_activation`).
+        spec: the swap that made it.
+        replaced_kind: the kind of the module it replaced (a key of :data:`KINDS`).
+
+    Examples:
+        >>> spec = resolve_swap("leaky_relu", slope=0.2)
+        >>> act = make_activation(spec)
+        >>> mark_swapped(act, spec, "relu")
+        >>> swap_marker_values(act.lightning_tricks_ActivationSwap)
+        ('leaky_relu', 'relu', 0.2, 1.0, 0)
     """
     mark(module, _MARKER, [TARGETS.index(spec.to), list(KINDS).index(replaced_kind), spec.slope, spec.alpha,
                            int(getattr(module, "num_parameters", 0))])
 
 
 def swap_marker_values(marker: torch.Tensor) -> tuple[str, str, float, float, int]:
-    """``(to, replaced kind, slope, alpha, PReLU channels)`` from a marker written by :func:`mark_swapped`."""
+    """``(to, replaced kind, slope, alpha, PReLU channels)`` from a marker written by :func:`mark_swapped`.
+
+    Args:
+        marker: the buffer ``lightning_tricks_ActivationSwap`` (from a module or a checkpoint's ``state_dict``).
+
+    Examples:
+        >>> spec = resolve_swap("elu", alpha=0.5)
+        >>> act = make_activation(spec)
+        >>> mark_swapped(act, spec, "gelu")
+        >>> swap_marker_values(act.lightning_tricks_ActivationSwap)[:2]
+        ('elu', 'gelu')
+    """
     to, kind, slope, alpha, channels = marker_values(marker, _MARKER_KINDS)
     return TARGETS[int(to)], list(KINDS)[int(kind)], float(slope), float(alpha), int(channels)
 
 
 def set_prelu_channels(module: nn.Module, channels: int) -> None:
-    """Size a swapped-in PReLU as a checkpoint's (whose slopes then load into it); other modules are left alone."""
+    """Size a swapped-in PReLU as a checkpoint's (whose slopes then load into it); other modules are left alone.
+
+    Args:
+        module: a module marked by :func:`mark_swapped`.
+        channels: the number of slopes (``num_parameters``) the checkpoint holds for it.
+
+    Examples:
+        >>> spec = resolve_swap("prelu")
+        >>> prelu = make_activation(spec)
+        >>> mark_swapped(prelu, spec, "relu")
+        >>> set_prelu_channels(prelu, 16)
+        >>> prelu.weight.shape, swap_marker_values(prelu.lightning_tricks_ActivationSwap)[4]
+        (torch.Size([16]), 16)
+    """
     if not isinstance(module, nn.PReLU) or module.num_parameters == channels:
         return
     weight = module.weight
