@@ -1,8 +1,8 @@
 """Checkpoints that carry the structural tricks they were trained with.
 
 A structural trick whose converted network evaluates differently from the plain one (fractional max
-pooling; stochastic depth with the paper's ``scaling="test"``) records itself in every checkpoint, as
-plain data, under ``checkpoint["lightning_tricks"]["structural"]``::
+pooling; stochastic depth with the paper's ``scaling="test"``; activation swaps) records itself in every
+checkpoint, as plain data, under ``checkpoint["lightning_tricks"]["structural"]``::
 
     [{"class_path": "lightning_tricks.regularization.fractional_pooling.FractionalMaxPooling",
       "init_args": {"output_ratio": 0.7071, ..., "seed": 0}, "modules": ["model.maxpool"]}]
@@ -250,8 +250,10 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
     with tricks_applied_on_load(cls) as served:
         model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
                                          weights_only=weights_only, **kwargs)
-    if not any(m is model for m in served):  # built as a subclass whose own hook skips ours: only a non-strict
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)  # load got here
+    if not any(m is model for m in served):
+        # Built as a subclass (LightningCLI's instantiator) whose own hook skips ours: with recorded tricks only a
+        # non-strict load gets here (markers are unexpected keys), so convert now and load the rest of the weights.
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
         if apply_recorded_tricks(model, checkpoint):
             model.load_state_dict(checkpoint["state_dict"], strict=False)
     return model
