@@ -57,6 +57,19 @@ def test_swap_keeps_names_and_computes_the_new_activation(name):
     assert not torch.allclose(leaky(x), expected)
 
 
+def test_a_plain_checkpoint_loads_strictly_into_a_swapped_model_and_keeps_its_markers():
+    """Fine-tuning a plain checkpoint with another activation: the swapped model's markers are not in it."""
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    swapped = __import__("copy").deepcopy(plain)
+    swap_activations(swapped, "elu")
+    marker = swapped[1].lightning_tricks_ActivationSwap.clone()
+    with torch.no_grad():
+        plain[0].weight.add_(1.0)
+    assert swapped.load_state_dict(plain.state_dict()).missing_keys == []
+    assert torch.equal(swapped[0].weight, plain[0].weight) and torch.equal(swapped[1].lightning_tricks_ActivationSwap,
+                                                                          marker)
+
+
 def test_prelu_is_per_channel_and_shared_widths_get_one_slope():
     model = torchvision.models.resnet50(num_classes=10)  # Bottleneck's relu runs at two widths
     report = swap_activations(model, "prelu", example_input=torch.randn(2, 3, 32, 32))
