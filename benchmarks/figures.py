@@ -120,6 +120,25 @@ def ensemble_effect(rows: list[dict[str, str]], ax: Any) -> None:
     ax.set_title("Members vs ensembles, digits with 100 training images", fontsize=10)
 
 
+def activation_dead_units(rows: list[dict[str, str]], ax: Any) -> None:
+    activations = list(dict.fromkeys(row["activation"] for row in rows))
+    rates = list(dict.fromkeys(row["lr"] for row in rows))
+    cell = {(row["lr"], row["activation"]): row for row in rows}
+    groups = {f"lr {lr}": ([float(cell[lr, a]["val acc (mean)"]) for a in activations], None) for lr in rates}
+    _bars(ax, activations, groups)
+    width = 0.8 / len(rates)
+    for k, lr in enumerate(rates):
+        for i, activation in enumerate(activations):
+            row = cell[lr, activation]
+            ax.annotate(f"dead {row['mean']}\ndiverged {row['diverged (loss NaN)']}",
+                        (i + (k - (len(rates) - 1) / 2) * width, float(row["val acc (mean)"])),
+                        ha="center", va="bottom", fontsize=6)
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(rates))
+    ax.set_ylabel("validation accuracy (mean over seeds)")
+    ax.set_title("Activation swapped into the dead-ReLU MLP, digits", fontsize=10)
+
+
 @dataclass(frozen=True)
 class Figure:
     """One card figure: the RESULTS.md section it plots and how."""
@@ -138,6 +157,7 @@ FIGURES = (
     Figure("regularization_effect", "regularization-effect", regularization_effect),
     Figure("tta_effect", "tta-effect", tta_effect, (7.2, 4.2)),
     Figure("ensemble_effect", "ensemble-effect", ensemble_effect),
+    Figure("activation_dead_units", "activations-effect", activation_dead_units, (7.2, 4.2)),
 )
 
 

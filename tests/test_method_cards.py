@@ -16,7 +16,19 @@ from benchmarks.figures import section_text
 from benchmarks.harness import RESULTS_PATH
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-CARDS = ["bn_folding", "cutout", "early_stopping", "ensembles", "exact-evaluation", "init", "mixup", "monitoring", "penalty", "tta"]
+CARDS = [
+    "activations",
+    "bn_folding",
+    "cutout",
+    "early_stopping",
+    "ensembles",
+    "exact-evaluation",
+    "init",
+    "mixup",
+    "monitoring",
+    "penalty",
+    "tta",
+]
 """Cards converted to the by-reference form (append the others as they are converted)."""
 INCLUDE = re.compile(r'^--8<-- "benchmarks/RESULTS\.md:([-\w]+)"$', re.MULTILINE)
 NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+(?:e-?\d+)?%?|e-?\d+%?|%|(?=x\b))")
