@@ -27,6 +27,7 @@ CARDS = [
     "mixup",
     "monitoring",
     "penalty",
+    "preprocessing",
     "tta",
 ]
 """Cards converted to the by-reference form (append the others as they are converted)."""
