@@ -20,6 +20,7 @@ CARDS = [
     "activations",
     "bn_folding",
     "cutout",
+    "dropconnect",
     "early_stopping",
     "ensembles",
     "exact-evaluation",
