@@ -10,6 +10,7 @@ from lightning_tricks.ensemble import (
     SnapshotEnsemble,
 )
 from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.finetune import Finetune
 from lightning_tricks.init import (
     ActivationStatistics,
     WeightInit,
@@ -33,6 +34,7 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
+from lightning_tricks.scaling import LargeBatchScaling
 from lightning_tricks.setup import (
     ActivationSwap,
     BatchAugment,
@@ -67,8 +69,10 @@ CALLBACKS: tuple[str, ...] = (
     "EMAMembers",
     "EarlyStopping",
     "ExactDistributedEvaluation",
+    "Finetune",
     "FractionalMaxPooling",
     "InitialLossCheck",
+    "LargeBatchScaling",
     "Mixup",
     "SnapshotEnsemble",
     "Standardize",
@@ -97,10 +101,12 @@ __all__ = [
     "EarlyStopping",
     "Ensemble",
     "ExactDistributedEvaluation",
+    "Finetune",
     "FoldReport",
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
+    "LargeBatchScaling",
     "Maxout",
     "MaxoutConv2d",
     "Mixup",
