@@ -29,6 +29,7 @@ CARDS = [
     "monitoring",
     "penalty",
     "preprocessing",
+    "transfer",
     "tta",
 ]
 """Cards converted to the by-reference form (append the others as they are converted)."""
