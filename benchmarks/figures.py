@@ -139,6 +139,20 @@ def activation_dead_units(rows: list[dict[str, str]], ax: Any) -> None:
     ax.set_title("Activation swapped into the dead-ReLU MLP, digits", fontsize=10)
 
 
+def large_batch_effect(rows: list[dict[str, str]], ax: Any) -> None:
+    labels = [row["run"] for row in rows]
+    pairs = [mean_std(row["test accuracy % (mean ± std)"]) for row in rows]
+    per_seed = [[float(v) for v in row["per seed %"].split(",")] for row in rows]
+    _bars(ax, labels, {"mean ± std over seeds": ([m for m, _ in pairs], [s for _, s in pairs])})
+    for i, values in enumerate(per_seed):
+        ax.plot([i] * len(values), values, "k.", markersize=5, label="one seed" if i == 0 else None)
+    ax.legend(fontsize=8, loc="lower left")
+    low = min(min(values) for values in per_seed)
+    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("Linear scaling rule and warm-up on digits", fontsize=10)
+
+
 @dataclass(frozen=True)
 class Figure:
     """One card figure: the RESULTS.md section it plots and how."""
@@ -158,6 +172,7 @@ FIGURES = (
     Figure("tta_effect", "tta-effect", tta_effect, (7.2, 4.2)),
     Figure("ensemble_effect", "ensemble-effect", ensemble_effect),
     Figure("activation_dead_units", "activations-effect", activation_dead_units, (7.2, 4.2)),
+    Figure("large_batch_effect", "large_batch", large_batch_effect),
 )
 
 

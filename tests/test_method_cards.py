@@ -25,6 +25,7 @@ CARDS = [
     "ensembles",
     "exact-evaluation",
     "init",
+    "large_batch",
     "mixup",
     "monitoring",
     "penalty",
