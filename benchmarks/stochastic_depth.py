@@ -2,7 +2,9 @@
 
 Each configuration is a short ``trainer.fit`` of the zoo's ``ImageClassifier`` on synthetic 3x32x32
 data (``benchmarks.step.measure_step``: interleaved repetitions, median step time). ``batch`` is
-``StochasticDepth(drop_rate, mode="batch")``, which does not run a skipped branch; ``row`` drops per
+``StochasticDepth(drop_rate, mode="batch")`` with its default inverted scaling (a kept branch times
+1/(1-p) in training), which does not run a skipped branch; ``batch-test-scaling`` is the same with the
+paper's ``scaling="test"`` (no training-time multiply), to show what inverted scaling costs; ``row`` drops per
 example (every branch computed); ``torchvision-batch`` applies ``torchvision.ops.stochastic_depth(...,
 mode="batch")`` to the same blocks, which computes the branch and then multiplies it by 0 or 1/(1-p).
 The expected-compute limit is the fraction of conv/linear multiply-accumulates left when block l is
@@ -70,15 +72,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks stochastic_depth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet56")
     parser.add_argument("--drop-rate", type=float, default=0.5)
+    parser.add_argument("--scaling-only", action="store_true",
+                        help="only plain, batch (inverted scaling) and batch-test-scaling: what inverted scaling costs "
+                             "(section stochastic_depth-scaling)")
     add_common_options(parser, steps=10, batch_size=64)
     args = parser.parse_args(argv)
     apply_common_options(args)
     configs = {
         "baseline": [],
         "batch": [partial(StochasticDepth, args.drop_rate, mode="batch", seed=0)],
+        "batch-test-scaling": [partial(StochasticDepth, args.drop_rate, mode="batch", scaling="test", seed=0)],
         "row": [partial(StochasticDepth, args.drop_rate, mode="row", seed=0)],
         "torchvision-batch": [partial(TorchvisionStochasticDepth, args.drop_rate)],
     }
+    if args.scaling_only:
+        configs = {k: v for k, v in configs.items() if k in ("baseline", "batch", "batch-test-scaling")}
     start = time.perf_counter()
     samples = measure_step(configs, backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
                            channels=3, steps=args.steps, repeats=args.repeats, warmup_steps=args.warmup_steps,
@@ -87,17 +95,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit = expected_compute_ratio(args.backbone, args.drop_rate, args.image_size)
     meds = medians(samples)
     ratio = meds["batch"] / meds["baseline"]
+    inverted = meds["batch"] / meds["batch-test-scaling"]
     lines = [
         f"Backbone `{args.backbone}` (zoo), batch {args.batch_size}, 3x{args.image_size}x{args.image_size}, CPU, "
-        f"drop_rate {args.drop_rate} (linear rule, scaling 'test'), torch threads {torch.get_num_threads()}; per fit "
+        f"drop_rate {args.drop_rate} (linear rule; `batch` and `row` with the default inverted scaling), torch threads {torch.get_num_threads()}; per fit "
         f"{args.warmup_steps} warm-up + {args.steps} measured steps, sample = median step; 1 warm-up round, "
         f"{args.repeats} interleaved repeats.",
         "",
         format_table(samples, "baseline"),
         "",
         f"`batch` / plain = **{ratio:.3f}** (target <= 0.80; expected-compute limit {limit:.3f}, the conv/linear "
-        f"multiply-accumulates left on average). `torchvision-batch` computes every branch, so it saves nothing.",
+        f"multiply-accumulates left on average). Inverted scaling (`batch`) / the paper's test-time scaling "
+        f"(`batch-test-scaling`) = **{inverted:.3f}**."
+        + ("" if args.scaling_only else " `torchvision-batch` computes every branch, so it saves nothing."),
     ]
-    publish("stochastic_depth", "training-step time, StochasticDepth vs plain ResNet", argv, wall, lines,
-            args.quick, args.no_write)
+    title = ("training-step time, inverted vs test-time scaling" if args.scaling_only
+             else "training-step time, StochasticDepth vs plain ResNet")
+    publish("stochastic_depth", title, argv, wall, lines, args.quick, args.no_write,
+            section="stochastic_depth-scaling" if args.scaling_only else None)
     return 0

@@ -4,6 +4,7 @@ Every public callback and mixin is re-exported here, so configs can say ``lightn
 """
 
 from lightning_tricks._model_probe import infer_num_classes
+from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
@@ -18,6 +19,7 @@ from lightning_tricks.init import (
 from lightning_tricks.monitoring import (
     DeadUnitMonitor,
     DeadUnitTracker,
+    DivergenceStop,
     InitialLossCheck,
     UpdateRatioMonitor,
     overfit_check,
@@ -65,6 +67,7 @@ CALLBACKS: tuple[str, ...] = (
     "BatchAugment",
     "Cutout",
     "DeadUnitMonitor",
+    "DivergenceStop",
     "DropConnect",
     "EMAMembers",
     "EarlyStopping",
@@ -94,6 +97,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitTracker",
     "DigitsDataModule",
+    "DivergenceStop",
     "DropConnect",
     "DropConnectConv2d",
     "DropConnectLinear",
@@ -122,8 +126,10 @@ __all__ = [
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "apply_recorded_tricks",
     "fold_batch_norm",
     "infer_num_classes",
+    "load_from_checkpoint",
     "overfit_check",
     "swap_activations",
 ]

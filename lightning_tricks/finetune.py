@@ -102,7 +102,7 @@ class Finetune(Callback):
             ``last:K`` beyond the model's units (at setup).
         WeightsMismatchError: the weights file does not fit the backbone (at setup).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> finetune = Finetune(train="last:2", num_classes=5, weights="pretrained.ckpt", backbone_lr_factor=0.1)
         >>> trainer = pl.Trainer(callbacks=[finetune])  # doctest: +SKIP

@@ -54,7 +54,7 @@ def scaling_factor(world_size: int, batch_size: int, accumulate_grad_batches: in
                    reference_batch_size: int | None = None) -> float:
     """``k = world_size * batch_size * accumulate_grad_batches / reference_batch_size`` (reference: ``batch_size``).
 
-    Example:
+    Examples:
         >>> scaling_factor(world_size=4, batch_size=64)
         4.0
         >>> scaling_factor(world_size=2, batch_size=64, accumulate_grad_batches=4, reference_batch_size=256)
@@ -66,7 +66,7 @@ def scaling_factor(world_size: int, batch_size: int, accumulate_grad_batches: in
 def lr_multiplier(step: int, factor: float, warmup_steps: int) -> float:
     """``m(t)``: ``1 + (k - 1) t / T`` during the warm-up (``t < T``), ``k`` after; ``k`` throughout when ``k <= 1``.
 
-    Example:
+    Examples:
         >>> tuple(lr_multiplier(t, factor=4.0, warmup_steps=3) for t in range(5))
         (1.0, 2.0, 3.0, 4.0, 4.0)
     """
@@ -107,7 +107,7 @@ class LargeBatchScaling(Callback):
         InvalidArgumentError: a reference batch below 1, a negative warm-up, or both warm-up arguments.
         ConfigError: at train start, a per-device batch size that cannot be read and was not given.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(devices=4, callbacks=[LargeBatchScaling(warmup_epochs=5)])  # doctest: +SKIP
     """

@@ -80,7 +80,7 @@ def find_head(model: nn.Module, head: str | None = None) -> str:
         InvalidArgumentError: ``head`` names no submodule, or one that is not a Linear/Conv2d.
         ModelNotSupportedError: the model has no Linear or Conv2d layer at all.
 
-    Example:
+    Examples:
         >>> find_head(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 10)))
         '2'
     """
@@ -127,7 +127,7 @@ def replace_head(model: nn.Module, num_classes: int | None = None, head: str | N
     ``num_classes=None`` keeps the current number of outputs (a re-initialization). The parameter names
     stay the same, so checkpoints of the fine-tuned model load into a model whose head was replaced alike.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
         >>> replace_head(net, num_classes=5), net[2].out_features
         ('2', 5)
@@ -169,7 +169,7 @@ def backbone_units(model: nn.Module, head: str) -> list[Unit]:
     Every parameter outside the head belongs to exactly one unit. Order is registration order, which is
     the order of computation in the models we know (torchvision, timm, the zoo).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
         >>> tuple(u.name for u in backbone_units(net, "4"))
         ('0',)
@@ -284,7 +284,7 @@ def freeze(model: nn.Module, train: str = "head", head: str | None = None) -> Fr
     leave them bit-identical, weight decay included) and frozen units are put in eval mode. Call
     :func:`set_unit_modes` again after every ``model.train()``.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> plan = freeze(net, "last:1")
         >>> tuple(p.requires_grad for p in net.parameters())
