@@ -153,6 +153,21 @@ def large_batch_effect(rows: list[dict[str, str]], ax: Any) -> None:
     ax.set_title("Linear scaling rule and warm-up on digits", fontsize=10)
 
 
+def stochastic_depth_effect(rows: list[dict[str, str]], ax: Any) -> None:
+    labels = [row["model"].replace("StochasticDepth(0.5), ", "").replace(" + ", "\n+ ") for row in rows]
+    pairs = [mean_std(row["test accuracy % (mean ± std)"]) for row in rows]
+    ax.barh(range(len(rows)), [m for m, _ in pairs], xerr=[s for _, s in pairs], capsize=3)
+    for i, row in enumerate(rows):
+        seeds = [float(v) for v in row["per seed %"].split(",")]
+        ax.plot(seeds, [i] * len(seeds), "k.", markersize=5, label="one seed" if i == 0 else None)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("test accuracy % (mean ± std over seeds)")
+    ax.set_title("StochasticDepth(0.5) on ResNet-20, digits 32x32, short schedule", fontsize=10)
+
+
 @dataclass(frozen=True)
 class Figure:
     """One card figure: the RESULTS.md section it plots and how."""
@@ -173,6 +188,7 @@ FIGURES = (
     Figure("ensemble_effect", "ensemble-effect", ensemble_effect),
     Figure("activation_dead_units", "activations-effect", activation_dead_units, (7.2, 4.2)),
     Figure("large_batch_effect", "large_batch", large_batch_effect),
+    Figure("stochastic_depth_effect", "stochastic_depth_effect", stochastic_depth_effect, (7.6, 3.6)),
 )
 
 

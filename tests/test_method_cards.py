@@ -30,6 +30,7 @@ CARDS = [
     "monitoring",
     "penalty",
     "preprocessing",
+    "stochastic_depth",
     "transfer",
     "tta",
 ]
