@@ -139,33 +139,37 @@ def activation_dead_units(rows: list[dict[str, str]], ax: Any) -> None:
     ax.set_title("Activation swapped into the dead-ReLU MLP, digits", fontsize=10)
 
 
+def _seed_bars(ax: Any, labels: Sequence[str], rows: list[dict[str, str]], mean_column: str, seeds_column: str,
+               low: float | None = None) -> None:
+    """Horizontal bars of ``mean ± std`` cells with each seed's value as a dot; x from ``low`` (default 0) to 100."""
+    pairs = [mean_std(row[mean_column]) for row in rows]
+    ax.barh(range(len(rows)), [m for m, _ in pairs], xerr=[s for _, s in pairs], capsize=3)
+    for i, row in enumerate(rows):
+        seeds = [float(v) for v in row[seeds_column].split(",")]
+        ax.plot(seeds, [i] * len(seeds), "k.", markersize=5)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0 if low is None else low, 100)
+    ax.set_xlabel("test accuracy % (bars: mean ± std over seeds; dots: one seed each)")
+
+
 def large_batch_effect(rows: list[dict[str, str]], ax: Any) -> None:
-    labels = [row["run"] for row in rows]
-    pairs = [mean_std(row["test accuracy % (mean ± std)"]) for row in rows]
-    per_seed = [[float(v) for v in row["per seed %"].split(",")] for row in rows]
-    _bars(ax, labels, {"mean ± std over seeds": ([m for m, _ in pairs], [s for _, s in pairs])})
-    for i, values in enumerate(per_seed):
-        ax.plot([i] * len(values), values, "k.", markersize=5, label="one seed" if i == 0 else None)
-    ax.legend(fontsize=8, loc="lower left")
-    low = min(min(values) for values in per_seed)
-    ax.set_ylim(max(0.0, low - 5), 100)
-    ax.set_ylabel("test accuracy %")
+    _seed_bars(ax, [row["run"] for row in rows], rows, "test accuracy % (mean ± std)", "per seed %")
     ax.set_title("Linear scaling rule and warm-up on digits", fontsize=10)
 
 
 def stochastic_depth_effect(rows: list[dict[str, str]], ax: Any) -> None:
     labels = [row["model"].replace("StochasticDepth(0.5), ", "").replace(" + ", "\n+ ") for row in rows]
-    pairs = [mean_std(row["test accuracy % (mean ± std)"]) for row in rows]
-    ax.barh(range(len(rows)), [m for m, _ in pairs], xerr=[s for _, s in pairs], capsize=3)
-    for i, row in enumerate(rows):
-        seeds = [float(v) for v in row["per seed %"].split(",")]
-        ax.plot(seeds, [i] * len(seeds), "k.", markersize=5, label="one seed" if i == 0 else None)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel("test accuracy % (mean ± std over seeds)")
+    _seed_bars(ax, labels, rows, "test accuracy % (mean ± std)", "per seed %")
     ax.set_title("StochasticDepth(0.5) on ResNet-20, digits 32x32, short schedule", fontsize=10)
+
+
+def fractional_pooling_effect(rows: list[dict[str, str]], ax: Any) -> None:
+    labels = [f"{row['model / test procedure'].replace(' (', chr(10) + '(')}\ntest NLL {row['test NLL (mean)']}"
+              for row in rows]
+    low = min(float(v) for row in rows for v in row["per seed accuracy %"].split(","))
+    _seed_bars(ax, labels, rows, "test accuracy % (mean ± std)", "per seed accuracy %", low=max(0.0, low - 2))
+    ax.set_title("Fractional max pooling on digits, test procedures", fontsize=10)
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ FIGURES = (
     Figure("activation_dead_units", "activations-effect", activation_dead_units, (7.2, 4.2)),
     Figure("large_batch_effect", "large_batch", large_batch_effect),
     Figure("stochastic_depth_effect", "stochastic_depth_effect", stochastic_depth_effect, (7.6, 3.6)),
+    Figure("fractional_pooling_effect", "fractional_pooling_effect", fractional_pooling_effect, (7.6, 3.6)),
 )
 
 

@@ -24,6 +24,7 @@ CARDS = [
     "early_stopping",
     "ensembles",
     "exact-evaluation",
+    "fractional_pooling",
     "init",
     "large_batch",
     "mixup",
