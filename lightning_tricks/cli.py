@@ -335,6 +335,11 @@ def main(args: list[str] | None = None) -> None:
     A ``ConfigError`` (a bad argument value, a missing data folder)
     is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("tune", "babysit"):
+        from lightning_tricks.tuning.cli import main as tuning_main
+
+        tuning_main(argv)
     try:
         build_cli(args)
     except Exception as err:
