@@ -172,6 +172,16 @@ def fractional_pooling_effect(rows: list[dict[str, str]], ax: Any) -> None:
     ax.set_title("Fractional max pooling on digits, test procedures", fontsize=10)
 
 
+def tune_search(rows: list[dict[str, str]], ax: Any) -> None:
+    columns = {"grid": "grid: best val_acc", "random": "random: best val_acc"}
+    groups = {name: ([float(row[column].split()[0]) for row in rows], None) for name, column in columns.items()}
+    _bars(ax, [f"seed {row['seed']}" for row in rows], groups)
+    low = min(v for values, _ in groups.values() for v in values)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_ylabel("best validation accuracy of the study")
+    ax.set_title("Random vs grid search, same budget of trials, digits", fontsize=10)
+
+
 @dataclass(frozen=True)
 class Figure:
     """One card figure: the RESULTS.md section it plots and how."""
@@ -194,6 +204,7 @@ FIGURES = (
     Figure("large_batch_effect", "large_batch", large_batch_effect),
     Figure("stochastic_depth_effect", "stochastic_depth_effect", stochastic_depth_effect, (7.6, 3.6)),
     Figure("fractional_pooling_effect", "fractional_pooling_effect", fractional_pooling_effect, (7.6, 3.6)),
+    Figure("tune_search", "tune-search", tune_search),
 )
 
 

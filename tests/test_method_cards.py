@@ -34,6 +34,7 @@ CARDS = [
     "stochastic_depth",
     "transfer",
     "tta",
+    "tune",
 ]
 """Cards converted to the by-reference form (append the others as they are converted)."""
 INCLUDE = re.compile(r'^--8<-- "benchmarks/RESULTS\.md:([-\w]+)"$', re.MULTILINE)
