@@ -18,6 +18,7 @@ from benchmarks.harness import RESULTS_PATH
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CARDS = [
     "activations",
+    "babysit",
     "bn_folding",
     "cutout",
     "dropconnect",
