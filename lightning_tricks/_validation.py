@@ -80,3 +80,25 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
         hi = "inf" if high is None else str(high)
         raise _fail(name, value, f"an integer in [{lo}, {hi}]")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` must be True or False (not 0, 1 or a string: YAML's ``yes`` arrives as a string)."""
+    if not isinstance(value, bool):
+        raise _fail(name, value, "true or false")
+    return value
+
+
+def check_optional_number(name: str, value: Any) -> float | None:
+    """``value`` must be None or a finite number."""
+    if value is None:
+        return None
+    check_range(name, value)
+    if math.isinf(value):
+        raise _fail(name, value, "a finite number or null")
+    return value
+
+
+def check_optional_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int | None:
+    """``value`` must be None or an integer in ``[low, high]``."""
+    return None if value is None else check_int(name, value, low, high)

@@ -67,6 +67,23 @@ def test_cutout_draws_on_the_batch_device() -> None:
     assert len(set(holes.tolist())) > 1 or len({tuple(m.nonzero()[0].tolist()) for m in (out == 0).all(1)}) > 1
 
 
+def test_random_stream_draws_on_the_device_and_seeded_passes_leave_cuda_rng_alone() -> None:
+    from lightning_tricks._seeding import RandomStream, seeded_global_rng
+    from lightning_tricks.distributed import derive_seed
+
+    stream = RandomStream(seed=5)
+    generator = stream.next_generator("cuda")
+    draw = torch.rand(64, device="cuda", generator=generator)
+    expected = torch.rand(64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(derive_seed(5, 0, 0)))
+    assert generator.device.type == "cuda" and torch.equal(draw, expected) and stream.batches_seen == 1
+    before = torch.cuda.get_rng_state()
+    with seeded_global_rng(11, "cuda"):
+        inside = torch.rand(8, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    torch.cuda.manual_seed(11)
+    assert torch.equal(torch.rand(8, device="cuda"), inside)
+
+
 def test_tta_on_gpu_equals_cpu() -> None:
     from lightning_tricks.tta import TTAWrapper
 

@@ -149,7 +149,7 @@ def test_p_zero_leaves_batches_untouched(tmp_path):
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(ListModule(), datamodule=ImageData(n=16, batch_size=8))
     assert all(torch.equal(x, torch.ones_like(x)) for x in recorder.train)
-    assert callback.state_dict()["batches_seen"] == 0 and not callback._generators  # no draws, no generator
+    assert callback.state_dict()["batches_seen"] == 0 and not callback.randomness.generators  # no draws, no generator
 
 
 def test_resume_mid_epoch_reproduces_masks(tmp_path):

@@ -186,7 +186,7 @@ def test_tuple_batches_fail_at_first_batch_naming_the_mixin_and_work_with_it(tmp
     recorder, callback = Recorder(), Mixup(mode="sample")
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(MixinTupleModule(), datamodule=ImageData(n=16, batch_size=8, kind="tuple", ones=False))
-    assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2 and callback._batches_seen == 2
+    assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2 and callback.state_dict()["batches_seen"] == 2
 
 
 def test_a_loss_that_ignores_y_fails_at_first_backward(tmp_path):
@@ -302,7 +302,7 @@ def test_p_zero_leaves_the_batch_objects_untouched(tmp_path):
     recorder, callback = Identity(), Mixup(p=0.0)
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(ListModule(), datamodule=ImageData(n=16, batch_size=8))
-    assert all(type(y) is torch.Tensor for y in recorder.train) and callback._batches_seen == 0
+    assert all(type(y) is torch.Tensor for y in recorder.train) and callback.state_dict()["batches_seen"] == 0
 
 
 def test_resume_mid_epoch_reproduces_lambdas_and_pairs(tmp_path):

@@ -569,3 +569,59 @@ def test_cli_tests_a_user_checkpoint_with_the_example_config_on_two_processes(tm
     assert reported == pytest.approx(expected, abs=1e-4), (reported, expected)
     assert "TestTimeAugmentation: test predictions of DigitNet average 9 views" in proc.stdout + proc.stderr
     del sys.modules["user_project"]
+
+
+# -- the seed rule ------------------------------------------------------------------------------------
+
+def test_default_seed_is_the_runs_seed(tmp_path, monkeypatch):
+    """seed=None follows seed_everything, as every stochastic callback does; an explicit seed ignores it."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after the test
+    model = UserNet(dropout=0.5)
+
+    def test(run_seed, **kwargs):
+        pl.seed_everything(run_seed, verbose=False)
+        tta = TTACallback(views=["identity"], stochastic_passes=4, **kwargs)
+        return cpu_trainer(tmp_path, callbacks=[tta]).test(model, datamodule=Data(), verbose=False)[0], tta
+
+    default, tta = test(3)
+    assert tta.state_dict() == {"seed": 3}
+    assert test(0, seed=3)[0] == default and test(4)[0] != default
+
+
+class EvalNoise(nn.Module):
+    """Noise only in TTA's stochastic passes: training stays deterministic whatever the run's seed."""
+
+    lt_stochastic_eval = False
+
+    def forward(self, x):
+        return x + 0.5 * torch.randn_like(x) if self.lt_stochastic_eval else x
+
+
+class EvalNoiseNet(UserNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[2] = EvalNoise()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.nll_loss(self(x), y))
+
+
+def test_resume_under_another_run_seed_validates_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """seed=None is resolved once and kept in the checkpoint: the resumed run draws the saved run's passes."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+
+    def fit(epochs, run_seed, ckpt_path=None, save=None):
+        pl.seed_everything(run_seed, verbose=False)
+        torch.manual_seed(0)  # the same initial weights in every run
+        trainer = cpu_trainer(tmp_path, max_epochs=epochs, num_sanity_val_steps=0, callbacks=[
+            TTACallback(views=["identity"], stochastic_passes=3, stages=["validate"])])
+        trainer.fit(EvalNoiseNet(), datamodule=Data(), ckpt_path=ckpt_path)
+        if save:
+            trainer.save_checkpoint(save)
+        return float(trainer.callback_metrics["val_loss"])
+
+    straight = fit(2, run_seed=1)
+    fit(1, run_seed=1, save=tmp_path / "one.ckpt")
+    assert fit(2, run_seed=2, ckpt_path=str(tmp_path / "one.ckpt")) == straight
+    assert fit(2, run_seed=2) != straight  # the run's seed moves the draws: the resumed run used the saved one

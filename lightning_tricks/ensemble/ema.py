@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks._validation import check_int, check_optional_int, check_range
 from lightning_tricks.ensemble.module import Ensemble
 
 
@@ -43,13 +43,10 @@ class EMAMembers(EMAWeightAveraging):
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: int | None = None,
                  update_starting_at_epoch: int | None = None, device: str | None = None,
                  use_buffers: bool = True) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise InvalidArgumentError(f"`decay`={decay!r} is invalid: expected a number in [0.0, 1.0).")
+        check_range("decay", decay, 0.0, 1.0, high_inclusive=False)
         check_int("update_every_n_steps", update_every_n_steps, 1)
-        if update_starting_at_step is not None:
-            check_int("update_starting_at_step", update_starting_at_step, 0)
-        if update_starting_at_epoch is not None:
-            check_int("update_starting_at_epoch", update_starting_at_epoch, 0)
+        check_optional_int("update_starting_at_step", update_starting_at_step, 0)
+        check_optional_int("update_starting_at_epoch", update_starting_at_epoch, 0)
         super().__init__(device=device, use_buffers=use_buffers, decay=decay, update_every_n_steps=update_every_n_steps,
                          update_starting_at_step=update_starting_at_step,
                          update_starting_at_epoch=update_starting_at_epoch)

@@ -15,7 +15,12 @@ from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_choice, check_int
+from lightning_tricks._validation import (
+    ConfigError,
+    InvalidArgumentError,
+    check_choice,
+    check_optional_int,
+)
 from lightning_tricks.ensemble import _vmap
 from lightning_tricks.ensemble.loading import (
     ClassSpec,
@@ -79,8 +84,7 @@ def check_ensemble_arguments(checkpoints: Any, members: Any, member_class: Any, 
     check_choice("voting", voting, VOTING)
     check_choice("fast_path", fast_path, FAST_PATHS)
     check_choice("ema_members", ema_members, EMA_MEMBERS)
-    if num_classes is not None:
-        check_int("num_classes", num_classes, 2)
+    check_optional_int("num_classes", num_classes, 2)
     specs = check_member_class(member_class, len(checkpoints))
     if member_kwargs is not None and not (isinstance(member_kwargs, dict) and all(isinstance(k, str)
                                                                                for k in member_kwargs)):

@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tricks._lightning_internals import fit_train_dataloader
+from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import InvalidArgumentError, check_int
-from lightning_tricks.distributed import broadcast_module, make_generator
+from lightning_tricks.distributed import broadcast_module
 from lightning_tricks.init._measure import batch_input
 from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
@@ -45,9 +46,10 @@ class WeightInit(Callback):
     """Initialize the model's weights with a scheme or LSUV when ``fit`` starts, on every rank alike.
 
     Runs in ``Callback.setup`` (stage ``fit``), before the strategy moves the model and wraps it in
-    DDP. Every rank draws from a generator seeded by ``seed`` (default: ``torch.initial_seed()``,
-    which ``seed_everything`` sets), LSUV all-reduces its variances, and rank 0's parameters are then
-    broadcast explicitly, so all ranks start bit-identical whatever the strategy does.
+    DDP. Every rank draws from a generator seeded by ``seed`` (default: the run's seed, rank 0's value
+    on every rank, as for every stochastic callback of the package), LSUV all-reduces its variances,
+    and rank 0's parameters are then broadcast explicitly, so all ranks start bit-identical whatever
+    the strategy does.
 
     It never leaves a model with weights it should have kept: when ``fit`` resumes from a checkpoint
     (``ckpt_path``), Lightning restores the checkpoint's weights after ``setup``, over the fresh
@@ -79,7 +81,8 @@ class WeightInit(Callback):
         num_batches: training batches LSUV measures on, concatenated (``lsuv`` only; default 1).
         batch_key: key or index of the model input in a training batch (``lsuv`` only; default: the
             batch's first tensor).
-        seed: seed of the random draws (default ``torch.initial_seed()``).
+        seed: seed of the random draws (default: the run's seed, the one given to ``seed_everything``,
+            else ``torch.initial_seed()``).
 
     Raises:
         InvalidArgumentError: in ``__init__``, any invalid argument; at setup, a selector that matches
@@ -127,9 +130,8 @@ class WeightInit(Callback):
         self.num_batches = check_int("num_batches", 1 if num_batches is None else num_batches, 1)
         _check_batch_key(batch_key)
         self.batch_key = batch_key
-        if seed is not None:
-            check_int("seed", seed)
-        self.seed = seed
+        self.randomness = RandomStream(seed, shared=True)
+        self.seed = seed  # every rank draws the same initialization
         self.initialized_layers: list[str] = []
         self.lsuv_report: list[LSUVLayer] = []
         self.skipped: str | None = None
@@ -153,10 +155,10 @@ class WeightInit(Callback):
         if self.skipped is not None:
             rank_zero_info(f"WeightInit: not initializing ({self.skipped}).")
             return
-        seed = self.seed if self.seed is not None else torch.initial_seed()
+        self.randomness.setup(trainer)
         self.initialized_layers = apply_scheme(
             pl_module, self.args, layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-            zero_residual=self.zero_init_residual, generator=make_generator(seed))
+            zero_residual=self.zero_init_residual, generator=self.randomness.seeded("cpu"))
         # ranks seeded differently drew differently: start from rank 0's draw, so that LSUV's all-reduced
         # variances describe one network, and broadcast again after it so that the guarantee does not
         # depend on floating-point agreement or on the strategy's own broadcast

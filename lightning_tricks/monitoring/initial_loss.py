@@ -33,6 +33,7 @@ from lightning_tricks._validation import (
     ConfigError,
     InvalidArgumentError,
     check_int,
+    check_optional_int,
     check_positive,
     check_probability,
 )
@@ -110,8 +111,7 @@ class InitialLossCheck(Callback):
     """
 
     def __init__(self, num_classes: int | None = None, tolerance: float = 0.25, fail: bool = False) -> None:
-        if num_classes is not None:
-            check_int("num_classes", num_classes, 2)
+        check_optional_int("num_classes", num_classes, 2)
         check_positive("tolerance", tolerance)
         self.num_classes, self.tolerance, self.fail = num_classes, tolerance, fail
         self.observed: float | None = None

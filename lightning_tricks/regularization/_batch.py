@@ -17,7 +17,6 @@ Where the images and targets are:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, MutableMapping, MutableSequence
 from typing import Any
 
@@ -25,8 +24,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
-from lightning_tricks.distributed import derive_seed
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
 """Dict keys tried, in order, for the images when ``input_key`` is not given."""
@@ -165,21 +164,18 @@ def check_float_images(images: Any, owner: str, min_ndim: int) -> torch.Tensor:
 class BatchTransformCallback(Callback):
     """Base of the callbacks that transform training batches; owns their random stream and checkpoint state.
 
-    Randomness: for the ``k``-th training batch this callback transforms (counted over the whole fit,
-    every micro-batch of gradient accumulation included), the generator on the batch's device is
-    seeded with ``derive_seed(seed, global_rank, k)``. Ranks draw differently; a resumed run, which
-    restores ``k`` and ``seed`` from the checkpoint, draws exactly as the uninterrupted one did.
-    ``seed=None`` takes the seed given to ``seed_everything`` (``PL_GLOBAL_SEED``), else 0.
+    Randomness (the package's one seed rule, :class:`~lightning_tricks._seeding.RandomStream`): for the
+    ``k``-th training batch this callback transforms (counted over the whole fit, every micro-batch of
+    gradient accumulation included), the generator on the batch's device is seeded with
+    ``derive_seed(seed, global_rank, k)``. Ranks draw differently; a resumed run, which restores ``k``
+    and ``seed`` from the checkpoint, draws exactly as the uninterrupted one did. ``seed=None`` takes
+    the run's seed (the one given to ``seed_everything``, else ``torch.initial_seed()``; rank 0's under DDP).
     """
 
     def __init__(self, input_key: Key = None, seed: int | None = None) -> None:
         self.input_key = check_key("input_key", input_key)
-        if seed is not None:
-            check_int("seed", seed)
+        self.randomness = RandomStream(seed)
         self.seed = seed
-        self._resolved_seed: int | None = None
-        self._batches_seen = 0
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._transformed_batch: Any = None  # the batch BatchTransformMixin already transformed
 
     @property
@@ -192,19 +188,12 @@ class BatchTransformCallback(Callback):
         return True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._resolved_seed is None:
-            self._resolved_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.randomness.setup(trainer)
 
     def _next_generator(self, trainer: pl.Trainer, device: torch.device) -> torch.Generator:
         """The device's generator, seeded for the next batch (and the batch counter advanced)."""
-        if self._resolved_seed is None:  # used outside a fit (e.g. transform_batch called directly)
-            self._resolved_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed(derive_seed(self._resolved_seed, trainer.global_rank, self._batches_seen))
-        self._batches_seen += 1
-        return generator
+        self.randomness.rank = trainer.global_rank  # also when called outside a fit (transform_batch directly)
+        return self.randomness.next_generator(device)
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
         """Transform ``batch``; with ``in_place`` the same batch object must carry the result."""
@@ -235,11 +224,10 @@ class BatchTransformCallback(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self._resolved_seed, "batches_seen": self._batches_seen}
+        return self.randomness.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resolved_seed = state_dict.get("seed", self._resolved_seed)
-        self._batches_seen = int(state_dict.get("batches_seen", 0))
+        self.randomness.load_state_dict(state_dict)
 
 
 class BatchTransformMixin:

@@ -3,14 +3,13 @@ and the record a checkpoint keeps of a trick that changes what the network compu
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_tricks._validation import check_int
+from lightning_tricks._validation import check_optional_int
 from lightning_tricks.regularization._randomness import LayerRandomness
 from lightning_tricks.surgery import SurgeryReport, exact_patterns
 
@@ -18,20 +17,14 @@ RECORD_KEY = "lightning_tricks"
 """Top-level checkpoint key of our records; structural tricks go in ``checkpoint[RECORD_KEY]["structural"]``."""
 
 
-def resolve_seed(seed: int | None) -> int:
-    """``seed``, else the seed of ``seed_everything`` (``PL_GLOBAL_SEED``, the same on every rank), else 0."""
-    if seed is not None:
-        return seed
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
 class StructuralCallback(Callback):
     """Converts the model in ``setup`` (before checkpoint restore and DDP wrapping) and keys its draws by step.
 
     Subclasses implement :meth:`convert` (idempotent surgery through the trick's functional core) and
-    :meth:`init_args`; :meth:`after_convert` adds checks that need the trainer. The counter of training
-    batches is the callback's checkpointed state, so a resumed run draws what the uninterrupted run would
-    have drawn. A trick whose converted network evaluates differently from the plain one
+    :meth:`init_args`; :meth:`after_convert` adds checks that need the trainer. The seed (``None``: the
+    run's seed, the same on every rank) and the counter of training batches are the randomness's
+    checkpointed state (the package's one seed rule, :class:`~lightning_tricks._seeding.RandomStream`), so a
+    resumed run draws what the uninterrupted run would have drawn. A trick whose converted network evaluates differently from the plain one
     (:meth:`changes_evaluation`) records itself in every checkpoint as plain data (class path, init
     arguments, converted module names), which :func:`lightning_tricks.apply_recorded_tricks` re-applies.
     """
@@ -41,13 +34,15 @@ class StructuralCallback(Callback):
     """What the log line counts (``"residual blocks"``)."""
 
     def __init__(self, seed: int | None) -> None:
-        if seed is not None:
-            check_int("seed", seed, 0)
+        check_optional_int("seed", seed, 0)
         self.seed = seed
-        self.randomness: LayerRandomness | None = None
+        self.randomness = LayerRandomness(seed, per_rank=self.per_rank)
         self.report: SurgeryReport | None = None
-        self.batches_seen = 0
-        self._resolved_seed: int | None = None
+
+    @property
+    def batches_seen(self) -> int:
+        """Training batches seen over the whole fit (resumed runs included): the step the draws are keyed by."""
+        return self.randomness.batches_seen
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
@@ -66,12 +61,8 @@ class StructuralCallback(Callback):
         """Checks that need the trainer, after the surgery."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._resolved_seed is None:
-            self._resolved_seed = resolve_seed(self.seed)
-        if self.randomness is None:
-            self.randomness = LayerRandomness(self._resolved_seed, per_rank=self.per_rank)
-        self.randomness.seed = self._resolved_seed
-        self.randomness.rank = trainer.global_rank
+        self.randomness.shared = not self.per_rank  # a subclass may set per_rank after this __init__
+        self.randomness.setup(trainer)
         self.report = self.convert(pl_module, self.randomness)
         if self.report.total:
             self.report.log(self.converts)
@@ -79,23 +70,17 @@ class StructuralCallback(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        assert self.randomness is not None
-        self.randomness.step = self.batches_seen
-        self.batches_seen += 1
+        self.randomness.step = self.randomness.batches_seen
+        self.randomness.batches_seen += 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.randomness is not None:
-            self.randomness.step = None
+        self.randomness.step = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self._resolved_seed, "batches_seen": self.batches_seen}
+        return self.randomness.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batches_seen = int(state_dict["batches_seen"])
-        if state_dict.get("seed") is not None:
-            self._resolved_seed = int(state_dict["seed"])
-            if self.randomness is not None:
-                self.randomness.seed = self._resolved_seed
+        self.randomness.load_state_dict(state_dict)
 
     # -- the checkpoint record ----------------------------------------------------------------------------------
 
@@ -116,7 +101,7 @@ class StructuralCallback(Callback):
     @classmethod
     def reapply(cls, model: nn.Module, record: dict[str, Any]) -> SurgeryReport:
         """Convert ``model`` as the trick that wrote ``record`` converted the model it was saved from."""
-        trick = cls(**record["init_args"])
-        trick._resolved_seed = resolve_seed(trick.seed)
-        trick.randomness = LayerRandomness(trick._resolved_seed, per_rank=trick.per_rank)
+        trick = cls(**record["init_args"])  # the record's seed is the one the saved run used
+        trick.randomness.shared = not trick.per_rank
+        trick.randomness.setup()
         return trick.convert(model, trick.randomness, modules=exact_patterns(record["modules"]))

@@ -177,7 +177,8 @@ class Cutout(BatchTransformCallback):
         fill: value written into the holes (0 is the mean of normalized images).
         input_key: where the images are: a dict key or a position; None finds them (see
             :mod:`lightning_tricks.regularization._batch`).
-        seed: seed of the callback's generator; None takes the ``seed_everything`` seed (else 0).
+        seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: an argument out of range, at construction; at the first batch, a ``length``

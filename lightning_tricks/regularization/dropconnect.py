@@ -313,7 +313,8 @@ class DropConnect(StructuralCallback):
         mode: ``step`` (default) or ``sample`` (per-example masks via batched matmul; Linear only; memory
             ``batch x out x in`` per layer).
         drop_bias: also drop bias entries.
-        seed: seed of the masks; ``None`` uses the ``seed_everything`` seed (or 0).
+        seed: seed of the masks; ``None`` uses the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches nothing convertible.
@@ -340,7 +341,7 @@ class DropConnect(StructuralCallback):
 
     def init_args(self) -> dict[str, Any]:
         return {"p": self.p, "layers": self.layers, "layer_types": self.layer_types, "mode": self.mode,
-                "drop_bias": self.drop_bias, "seed": self._resolved_seed}
+                "drop_bias": self.drop_bias, "seed": self.randomness.seed}
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:

@@ -360,7 +360,8 @@ class FractionalMaxPooling(StructuralCallback):
         layers: glob patterns on qualified module names (default: every ``nn.MaxPool2d``).
         test_samples: number of pooling draws averaged in ``test``/``predict`` (1: the deterministic eval).
         max_batch: most rows per forward pass when averaging (default: ``test_samples * batch``).
-        seed: seed of the draws; ``None`` uses the ``seed_everything`` seed (or 0).
+        seed: seed of the draws; ``None`` uses the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches no ``nn.MaxPool2d``.
@@ -389,7 +390,7 @@ class FractionalMaxPooling(StructuralCallback):
 
     def init_args(self) -> dict[str, Any]:
         return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "layers": self.layers,
-                "test_samples": self.test_samples, "max_batch": self.max_batch, "seed": self._resolved_seed}
+                "test_samples": self.test_samples, "max_batch": self.max_batch, "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
         return True

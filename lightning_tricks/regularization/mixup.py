@@ -30,6 +30,7 @@ from lightning_tricks._validation import (
     InvalidArgumentError,
     check_choice,
     check_int,
+    check_optional_int,
     check_positive,
     check_probability,
     check_range,
@@ -472,7 +473,8 @@ class Mixup(BatchTransformCallback):
         targets: ``"labels"`` or ``"soft"`` (see above).
         input_key: where the images are (dict key or position); None finds them.
         target_key: where the targets are; None: the element after the images, or a dict's ``label``/``y``/...
-        seed: seed of the callback's generator; None takes the ``seed_everything`` seed (else 0).
+        seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: an argument out of range; at setup, ``num_classes`` that cannot be inferred
@@ -493,8 +495,7 @@ class Mixup(BatchTransformCallback):
         self.switch = check_mix_args(alpha, cutmix_alpha, switch_prob, p, mode, label_smoothing)
         self.alpha, self.cutmix_alpha, self.switch_prob = float(alpha), cutmix_alpha, switch_prob
         self.p, self.mode, self.label_smoothing = p, mode, float(label_smoothing)
-        if num_classes is not None:
-            check_int("num_classes", num_classes, 2)
+        check_optional_int("num_classes", num_classes, 2)
         self.num_classes = num_classes
         self.targets = check_choice("targets", targets, TARGET_FORMATS)
         self.target_key = check_key("target_key", target_key)

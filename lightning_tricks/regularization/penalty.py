@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_non_negative
+from lightning_tricks._validation import InvalidArgumentError, check_bool, check_non_negative
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
@@ -154,9 +154,7 @@ class WeightPenalty(Callback):
         self.l2 = float(check_non_negative("l2", l2))
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
-        if not isinstance(exclude_bias_and_norm, bool):
-            raise InvalidArgumentError(f"`exclude_bias_and_norm`={exclude_bias_and_norm!r} is invalid: expected a bool.")
-        self.exclude_bias_and_norm = exclude_bias_and_norm
+        self.exclude_bias_and_norm = check_bool("exclude_bias_and_norm", exclude_bias_and_norm)
         self.log = bool(log)
         self.selected_names: list[str] = []
         self._selected: set[int] = set()

@@ -450,7 +450,8 @@ class StochasticDepth(StructuralCallback):
         blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
             of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
         warmup_steps: ramp every ``p_l`` linearly from 0 over this many training batches (0: no warm-up).
-        seed: seed of the decisions; ``None`` uses the ``seed_everything`` seed (or 0).
+        seed: seed of the decisions; ``None`` uses the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: a bad argument, or a ``blocks`` pattern that matches no convertible block.
@@ -482,7 +483,7 @@ class StochasticDepth(StructuralCallback):
 
     def init_args(self) -> dict[str, Any]:
         return {"drop_rate": self.drop_rate, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
-                "blocks": self.blocks, "warmup_steps": self.warmup_steps, "seed": self._resolved_seed}
+                "blocks": self.blocks, "warmup_steps": self.warmup_steps, "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
         return self.scaling == "test"

@@ -250,7 +250,8 @@ class BatchAugment(BatchTransformCallback):
         pca_basis: ``C`` lists of ``C`` numbers: eigenvectors (columns) times their std, instead of the
             training set's.
         input_key: where the images are: a dict key or a position; None finds them.
-        seed: seed of the callback's generator; None takes the ``seed_everything`` seed (else 0).
+        seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
+            ``torch.initial_seed()``; rank 0's under DDP).
 
     Raises:
         InvalidArgumentError: an argument out of range, at construction.

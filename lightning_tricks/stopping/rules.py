@@ -23,10 +23,12 @@ from torch import Tensor
 from lightning_tricks._monitor import infer_mode
 from lightning_tricks._validation import (
     InvalidArgumentError,
+    check_bool,
     check_choice,
     check_int,
     check_non_negative,
-    check_range,
+    check_optional_int,
+    check_optional_number,
 )
 
 MODES = ("min", "max")
@@ -63,25 +65,6 @@ class StoppingArgumentError(InvalidArgumentError, MisconfigurationException):
     """
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"`{name}`={value!r} is invalid: expected true or false.")
-    return value
-
-
-def _check_optional_number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    check_range(name, value)
-    if math.isinf(value):
-        raise InvalidArgumentError(f"`{name}`={value!r} is invalid: expected a finite number or null.")
-    return value
-
-
-def _check_optional_count(name: str, value: Any) -> int | None:
-    return None if value is None else check_int(name, value, 1)
-
-
 def resolve_mode(mode: str | None, monitor: str) -> str:
     """``mode`` when given (checked), else the one :func:`~lightning_tricks._monitor.infer_mode` reads in ``monitor``."""
     if mode is None:
@@ -112,10 +95,10 @@ def validate_stopping_arguments(
         check_choice("threshold_mode", threshold_mode, THRESHOLD_MODES)
         for name, value in (("baseline", baseline), ("stopping_threshold", stopping_threshold),
                             ("divergence_threshold", divergence_threshold)):
-            _check_optional_number(name, value)
+            check_optional_number(name, value)
         check_int("start_from_epoch", start_from_epoch, 0)
-        _check_optional_count("worse_for", worse_for)
-        _check_optional_count("average_window", average_window)
+        check_optional_int("worse_for", worse_for, 1)
+        check_optional_int("average_window", average_window, 1)
         check_non_negative("min_average_change", min_average_change)
         if average_window is not None and not min_average_change > 0:
             raise InvalidArgumentError(
@@ -127,10 +110,10 @@ def validate_stopping_arguments(
                 f"`average_window`=None is invalid with `min_average_change`={min_average_change!r}: expected the "
                 "number of changes to average (an integer >= 1), or leave min_average_change at 0."
             )
-        _check_bool("check_finite", check_finite)
+        check_bool("check_finite", check_finite)
         for name, value in flags.items():
             if not (name == "check_on_train_epoch_end" and value is None):
-                _check_bool(name, value)
+                check_bool(name, value)
     except StoppingArgumentError:
         raise
     except InvalidArgumentError as error:

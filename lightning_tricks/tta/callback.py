@@ -11,8 +11,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
-from lightning_tricks.distributed import derive_seed
+from lightning_tricks._seeding import RandomStream
+from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_bool
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
@@ -62,6 +62,9 @@ class TestTimeAugmentation(Callback):
             ``None``: found as described above.
         exact_distributed: under DDP, evaluate every ``validate``/``test`` sample exactly once.
         seed: seed of the stochastic passes; draws depend on (seed, rank, stage, dataloader, batch index).
+            ``None`` (default) takes the run's seed, as every stochastic callback of the package does (the
+            one given to ``seed_everything``, else ``torch.initial_seed()``; rank 0's under DDP), resolved
+            once at setup and kept in the checkpoint.
 
     Examples:
         >>> tta = TestTimeAugmentation(views=["hflip", "five_crop"], crop_size=28)
@@ -72,15 +75,15 @@ class TestTimeAugmentation(Callback):
     def __init__(self, views: list[str] | None = None, crop_size: int | None = None, scales: list[int] | None = None,
                  translate: int = 2, padding_mode: str = "replicate", stochastic_passes: int = 1, merge: str = "mean",
                  task: str = "classification", max_batch: int | None = None, stages: list[str] | None = None,
-                 module: str | None = None, exact_distributed: bool = True, seed: int = 0) -> None:
+                 module: str | None = None, exact_distributed: bool = True, seed: int | None = None) -> None:
         self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
                                  max_batch)
         self.stages = _check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
         if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
             raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
                                        "'model' or 'net.backbone', or None for the LightningModule.")
-        check_int("seed", seed)
-        self.module, self.exact_distributed, self.seed = module, exact_distributed, seed
+        self.randomness = RandomStream(seed)
+        self.module, self.exact_distributed, self.seed = module, check_bool("exact_distributed", exact_distributed), seed
         self._wrapped: tuple[nn.Module, Any, bool] | None = None
         self._stage: str | None = None
         self._batch = (0, 0)
@@ -106,6 +109,7 @@ class TestTimeAugmentation(Callback):
         return target
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.randomness.setup(trainer)
         self._found.clear()  # found again for this run's module
         target = self._target(pl_module, self.module)
         if self.config.stochastic_passes > 1 and not _has_randomness(target):
@@ -131,7 +135,7 @@ class TestTimeAugmentation(Callback):
                                 f"tensor with {batch} rows, which the views would not match.")
         seed = None
         if self.config.stochastic_passes > 1:
-            seed = derive_seed(self.seed, trainer.global_rank, _STAGE_IDS[stage], *self._batch)
+            seed = self.randomness.key(_STAGE_IDS[stage], *self._batch)
         with self._probe.paused() if self._probe is not None else contextlib.nullcontext():
             return tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
                                stochastic_module=target)
@@ -279,5 +283,11 @@ class TestTimeAugmentation(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unwrap()
         uninstall_exact_evaluation(trainer, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.randomness.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.randomness.load_state_dict(state_dict)
 
 

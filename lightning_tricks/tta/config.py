@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int
+from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int, check_optional_int
 
 VIEW_FAMILIES = ("identity", "hflip", "vflip", "center_crop", "five_crop", "ten_crop", "translate")
 """View families; the view set is their cartesian product (e.g. ``["hflip", "five_crop"]`` = ten-crop)."""
@@ -72,8 +72,7 @@ def validate_tta_hparams(views: Sequence[str], crop_size: int | None, scales: Se
     if crops and "translate" in chosen:
         raise InvalidArgumentError(f"`views`={views!r} is invalid: 'translate' and '{crops[0]}' both choose the "
                                    "window; use one of them.")
-    if crop_size is not None:
-        check_int("crop_size", crop_size, 1)
+    check_optional_int("crop_size", crop_size, 1)
     if scales is not None:
         if isinstance(scales, (int, str)) or not isinstance(scales, Sequence) or not scales or any(
                 isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in scales):
@@ -87,8 +86,7 @@ def validate_tta_hparams(views: Sequence[str], crop_size: int | None, scales: Se
     if task == "regression" and merge != "mean":
         raise InvalidArgumentError(f"`merge`={merge!r} is invalid with task='regression': expected 'mean' "
                                    "(regression outputs are averaged).")
-    if max_batch is not None:
-        check_int("max_batch", max_batch, 1)
+    check_optional_int("max_batch", max_batch, 1)
     if crops and crop_size is None:
         raise InvalidArgumentError(f"`crop_size`=None is invalid with views {crops[0]!r}: expected the crop side in pixels.")
     if crop_size is not None and not crops and scales is None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_tricks._seeding import seeded_global_rng
 from lightning_tricks._validation import InvalidArgumentError, check_choice
 from lightning_tricks.stochastic import stochastic_eval
 from lightning_tricks.tta.config import MERGE_MODES, TASKS, TTAConfig, View
@@ -141,19 +142,6 @@ def merge_predictions(outputs: Tensor, merge: str = "mean", task: str = "classif
     return torch.logaddexp(votes.log(), torch.logsumexp(logp, dim=0) - log_k) - math.log(num_views + 1)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Draw from generators seeded with ``seed`` inside the block; the global RNG state is restored after."""
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
 def _run_views(forward: Callable[[Tensor], Any], x: Tensor, views: Sequence[View], config: TTAConfig) -> Tensor:
     """Outputs of ``views`` (same output shape) on ``x``, shaped ``(len(views) * batch, ...)``, view-major."""
     batch = x.shape[0]
@@ -233,7 +221,7 @@ def tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TTAConfig, 
         if stochastic:
             stack.enter_context(stochastic_eval(stochastic_module))  # type: ignore[arg-type]
             if seed is not None:
-                stack.enter_context(_seeded(seed, x.device))
+                stack.enter_context(seeded_global_rng(seed, x.device))
         outputs = [_run_views(forward, x, group, config) for group in groups.values()]
         stacked = torch.cat([o.reshape(-1, x.shape[0], *o.shape[1:]) for o in outputs])
         merged = merge_predictions(stacked, config.merge, config.task)

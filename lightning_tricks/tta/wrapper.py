@@ -44,8 +44,9 @@ class TTAWrapper(nn.Module):
         merge: see :class:`TTAConfig`.
         task: see :class:`TTAConfig`.
         max_batch: see :class:`TTAConfig`.
-        seed: seed of the stochastic passes (each call draws the same randomness; ``None`` uses the
-            global generators).
+        seed: seed of the stochastic passes (each call draws the same randomness; torch's global
+            generators are seeded inside a fork and left as they were). ``None`` draws from the global
+            generators, which follow the run's seed: a plain module has no fit whose seed it could fix.
 
     Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()

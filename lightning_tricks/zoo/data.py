@@ -21,6 +21,7 @@ from lightning_tricks._validation import (
     InvalidArgumentError,
     check_int,
     check_non_negative,
+    check_optional_int,
     check_range,
 )
 
@@ -76,8 +77,7 @@ class _ImageDataModule(pl.LightningDataModule):
         super().__init__()
         check_int("batch_size", batch_size, 1)
         check_int("num_workers", num_workers, 0)
-        if eval_batch_size is not None:
-            check_int("eval_batch_size", eval_batch_size, 1)
+        check_optional_int("eval_batch_size", eval_batch_size, 1)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -134,8 +134,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 def _check_subset(train_subset: int | None, available: int, num_classes: int) -> None:
-    if train_subset is not None:
-        check_int("train_subset", train_subset, num_classes, available)
+    check_optional_int("train_subset", train_subset, num_classes, available)
 
 
 class DigitsDataModule(_ImageDataModule):
@@ -172,8 +171,7 @@ class DigitsDataModule(_ImageDataModule):
                  num_workers: int = 0, eval_batch_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         _check_fractions(val_fraction, test_fraction)
-        if resize_to is not None:
-            check_int("resize_to", resize_to, 1)
+        check_optional_int("resize_to", resize_to, 1)
         n_held = round(self.total_images * val_fraction) + round(self.total_images * test_fraction)
         _check_subset(train_subset, self.total_images - n_held, self.num_classes)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
