@@ -14,14 +14,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks._structural import mean_std, publish, train_digits
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._digits import train_digits
+from benchmarks.harness import mean_std
 from lightning_tricks import StochasticDepth
 from lightning_tricks.regularization.stochastic_depth import recalibrate_batch_norm
 
@@ -36,18 +36,13 @@ def _accuracy(model, loader) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks stochastic_depth_effect",
-                                     description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("stochastic_depth_effect", __doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--drop-rate", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     configs = {
         "plain ResNet-20": lambda seed: [],
         f"StochasticDepth({args.drop_rate}), paper's test-time scaling": lambda seed: [
@@ -55,7 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"StochasticDepth({args.drop_rate}), inverted scaling": lambda seed: [
             StochasticDepth(args.drop_rate, scaling="train", seed=seed)],
     }
-    start = time.perf_counter()
     rows = [*configs] + [f"{name} + BN recalibrated" for name in list(configs)[1:]]
     accuracy: dict[str, list[float]] = {k: [] for k in rows}
     seconds: dict[str, list[float]] = {k: [] for k in configs}
@@ -70,7 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recalibrate_batch_norm(model, data.train_dataloader())
                 accuracy[f"{name} + BN recalibrated"].append(_accuracy(model.eval(), data.test_dataloader()))
                 print(f"  recalibrated: {accuracy[f'{name} + BN recalibrated'][-1]:.4f}", flush=True)
-    wall = time.perf_counter() - start
     table = ["| model | test accuracy % (mean ± std) | per seed % | training time (median s) |", "|---|---:|---|---:|"]
     for name in rows:
         secs = f"{statistics.median(seconds[name]):.0f}" if name in seconds else "same model"
@@ -85,6 +78,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *table,
     ]
-    publish("stochastic_depth_effect", "test accuracy, stochastic depth vs plain ResNet-20 (digits 32x32)", argv,
-            wall, lines, False, args.no_write)
+    publish(args, "test accuracy, stochastic depth vs plain ResNet-20 (digits 32x32)", lines)
     return 0
