@@ -7,7 +7,8 @@ Run:  python examples/init_statistics.py [--out init_statistics.png] [--seed 0]
 ``lecun_normal``), then ``f = relu`` with Xavier and with Kaiming (``randn * sqrt(2 / Din)``). It prints
 the std of each layer's activations and the fraction saturated (``|tanh| > 0.99``), and writes one
 figure per case (mean and std per layer, one histogram per layer) stacked into one PNG. Under half a
-minute on 2 CPU cores. docs/init.md shows the table and the figure.
+minute on 2 CPU cores. ``python -m benchmarks init_effect`` writes the table to RESULTS.md,
+which docs/init.md includes, with this figure.
 """
 
 from __future__ import annotations
@@ -19,23 +20,34 @@ import time
 from lightning_tricks.init import LECTURE_CASES, deep_network_statistics, plot_activation_statistics
 
 
+def statistics_table(results: dict) -> str:
+    """Markdown table of each case's per-layer activation std, last/first ratio and saturated fraction."""
+    lines = ["| case | " + " | ".join(f"layer {i}" for i in range(1, 7)) + " | layer 6 / layer 1 | saturated (mean) |",
+             "|---|" + "---:|" * 8]
+    for label, stats in results.items():
+        saturated = [s.saturated_fraction for s in stats if s.saturated_fraction is not None]
+        sat = f"{sum(saturated) / len(saturated):.2f}" if saturated else "-"
+        lines.append(f"| {label} | " + " | ".join(f"{s.std:.3f}" for s in stats) +
+                     f" | {stats[-1].std / stats[0].std:.2f} | {sat} |")
+    return "\n".join(lines)
+
+
+def lecture_statistics(seed: int = 0) -> dict:
+    """Case label -> per-layer statistics of the lectures' five cases."""
+    return {label: deep_network_statistics(act, scheme, std, seed=seed)
+            for label, (act, scheme, std) in LECTURE_CASES.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="init_statistics.png", help="PNG with the five figures stacked")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    results = {label: deep_network_statistics(act, scheme, std, seed=args.seed)
-               for label, (act, scheme, std) in LECTURE_CASES.items()}
+    results = lecture_statistics(args.seed)
 
     print("std of each layer's activations (dims = [4096] * 7, batch 16, x ~ N(0, 1)):\n")
-    print("| case | " + " | ".join(f"layer {i}" for i in range(1, 7)) + " | layer 6 / layer 1 | saturated (mean) |")
-    print("|---|" + "---:|" * 8)
-    for label, stats in results.items():
-        saturated = [s.saturated_fraction for s in stats if s.saturated_fraction is not None]
-        sat = f"{sum(saturated) / len(saturated):.2f}" if saturated else "-"
-        print(f"| {label} | " + " | ".join(f"{s.std:.3f}" for s in stats) +
-              f" | {stats[-1].std / stats[0].std:.2f} | {sat} |")
+    print(statistics_table(results))
 
     from matplotlib.figure import Figure
     from matplotlib.image import imread

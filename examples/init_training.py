@@ -6,7 +6,8 @@ The network is the zoo's MLP (``depth`` hidden Linear+ReLU layers of ``width`` u
 normalization, no residuals) trained with SGD (lr 0.05, momentum 0.9, cosine schedule) on
 scikit-learn's digits; only the ``WeightInit`` callback differs between rows (the first row is
 PyTorch's own default init, no callback). It prints a markdown table of the final validation and test
-accuracies (mean and min-max over the seeds); docs/init.md quotes it. About a minute on 2 CPU cores.
+accuracies (mean and min-max over the seeds); ``python -m benchmarks init_effect`` writes it to
+RESULTS.md, which docs/init.md includes. About a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def train(init: dict[str, Any] | None, seed: int, epochs: int, depth: int, width
     return val, test
 
 
+def training_table(seeds: int, epochs: int, depth: int, width: int, lr: float) -> str:
+    """Markdown table: each init's validation and test accuracy, mean (min-max) over seeds ``0..seeds-1``."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    # 0.01*randn drives activations and gradients into subnormal floats, which are ~10x slower on CPU;
+    # flushing them to zero changes no accuracy here (they are below 1e-38) and keeps the script short.
+    torch.set_flush_denormal(True)
+    lines = ["| init | val accuracy, mean (min-max) | test accuracy, mean (min-max) |", "|---|---:|---:|"]
+    for label, init in CASES.items():
+        runs = [train(init, seed, epochs, depth, width, lr) for seed in range(seeds)]
+        cells = []
+        for values in zip(*runs, strict=True):
+            cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -53,22 +71,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    # 0.01*randn drives activations and gradients into subnormal floats, which are ~10x slower on CPU;
-    # flushing them to zero changes no accuracy here (they are below 1e-38) and keeps the script short.
-    torch.set_flush_denormal(True)
     start = time.perf_counter()
     print(f"MLP with {args.depth} hidden ReLU layers of {args.width}, digits, {args.epochs} epochs, "
           f"seeds 0..{args.seeds - 1}\n")
-    print("| init | val accuracy, mean (min-max) | test accuracy, mean (min-max) |")
-    print("|---|---:|---:|")
-    for label, init in CASES.items():
-        runs = [train(init, seed, args.epochs, args.depth, args.width, args.lr) for seed in range(args.seeds)]
-        cells = []
-        for values in zip(*runs, strict=True):
-            cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
-        print(f"| {label} | {cells[0]} | {cells[1]} |", flush=True)
+    print(training_table(args.seeds, args.epochs, args.depth, args.width, args.lr))
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

@@ -33,7 +33,16 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
-from lightning_tricks.setup import FoldReport, fold_batch_norm
+from lightning_tricks.setup import (
+    ActivationSwap,
+    BatchAugment,
+    FoldReport,
+    Maxout,
+    MaxoutConv2d,
+    Standardize,
+    fold_batch_norm,
+    swap_activations,
+)
 from lightning_tricks.stopping import (
     EarlyStopping,
 )
@@ -50,6 +59,8 @@ __version__ = "0.1.0"
 # Callbacks; `lightning-tricks --help` prints this list.
 CALLBACKS: tuple[str, ...] = (
     "ActivationStatistics",
+    "ActivationSwap",
+    "BatchAugment",
     "Cutout",
     "DeadUnitMonitor",
     "DropConnect",
@@ -60,6 +71,7 @@ CALLBACKS: tuple[str, ...] = (
     "InitialLossCheck",
     "Mixup",
     "SnapshotEnsemble",
+    "Standardize",
     "StochasticDepth",
     "TestTimeAugmentation",
     "UpdateRatioMonitor",
@@ -69,6 +81,8 @@ CALLBACKS: tuple[str, ...] = (
 
 __all__ = [
     "ActivationStatistics",
+    "ActivationSwap",
+    "BatchAugment",
     "BatchTransformMixin",
     "CALLBACKS",
     "CIFAR10DataModule",
@@ -87,9 +101,12 @@ __all__ = [
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
+    "Maxout",
+    "MaxoutConv2d",
     "Mixup",
     "SeededFractionalMaxPool2d",
     "SnapshotEnsemble",
+    "Standardize",
     "StochasticDepth",
     "SyntheticDataModule",
     "TTAConfig",
@@ -102,4 +119,5 @@ __all__ = [
     "fold_batch_norm",
     "infer_num_classes",
     "overfit_check",
+    "swap_activations",
 ]

@@ -63,34 +63,71 @@ def test_format_table_puts_baseline_first_in_ms() -> None:
     assert lines[3] == "| x | 5.00 | 2.500 | 4.00-6.00 | 5 |"
 
 
+def _block(name: str, body: str) -> str:
+    return f"<!-- --8<-- [start:{name}] -->\n{body}\n<!-- --8<-- [end:{name}] -->"
+
+
 def test_write_results_replaces_only_its_section(tmp_path: Path) -> None:
     path = tmp_path / "RESULTS.md"
     write_results("step", "old step", path)
     write_results("cutout", "cutout figures", path)
     text = path.read_text()
     assert text.startswith(RESULTS_HEADER)
-    assert "<!-- section:step -->\nold step\n<!-- /section:step -->" in text
+    assert _block("step", "old step") in text
 
     write_results("step", "new step with \\1 backslash", path)
     text = path.read_text()
     assert "old step" not in text
-    assert "<!-- section:step -->\nnew step with \\1 backslash\n<!-- /section:step -->" in text
-    assert "<!-- section:cutout -->\ncutout figures\n<!-- /section:cutout -->" in text
-    assert text.index("<!-- section:step -->") < text.index("<!-- section:cutout -->")  # replaced in place
-    assert text.count("<!-- section:") == 2
+    assert _block("step", "new step with \\1 backslash") in text
+    assert _block("cutout", "cutout figures") in text
+    assert text.index("[start:step]") < text.index("[start:cutout]")  # replaced in place
+    assert text.count("<!-- --8<-- [start:") == 2
 
 
 def test_write_results_keeps_hand_written_text_and_prefixed_names(tmp_path: Path) -> None:
     path = tmp_path / "RESULTS.md"
-    path.write_text("# Mine\n\nnotes\n\n<!-- section:step-quick -->\nq\n<!-- /section:step-quick -->\n")
+    path.write_text(f"# Mine\n\nnotes\n\n{_block('step-quick', 'q')}\n")
     write_results("step", "full", path)
     write_results("step", "full2", path)
     text = path.read_text()
     assert text.startswith("# Mine\n\nnotes\n")
-    assert "<!-- section:step-quick -->\nq\n<!-- /section:step-quick -->" in text
-    assert "<!-- section:step -->\nfull2\n<!-- /section:step -->" in text
-    with pytest.raises(ValueError, match="section"):
-        write_results("bad name", "x", path)
+    assert _block("step-quick", "q") in text
+    assert _block("step", "full2") in text
+    for bad in ("bad name", "1st", "v1.2", "_x"):  # names snippets could not include
+        with pytest.raises(ValueError, match="section"):
+            write_results(bad, "x", path)
+
+
+def test_write_results_migrates_sections_in_the_older_format(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# R\n\n<!-- section:step -->\nold\n<!-- /section:step -->\n\n"
+                    "<!-- section:tta-effect -->\nkept\n<!-- /section:tta-effect -->\n")
+    write_results("step", "new", path)
+    text = path.read_text()
+    assert _block("step", "new") in text and "old" not in text
+    assert _block("tta-effect", "kept") in text
+    assert "section:" not in text and text.count("<!-- --8<-- [start:") == 2
+
+
+def test_docs_include_a_written_section_by_name(tmp_path: Path) -> None:
+    """What the method cards rely on: pymdownx.snippets (configured as in mkdocs.yml) includes exactly
+    one section's text by its name, without the markers, and fails on a name that is not there."""
+    markdown = pytest.importorskip("markdown")
+    snippets = pytest.importorskip("pymdownx.snippets")
+    path = tmp_path / "RESULTS.md"
+    write_results("cutout", "| case | ratio |\n|---|---:|\n| cutout | 0.97 |", path)
+    write_results("mixup", "mixup text", path)
+
+    def render(source: str) -> str:
+        md = markdown.Markdown(extensions=["tables", "pymdownx.snippets"], extension_configs={
+            "pymdownx.snippets": {"base_path": [str(tmp_path)], "check_paths": True}})
+        return md.convert(source)
+
+    html = render('Card.\n\n--8<-- "RESULTS.md:cutout"\n')
+    assert "<td>cutout</td>" in html and ">0.97</td>" in html
+    assert "mixup text" not in html and "8&lt;" not in html and "Benchmark results" not in html
+    with pytest.raises(snippets.SnippetMissingError, match="dropout"):
+        render('--8<-- "RESULTS.md:dropout"\n')
 
 
 def test_registry_dispatches_to_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

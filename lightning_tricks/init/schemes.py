@@ -21,6 +21,7 @@ sqrt(2 / (1 + slope^2)), tanh 5/3, selu 3/4, linear and sigmoid 1).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import sys
 import warnings
@@ -69,6 +70,8 @@ class SchemeArgs:
     mode: str
     std: float
     bias: float | None
+    nonlinearity_given: bool = True
+    """False when ``nonlinearity`` is the scheme's default: the gain may then follow the model's activations."""
 
     @property
     def gain(self) -> float:
@@ -109,7 +112,8 @@ def resolve_scheme(
     Args:
         scheme: one of :data:`SCHEMES`.
         nonlinearity: the activation after the layer, one of :data:`NONLINEARITIES`; its gain scales the
-            variance. Default: ``relu`` for ``kaiming_*``, ``linear`` (gain 1) for the others.
+            variance. Default: ``relu`` for ``kaiming_*``, ``linear`` (gain 1) for the others, or the
+            activation an ``ActivationSwap`` put in the model (see :func:`follow_activations`).
         negative_slope: leaky ReLU slope for ``nonlinearity='leaky_relu'`` (default 0.01).
         mode: ``fan_in`` (default) or ``fan_out`` for ``kaiming_*``.
         std: standard deviation for ``normal`` (default 0.01).
@@ -131,6 +135,7 @@ def resolve_scheme(
             raise InvalidArgumentError(f"`{name}`={value!r} is invalid with scheme={scheme!r}: it is used only by {users}; "
                                        "remove it.")
 
+    nonlinearity_given = nonlinearity is not None
     if scheme in _GAIN_SCHEMES:
         nonlinearity = check_choice("nonlinearity", nonlinearity or _DEFAULT_NONLINEARITY.get(scheme, "linear"),
                                     NONLINEARITIES)
@@ -156,7 +161,7 @@ def resolve_scheme(
         if abs(bias) == float("inf"):
             raise InvalidArgumentError(f"`bias`={bias!r} is invalid: expected a finite number.")
     return SchemeArgs(scheme, nonlinearity, float(negative_slope or 0.0), mode or "fan_in", float(std or 0.0),
-                      None if bias is None else float(bias))
+                      None if bias is None else float(bias), nonlinearity_given)
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -341,6 +346,7 @@ def apply_scheme(
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """:func:`init_weights` with already resolved :class:`SchemeArgs` (``zero_residual`` is its ``zero_init_residual``)."""
+    args = follow_activations(module, args)
     layers = select_modules(module, layer_types, include, exclude)
     for name, layer in layers:
         weight = getattr(layer, "weight", None)
@@ -367,6 +373,22 @@ def apply_scheme(
     if zero_residual:
         zero_init_residual(module, zero_residual)
     return [name for name, _ in layers]
+
+
+def follow_activations(module: nn.Module, args: SchemeArgs) -> SchemeArgs:
+    """``args`` with the gain of the activation an :class:`~lightning_tricks.ActivationSwap` put in the model.
+
+    A swapped-in activation module carries ``init_gain = (nonlinearity, negative_slope)`` (SELU: ``linear``,
+    which makes ``kaiming_normal`` LeCun normal). When ``nonlinearity`` was not given and every such module
+    agrees, the fan-based schemes use that gain; an explicit ``nonlinearity`` always wins.
+    """
+    if args.nonlinearity_given or args.scheme not in _GAIN_SCHEMES:
+        return args
+    gains = {tuple(g) for m in module.modules() if (g := getattr(m, "init_gain", None)) is not None}
+    if len(gains) != 1:
+        return args
+    nonlinearity, slope = gains.pop()
+    return dataclasses.replace(args, nonlinearity=nonlinearity, negative_slope=float(slope))
 
 
 # ---------------------------------------------------------------------------------------------- residual
@@ -505,6 +527,7 @@ __all__ = [
     "SCHEMES",
     "SchemeArgs",
     "apply_scheme",
+    "follow_activations",
     "init_weights",
     "residual_norms",
     "resolve_scheme",

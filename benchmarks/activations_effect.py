@@ -1,0 +1,204 @@
+"""Activation functions on digits: dead units at a ReLU-killing learning rate, and saturation in a deep MLP.
+
+Two of the lectures' claims, measured on our data and reported as they come out:
+
+1. **Dead ReLUs.** ``examples/activations.yaml`` (the ``monitoring_dead`` net: ImageClassifier ``mlp``, 3 hidden
+   layers of 256, SGD momentum 0.9 at the huge learning rate 0.25, 10 epochs, digits batch 64) with
+   ``ActivationSwap(to=...)`` set to relu (baseline), leaky_relu, prelu and elu, over seeds. ``DeadUnitMonitor``
+   gives the dead fraction of the last epoch (for Leaky ReLU/PReLU/ELU: units that never left the negative
+   region); the final validation accuracy comes from the CLI run.
+2. **Saturation.** A 10-layer MLP (width 128, PyTorch's default init) on one digits batch of 256 at
+   initialization, with ReLU swapped for sigmoid and tanh: the norm of each layer's weight gradient, median over
+   seeds. Drawn to ``docs/img/activation_saturation.png``.
+
+Example:
+    ``python -m benchmarks activations_effect --seeds 0 1 2`` (``--quick``: 1 seed, 3 epochs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from benchmarks.harness import machine_description, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "activations.yaml"
+FIGURE = ROOT / "docs" / "img" / "activation_saturation.png"
+TARGETS = ("relu", "leaky_relu", "prelu", "elu")
+
+
+def run_dead(to: str, seed: int, epochs: int, lr: float, workdir: Path) -> dict[str, Any]:
+    """One fit of the activations example with ``to``; returns the dead fractions and the accuracy."""
+    from lightning_tricks import DeadUnitMonitor
+    from lightning_tricks.cli import build_cli
+
+    config = yaml.safe_load(CONFIG.read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ActivationSwap"):
+            callback["init_args"] = {"to": to}
+        if callback["class_path"].endswith("DeadUnitMonitor"):
+            callback["init_args"]["plot"] = False
+    path = workdir / f"activations_{to}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = build_cli(["fit", "--config", str(path), f"--seed_everything={seed}", "--trainer.logger=false",
+                         "--trainer.enable_progress_bar=false", f"--trainer.max_epochs={epochs}",
+                         f"--model.init_args.lr={lr}"])
+    dead = next(c for c in cli.trainer.callbacks if isinstance(c, DeadUnitMonitor))
+    records = dead.history["train"]
+    return {"dead_last": records[-1]["overall"], "dead_peak": max(r["overall"] for r in records),
+            "val_acc": float(cli.trainer.callback_metrics["val_acc"]),
+            "diverged": not math.isfinite(float(cli.trainer.callback_metrics.get("train_loss", math.nan)))}
+
+
+def gradient_norms(activation: str, seed: int, matched_init: bool, depth: int = 10, width: int = 128) -> list[float]:
+    """Per-layer weight-gradient norms (input layer first) of a deep MLP at init on one digits batch.
+
+    ``matched_init``: ``init_weights(model, "kaiming_normal")`` after the swap, whose gain then follows the
+    swapped-in activation (relu sqrt(2), tanh 5/3, sigmoid 1); otherwise PyTorch's default init.
+    """
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from lightning_tricks import swap_activations
+    from lightning_tricks.init import init_weights
+
+    torch.manual_seed(seed)
+    digits = load_digits()
+    x = torch.tensor(digits.data[:256], dtype=torch.float32) / 16.0
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    y = torch.tensor(digits.target[:256])
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(64 if i == 0 else width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    if activation != "relu":
+        swap_activations(model, activation)
+    if matched_init:
+        init_weights(model, "kaiming_normal", generator=torch.Generator().manual_seed(seed))
+    F.cross_entropy(model(x), y).backward()
+    return [m.weight.grad.norm().item() for m in model if isinstance(m, nn.Linear)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks activations_effect", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.25, 0.1], help="learning rates (0.25: monitoring_dead's)")
+    p.add_argument("--quick", action="store_true", help="smoke run: first seed only, 3 epochs")
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs/img alone")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both experiments, print and write the section, draw the saturation figure."""
+    args = _parser().parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    epochs = 3 if args.quick else 10
+    start = time.perf_counter()
+    dead: dict[tuple[float, str], list[dict[str, Any]]] = {(lr, to): [] for lr in args.lrs for to in TARGETS}
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)  # the config writes runs/ relative to the working directory
+        try:
+            for seed in seeds:
+                for lr, to in dead:
+                    result = run_dead(to, seed, epochs, lr, Path(tmp))
+                    dead[lr, to].append(result)
+                    print(f"lr {lr} {to} seed {seed}: dead {result['dead_last']:.3f}, val_acc {result['val_acc']:.4f}, "
+                          f"diverged {result['diverged']}", flush=True)
+        finally:
+            os.chdir(cwd)
+    kinds = ("relu", "tanh", "sigmoid")
+    inits = {"default init": False, "gain-matched init": True}
+    norms = {(kind, init): [gradient_norms(kind, seed, matched) for seed in range(5)]
+             for init, matched in inits.items() for kind in kinds}
+    median_norms = {kind: [statistics.median(layer) for layer in zip(*runs, strict=True)] for kind, runs in norms.items()}
+    wall = time.perf_counter() - start
+
+    rows = ["| lr | activation | dead units, last epoch (per seed) | mean | max over epochs (mean) | val acc (per seed) | "
+            "val acc (mean) | diverged (loss NaN) |", "|---:|---|---|---:|---:|---|---:|---:|"]
+    for (lr, to), runs in dead.items():
+        last = [r["dead_last"] for r in runs]
+        accs = [r["val_acc"] for r in runs]
+        peak = statistics.mean(r["dead_peak"] for r in runs)
+        rows.append(f"| {lr} | {to} | {', '.join(f'{100 * v:.1f}%' for v in last)} | {100 * statistics.mean(last):.1f}% | "
+                    f"{100 * peak:.1f}% | {', '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.4f} | "
+                    f"{sum(r['diverged'] for r in runs)}/{len(runs)} |")
+    depth = len(median_norms["relu", "default init"])
+    grad_rows = ["| layer | " + " | ".join(f"{k}, {i}" for k, i in median_norms) + " |",
+                 "|---:|" + "---:|" * len(median_norms)]
+    for layer in range(depth):
+        grad_rows.append(f"| {layer + 1}{' (input)' if layer == 0 else ' (output)' if layer == depth - 1 else ''} | "
+                         + " | ".join(f"{values[layer]:.2e}" for values in median_norms.values()) + " |")
+    ratio = {key: values[0] / values[-2] for key, values in median_norms.items()}
+    command = shlex.join(["python", "-m", "benchmarks", "activations_effect", *(sys.argv[2:] if argv is None else argv)])
+    section = "activations-effect-quick" if args.quick else "activations-effect"
+    markdown = "\n".join([
+        f"## {section}: dead units and saturation by activation{' (quick smoke run, not a figure)' if args.quick else ''}",
+        "",
+        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall. Seeds {seeds}. "
+        f"Machine: {machine_description()}.",
+        "",
+        f"**Dead units** (`examples/activations.yaml`, {epochs} epochs; 0.25 is `monitoring_dead`'s learning rate), "
+        "by the activation ActivationSwap put in the 3-hidden-layer MLP. For leaky_relu/prelu/elu a dead unit never "
+        "left the negative region (it still passes a gradient); a run whose loss became NaN counts every unit dead.",
+        "",
+        *rows,
+        "",
+        "**Saturation**: weight-gradient norm per layer of a 10-layer MLP (width 128) at initialization, one digits "
+        "batch of 256, median of 5 seeds; PyTorch's default init, and `kaiming_normal` whose gain follows the "
+        "swapped-in activation (WeightInit's rule). Input layer over last hidden layer: "
+        + ", ".join(f"{k} ({i}) {r:.2g}" for (k, i), r in ratio.items()) + ".",
+        "",
+        *grad_rows,
+    ])
+    print(markdown)
+    if not args.no_write:
+        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
+        if not args.quick:
+            _draw(median_norms)
+    return 0
+
+
+def _draw(median_norms: dict[tuple[str, str], list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, init in zip(axes, ("default init", "gain-matched init"), strict=True):
+        for (kind, which), values in median_norms.items():
+            if which == init:
+                ax.semilogy(range(1, len(values) + 1), values, marker="o", label=kind)
+        ax.set_xlabel("layer (1 = input)")
+        ax.set_title(f"10-layer MLP at init, {init}")
+        ax.legend()
+    axes[0].set_ylabel("||dL/dW|| (median of 5 seeds)")
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=90)
+    print(f"figure: {FIGURE}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
