@@ -109,25 +109,27 @@ class BenchmarkParser(argparse.ArgumentParser):
         return parsed
 
 
-def section_name(args: argparse.Namespace) -> str:
-    """The section a run writes: ``--section``, with ``-quick`` appended for a smoke run."""
-    return f"{args.section}-quick" if args.quick else args.section
+def section_name(args: argparse.Namespace, section: str | None = None) -> str:
+    """The section a run writes: ``section`` (default ``--section``), with ``-quick`` appended for a smoke run."""
+    section = section or args.section
+    return f"{section}-quick" if args.quick else section
 
 
-def publish(args: argparse.Namespace, title: str, body: Sequence[str],
+def publish(args: argparse.Namespace, title: str, body: Sequence[str], *, section: str | None = None,
             path: str | Path = RESULTS_PATH) -> str:
     """Print the section and, unless ``--no-write``, write it to the results file; returns its markdown.
 
     The section is a ``## NAME: title`` heading (marked quick for a smoke run), the reproducing command,
-    the UTC date and the wall seconds since parsing, the machine, then ``body``.
+    the UTC date and the wall seconds since ``args.started`` (set when parsing), the machine, then ``body``.
 
     Args:
         args: what :meth:`BenchmarkParser.parse_args` returned.
         title: what the section measures.
         body: its lines (description, tables).
+        section: the section's name, for a benchmark that writes several (default ``--section``).
         path: the results file (default ``benchmarks/RESULTS.md``).
     """
-    section = section_name(args)
+    section = section_name(args, section)
     markdown = "\n".join([
         f"## {section}: {title}{QUICK_MARK if args.quick else ''}",
         "",

@@ -96,7 +96,7 @@ def test_publish_writes_the_header_and_replaces_only_its_section(tmp_path: Path,
     path = tmp_path / "RESULTS.md"
     write_results("other", "someone else's figures", path)
     parser = _parser(quick="smoke run")
-    markdown = publish(parser.parse_args(["--section", "mine"]), "what it measures", ["first body", "", "| a | b |"], path)
+    markdown = publish(parser.parse_args(["--section", "mine"]), "what it measures", ["first body", "", "| a | b |"], path=path)
     lines = markdown.splitlines()
     assert lines[0] == "## mine: what it measures"
     assert re.fullmatch(r"`python -m benchmarks demo --section mine`, \d{4}-\d\d-\d\d \d\d:\d\d UTC, \d+ s wall\.",
@@ -107,21 +107,23 @@ def test_publish_writes_the_header_and_replaces_only_its_section(tmp_path: Path,
     printed = capsys.readouterr().out
     assert printed.startswith(markdown) and f"wrote section 'mine' of {path}" in printed
 
-    publish(parser.parse_args(["--section", "mine"]), "what it measures", ["second"], path)
-    publish(parser.parse_args(["--section", "mine", "--quick"]), "what it measures", ["smoke"], path)
+    publish(parser.parse_args(["--section", "mine"]), "what it measures", ["second"], path=path)
+    publish(parser.parse_args(["--section", "mine", "--quick"]), "what it measures", ["smoke"], path=path)
+    publish(parser.parse_args(["--section", "mine"]), "a second table", ["part two"], section="mine-part", path=path)
     text = path.read_text()
     assert text.startswith(RESULTS_HEADER)
-    assert "<!-- section:other -->\nsomeone else's figures\n<!-- /section:other -->" in text
-    assert text.count("<!-- section:mine -->") == 1 and "first body" not in text
-    assert re.search(r"<!-- section:mine -->\n## mine: what it measures\n.*\nsecond\n<!-- /section:mine -->", text,
+    assert "[start:other] -->\nsomeone else's figures\n<!-- --8<-- [end:other] -->" in text
+    assert text.count("[start:mine]") == 1 and "first body" not in text
+    assert re.search(r"\[start:mine\] -->\n## mine: what it measures\n.*\nsecond\n<!-- --8<-- \[end:mine\]", text,
                      re.DOTALL)
     assert f"## mine-quick: what it measures{QUICK_MARK}\n" in text
-    assert text.index("section:other") < text.index("section:mine -->") < text.index("section:mine-quick")
+    assert "<!-- --8<-- [start:mine-part] -->\n## mine-part: a second table\n" in text
+    assert text.index("[start:other]") < text.index("[start:mine]") < text.index("[start:mine-quick]")
 
 
 def test_publish_with_no_write_leaves_the_file_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "RESULTS.md"
-    markdown = publish(_parser().parse_args(["--no-write"]), "title", ["body"], path)
+    markdown = publish(_parser().parse_args(["--no-write"]), "title", ["body"], path=path)
     assert not path.exists()
     assert capsys.readouterr().out.strip() == markdown.strip()
 
@@ -140,8 +142,12 @@ def test_mean_std_of_fractions_in_percent() -> None:
     assert mean_std([0.25]) == "25.00 ± 0.00"
 
 
+NOT_MEASURING = {"figures"}
+"""Registered commands that write no RESULTS.md section (``figures`` draws PNGs from it)."""
+
+
 def test_every_benchmark_takes_the_standard_options() -> None:
-    for name in bench_main.BENCHMARKS:
+    for name in set(bench_main.BENCHMARKS) - NOT_MEASURING:
         out = io.StringIO()
         with pytest.raises(SystemExit) as exit_, contextlib.redirect_stdout(out):
             bench_main._load(name).main(["--help"])
