@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
+
+import torch
 
 
 def train_digits(backbone: str, callbacks: list, seed: int, epochs: int, lr: float, resize_to: int | None = None,
@@ -30,3 +33,13 @@ def train_digits(backbone: str, callbacks: list, seed: int, epochs: int, lr: flo
     seconds = time.perf_counter() - start
     data.setup("test")
     return model.eval(), data, seconds
+
+
+def top1_accuracy(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy of ``model`` (as it is: call ``.eval()`` first) over the ``(x, y)`` batches of ``loader``."""
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return correct / total

@@ -2,7 +2,9 @@
 
 Each configuration is a short ``trainer.fit`` of the zoo's ``ImageClassifier`` on synthetic 3x32x32
 data (``benchmarks.step.measure_step``: interleaved repetitions, median step time). ``batch`` is
-``StochasticDepth(drop_rate, mode="batch")``, which does not run a skipped branch; ``row`` drops per
+``StochasticDepth(drop_rate, mode="batch")`` with its default inverted scaling (a kept branch times
+1/(1-p) in training), which does not run a skipped branch; ``batch-test-scaling`` is the same with the
+paper's ``scaling="test"`` (no training-time multiply), to show what inverted scaling costs; ``row`` drops per
 example (every branch computed); ``torchvision-batch`` applies ``torchvision.ops.stochastic_depth(...,
 mode="batch")`` to the same blocks, which computes the branch and then multiplies it by 0 or 1/(1-p).
 The expected-compute limit is the fraction of conv/linear multiply-accumulates left when block l is
@@ -88,26 +90,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = BenchmarkParser("stochastic_depth", __doc__, quick="smoke run: 3 repeats, 3 steps", repeats=5)
     parser.add_argument("--backbone", default="resnet56")
     parser.add_argument("--drop-rate", type=float, default=0.5)
+    parser.add_argument("--scaling-only", action="store_true",
+                        help="only plain, batch (inverted scaling) and batch-test-scaling: what inverted scaling costs "
+                             "(section stochastic_depth-scaling)")
     parser.add_step_options(batch_size=64, steps=(10, 3), warmup_steps=2)
     args = parser.parse_args(argv)
     configs = {
         "baseline": [],
         "batch": [partial(StochasticDepth, args.drop_rate, mode="batch", seed=0)],
+        "batch-test-scaling": [partial(StochasticDepth, args.drop_rate, mode="batch", scaling="test", seed=0)],
         "row": [partial(StochasticDepth, args.drop_rate, mode="row", seed=0)],
         "torchvision-batch": [partial(TorchvisionStochasticDepth, args.drop_rate)],
     }
+    if args.scaling_only:
+        configs = {k: v for k, v in configs.items() if k in ("baseline", "batch", "batch-test-scaling")}
     samples = measure_step_options(configs, args)
     limit = expected_compute_ratio(args.backbone, args.drop_rate, args.image_size)
     meds = medians(samples)
     ratio = meds["batch"] / meds["baseline"]
-    publish(args, "training-step time, StochasticDepth vs plain ResNet", [
+    inverted = meds["batch"] / meds["batch-test-scaling"]
+    title = ("training-step time, inverted vs test-time scaling" if args.scaling_only
+             else "training-step time, StochasticDepth vs plain ResNet")
+    publish(args, title, [
         f"Backbone `{args.backbone}` (zoo), batch {args.batch_size}, 3x{args.image_size}x{args.image_size}, CPU, "
-        f"drop_rate {args.drop_rate} (linear rule, scaling 'test'), torch threads {torch.get_num_threads()}; "
-        f"{step_protocol(args)}.",
+        f"drop_rate {args.drop_rate} (linear rule; `batch` and `row` with the default inverted scaling), torch threads "
+        f"{torch.get_num_threads()}; {step_protocol(args)}.",
         "",
         format_table(samples, "baseline"),
         "",
         f"`batch` / plain = **{ratio:.3f}** (target <= 0.80; expected-compute limit {limit:.3f}, the conv/linear "
-        f"multiply-accumulates left on average). `torchvision-batch` computes every branch, so it saves nothing.",
-    ])
+        f"multiply-accumulates left on average). Inverted scaling (`batch`) / the paper's test-time scaling "
+        f"(`batch-test-scaling`) = **{inverted:.3f}**."
+        + ("" if args.scaling_only else " `torchvision-batch` computes every branch, so it saves nothing."),
+    ], section=f"{args.section}-scaling" if args.scaling_only else None)
     return 0

@@ -1,14 +1,14 @@
 """The lectures' experiment: activation statistics of a 6-layer net for five initializations.
 
-Run:  python examples/init_statistics.py [--out init_statistics.png] [--seed 0]
+Run:  python examples/init_statistics.py [--out runs/init_statistics.png] [--seed 0] [--fast]
 
 ``x ~ N(0, 1)`` (batch 16) goes through 6 bias-free layers of 4096 units, ``h = f(W h)``, with
 ``f = tanh`` and ``W = 0.01 * randn``, ``0.05 * randn`` or Xavier (``randn / sqrt(Din)``: our
 ``lecun_normal``), then ``f = relu`` with Xavier and with Kaiming (``randn * sqrt(2 / Din)``). It prints
 the std of each layer's activations and the fraction saturated (``|tanh| > 0.99``), and writes one
-figure per case (mean and std per layer, one histogram per layer) stacked into one PNG. Under half a
-minute on 2 CPU cores. ``python -m benchmarks init_effect`` writes the table to RESULTS.md,
-which docs/init.md includes, with this figure.
+figure per case (mean and std per layer, one histogram per layer) stacked into one PNG (under
+``runs/``, which git ignores). ``--fast`` uses layers of 256 units (a smoke test, same trends).
+``python -m benchmarks init_effect`` writes the table to RESULTS.md, which docs/init.md includes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from pathlib import Path
 
 from lightning_tricks.init import LECTURE_CASES, deep_network_statistics, plot_activation_statistics
 
@@ -32,21 +33,23 @@ def statistics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def lecture_statistics(seed: int = 0) -> dict:
-    """Case label -> per-layer statistics of the lectures' five cases."""
-    return {label: deep_network_statistics(act, scheme, std, seed=seed)
+def lecture_statistics(seed: int = 0, width: int = 4096) -> dict:
+    """Case label -> per-layer statistics of the lectures' five cases (7 layers of ``width`` units)."""
+    return {label: deep_network_statistics(act, scheme, std, dims=(width,) * 7, seed=seed)
             for label, (act, scheme, std) in LECTURE_CASES.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="init_statistics.png", help="PNG with the five figures stacked")
+    parser.add_argument("--out", default="runs/init_statistics.png", help="PNG with the five figures stacked")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast", action="store_true", help="layers of 256 units instead of 4096 (a smoke test)")
     args = parser.parse_args()
     start = time.perf_counter()
-    results = lecture_statistics(args.seed)
+    width = 256 if args.fast else 4096
+    results = lecture_statistics(args.seed, width)
 
-    print("std of each layer's activations (dims = [4096] * 7, batch 16, x ~ N(0, 1)):\n")
+    print(f"std of each layer's activations (dims = [{width}] * 7, batch 16, x ~ N(0, 1)):\n")
     print(statistics_table(results))
 
     from matplotlib.figure import Figure
@@ -64,6 +67,7 @@ def main() -> None:
         ax = figure.add_axes((0, 1 - (i + 1) / len(panels), 1, 1 / len(panels)))
         ax.imshow(panel)
         ax.axis("off")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=70)
     print(f"\nwrote {args.out} ({time.perf_counter() - start:.1f} s)")
 

@@ -4,12 +4,14 @@ Every public callback and mixin is re-exported here, so configs can say ``lightn
 """
 
 from lightning_tricks._model_probe import infer_num_classes
+from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
     SnapshotEnsemble,
 )
 from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.finetune import Finetune
 from lightning_tricks.init import (
     ActivationStatistics,
     WeightInit,
@@ -17,6 +19,7 @@ from lightning_tricks.init import (
 from lightning_tricks.monitoring import (
     DeadUnitMonitor,
     DeadUnitTracker,
+    DivergenceStop,
     InitialLossCheck,
     UpdateRatioMonitor,
     overfit_check,
@@ -33,6 +36,7 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
+from lightning_tricks.scaling import LargeBatchScaling
 from lightning_tricks.setup import (
     ActivationSwap,
     BatchAugment,
@@ -63,12 +67,15 @@ CALLBACKS: tuple[str, ...] = (
     "BatchAugment",
     "Cutout",
     "DeadUnitMonitor",
+    "DivergenceStop",
     "DropConnect",
     "EMAMembers",
     "EarlyStopping",
     "ExactDistributedEvaluation",
+    "Finetune",
     "FractionalMaxPooling",
     "InitialLossCheck",
+    "LargeBatchScaling",
     "Mixup",
     "SnapshotEnsemble",
     "Standardize",
@@ -90,6 +97,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitTracker",
     "DigitsDataModule",
+    "DivergenceStop",
     "DropConnect",
     "DropConnectConv2d",
     "DropConnectLinear",
@@ -97,10 +105,12 @@ __all__ = [
     "EarlyStopping",
     "Ensemble",
     "ExactDistributedEvaluation",
+    "Finetune",
     "FoldReport",
     "FractionalMaxPooling",
     "ImageClassifier",
     "InitialLossCheck",
+    "LargeBatchScaling",
     "Maxout",
     "MaxoutConv2d",
     "Mixup",
@@ -116,8 +126,10 @@ __all__ = [
     "WeightInit",
     "WeightPenalty",
     "__version__",
+    "apply_recorded_tricks",
     "fold_batch_norm",
     "infer_num_classes",
+    "load_from_checkpoint",
     "overfit_check",
     "swap_activations",
 ]

@@ -89,7 +89,7 @@ class InputModuleProbe:
         replace: ``replace(module, args, kwargs, output)`` for every call of the found module during
             the probe; a non-None result replaces the output (what a forward hook may do).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
         >>> holder = nn.ModuleDict({"model": model})
         >>> x = torch.randn(2, 4)
@@ -185,7 +185,7 @@ def infer_num_classes(trainer: pl.Trainer | None, module: nn.Module, owner: str 
     Raises:
         InvalidArgumentError: (``required``) no source found, or the datamodule disagrees with the model.
 
-    Example:
+    Examples:
         >>> infer_num_classes(None, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10)))
         10
     """

@@ -26,7 +26,7 @@ def _tokens(name: str) -> list[str]:
 def infer_mode(monitor: str) -> Literal["min", "max"]:
     """``"max"`` when a token of ``monitor`` names a higher-is-better metric, else ``"min"``.
 
-    Example:
+    Examples:
         >>> infer_mode("val_acc"), infer_mode("val/mAP"), infer_mode("val_loss"), infer_mode("valF1")
         ('max', 'max', 'min', 'max')
     """

@@ -1,19 +1,218 @@
 """Checkpoints that carry the structural tricks they were trained with.
 
-Interface shared by the Ensemble loaders, the CLI's ``--ckpt_path`` and ``load_from_checkpoint``:
-``apply_recorded_tricks(model, checkpoint)`` re-applies to ``model`` every trick the checkpoint
-records (tricks keep parameter names, so it may run before or after ``load_state_dict``) and returns
-their names. This first version records nothing and applies nothing; the structural tricks fill it.
+A structural trick whose converted network evaluates differently from the plain one (fractional max
+pooling; stochastic depth with the paper's ``scaling="test"``) records itself in every checkpoint, as
+plain data, under ``checkpoint["lightning_tricks"]["structural"]``::
+
+    [{"class_path": "lightning_tricks.regularization.fractional_pooling.FractionalMaxPooling",
+      "init_args": {"output_ratio": 0.7071, ..., "seed": 0}, "modules": ["model.maxpool"]}]
+
+:func:`apply_recorded_tricks` converts a freshly built model the same way, and :func:`load_from_checkpoint`
+does it for ``MyModule.load_from_checkpoint``. Tricks whose evaluation is the plain network (DropConnect,
+stochastic depth with the default inverted scaling) record nothing: the plain model is already right.
+
+The converted modules also hold a marker buffer (:func:`lightning_tricks.surgery.mark`), so a user's own
+plain ``MyModule.load_from_checkpoint(path)`` fails with ``Unexpected key(s) in state_dict:
+"...lightning_tricks_FractionalMaxPooling"`` instead of evaluating another network. Re-apply the tricks
+*before* a strict ``load_state_dict`` (or load through :func:`load_from_checkpoint`).
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+import lightning.pytorch as pl
+import torch
 from torch import nn
+
+from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCallback
+from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
+from lightning_tricks.regularization.stochastic_depth import StochasticDepth
+from lightning_tricks.surgery import MARKER_PREFIX, is_marker, marker_values
+
+ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+
+class UnknownTrickError(ValueError):
+    """A checkpoint records a trick that is not one of lightning_tricks' structural tricks."""
+
+
+def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The structural tricks recorded in ``checkpoint`` (a loaded checkpoint dict), in the order they were applied.
+
+    A checkpoint saved with ``weights_only=True`` (``ModelCheckpoint(save_weights_only=True)``) skips the
+    callbacks' hooks, so it has no record: the tricks are then rebuilt from the marker buffers in its
+    ``state_dict``, which hold what evaluation needs (pooling ratio, kernel, seed; each block's ``p_l``).
+
+    Args:
+        checkpoint: the loaded checkpoint dict.
+
+    Returns:
+        ``[{"class_path": ..., "init_args": {...}, "modules": [...]}, ...]`` (``[]`` when none).
+
+    Examples:
+        >>> recorded_tricks({"state_dict": {}})
+        []
+    """
+    records = checkpoint.get(RECORD_KEY, {})
+    recorded = list(records.get("structural", [])) if isinstance(records, Mapping) else []
+    return recorded or _records_from_markers(checkpoint.get("state_dict") or {})
+
+
+def _records_from_markers(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+    pools: dict[tuple, list[str]] = {}
+    blocks: list[tuple[str, float]] = []
+    for key, value in state_dict.items():
+        if not is_marker(key):
+            continue
+        module, _, name = key.rpartition(".")
+        trick = name[len(MARKER_PREFIX):]
+        if trick == "FractionalMaxPooling":
+            ratio, kernel, seed, _ = marker_values(value, "fiii")
+            pools.setdefault((ratio, kernel, seed), []).append(module)
+        elif trick == "StochasticDepth":
+            blocks.append((module, float(marker_values(value, "f")[0])))
+        else:
+            raise UnknownTrickError(f"the checkpoint's state_dict has the marker {key!r} of an unknown trick.")
+    records = [{"class_path": f"{FractionalMaxPooling.__module__}.FractionalMaxPooling",
+                "init_args": {"output_ratio": ratio, "kernel_size": kernel, "seed": seed}, "modules": modules}
+               for (ratio, kernel, seed), modules in pools.items()]
+    if blocks:
+        probabilities = [p for _, p in blocks]
+        rule = "uniform" if len(set(probabilities)) == 1 else "linear"
+        records.append({"class_path": f"{StochasticDepth.__module__}.StochasticDepth",
+                        "init_args": {"drop_rate": probabilities[-1], "rule": rule, "scaling": "test"},
+                        "modules": [name for name, _ in blocks], "drop_probabilities": probabilities})
+    return records
+
+
+def _trick_class(class_path: Any) -> type[StructuralCallback]:
+    # Only our own structural tricks are imported: a checkpoint must not name arbitrary code to run.
+    if not isinstance(class_path, str) or not class_path.startswith("lightning_tricks."):
+        raise UnknownTrickError(f"the checkpoint records the trick {class_path!r}, which is not a lightning_tricks "
+                                "structural trick: refusing to import it.")
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise UnknownTrickError(f"the checkpoint records the trick {class_path!r}, which this version of "
+                                f"lightning_tricks does not have ({err}).") from None
+    if not (isinstance(cls, type) and issubclass(cls, StructuralCallback)):
+        raise UnknownTrickError(f"the checkpoint records {class_path!r}, which is not a structural trick.")
+    return cls
 
 
 def apply_recorded_tricks(model: nn.Module, checkpoint: Mapping[str, Any]) -> list[str]:
-    """Re-apply to ``model`` the tricks recorded in ``checkpoint``; return their names."""
-    return []
+    """Re-apply to ``model`` the structural tricks recorded in ``checkpoint``; return their class names.
+
+    ``model`` is the module the checkpoint was saved from, rebuilt (its ``state_dict`` names match the
+    checkpoint's). The surgery keeps parameter names and adds only the tricks' marker buffers, so call it
+    before ``model.load_state_dict(checkpoint["state_dict"])`` (strict), or after a non-strict load.
+    Applying twice changes nothing the second time.
+
+    Args:
+        model: the rebuilt model (a LightningModule or any ``nn.Module``).
+        checkpoint: the loaded checkpoint dict (``torch.load(path, weights_only=True)`` reads our records).
+
+    Returns:
+        The names of the re-applied tricks, e.g. ``["FractionalMaxPooling"]`` (``[]`` when none is recorded).
+
+    Raises:
+        UnknownTrickError: the checkpoint names a class that is not one of our structural tricks.
+
+    Examples:
+        >>> from lightning_tricks.zoo import ImageClassifier
+        >>> apply_recorded_tricks(ImageClassifier(), {"state_dict": {}})
+        []
+    """
+    return _apply(model, recorded_tricks(checkpoint))
+
+
+def _apply(model: nn.Module, records: list[dict[str, Any]]) -> list[str]:
+    applied = []
+    for record in records:
+        cls = _trick_class(record.get("class_path"))
+        cls.reapply(model, record)
+        applied.append(cls.__name__)
+    return applied
+
+
+def apply_tricks_recorded_in(model: nn.Module, checkpoint_path: str | Path | None) -> list[str]:
+    """:func:`apply_recorded_tricks` for a checkpoint file, read with ``weights_only=True``.
+
+    Used by the CLI's ``validate/test/predict --ckpt_path`` before Lightning restores the weights. A path
+    that is not a file (``None``, ``"best"``) or a file that needs more than ``weights_only`` applies
+    nothing: Lightning's own load then reports it (and a marker of an unapplied trick fails it loudly).
+
+    Args:
+        model: the model the weights will be loaded into.
+        checkpoint_path: the ``.ckpt`` file.
+
+    Returns:
+        The names of the re-applied tricks.
+
+    Examples:
+        >>> from lightning_tricks.zoo import ImageClassifier
+        >>> apply_tricks_recorded_in(ImageClassifier(), "best")
+        []
+    """
+    if checkpoint_path is None or not Path(checkpoint_path).is_file():
+        return []
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception:  # not ours to report: Lightning's load of the same file says what is wrong
+        return []
+    return apply_recorded_tricks(model, checkpoint)
+
+
+def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, weights_only: bool = True,
+                         map_location: Any = None, strict: bool | None = None, **kwargs: Any) -> ModuleT:
+    """``cls.load_from_checkpoint(checkpoint_path, ...)`` with the checkpoint's structural tricks re-applied.
+
+    The model evaluates as the trained model did with its callbacks (same pooling, same test-time
+    scaling). Without recorded tricks this is exactly Lightning's ``load_from_checkpoint``.
+
+    Args:
+        cls: the LightningModule class the checkpoint was saved from.
+        checkpoint_path: path of the ``.ckpt`` file.
+        weights_only: load with ``torch.load(weights_only=True)`` (default: safe for checkpoints from elsewhere).
+        map_location: as Lightning's ``load_from_checkpoint``.
+        strict: as Lightning's ``load_from_checkpoint`` (``None``: the module's ``strict_loading``).
+        **kwargs: passed on to ``cls.load_from_checkpoint`` (constructor arguments that override the saved ones).
+
+    Returns:
+        The model, with the tricks re-applied and the weights loaded.
+
+    Examples:
+        >>> import lightning_tricks
+        >>> model = lightning_tricks.load_from_checkpoint(MyModule, "best.ckpt")  # doctest: +SKIP
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+    records = recorded_tricks(checkpoint)
+    if not records:
+        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
+                                        weights_only=weights_only, **kwargs)
+    # Lightning builds the module and loads the weights in one call: hand it the weights without the tricks'
+    # markers (the plain module has no such buffers), then convert the module, then load the full state.
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: v for k, v in state.items() if not is_marker(k)}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    model = cls.load_from_checkpoint(buffer, map_location=map_location, strict=strict, weights_only=weights_only,
+                                     **kwargs)
+    _apply(model, records)
+    markers = {k: v for k, v in state.items() if is_marker(k)}
+    unexpected = model.load_state_dict(markers, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"the checkpoint's markers {unexpected[:4]} do not match the re-applied tricks; "
+                           "please report this as a bug.")
+    return model
+
+
+__all__ = ["UnknownTrickError", "apply_recorded_tricks", "apply_tricks_recorded_in", "load_from_checkpoint",
+           "recorded_tricks"]

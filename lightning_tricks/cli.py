@@ -1,41 +1,275 @@
 """The ``lightning-tricks`` command: a LightningCLI in subclass mode.
 
 ``--model`` and ``--data`` take any LightningModule / LightningDataModule class path, the user's own
-included; they default to the zoo's ``ImageClassifier`` on ``DigitsDataModule``. Our callbacks are
-imported here, so ``--trainer.callbacks+=Cutout`` resolves short names.
+included. The zoo's ``ImageClassifier`` is the default model; the digits datamodule is the default
+data of our own models only (``ImageClassifier``, ``Ensemble``): a model of your own with its own
+``*_dataloader`` methods trains on them (``--data null`` says so explicitly). Our callbacks are imported here, so ``--trainer.callbacks+=Cutout``
+resolves short names, and ``EarlyStopping`` (a name Lightning exports too) means ours.
+
+What the command adds to a plain LightningCLI, each for a newcomer's first hour:
+
+* argument errors in one line (the argument, the bad value, the valid choices, a did-you-mean), exit 2;
+* ``fit`` stops at the first non-finite training loss (:class:`~lightning_tricks.DivergenceStop`,
+  ``--divergence_stop=false`` turns it off);
+* when standard output is not a terminal, one line per epoch instead of progress bars, and two
+  Lightning messages that are noise in every run are quieted (the "Tip" advertisements and a torch
+  ``LeafSpec`` deprecation raised inside Lightning); warnings about your own code are untouched;
+* no ``config.yaml`` written into the working directory of a run that has no logger.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import lightning.pytorch as pl
+import lightning.pytorch.callbacks as pl_callbacks
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 import lightning_tricks
+from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
 from lightning_tricks._validation import ConfigError
+from lightning_tricks.monitoring.divergence import DivergenceStop
+
+PROG = "lightning-tricks"
+ZOO_MODEL = "lightning_tricks.zoo.ImageClassifier"
+ZOO_DATA = "lightning_tricks.zoo.DigitsDataModule"
+# ckpt_path values Lightning resolves itself rather than reading a file
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+def _fail(line: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {line}\n")
+    raise SystemExit(2)
+
+
+def _debugging() -> bool:
+    return bool(os.environ.get("LIGHTNING_TRICKS_DEBUG"))
+
+
+class TricksArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors are one line (argument, bad value, choices, did-you-mean), exit 2.
+
+    jsonargparse calls ``error`` with ``exit_on_error=False`` while it tries alternatives (a value
+    against each type of a Union); those are left to it. Only the final report is shortened.
+    ``--help`` is not an error and prints everything. ``LIGHTNING_TRICKS_DEBUG=1`` restores the full text.
+    """
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error or _debugging():
+            return super().error(message, ex)
+        _fail(one_line(message, option_strings(self)))
+
+
+class _QuietSaveConfig(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run's log folder, and nowhere when the run has none.
+
+    Lightning's callback writes into ``trainer.log_dir``, which is the working directory for a run with
+    no logger and no ``default_root_dir``: an example run from a repository would leave a
+    ``config.yaml`` in it. A run that keeps no logs keeps no config either.
+    """
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: LightningModule, stage: str) -> None:
+        root_given = self.config.get("trainer", Namespace()).get("default_root_dir") is not None
+        if trainer.logger is None and not root_given:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+class _EpochLines(Callback):
+    """One line per training epoch with the epoch's metrics: the progress bar's replacement off a terminal."""
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("_step"))
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        print(f"Epoch {trainer.current_epoch + 1}{total}: {shown}", flush=True)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning_noise() -> None:
+    """Quiet two messages at their source, nothing else: warnings about the user's code stay visible.
+
+    * Lightning's "💡 Tip: ... litlogger / litmodels" advertisements (rank-zero info logs);
+    * torch's ``isinstance(treespec, LeafSpec)`` deprecation, raised from inside Lightning's
+      ``utilities/_pytree.py`` (a Lightning matter, not the user's).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def _shadowed_callbacks() -> list[str]:
+    """Our callbacks whose short name Lightning exports too (EarlyStopping): in our CLI the name means ours."""
+    return [name for name in lightning_tricks.CALLBACKS if hasattr(pl_callbacks, name)]
+
+
+def prefer_our_callbacks(args: list[str]) -> list[str]:
+    """``--trainer.callbacks+=EarlyStopping`` -> ``lightning_tricks.EarlyStopping``, saying so in one line."""
+    shadowed = set(_shadowed_callbacks())
+    out = list(args)
+    for i, arg in enumerate(out):
+        option, sep, value = arg.partition("=")
+        if sep and option in ("--trainer.callbacks", "--trainer.callbacks+") and value in shadowed:
+            out[i] = f"{option}=lightning_tricks.{value}"
+        elif not sep and i > 0 and out[i - 1] in ("--trainer.callbacks", "--trainer.callbacks+") and arg in shadowed:
+            value, out[i] = arg, f"lightning_tricks.{arg}"
+        else:
+            continue
+        sys.stderr.write(f"{PROG}: {value} is lightning_tricks.{value}; for Lightning's own class write "
+                         f"lightning.pytorch.callbacks.{value}\n")
+    return out
 
 
 def _callbacks_epilog() -> str:
     names = ", ".join(lightning_tricks.CALLBACKS) or "(none yet)"
+    shadowed = ", ".join(_shadowed_callbacks())
     return (
         f"lightning-tricks callbacks (use as --trainer.callbacks+=NAME or class_path: lightning_tricks.NAME; "
-        f"where Lightning has the same name, e.g. EarlyStopping, write lightning_tricks.NAME): {names}. "
-        "Zoo: --model ImageClassifier (default), --data DigitsDataModule (default) | CIFAR10DataModule | "
-        "SyntheticDataModule, or any class path of your own."
+        f"on the command line {shadowed or 'a name Lightning exports too'} means ours, write "
+        f"lightning.pytorch.callbacks.NAME for Lightning's): {names}. "
+        "Zoo: --model ImageClassifier (default) | Ensemble, whose default data is DigitsDataModule | --data DigitsDataModule "
+        "| CIFAR10DataModule | SyntheticDataModule, or any class path of your own; a model of your own with "
+        "its own *_dataloader methods needs no --data. "
+        "fit stops at the first NaN/inf training loss (DivergenceStop); --divergence_stop=false turns that off. "
+        "Off a terminal, progress bars become one line per epoch (--trainer.enable_progress_bar=true keeps them)."
     )
 
 
-class TricksCLI(LightningCLI):
-    """LightningCLI with the zoo as defaults, and the final metrics printed after ``fit``/``validate``/``test``."""
+def _data_given(argv: list[str], subcommand: str | None) -> bool:
+    """Whether the command line or one of its config files sets ``data``."""
+    for i, arg in enumerate(argv):
+        if arg == "--data" or arg.startswith(("--data=", "--data.")):
+            return True
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            source = argv[i + 1]
+        elif arg.startswith("--config="):
+            source = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            text = Path(source).read_text() if Path(source).is_file() else source
+            config = yaml.safe_load(text)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and ("data" in config or "data" in (config.get(subcommand) or {})):
+            return True
+    return False
 
+
+def _is_our_model(class_path: str | None) -> bool:
+    """Whether the model class is one of this package's (the zoo's ImageClassifier, Ensemble), not the user's."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return getattr(cls, "__module__", "").split(".")[0] == "lightning_tricks"
+
+
+class TricksCLI(LightningCLI):
+    """LightningCLI with the zoo as defaults, one-line errors, a NaN stop, and the final metrics printed."""
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({
-            "model": {"class_path": "lightning_tricks.zoo.ImageClassifier"},
-            "data": {"class_path": "lightning_tricks.zoo.DigitsDataModule"},
-        })
+        parser.set_defaults({"model": {"class_path": ZOO_MODEL}, "data": {"class_path": ZOO_DATA}})
+        parser.add_argument(
+            "--divergence_stop", type=bool, default=True,
+            help="fit: stop at the first NaN/inf training loss with one line saying so (adds "
+                 "lightning_tricks.DivergenceStop(factor=null) unless trainer.callbacks holds one); false: off.")
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        argv = None
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:
+            argv = prefer_our_callbacks(list(sys.argv[1:] if args is None else args))
+            self.config = parser.parse_args(argv)
+        self._check_ckpt_path()
+        self._default_data(argv)
+
+    def _node(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def _check_ckpt_path(self) -> None:
+        path = self._node().get("ckpt_path")
+        if path is None or str(path) in _CKPT_KEYWORDS or "://" in str(path) or str(path).startswith("registry"):
+            return
+        if not Path(path).exists():
+            _fail(missing_file_message("ckpt_path", str(path), (".ckpt", ".pt", ".pth")))
+
+    def _default_data(self, argv: list[str] | None) -> None:
+        """Drop the default digits datamodule when the model is the user's and the user gave no data.
+
+        The digits default stays in the parser (so ``--data.batch_size=32`` tunes it); it belongs to our
+        own models only: a model of your own runs on its own ``*_dataloader`` methods unless ``--data``
+        (or a config's ``data:``) names a datamodule.
+        """
+        node = self._node()
+        model = node.get("model")
+        if argv is None or node.get("data") is None or model is None or _is_our_model(model.get("class_path")):
+            return
+        if not _data_given(argv, self.config.get("subcommand")):
+            node.data = None
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        node = self._node()
+        trainer_node = node.get("trainer", Namespace())
+        configured = self._configured_callbacks()
+        plain_output = not sys.stdout.isatty() and trainer_node.get("enable_progress_bar") is None \
+            and not any(isinstance(c, ProgressBar) for c in configured)
+        if plain_output:
+            kwargs.setdefault("enable_progress_bar", False)
+        trainer = super().instantiate_trainer(**kwargs)
+        extra: list[Callback] = []
+        if node.get("divergence_stop", True) and self.subcommand in (None, "fit") \
+                and not any(isinstance(c, DivergenceStop) for c in trainer.callbacks):
+            extra.append(DivergenceStop(factor=None))
+        if plain_output:
+            extra.append(_EpochLines())
+        trainer.callbacks[:0] = extra  # before the checkpoint callbacks, which Lightning keeps last
+        return trainer
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        """No datamodule and no loader of the model's own for the stage: say so in one line, before Lightning starts."""
+        needed = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
+                  "predict": "predict_dataloader"}.get(self.subcommand or "")
+        if needed and self.datamodule is None and not is_overridden(needed, self.model):
+            _fail(f"--data: {type(self.model).__name__} has no {needed} of its own and no --data was given; name a "
+                  f"datamodule: --data DigitsDataModule | CIFAR10DataModule | SyntheticDataModule | "
+                  f"my_package.MyDataModule.")
+
+    def _configured_callbacks(self) -> list[Any]:
+        init = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        callbacks = (init.get("trainer") or {}).get("callbacks") or []
+        return callbacks if isinstance(callbacks, list) else [callbacks]
 
     def _report(self, prefix: str, title: str) -> None:
         if not self.trainer.is_global_zero:
@@ -48,32 +282,47 @@ class TricksCLI(LightningCLI):
             label = title.split(" (")[0]
             print(f"{label} accuracy: {metrics[f'{prefix}acc']:.4f}", flush=True)
 
+    @override
     def after_fit(self) -> None:
         restored = [getattr(c, "restored_epoch", None) for c in self.trainer.callbacks]
         restored = [e for e in restored if e is not None]
-        if restored and self.datamodule is not None:
+        if restored:
             # the last epoch's metrics describe weights that were just replaced: score the restored ones
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self._report("val_", f"Final validation (restored weights of epoch {restored[-1]})")
         else:
             self._report("val_", "Final validation")
 
+    @override
     def after_validate(self) -> None:
         self._report("val_", "Validation")
 
+    @override
     def after_test(self) -> None:
         self._report("test_", "Test")
 
 
+def _apply_recorded_tricks(cli: TricksCLI) -> None:
+    """``validate/test/predict --ckpt_path``: re-apply the structural tricks the checkpoint records (e.g. fractional
+    pooling) to the model before Lightning restores its weights, so it evaluates as it was trained."""
+    lightning_tricks.checkpoint.apply_tricks_recorded_in(cli.model, cli.config_init[cli.subcommand].get("ckpt_path"))
+
+
+TricksCLI.before_validate = TricksCLI.before_test = TricksCLI.before_predict = _apply_recorded_tricks  # type: ignore[method-assign]
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
     """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``."""
+    quiet_lightning_noise()
     parser_kwargs: dict[str, Any] = {"epilog": _callbacks_epilog(), "description": lightning_tricks.__doc__}
     return TricksCLI(
         LightningModule,
-        LightningDataModule,
+        None,  # --data is optional (``--data null``); the digits default belongs to our models only
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=TricksArgumentParser,
         parser_kwargs={**parser_kwargs, **{c: dict(parser_kwargs) for c in ("fit", "validate", "test", "predict")}},
+        save_config_callback=_QuietSaveConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -93,11 +342,13 @@ def main(args: list[str] | None = None) -> None:
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__ or cause.__context__
-        if cause is None or os.environ.get("LIGHTNING_TRICKS_DEBUG"):
+        if cause is None or _debugging():
             raise
-        print(f"lightning-tricks: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(cause))
 
 
 if __name__ == "__main__":  # pragma: no cover
     main(sys.argv[1:])
+
+
+__all__ = ["TricksArgumentParser", "TricksCLI", "build_cli", "main", "prefer_our_callbacks", "quiet_lightning_noise"]

@@ -23,7 +23,7 @@ latter we also correct a Lightning 2.6 detail that only shows without padding: i
 integer count of logged samples over the ranks in integer arithmetic (45 samples on 2 ranks count as
 44), so during the exact stages integer means are computed in floating point.
 
-Example:
+Examples:
     >>> [even_batches(5, batch_size=2, num_replicas=2, rank=r) for r in (0, 1)]
     [[[0, 2], [4]], [[1], [3]]]
 """
@@ -118,7 +118,7 @@ class EvenDistributedBatchSampler(Sampler[list[int]]):
         rank: this rank (default: the process group's).
         seed: seed of the permutation when ``sampler`` is a ``RandomSampler``.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import SequentialSampler
         >>> list(EvenDistributedBatchSampler(SequentialSampler(range(7)), 2, num_replicas=2, rank=1))
         [[1, 3], [5]]
@@ -187,7 +187,7 @@ def exact_eval_dataloader(dataloader: DataLoader, num_replicas: int | None = Non
         ValueError: the loader cannot be split exactly (custom batch sampler, ``drop_last=True``, a
             sampler without length); the message says which.
 
-    Example:
+    Examples:
         >>> loader = DataLoader(list(range(5)), batch_size=2)
         >>> [b.tolist() for b in exact_eval_dataloader(loader, num_replicas=2, rank=0)]
         [[0, 2], [4]]
@@ -358,7 +358,7 @@ class ExactDistributedEvaluation(Callback):
         stages: the evaluation stages to make exact, from ``"validate"`` (also the validation during
             ``fit``) and ``"test"``.
 
-    Example:
+    Examples:
         >>> trainer = pl.Trainer(strategy="ddp", devices=2, callbacks=[ExactDistributedEvaluation()])  # doctest: +SKIP
         >>> trainer.test(model, datamodule=dm)  # test_acc equals the devices=1 value  # doctest: +SKIP
     """

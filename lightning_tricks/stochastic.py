@@ -10,7 +10,7 @@ passes in eval mode, each with a fresh draw, averaged. They get it through :func
 * any module that defines the attribute ``lt_stochastic_eval`` (a bool, False by default) gets it set
   to True; such a module must draw fresh randomness in ``eval()`` while the flag is True.
 
-Example:
+Examples:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).eval()
     >>> with stochastic_eval(model):

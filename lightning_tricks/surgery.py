@@ -12,13 +12,20 @@ itself. They share the rules written here:
   identical with and without the trick, a checkpoint loads either way and ``ckpt_path`` resume works.
   A module without state (a pooling layer) may be replaced by another stateless module
   (:func:`replace_module`). :func:`keys_unchanged` checks the promise after every surgery.
+* **Marked when evaluation changes.** A trick whose converted network evaluates differently from the
+  plain one (fractional pooling, stochastic depth with test-time scaling) adds one small persistent buffer
+  named ``lightning_tricks_<Trick>`` to each converted module (:func:`mark`). A checkpoint of the converted
+  model then fails to load strictly into the plain architecture with ``Unexpected key(s) in state_dict:
+  "....lightning_tricks_FractionalMaxPooling"`` instead of silently evaluating another network; a plain
+  checkpoint still loads into the converted model (the missing marker keeps its value). These are the only
+  keys surgery may add (:func:`keys_unchanged` ignores them).
 * **Idempotent.** Applying a trick twice changes nothing the second time; modules already converted are
   counted as such in the :class:`SurgeryReport`, which is logged once (rank zero) with counts.
 * **Picklable.** Swapped classes are derived on demand from the original class and a module-level mixin,
   and pickle (``ddp_spawn``, ``torch.save(model)``, ``copy.deepcopy``) as "mixin + original class",
   so even a user's own block class survives a round trip in a fresh process.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> [name for name, _ in select_modules(model, ["*"], can_wrap=lambda m: None if isinstance(m, nn.Linear)
@@ -29,10 +36,12 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import glob
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -56,7 +65,8 @@ def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | Non
     return list(patterns)
 
 
-def _describe(names: Sequence[str], limit: int = 8) -> str:
+def describe_names(names: Sequence[str], limit: int = 8) -> str:
+    """``'a', 'b', 'c' and 5 more``: the module names an error or log line shows."""
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -104,7 +114,7 @@ def select_modules(
         if predicate is not None:
             matched = [(n, m) for n, m in matched if predicate(n, m)]
         if not matched:
-            examples = _describe([n for n, _ in named])
+            examples = describe_names([n for n, _ in named])
             raise InvalidArgumentError(
                 f"`{arg_name}` pattern {pattern!r} matches no submodule of {type(model).__name__}: expected a glob "
                 f"on qualified module names (model.named_modules()), such as {examples}."
@@ -118,6 +128,11 @@ def select_modules(
             )
         chosen.update(good)
     return list(chosen.items())
+
+
+def exact_patterns(names: Iterable[str]) -> list[str]:
+    """Glob patterns that each match one module name exactly (to re-select the modules a checkpoint names)."""
+    return [glob.escape(name) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,7 +199,7 @@ def original_class(module: nn.Module) -> type:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace the submodule at ``name`` by ``new``; both must hold no parameters or buffers.
+    """Replace the submodule at ``name`` by ``new``; both must hold no parameters or buffers (markers aside).
 
     Returns:
         The module that was replaced.
@@ -194,15 +209,74 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """
     old = model.get_submodule(name)
     for module, which in ((old, "old"), (new, "new")):
-        if next(iter(module.state_dict()), None) is not None:
+        if any(not is_marker(key) for key in module.state_dict()):
             raise ValueError(f"replace_module: the {which} module at {name!r} has state; use swap_class to keep names.")
     model.set_submodule(name, new)
     return old
 
 
+MARKER_PREFIX = "lightning_tricks_"
+"""Buffers named ``lightning_tricks_<Trick>`` mark modules whose evaluation differs from the plain network."""
+
+
+def is_marker(key: str) -> bool:
+    """Whether a ``state_dict`` key is a trick's marker buffer (see :func:`mark`)."""
+    return key.rsplit(".", 1)[-1].startswith(MARKER_PREFIX)
+
+
+def _keep_missing_marker(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # A checkpoint of the plain model has no marker: keep the module's own value, so it loads strictly.
+    for name, buffer in module.named_buffers(recurse=False):
+        if name.startswith(MARKER_PREFIX) and prefix + name not in state_dict:
+            state_dict[prefix + name] = buffer
+
+
+def _encode(value: int | float) -> int:
+    if isinstance(value, float):  # the float64 bit pattern: exact, and an integer buffer survives model.half()
+        return int(torch.tensor(value, dtype=torch.float64).view(torch.int64))
+    return int(value)
+
+
+def marker_values(marker: torch.Tensor, kinds: str) -> list[int | float]:
+    """Decode a marker buffer written by :func:`mark`; ``kinds`` has ``f`` (float) or ``i`` (int) per value."""
+    codes = marker.detach().cpu().to(torch.int64)
+    return [float(code.view(torch.float64)) if kind == "f" else int(code) for code, kind in zip(codes, kinds,
+                                                                                              strict=True)]
+
+
+def mark(module: nn.Module, trick: str, values: Sequence[int | float]) -> str:
+    """Give ``module`` the persistent buffer ``lightning_tricks_<trick>`` holding ``values``; returns its name.
+
+    The buffer makes a checkpoint of the converted model fail to load strictly into the plain architecture,
+    naming the trick; loading a checkpoint without it keeps the module's value (a load pre-hook fills it in).
+    The values (exact, as int64 codes: read them with :func:`marker_values`) are what is needed to convert
+    a plain model the same way when a checkpoint has no record of the trick (Lightning's ``weights_only``
+    checkpoints skip callback hooks).
+    """
+    name = MARKER_PREFIX + trick
+    device = next(module.parameters(), next(module.buffers(), torch.empty(0))).device
+    value = torch.tensor([_encode(v) for v in values], dtype=torch.int64, device=device)
+    if name in dict(module.named_buffers(recurse=False)):
+        setattr(module, name, value)
+        return name
+    module.register_buffer(name, value)
+    if not getattr(module, "lt_marker_hook", False):
+        module.register_load_state_dict_pre_hook(_keep_missing_marker)
+        module.lt_marker_hook = True
+    return name
+
+
+def unmark(module: nn.Module, trick: str) -> None:
+    """Remove the marker buffer of ``trick`` from ``module``, if it has one."""
+    name = MARKER_PREFIX + trick
+    if name in dict(module.named_buffers(recurse=False)):
+        delattr(module, name)
+
+
 def keys_unchanged(before: Iterable[str], model: nn.Module, trick: str) -> None:
-    """Check that surgery kept the ``state_dict`` keys (raises ``RuntimeError`` naming the difference)."""
-    before, after = list(before), list(model.state_dict().keys())
+    """Check that surgery kept the ``state_dict`` keys, markers aside (raises ``RuntimeError`` naming the difference)."""
+    before = [k for k in before if not is_marker(k)]
+    after = [k for k in model.state_dict() if not is_marker(k)]
     if before != after:
         gone, new = sorted(set(before) - set(after)), sorted(set(after) - set(before))
         raise RuntimeError(f"{trick} changed the state_dict keys (removed {gone[:5]}, added {new[:5]}); "
@@ -241,7 +315,7 @@ class SurgeryReport:
         if self.detail:
             parts.append(self.detail)
         names = self.converted + self.already
-        parts.append(f"modules: {_describe(names)}")
+        parts.append(f"modules: {describe_names(names)}")
         parts.extend(f"left {name!r} as is: {reason}" for name, reason in self.skipped)
         return "; ".join(parts) + "."
 
@@ -251,15 +325,22 @@ class SurgeryReport:
 
 
 __all__ = [
+    "MARKER_PREFIX",
     "ModelNotSupportedError",
     "SurgeryReport",
     "check_patterns",
     "SwappableMixin",
     "derived_class",
+    "describe_names",
+    "exact_patterns",
+    "is_marker",
     "keys_unchanged",
+    "mark",
+    "marker_values",
     "original_class",
     "register_derived_class",
     "replace_module",
     "select_modules",
     "swap_class",
+    "unmark",
 ]

@@ -116,7 +116,7 @@ def test_flatten_into_linear_fails_at_setup_and_the_model_is_left_as_it_was(tmp_
 
 
 def test_setup_check_finds_the_input_shape_from_the_dataset(tmp_path):
-    """No example_input_array: the first sample of the training data gives the shape."""
+    """No example_input_array: the first batch of the training data gives the shape."""
     trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[FractionalMaxPooling()])
     with pytest.raises(ModelNotSupportedError, match="checked with input \\(2, 1, 8, 8\\)"):
         trainer.fit(TinyResNet(global_pool=False), train_dataloaders=digits_loader(32))
@@ -129,11 +129,19 @@ class _Stream(torch.utils.data.IterableDataset):
             yield from zip(x, y, strict=True)
 
 
-def test_without_an_example_input_setup_warns_that_the_check_moves_to_the_first_batch(tmp_path):
+def test_without_an_example_input_at_setup_the_first_batch_is_checked_before_the_step(tmp_path):
+    """Loaders given to fit() are not public at setup: the size check runs on the first batch, before training."""
+    stream = torch.utils.data.DataLoader(_Stream(), batch_size=8)
+    fits = TinyResNet()
+    cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[FractionalMaxPooling()]).fit(
+        fits, train_dataloaders=stream)
+    assert fits.train_steps == 1
+    model = TinyResNet(global_pool=False)
     trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[FractionalMaxPooling()])
-    with pytest.warns(UserWarning, match="could not run the model on an example input at setup"):
-        trainer.fit(TinyResNet(), train_dataloaders=torch.utils.data.DataLoader(_Stream(), batch_size=8))
-    assert trainer.global_step == 1
+    with pytest.raises(ModelNotSupportedError, match=r"pool: MaxPool2d gives 4x4, fractional pooling 5x5.*checked with "
+                                                     r"input \(2, 1, 8, 8\)"):
+        trainer.fit(model, train_dataloaders=stream)
+    assert model.train_steps == 0 and type(model.pool) is nn.MaxPool2d
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -1,6 +1,8 @@
 """Stochastic depth: block discovery, schedule, E[train] = test, skipped compute, DDP agreement, errors."""
 
 import copy
+from types import SimpleNamespace
+from unittest.mock import Mock
 
 import lightning.pytorch as pl
 import pytest
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tricks import StochasticDepth
 from lightning_tricks._validation import InvalidArgumentError
@@ -203,12 +206,12 @@ def test_functional_drop_residual_row_batch_and_scalings():
     rows = drop_residual(r, 0.25, "row", scaling="train", generator=torch.Generator().manual_seed(0))
     assert set(rows.unique().tolist()) == {0.0, torch.tensor(4 / 3).item()} and (rows == rows[:, :1]).all()
     assert 0.2 < (rows[:, 0] == 0).float().mean() < 0.3
-    paper = drop_residual(r, 0.25, "row", generator=torch.Generator().manual_seed(0))
+    paper = drop_residual(r, 0.25, "row", scaling="test", generator=torch.Generator().manual_seed(0))
     assert torch.equal(paper * (4 / 3), rows)  # same mask, no training-time scaling
     whole = drop_residual(r, 0.25, "batch", generator=torch.Generator().manual_seed(1))
     assert whole.unique().numel() == 1
-    assert torch.equal(drop_residual(r, 0.25, training=False), r * 0.75)
-    assert torch.equal(drop_residual(r, 0.25, training=False, scaling="train"), r)
+    assert torch.equal(drop_residual(r, 0.25, training=False, scaling="test"), r * 0.75)
+    assert torch.equal(drop_residual(r, 0.25, training=False), r)  # the default is inverted scaling
     assert torch.equal(drop_residual(r, 0.0), r)
 
 
@@ -240,22 +243,37 @@ def test_model_without_residual_blocks_fails_at_setup_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
-def test_ddp_strategy_gets_find_unused_parameters_and_static_graph_stops_at_setup():
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork"), logger=False)
-    StochasticDepth().setup(trainer, TinyResNet(), "fit")
-    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
-    static = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(static_graph=True), logger=False)
+def _fit_start_under_ddp(callback, **ddp_flags):
+    """Call on_fit_start as Lightning does once DDP has wrapped the model (a DDP stand-in with those flags)."""
+    wrapped = Mock(spec=DistributedDataParallel, **ddp_flags)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped), world_size=2, global_rank=0)
+    callback.on_fit_start(trainer, None)
+
+
+def test_ddp_without_find_unused_parameters_or_with_static_graph_stops_before_the_first_step():
+    """Batch mode leaves skipped blocks' parameters without gradient: DDP must look for unused parameters.
+    The callback does not change the strategy (private state): it names the public setting to use."""
+    converted = StochasticDepth()
+    converted._blocks = [nn.Identity()]  # as after setup on a model with residual blocks
+    _fit_start_under_ddp(converted, find_unused_parameters=True, static_graph=False)  # the right setting passes
+    with pytest.raises(ModelNotSupportedError, match=r"find_unused_parameters=False \(Lightning's default\).*pass "
+                                                     r"strategy=DDPStrategy\(find_unused_parameters=True\) \(CLI: "
+                                                     r"--trainer.strategy=ddp_find_unused_parameters_true\)"):
+        _fit_start_under_ddp(converted, find_unused_parameters=False, static_graph=False)
     with pytest.raises(ModelNotSupportedError, match=r"static_graph=True forbids: use DDPStrategy\(static_graph=False\) "
                                                      r"or StochasticDepth\(mode='row'\)"):
-        StochasticDepth().setup(static, TinyResNet(), "fit")
-    row = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork"), logger=False)
-    StochasticDepth(mode="row").setup(row, TinyResNet(), "fit")
-    assert not row.strategy._ddp_kwargs.get("find_unused_parameters")  # row mode computes every branch
+        _fit_start_under_ddp(converted, find_unused_parameters=True, static_graph=True)
+    row = StochasticDepth(mode="row")
+    row._blocks = [nn.Identity()]
+    _fit_start_under_ddp(row, find_unused_parameters=False, static_graph=True)  # row mode computes every branch
 
 
 class _RecordDecisions(Callback):
     def __init__(self):
-        self.decisions, self.has_grad = [], []
+        self.decisions, self.has_grad, self.find_unused = [], [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.find_unused = trainer.strategy.model.find_unused_parameters  # the DDP wrapper's public flag
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.has_grad.append([b.conv1.weight.grad is not None for b in stochastic_depth_blocks(pl_module)])
@@ -267,13 +285,14 @@ class _RecordDecisions(Callback):
 def _decisions_probe(trainer, module):
     recorder = next(c for c in trainer.callbacks if isinstance(c, _RecordDecisions))
     return {"decisions": recorder.decisions, "has_grad": recorder.has_grad, "weights": [p.detach().clone() for p in module.parameters()],
-            "find_unused": trainer.strategy._ddp_kwargs.get("find_unused_parameters")}
+            "find_unused": recorder.find_unused}
 
 
 def test_ddp_two_processes_same_decisions_on_every_rank_and_no_hang(tmp_path):
     model = build_backbone("resnet20", num_classes=10, in_channels=1)
     module = _ZooModule(model)
     results = run_ddp(module, tmp_path=tmp_path, probe=_decisions_probe, max_epochs=1, limit_val_batches=0,
+                      strategy=DDPStrategy(start_method="fork", find_unused_parameters=True),
                       callbacks=[StochasticDepth(drop_rate=0.5, rule="uniform"), _RecordDecisions()])
     first, second = results
     assert len(first["decisions"]) == 2 and first["decisions"] == second["decisions"]

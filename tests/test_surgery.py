@@ -6,12 +6,15 @@ import pickle
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lightning_tricks import DropConnect, FractionalMaxPooling, StochasticDepth
 from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.checkpoint import recorded_tricks
 from lightning_tricks.regularization.dropconnect import _DropConnectMixin, apply_dropconnect
 from lightning_tricks.regularization.fractional_pooling import (
+    DEFAULT_RATIO,
     SeededFractionalMaxPool2d,
     apply_fractional_pooling,
 )
@@ -22,6 +25,7 @@ from lightning_tricks.surgery import (
     SwappableMixin,
     derived_class,
     keys_unchanged,
+    marker_values,
     original_class,
     replace_module,
     select_modules,
@@ -114,20 +118,30 @@ def _all_tricks(model):
 
 
 def test_state_dict_keys_identical_and_checkpoints_load_both_ways():
+    """Parameter and buffer names never change; fractional pooling (another network at evaluation) adds one marker
+    buffer, so its checkpoint loads into the plain architecture only non-strictly, with an error naming the trick."""
     plain = TinyResNet()
     keys = list(plain.state_dict())
+    marker = "pool.lightning_tricks_FractionalMaxPooling"
     tricked = TinyResNet()
     _all_tricks(tricked)
-    assert list(tricked.state_dict()) == keys
-    tricked.load_state_dict(plain.state_dict())  # strict: plain -> tricked
+    assert [k for k in tricked.state_dict() if k != marker] == keys and marker in tricked.state_dict()
+    assert marker_values(tricked.state_dict()[marker], "fiii") == [DEFAULT_RATIO, 2, 0, 0]  # ratio, kernel, seed, index
+    tricked.load_state_dict(plain.state_dict())  # strict: plain -> tricked (the marker keeps its value)
     for k, v in plain.state_dict().items():
         assert torch.equal(tricked.state_dict()[k], v)
     fresh = TinyResNet()
-    fresh.load_state_dict(tricked.state_dict())  # tricked -> plain
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "pool.lightning_tricks_FractionalMaxPooling"'):
+        fresh.load_state_dict(tricked.state_dict())  # tricked -> plain, strict
+    assert fresh.load_state_dict(tricked.state_dict(), strict=False).unexpected_keys == [marker]
+    without_pooling = TinyResNet()
+    apply_dropconnect(without_pooling, 0.5, layers=["fc1"])
+    apply_stochastic_depth(without_pooling, 0.5)
+    fresh.load_state_dict(without_pooling.state_dict())  # evaluation unchanged by the trick: strict both ways
     again = [apply_dropconnect(tricked, 0.5, layers=["fc1"]), apply_stochastic_depth(tricked, 0.5),
              apply_fractional_pooling(tricked)[0]]  # idempotent: a second surgery changes nothing
     assert [(r.converted, r.already) for r in again] == [([], ["fc1"]), ([], ["blocks.0", "blocks.1"]), ([], ["pool"])]
-    assert list(tricked.state_dict()) == keys
+    assert [k for k in tricked.state_dict() if k != marker] == keys
     converted = (_DropConnectMixin, _DepthMixin, SeededFractionalMaxPool2d)
     assert [n for n, m in tricked.named_modules() if isinstance(m, converted)] == ["pool", "blocks.0", "blocks.1", "fc1"]
 
@@ -187,10 +201,13 @@ def test_ddp_two_processes_resume_all_tricks_continues_exactly(tmp_path):
             return _weights(module)
 
         return run_ddp(TinyResNet(), tmp_path=tmp_path, probe=probe, callbacks=_tricks(), ckpt_path=ckpt_path,
+                       strategy=DDPStrategy(start_method="fork", find_unused_parameters=True),
                        max_epochs=epochs, limit_val_batches=0)
 
     straight = fit(2)
     fit(1, save=str(tmp_path / "ddp.ckpt"))
+    records = recorded_tricks(torch.load(tmp_path / "ddp.ckpt", weights_only=True))
+    assert [(r["class_path"].rsplit(".", 1)[1], r["modules"]) for r in records] == [("FractionalMaxPooling", ["pool"])]
     resumed = fit(2, ckpt_path=str(tmp_path / "ddp.ckpt"))
     parameters = [n for n, _ in TinyResNet().named_parameters()]
     for name in parameters:  # DDP keeps the parameters equal on the ranks (BN running stats are per rank)

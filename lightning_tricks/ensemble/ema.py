@@ -32,7 +32,7 @@ class EMAMembers(EMAWeightAveraging):
         device: where the averaged model lives (default: the model's device).
         use_buffers: also average buffers (batch-norm statistics).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> ema = EMAMembers(decay=0.99)
         >>> trainer = pl.Trainer(max_epochs=10, callbacks=[ema])

@@ -264,7 +264,7 @@ def load_member(path: str | os.PathLike, member_class: ClassSpec | None = None, 
         CheckpointError: not a PyTorch checkpoint, no state dict, an unknown class, a constructor that
             fails, or weights that do not fit the class.
 
-    Example:
+    Examples:
         >>> member = load_member("runs/digits/version_0/checkpoints/best.ckpt")  # doctest: +SKIP
     """
     check_choice("weights", weights, ("ema", "raw"))

@@ -230,7 +230,7 @@ class Ensemble(pl.LightningModule):
             wrong length or negative, ``weights`` with ``soft`` voting.
         DataNotFoundError: a checkpoint path that does not exist.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_tricks.zoo import DigitsDataModule
         >>> ensemble = Ensemble(checkpoints=["a.ckpt", "b.ckpt"], voting="soft")  # doctest: +SKIP

@@ -48,7 +48,7 @@ def snapshot_lr(step: int, total_steps: int, cycles: int, lr: float) -> float:
     ``alpha(t) = alpha0 / 2 * (cos(pi * ((t - 1) mod ceil(T / M)) / ceil(T / M)) + 1)``: every cycle of
     ``ceil(T / M)`` iterations starts at ``lr`` and anneals towards 0.
 
-    Example:
+    Examples:
         >>> tuple(round(snapshot_lr(t, 8, 2, 0.1), 4) for t in range(1, 9))
         (0.1, 0.0854, 0.05, 0.0146, 0.1, 0.0854, 0.05, 0.0146)
     """
@@ -85,7 +85,7 @@ class SnapshotEnsemble(Callback):
         InvalidArgumentError: ``cycles`` < 1 or a non-positive ``lr`` (at construction); more cycles than
             training steps, an unbounded run, or a budget changed on resume (when training starts).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> snapshots = SnapshotEnsemble(cycles=5, lr=0.1)
         >>> trainer = pl.Trainer(max_epochs=50, callbacks=[snapshots])

@@ -50,7 +50,7 @@ def soft_vote(member_logits: torch.Tensor, weights: Sequence[float] | torch.Tens
     Returns:
         ``(batch, classes)`` probabilities in float32 (or the logits' dtype if wider).
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]]])
         >>> soft_vote(logits).argmax(-1)
         tensor([0])
@@ -82,7 +82,7 @@ def hard_vote(member_logits: torch.Tensor, weights: Sequence[float] | torch.Tens
     Returns:
         ``(batch,)`` class indices.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[[3.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]], [[0.0, 2.0, 0.0]]])
         >>> hard_vote(logits)
         tensor([1])
@@ -110,7 +110,7 @@ def fit_vote_weights(member_logits: torch.Tensor, targets: torch.Tensor, max_ite
     Returns:
         ``(members,)`` float64 weights summing to 1.
 
-    Example:
+    Examples:
         >>> good = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
         >>> bad = torch.tensor([[0.0, 4.0], [4.0, 0.0]])
         >>> fit_vote_weights(torch.stack([good, bad]), torch.tensor([0, 1])).argmax().item()

@@ -85,7 +85,7 @@ class WeightInit(Callback):
         InvalidArgumentError: in ``__init__``, any invalid argument; at setup, a selector that matches
             nothing, a model without conv/linear layers for LSUV, or no training data for LSUV.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[WeightInit("kaiming_normal", nonlinearity="relu", bias=0.01)])
     """
@@ -246,7 +246,7 @@ class ActivationStatistics(Callback):
     Attributes:
         history: ``(epoch, global_step, statistics)`` of every measurement.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[ActivationStatistics(every_n_epochs=5)])
     """

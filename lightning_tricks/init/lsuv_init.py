@@ -111,7 +111,7 @@ def lsuv(
         InvalidArgumentError: ``tol <= 0``, ``max_iters < 1``, a selector that matches nothing, or a
             model without conv/linear layers.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
         >>> report = lsuv(net, torch.randn(256, 64), generator=torch.Generator().manual_seed(0))
         >>> [(layer.name, layer.converged) for layer in report]

@@ -124,7 +124,7 @@ def resolve_scheme(
         InvalidArgumentError: an unknown scheme, nonlinearity or mode, ``std <= 0``, a negative slope,
             a non-finite bias, or an argument the scheme does not use.
 
-    Example:
+    Examples:
         >>> resolve_scheme("kaiming_normal").nonlinearity
         'relu'
     """
@@ -206,7 +206,7 @@ def select_modules(
         InvalidArgumentError: a type given in ``layer_types``, or a pattern, that selects nothing, or
             an empty selection; the message lists what was looked for and names that exist.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> [name for name, _ in select_modules(net, exclude=["2"])]
         ['0']
@@ -323,7 +323,7 @@ def init_weights(
         InvalidArgumentError: see :func:`resolve_scheme` and :func:`select_modules`; a selected layer
             without a weight of at least 2 dimensions for a fan-based scheme.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
         >>> init_weights(net, "kaiming_normal", bias=0.01, generator=torch.Generator().manual_seed(0))
         ['0', '2']
@@ -507,7 +507,7 @@ def zero_init_residual(module: nn.Module, blocks: bool | Sequence[str] = True) -
     Returns:
         The names of the zeroed normalization layers (only their ``weight`` changes).
 
-    Example:
+    Examples:
         >>> from lightning_tricks.zoo import CifarResNet
         >>> zero_init_residual(CifarResNet(20))[:2]
         ['layer1.0.bn2', 'layer1.1.bn2']

@@ -117,7 +117,7 @@ def activation_statistics(
         InvalidArgumentError: no selected layer (e.g. a model that applies its activations as
             functions: pass ``layer_types``), or ``bins < 0``.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 100), nn.Tanh())
         >>> stats = activation_statistics(net, torch.randn(32, 100), bins=0)
         >>> [s.name for s in stats], 0 < stats[0].std < 1
@@ -277,7 +277,7 @@ def deep_network_statistics(
     Returns:
         The statistics of each layer's activation (after the nonlinearity).
 
-    Example:
+    Examples:
         >>> stats = deep_network_statistics("relu", "kaiming_normal", dims=[256] * 4, batch_size=64, bins=0)
         >>> len(stats), all(0.5 < s.std < 1.0 for s in stats)
         (3, True)

@@ -1,5 +1,6 @@
 """Training diagnostics from CS231n's "babysitting the learning process": dead and saturated units,
-update/weight ratios, the initial-loss check, the overfit-a-small-sample check, and their plots."""
+update/weight ratios, the initial-loss check, the overfit-a-small-sample check, the stop on a diverging
+loss, and their plots."""
 
 from lightning_tricks.monitoring.dead_unit_monitor import DeadUnitMonitor
 from lightning_tricks.monitoring.dead_units import (
@@ -12,6 +13,7 @@ from lightning_tricks.monitoring.dead_units import (
     WatchedModule,
     find_watched_modules,
 )
+from lightning_tricks.monitoring.divergence import DivergenceStop
 from lightning_tricks.monitoring.initial_loss import (
     InitialLossCheck,
     InitialLossError,
@@ -34,6 +36,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitReport",
     "DeadUnitTracker",
+    "DivergenceStop",
     "InitialLossCheck",
     "InitialLossError",
     "NothingToMonitorError",

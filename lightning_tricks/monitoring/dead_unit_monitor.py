@@ -73,7 +73,7 @@ class DeadUnitMonitor(Callback):
         NothingToMonitorError: at the start of fit, when the model has nothing to monitor (the message
             lists the conv/linear/norm layers to name in ``layers``).
 
-    Example:
+    Examples:
         >>> monitor = DeadUnitMonitor(warn_fraction=0.2)
         >>> trainer = pl.Trainer(callbacks=[monitor])  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP

@@ -332,7 +332,7 @@ class DeadUnitTracker:
         InvalidArgumentError: an argument out of range.
         NothingToMonitorError: nothing to watch in ``model``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> with DeadUnitTracker(model) as tracker:
         ...     _ = model(torch.randn(16, 4))

@@ -47,7 +47,7 @@ class InitialLossError(RuntimeError):
 def expected_initial_loss(num_classes: int) -> float:
     """``log(C)``: the cross-entropy of a uniform prediction over ``num_classes`` classes.
 
-    Example:
+    Examples:
         >>> round(expected_initial_loss(10), 4)
         2.3026
     """
@@ -101,7 +101,7 @@ class InitialLossCheck(Callback):
         InvalidArgumentError: an argument out of range; after the first step, no number of classes found
             (or the datamodule's disagrees with the logits).
 
-    Example:
+    Examples:
         >>> check = InitialLossCheck(tolerance=0.2)
         >>> trainer = pl.Trainer(callbacks=[check])  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP
@@ -279,7 +279,7 @@ def overfit_check(
         InvalidArgumentError: bad arguments, or neither or both of ``datamodule`` and ``train_dataloader``.
         ConfigError: batches that are not ``(inputs, targets)``, or a forward without logits.
 
-    Example:
+    Examples:
         >>> report = overfit_check(MyModule(), datamodule=MyData(), num_batches=1)  # doctest: +SKIP
         >>> report.passed, report.accuracy  # doctest: +SKIP
         (True, 1.0)

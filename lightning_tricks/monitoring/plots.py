@@ -3,7 +3,7 @@
 Figures are drawn with matplotlib's object API on the Agg canvas (no ``pyplot``, no global backend
 switch, no display needed), so plotting is safe on headless training nodes and inside DDP workers.
 
-Example:
+Examples:
     >>> fig = dead_unit_heatmap({"fc1": [0.0, 0.2], "fc2": [0.1, 0.5]}, epochs=[0, 1])
     >>> figure_to_array(fig).shape[-1]
     3

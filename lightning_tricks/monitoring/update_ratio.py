@@ -58,7 +58,7 @@ def update_ratios(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
     Raises:
         ValueError: lists of different lengths, or a pair of different shapes.
 
-    Example:
+    Examples:
         >>> update_ratios([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.5])])
         tensor([0.1000])
     """
@@ -123,7 +123,7 @@ class UpdateRatioMonitor(Callback):
     Raises:
         InvalidArgumentError: an argument out of range.
 
-    Example:
+    Examples:
         >>> monitor = UpdateRatioMonitor(every_n_steps=50)
         >>> trainer = pl.Trainer(callbacks=[monitor])  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP

@@ -252,7 +252,7 @@ class BatchTransformMixin:
     ``trainer.callbacks``, on training batches only. The callbacks then skip their own in-place pass.
     Nothing else of your class changes.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> class MyModule(BatchTransformMixin, pl.LightningModule):
         ...     pass  # your training_step etc. unchanged; tuple batches now work with Mixup

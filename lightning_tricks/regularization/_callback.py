@@ -1,4 +1,5 @@
-"""The Lightning shell shared by the structural tricks: surgery at setup, a step counter, checkpointed state."""
+"""The Lightning shell shared by the structural tricks: surgery at setup, a step counter, checkpointed state,
+and the record a checkpoint keeps of a trick that changes what the network computes at evaluation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from lightning_tricks._validation import check_int
 from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.surgery import SurgeryReport, exact_patterns
+
+RECORD_KEY = "lightning_tricks"
+"""Top-level checkpoint key of our records; structural tricks go in ``checkpoint[RECORD_KEY]["structural"]``."""
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -22,23 +28,42 @@ def resolve_seed(seed: int | None) -> int:
 class StructuralCallback(Callback):
     """Converts the model in ``setup`` (before checkpoint restore and DDP wrapping) and keys its draws by step.
 
-    Subclasses implement :meth:`apply` (idempotent surgery that returns the shared
-    :class:`LayerRandomness`). The counter of training batches is the callback's checkpointed state, so a
-    resumed run draws what the uninterrupted run would have drawn.
+    Subclasses implement :meth:`convert` (idempotent surgery through the trick's functional core) and
+    :meth:`init_args`; :meth:`after_convert` adds checks that need the trainer. The counter of training
+    batches is the callback's checkpointed state, so a resumed run draws what the uninterrupted run would
+    have drawn. A trick whose converted network evaluates differently from the plain one
+    (:meth:`changes_evaluation`) records itself in every checkpoint as plain data (class path, init
+    arguments, converted module names), which :func:`lightning_tricks.apply_recorded_tricks` re-applies.
     """
 
     per_rank: bool = True
+    converts: str = "modules"
+    """What the log line counts (``"residual blocks"``)."""
 
     def __init__(self, seed: int | None) -> None:
         if seed is not None:
             check_int("seed", seed, 0)
         self.seed = seed
         self.randomness: LayerRandomness | None = None
+        self.report: SurgeryReport | None = None
         self.batches_seen = 0
         self._resolved_seed: int | None = None
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
+    def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
+                ) -> SurgeryReport:
+        """Convert ``model`` in place with the trick's functional core (``modules``: exact names to convert)."""
         raise NotImplementedError
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments, as plain data, with the seed actually used."""
+        raise NotImplementedError
+
+    def changes_evaluation(self) -> bool:
+        """Whether the converted network evaluates differently from the plain one (then it is recorded)."""
+        return False
+
+    def after_convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Checks that need the trainer, after the surgery."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._resolved_seed is None:
@@ -47,7 +72,10 @@ class StructuralCallback(Callback):
             self.randomness = LayerRandomness(self._resolved_seed, per_rank=self.per_rank)
         self.randomness.seed = self._resolved_seed
         self.randomness.rank = trainer.global_rank
-        self.apply(trainer, pl_module, self.randomness)
+        self.report = self.convert(pl_module, self.randomness)
+        if self.report.total:
+            self.report.log(self.converts)
+            self.after_convert(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -68,3 +96,27 @@ class StructuralCallback(Callback):
             self._resolved_seed = int(state_dict["seed"])
             if self.randomness is not None:
                 self.randomness.seed = self._resolved_seed
+
+    # -- the checkpoint record ----------------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of this trick (plain data), or ``None`` when evaluation is the plain network's."""
+        if self.report is None or not self.report.total or not self.changes_evaluation():
+            return None
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args(),
+                "modules": self.report.converted + self.report.already}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        record = self.record()
+        if record is not None:
+            checkpoint.setdefault(RECORD_KEY, {}).setdefault("structural", []).append(record)
+
+    @classmethod
+    def reapply(cls, model: nn.Module, record: dict[str, Any]) -> SurgeryReport:
+        """Convert ``model`` as the trick that wrote ``record`` converted the model it was saved from."""
+        trick = cls(**record["init_args"])
+        trick._resolved_seed = resolve_seed(trick.seed)
+        trick.randomness = LayerRandomness(trick._resolved_seed, per_rank=trick.per_rank)
+        return trick.convert(model, trick.randomness, modules=exact_patterns(record["modules"]))

@@ -138,7 +138,7 @@ def cutout(
     Returns:
         The images with holes, same shape, dtype and memory format.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> out = cutout(torch.ones(4, 3, 32, 32), length=16, generator=g)
         >>> bool((out == 0).any()), out.shape
@@ -184,7 +184,7 @@ class Cutout(BatchTransformCallback):
             larger than the images or non-floating-point images.
         BatchFormatError: at the first batch, images that cannot be found or written.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[Cutout(length=16)])  # doctest: +SKIP
     """

@@ -13,8 +13,8 @@ The layers are the model's own ``nn.Linear`` / ``nn.Conv{1,2,3}d`` objects with 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +41,19 @@ LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "C
 """Layer types DropConnect converts (exact types: subclasses may bypass ``forward``, e.g. attention projections)."""
 
 
+def check_dropconnect_args(p: float = 0.5, mode: str = "step", layers: Sequence[str] | None = None,
+                           layer_types: Sequence[str] = ("Linear",)) -> list[str] | None:
+    """The one validator of DropConnect's arguments (layers, functional core, callback); returns ``layers``."""
+    check_probability("p", p, allow_one=False)
+    check_choice("mode", mode, MODES)
+    if isinstance(layer_types, str) or not layer_types:
+        raise InvalidArgumentError(f"`layer_types`={layer_types!r} is invalid: expected a non-empty list of "
+                                   + ", ".join(LAYER_TYPES) + ".")
+    for name in layer_types:
+        check_choice("layer_types", name, LAYER_TYPES)
+    return check_patterns("layers", layers)
+
+
 def dropconnect_weight(weight: torch.Tensor, p: float, generator: torch.Generator | None = None,
                        samples: int | None = None) -> torch.Tensor:
     """``weight * mask / (1 - p)`` with ``mask ~ Bernoulli(1 - p)``, one mask (or ``samples`` masks, stacked).
@@ -51,7 +64,7 @@ def dropconnect_weight(weight: torch.Tensor, p: float, generator: torch.Generato
         generator: the generator of the mask (on ``weight``'s device); torch's default one when ``None``.
         samples: draw this many masks and return shape ``(samples, *weight.shape)``.
 
-    Example:
+    Examples:
         >>> w = torch.ones(2, 3)
         >>> sorted(dropconnect_weight(w, 0.5, torch.Generator().manual_seed(0)).unique().tolist())
         [0.0, 2.0]
@@ -73,8 +86,7 @@ class _DropConnectMixin(SwappableMixin):
 
     def _lt_configure(self, p: float, mode: str, drop_bias: bool, randomness: LayerRandomness | None,
                       index: int) -> None:
-        check_probability("p", p, allow_one=False)
-        check_choice("mode", mode, MODES)
+        check_dropconnect_args(p, mode)
         if mode == "sample" and not isinstance(self, nn.Linear):
             raise InvalidArgumentError(f"`mode`='sample' is invalid for {type(self).__lt_base__.__name__}: "
                                        "expected 'step' (per-sample masks are for Linear layers).")
@@ -112,7 +124,7 @@ class DropConnectLinear(_DropConnectMixin, nn.Linear):
         randomness: the generators to draw from (a callback shares one among its layers); a private one
             seeded with 0 when ``None``.
 
-    Example:
+    Examples:
         >>> layer = DropConnectLinear(4, 3, p=0.5)
         >>> x = torch.ones(2, 4)
         >>> torch.equal(layer.eval()(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
@@ -165,7 +177,7 @@ class DropConnectConv2d(_DropConnectConvMixin, nn.Conv2d):
         randomness: the generators to draw from; a private one seeded with 0 when ``None``.
         **kwargs: the other ``nn.Conv2d`` arguments (stride, padding, ...).
 
-    Example:
+    Examples:
         >>> conv = DropConnectConv2d(3, 8, 3, p=0.2, padding=1)
         >>> conv(torch.zeros(1, 3, 8, 8)).shape
         torch.Size([1, 8, 8, 8])
@@ -240,18 +252,12 @@ def apply_dropconnect(
         InvalidArgumentError: a bad argument, or a pattern that matches nothing convertible.
         ModelNotSupportedError: the default rule finds no layer (e.g. a model whose only Linear is the head).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
         >>> apply_dropconnect(net, 0.3).converted
         ['0']
     """
-    layers = check_patterns("layers", layers)
-    check_probability("p", p, allow_one=False)
-    check_choice("mode", mode, MODES)
-    for name in layer_types:
-        check_choice("layer_types", name, LAYER_TYPES)
-    if not layer_types:
-        raise InvalidArgumentError("`layer_types`=[] is invalid: expected at least one of " + ", ".join(LAYER_TYPES) + ".")
+    layers = check_dropconnect_args(p, mode, layers, layer_types)
     report = SurgeryReport("DropConnect", detail=f"p={p}, mode={mode!r}, drop_bias={drop_bias}")
     if p == 0:
         return report
@@ -313,36 +319,35 @@ class DropConnect(StructuralCallback):
         InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches nothing convertible.
         ModelNotSupportedError: (at setup) no layer found by the default rule.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[DropConnect(p=0.5)], logger=False)  # doctest: +SKIP
     """
 
+    converts = "layers"
+
     def __init__(self, p: float = 0.5, layers: list[str] | None = None, layer_types: list[str] | None = None,
                  mode: str = "step", drop_bias: bool = False, seed: int | None = None) -> None:
         super().__init__(seed)
-        check_probability("p", p, allow_one=False)
-        check_choice("mode", mode, MODES)
         layer_types = ["Linear"] if layer_types is None else list(layer_types)
-        if not layer_types:
-            raise InvalidArgumentError("`layer_types`=[] is invalid: expected a list of " + ", ".join(LAYER_TYPES) + ".")
-        for name in layer_types:
-            check_choice("layer_types", name, LAYER_TYPES)
-        layers = check_patterns("layers", layers)
+        layers = check_dropconnect_args(p, mode, layers, layer_types)
         self.p, self.layers, self.layer_types = p, layers, layer_types
         self.mode, self.drop_bias = mode, drop_bias
-        self.report: SurgeryReport | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(p=self.p, layers=self.layers, mode=self.mode)
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
-        self.report = apply_dropconnect(pl_module, self.p, layers=self.layers, layer_types=self.layer_types,
-                                        mode=self.mode, drop_bias=self.drop_bias, randomness=randomness)
-        if self.p == 0:
-            return
-        self.report.log("layers")
+    def init_args(self) -> dict[str, Any]:
+        return {"p": self.p, "layers": self.layers, "layer_types": self.layer_types, "mode": self.mode,
+                "drop_bias": self.drop_bias, "seed": self._resolved_seed}
+
+    def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
+                ) -> SurgeryReport:
+        # eval uses the plain weights (inverted scaling): nothing to record in checkpoints
+        return apply_dropconnect(model, self.p, layers=self.layers if modules is None else modules,
+                                 layer_types=self.layer_types, mode=self.mode, drop_bias=self.drop_bias,
+                                 randomness=randomness)
 
 
 __all__ = ["DropConnect", "DropConnectConv2d", "DropConnectLinear", "apply_dropconnect", "classifier_head",

@@ -12,6 +12,11 @@ Torch's ``nn.FractionalMaxPool2d`` is random even in ``eval()`` and rejects a sa
 generator in the input's dtype; eval uses one fixed draw per channel (deterministic) unless the module's
 ``lt_stochastic_eval`` flag is set (:func:`lightning_tricks.stochastic.stochastic_eval`, test-time
 averaging), and :func:`average_pooling_draws` averages ``k`` draws in one batched pass.
+
+The converted network evaluates differently from the plain one (another output size), so each
+:class:`SeededFractionalMaxPool2d` holds a marker buffer ``lightning_tricks_FractionalMaxPooling``
+(output ratio, kernel size, seed and index): a checkpoint loads into the plain architecture only with
+``strict=False``, and the callback records itself in the checkpoint for our loaders to re-apply.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from lightning_tricks.surgery import (
     SurgeryReport,
     check_patterns,
     keys_unchanged,
+    mark,
     replace_module,
     select_modules,
 )
@@ -45,8 +51,16 @@ DEFAULT_RATIO = 1 / math.sqrt(2)
 """The paper's :math:`\\alpha = \\sqrt 2`: each layer halves the number of pixels."""
 
 
-def check_ratio(output_ratio: float) -> float:
-    return check_range("output_ratio", output_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+def check_fractional_pooling_args(output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2,
+                                  layers: Sequence[str] | None = None, test_samples: int = 1,
+                                  max_batch: int | None = None) -> list[str] | None:
+    """The one validator of FractionalMaxPooling's arguments (layer, functional core, callback); returns ``layers``."""
+    check_range("output_ratio", output_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+    check_int("kernel_size", kernel_size, 1)
+    check_int("test_samples", test_samples, 1)
+    if max_batch is not None:
+        check_int("max_batch", max_batch, 1)
+    return check_patterns("layers", layers)
 
 
 class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
@@ -62,7 +76,7 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
     Attributes:
         lt_stochastic_eval: while True, eval draws fresh regions (test-time averaging); False by default.
 
-    Example:
+    Examples:
         >>> pool = SeededFractionalMaxPool2d().eval()
         >>> x = torch.randn(2, 3, 8, 8)
         >>> y = pool(x)
@@ -74,8 +88,7 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
 
     def __init__(self, kernel_size: int = 2, output_ratio: float = DEFAULT_RATIO,
                  randomness: LayerRandomness | None = None, index: int = 0) -> None:
-        check_int("kernel_size", kernel_size, 1)
-        check_ratio(output_ratio)
+        check_fractional_pooling_args(output_ratio, kernel_size)
         super().__init__(kernel_size, output_ratio=(output_ratio, output_ratio))
         self.lt_randomness = randomness if randomness is not None else LayerRandomness(0)
         self.lt_index = index
@@ -83,6 +96,12 @@ class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
         # The eval regions, (channels, 2): one fixed draw, made at the first eval forward from (seed, layer).
         # Not saved in the state_dict: it is reproducible from the seed.
         self.register_buffer("eval_sample", None, persistent=False)
+        self._lt_mark()
+
+    def _lt_mark(self) -> None:
+        """The marker buffer: a plain strict load must fail; its values rebuild the layer (see checkpoint.py)."""
+        mark(self, "FractionalMaxPooling", [float(self.output_ratio[0]), int(self.kernel_size[0]),
+                                            self.lt_randomness.seed, self.lt_index])
 
     def _eval_sample(self, channels: int, device: torch.device) -> torch.Tensor:
         if self.eval_sample is None or self.eval_sample.shape[0] != channels:
@@ -147,14 +166,12 @@ def apply_fractional_pooling(
         ModelNotSupportedError: the model has no ``nn.MaxPool2d``.
         InvalidArgumentError: a bad argument, or a pattern that matches no ``nn.MaxPool2d``.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1))
         >>> apply_fractional_pooling(net)[0].converted
         ['1']
     """
-    layers = check_patterns("layers", layers)
-    check_ratio(output_ratio)
-    check_int("kernel_size", kernel_size, 1)
+    layers = check_fractional_pooling_args(output_ratio, kernel_size, layers)
     chosen = select_modules(model, layers, can_wrap=_can_wrap, arg_name="layers", trick="FractionalMaxPooling",
                             predicate=predicate)
     if not chosen:
@@ -173,6 +190,7 @@ def apply_fractional_pooling(
                 (module.kernel_size, module.output_ratio) == (new.kernel_size, new.output_ratio)):
             module.lt_randomness, module.lt_index = shared, index
             module.eval_sample = None  # redrawn from the (possibly new) seed at the next eval forward
+            module._lt_mark()
             report.already.append(name)
             continue
         new.to(device=device).train(module.training)
@@ -220,7 +238,7 @@ def average_pooling_draws(
         ``log(mean_k softmax(logits_k))`` in float32: log-probabilities of the averaged prediction, which
         work as logits (``argmax``, ``cross_entropy``, ``softmax`` gives the averaged probabilities).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(1), nn.LazyLinear(3))
         >>> _ = apply_fractional_pooling(net[:2]); _ = net(torch.zeros(1, 1, 12, 12))
         >>> with torch.no_grad():
@@ -248,34 +266,41 @@ def average_pooling_draws(
     return torch.logsumexp(log_probs, dim=0) - math.log(samples)
 
 
+def _zeros_like_input(value: Any) -> torch.Tensor | None:
+    """Two zero images shaped like the first image-like tensor in ``value`` (a sample, a batch or an example)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    elif isinstance(value, dict):
+        value = next((v for v in value.values() if isinstance(v, torch.Tensor)), None)
+    if not isinstance(value, torch.Tensor) or value.dim() < 3 or not value.is_floating_point():
+        return None
+    shape = value.shape[1:] if value.dim() == 4 else value.shape
+    return torch.zeros(2, *shape, dtype=value.dtype)
+
+
 def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> torch.Tensor | None:
-    """Two zero images shaped like the model's input: from ``example_input_array``, else one dataset sample."""
+    """Zero images shaped like the model's input, from public sources known at setup.
+
+    ``example_input_array``, else the first sample of the datamodule's loader for ``stage``. Loaders
+    passed to ``trainer.fit(...)`` are not public before the loop starts: the check then waits for the
+    first batch (see :meth:`FractionalMaxPooling.on_train_batch_start`).
+    """
     example = getattr(pl_module, "example_input_array", None)
     if isinstance(example, torch.Tensor):
         return torch.zeros_like(example)
-    hooks = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
-             "predict": "predict_dataloader"}
-    source: Any = getattr(trainer, "datamodule", None)
-    loader = None
-    try:
-        if source is not None:
-            loader = getattr(source, hooks.get(stage, "train_dataloader"))()
-        elif stage == "fit":
-            loader = trainer.fit_loop._data_source.dataloader()
-    except Exception:  # a loader that cannot be built here is not our error to report
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
         return None
-    dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, (list, tuple)) and loader:
-        dataset = getattr(loader[0], "dataset", None)
+    hook = {"validate": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}.get(
+        stage, "train_dataloader")
     try:
+        loader = getattr(datamodule, hook)()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
         with torch.random.fork_rng(devices=[]):  # a random transform must not shift the run's random stream
-            item = dataset[0]  # type: ignore[index]
-    except Exception:
+            return _zeros_like_input(loader.dataset[0])
+    except Exception:  # a loader that cannot be built or indexed here is not our error to report
         return None
-    sample = item[0] if isinstance(item, (list, tuple)) else item
-    if not isinstance(sample, torch.Tensor) or sample.dim() < 3 or not sample.is_floating_point():
-        return None
-    return torch.zeros(2, *sample.shape, dtype=sample.dtype)
 
 
 def _dry_run(model: nn.Module, x: torch.Tensor, watch: Sequence[tuple[str, nn.Module]],
@@ -318,9 +343,16 @@ class FractionalMaxPooling(StructuralCallback):
     ``argmax`` and ``softmax`` in the user's steps keep working.
 
     The layers after a converted pool see a larger map (ratio 0.71 instead of 0.5). A model that needs
-    the original size (a ``Flatten`` into a ``Linear`` without global pooling) fails at setup: the
-    callback runs the model on two zero images shaped like its input (from ``example_input_array`` or
-    the first dataset sample) before and after the change and reports the layer sizes.
+    the original size (a ``Flatten`` into a ``Linear`` without global pooling) fails before it is
+    trained or evaluated: the callback runs the model on two zero images shaped like its input before and
+    after the change and reports the layer sizes. The shape comes from ``example_input_array`` or the
+    datamodule's first sample at setup, else from the first batch (loaders given to ``trainer.fit``).
+
+    The converted network evaluates differently from the plain one, so the callback records itself in
+    every checkpoint (re-applied by :func:`lightning_tricks.load_from_checkpoint`, the Ensemble loaders
+    and the CLI's ``--ckpt_path``), and a plain ``MyModule.load_from_checkpoint`` fails with
+    ``Unexpected key(s) in state_dict: "...lightning_tricks_FractionalMaxPooling"`` instead of
+    evaluating a network with other pooling.
 
     Args:
         output_ratio: output size / input size of each converted layer, in (0, 1). Default ``1/sqrt(2)``.
@@ -334,23 +366,20 @@ class FractionalMaxPooling(StructuralCallback):
         InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches no ``nn.MaxPool2d``.
         ModelNotSupportedError: (at setup) no ``nn.MaxPool2d``, or a model that needs the original spatial size.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[FractionalMaxPooling(test_samples=12)], logger=False)  # doctest: +SKIP
     """
 
+    converts = "max-pooling layers"
+
     def __init__(self, output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2, layers: list[str] | None = None,
                  test_samples: int = 1, max_batch: int | None = None, seed: int | None = None) -> None:
         super().__init__(seed)
-        check_ratio(output_ratio)
-        check_int("kernel_size", kernel_size, 1)
-        check_int("test_samples", test_samples, 1)
-        if max_batch is not None:
-            check_int("max_batch", max_batch, 1)
-        layers = check_patterns("layers", layers)
+        layers = check_fractional_pooling_args(output_ratio, kernel_size, layers, test_samples, max_batch)
         self.output_ratio, self.kernel_size, self.layers = output_ratio, kernel_size, layers
         self.test_samples, self.max_batch = test_samples, max_batch
-        self.report: SurgeryReport | None = None
+        self._replaced: dict[str, nn.Module] = {}  # the original pools, until the size check has run
         self._wrapper: Any = None
         self._saved_forward: Any = None
 
@@ -358,35 +387,47 @@ class FractionalMaxPooling(StructuralCallback):
     def state_key(self) -> str:
         return self._generate_state_key(output_ratio=self.output_ratio, layers=self.layers)
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
-        stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
-        fresh = not fractional_pools(pl_module)
-        example = _example_input(trainer, pl_module, stage) if fresh else None
-        before: tuple[Any, dict] | None = None
-        if example is not None:
-            watch = [(n, m) for n, m in pl_module.named_modules() if type(m) is nn.MaxPool2d]
-            sizes: dict[str, tuple[int, ...]] = {}
-            try:
-                before = _dry_run(pl_module, example.to(pl_module.device), watch, sizes), sizes
-            except Exception:  # our guess of the input does not fit the model: nothing to compare with
-                before = None
-        self.report, replaced = apply_fractional_pooling(pl_module, self.output_ratio, kernel_size=self.kernel_size,
-                                                         layers=self.layers, randomness=randomness)
-        if before is not None and example is not None:
-            self._check_sizes(pl_module, example.to(pl_module.device), before, replaced)
-        elif fresh:
-            rank_zero_warn("FractionalMaxPooling could not run the model on an example input at setup (set "
-                           "`example_input_array` on the LightningModule to a batch it accepts), so whether the layers "
-                           "after pooling accept the new sizes shows at the first batch instead.")
-        self.report.log("max-pooling layers")
+    def init_args(self) -> dict[str, Any]:
+        return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "layers": self.layers,
+                "test_samples": self.test_samples, "max_batch": self.max_batch, "seed": self._resolved_seed}
 
-    def _check_sizes(self, pl_module: nn.Module, example: torch.Tensor, before: tuple[Any, dict],
-                     replaced: dict[str, nn.Module]) -> None:
-        out_before, sizes_before = before
-        watch = [(n, pl_module.get_submodule(n)) for n in replaced]
+    def changes_evaluation(self) -> bool:
+        return True
+
+    def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
+                ) -> SurgeryReport:
+        report, self._replaced = apply_fractional_pooling(model, self.output_ratio, kernel_size=self.kernel_size,
+                                                          layers=self.layers if modules is None else modules,
+                                                          randomness=randomness)
+        return report
+
+    def after_convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._replaced:
+            return
+        stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
+        example = _example_input(trainer, pl_module, stage)
+        if example is not None:
+            self._check_sizes(pl_module, example)
+
+    def _check_sizes(self, pl_module: nn.Module, example: torch.Tensor) -> None:
+        """Run ``example`` through the model with the original pools and with ours; undo and raise on a mismatch."""
+        replaced, self._replaced = self._replaced, {}
+        example = example.to(pl_module.device if isinstance(pl_module, pl.LightningModule) else example.device)
+        ours = {name: pl_module.get_submodule(name) for name in replaced}
+        sizes_before: dict[str, tuple[int, ...]] = {}
+        for name, old in replaced.items():
+            replace_module(pl_module, name, old)
+        try:
+            out_before = _dry_run(pl_module, example, list(replaced.items()), sizes_before)
+        except Exception:  # our guess of the input does not fit the model: nothing to compare with
+            out_before = None
+        for name, new in ours.items():
+            replace_module(pl_module, name, new)
+        if out_before is None:
+            return
         problem, sizes_after = None, {}
         try:
-            out_after = _dry_run(pl_module, example, watch, sizes_after)
+            out_after = _dry_run(pl_module, example, list(ours.items()), sizes_after)
             if _shapes(out_after) != _shapes(out_before):
                 problem = f"the model's output shape changes from {_shapes(out_before)} to {_shapes(out_after)}"
         except Exception as err:
@@ -403,6 +444,34 @@ class FractionalMaxPooling(StructuralCallback):
             "a Linear without global pooling: add nn.AdaptiveAvgPool2d before the Flatten, or choose with `layers` "
             "only pools whose following layers accept any size."
         )
+
+    def _check_first_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if self._replaced:
+            example = _zeros_like_input(batch)
+            if example is None:
+                self._replaced = {}
+                rank_zero_warn("FractionalMaxPooling could not find an image batch to check the layers after pooling "
+                               "(set `example_input_array` on the LightningModule to a batch it accepts); a size "
+                               "mismatch shows in the forward pass instead.")
+            else:
+                self._check_sizes(pl_module, example)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._check_first_batch(pl_module, batch)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(pl_module, batch)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(pl_module, batch)
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(pl_module, batch)
 
     # -- test-time averaging: wrap forward during test and predict ----------------------------------------------
 

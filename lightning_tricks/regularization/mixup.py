@@ -265,7 +265,7 @@ def mixup(
 
     Args: as :func:`sample_mix_plan` and :func:`mix_targets`.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 1, 0])
         >>> mixed, soft = mixup(x, y, num_classes=3, alpha=0.4, generator=g)
@@ -480,7 +480,7 @@ class Mixup(BatchTransformCallback):
         BatchFormatError: at the first batch, a batch whose targets cannot be found or replaced.
         MixupTargetsUnusedError: at the first backward (``targets="labels"``), a loss that never read ``y``.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[Mixup(alpha=0.4, cutmix_alpha=1.0)])  # doctest: +SKIP
     """

@@ -143,7 +143,7 @@ class WeightPenalty(Callback):
         InvalidArgumentError: a negative penalty or malformed patterns at construction; at setup, a pattern
             that matches no parameter, or a selection that is empty.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[WeightPenalty(l2=5e-4)])  # doctest: +SKIP
     """

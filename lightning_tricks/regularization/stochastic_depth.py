@@ -3,13 +3,15 @@ r"""Stochastic depth (Huang et al. 2016): skip residual branches at random in tr
 Block :math:`l` of :math:`L` computes :math:`H_l = \mathrm{act}(b_l f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` in
 training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = \mathrm{drop\_rate} \cdot l / L` (the
 paper's linear decay rule; its :math:`p_L = 0.5` is ``drop_rate=0.5``) or :math:`p_l = \mathrm{drop\_rate}`
-(``uniform``). At test every block runs, scaled so that the expected pre-activation matches training:
+(``uniform``). At test every block runs, and the expected training pre-activation matches the test one:
 
-* ``scaling="test"`` (the paper's, default): :math:`H_l = \mathrm{act}((1 - p_l) f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))`
-  at test; the converted block does this in ``eval()``.
-* ``scaling="train"`` (inverted, as timm's ``drop_path``): a kept branch is multiplied by :math:`1/(1-p_l)` in
-  training and eval is the original block, untouched (a checkpoint then evaluates correctly without the
-  trick). On our digits ResNet-20 runs it trained markedly worse at lr 0.1 (see docs/stochastic_depth.md).
+* ``scaling="train"`` (inverted, default, as timm's ``drop_path`` and torchvision's ``stochastic_depth``): a kept
+  branch is multiplied by :math:`1/(1-p_l)` in training and eval is the original block, untouched, so a
+  checkpoint evaluates correctly wherever it is loaded, with or without the trick.
+* ``scaling="test"`` (the paper's): :math:`H_l = \mathrm{act}((1 - p_l) f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` at
+  test; the converted block does this in ``eval()``. The plain model lacks the factor, so each converted block
+  carries a marker buffer (see :mod:`lightning_tricks.surgery`) and the callback records itself in the
+  checkpoint for :func:`lightning_tricks.load_from_checkpoint` and the other loaders to re-apply.
 
 ``batch`` mode draws one :math:`b_l` per block per training step for the whole batch and, when it is 0,
 does not run the branch at all: that is where the paper's training speed-up comes from (torchvision's
@@ -27,8 +29,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tricks._validation import check_choice, check_int, check_probability
 from lightning_tricks.regularization._callback import StructuralCallback
@@ -40,34 +42,48 @@ from lightning_tricks.surgery import (
     SwappableMixin,
     check_patterns,
     keys_unchanged,
+    mark,
     original_class,
     select_modules,
     swap_class,
+    unmark,
 )
 
 MODES = ("batch", "row")
 RULES = ("linear", "uniform")
 SCALINGS = ("test", "train")
-"""``test``: the paper's, the branch times ``1 - p`` at test; ``train``: inverted, a kept branch times ``1/(1-p)``."""
+"""``train`` (default): inverted, a kept branch times ``1/(1-p)`` in training; ``test``: the paper's, the branch
+times ``1 - p`` at test."""
 Tensor = torch.Tensor
+
+
+def check_stochastic_depth_args(drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear",
+                                scaling: str = "train", blocks: Sequence[str] | None = None, warmup_steps: int = 0,
+                                *, rate_name: str = "drop_rate") -> list[str] | None:
+    """The one validator of StochasticDepth's arguments (functional core and callback); returns ``blocks``."""
+    check_probability(rate_name, drop_rate, allow_one=False)
+    check_choice("mode", mode, MODES)
+    check_choice("rule", rule, RULES)
+    check_choice("scaling", scaling, SCALINGS)
+    check_int("warmup_steps", warmup_steps, 0)
+    return check_patterns("blocks", blocks)
 
 
 def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
     """Drop probability of each block: ``drop_rate * l / L`` for ``l = 1..L`` (``linear``) or ``drop_rate``.
 
-    Example:
+    Examples:
         >>> drop_probabilities(4, 0.5)
         [0.125, 0.25, 0.375, 0.5]
     """
     check_int("num_blocks", num_blocks, 0)
-    check_probability("drop_rate", drop_rate, allow_one=False)
-    check_choice("rule", rule, RULES)
+    check_stochastic_depth_args(drop_rate, rule=rule)
     if rule == "uniform":
         return [float(drop_rate)] * num_blocks
     return [drop_rate * layer / num_blocks for layer in range(1, num_blocks + 1)]
 
 
-def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True, scaling: str = "test",
+def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True, scaling: str = "train",
                   generator: torch.Generator | None = None) -> Tensor:
     """Stochastic depth on an already computed residual branch.
 
@@ -76,16 +92,14 @@ def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool 
     branch times ``1 - p`` with ``scaling="test"``, unchanged with ``"train"``. This functional form cannot
     save compute (the branch is already computed); the blocks of :func:`apply_stochastic_depth` skip it.
 
-    Example:
+    Examples:
         >>> r = torch.ones(4, 2)
-        >>> drop_residual(r, 0.5, scaling="train", generator=torch.Generator().manual_seed(4)).tolist()
+        >>> drop_residual(r, 0.5, generator=torch.Generator().manual_seed(4)).tolist()
         [[2.0, 2.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
-        >>> drop_residual(r, 0.5, training=False)[0].tolist()
+        >>> drop_residual(r, 0.5, training=False, scaling="test")[0].tolist()
         [0.5, 0.5]
     """
-    check_probability("p", p, allow_one=False)
-    check_choice("mode", mode, MODES)
-    check_choice("scaling", scaling, SCALINGS)
+    check_stochastic_depth_args(p, mode, scaling=scaling, rate_name="p")
     keep = 1.0 - p
     if p == 0 or (not training and scaling == "train"):
         return residual
@@ -147,8 +161,17 @@ def _timm_bottleneck(b: nn.Module, x: Tensor) -> Tensor:
 
 @cache
 def block_adapters() -> dict[type, BlockAdapter]:
-    """The block types converted through an adapter: torchvision's and timm's ResNet blocks."""
-    adapters: dict[type, BlockAdapter] = {}
+    """The block types converted through an adapter: torchvision's and timm's ResNet blocks, the zoo's BasicBlock.
+
+    An adapter runs the block in parts, so the branch's factor rides on the residual addition
+    (``torch.add(shortcut, branch, alpha=...)``); other blocks with a ``residual(x)`` method pay one
+    elementwise multiply per kept branch.
+    """
+    from lightning_tricks.zoo.backbones import BasicBlock as ZooBasicBlock
+
+    adapters: dict[type, BlockAdapter] = {
+        ZooBasicBlock: BlockAdapter(lambda b, x: b.residual(x), lambda b, x: b.shortcut(x), _relu),
+    }
     try:
         from torchvision.models import resnet as tv
 
@@ -230,8 +253,11 @@ class _AdapterDepthMixin(_DepthMixin):
             if adapter.inplace_post and shortcut is x:
                 shortcut = x.clone()
             return adapter.post(self, shortcut)  # type: ignore[arg-type]
-        branch = self._lt_scale(adapter.residual(self, x))  # type: ignore[arg-type]
-        return adapter.post(self, branch + shortcut)  # type: ignore[arg-type]
+        branch = adapter.residual(self, x)  # type: ignore[arg-type]
+        if self.training and self.lt_mode == "row":  # type: ignore[attr-defined]
+            return adapter.post(self, self._lt_scale(branch) + shortcut)  # type: ignore[arg-type]
+        # the branch's factor rides on the addition: no extra kernel for inverted or test-time scaling
+        return adapter.post(self, torch.add(shortcut, branch, alpha=self._lt_branch_scale()))  # type: ignore[arg-type]
 
 
 class _ResidualMethodDepthMixin(_DepthMixin):
@@ -261,6 +287,11 @@ def stochastic_depth_blocks(model: nn.Module) -> list[nn.Module]:
     return sorted((m for m in model.modules() if isinstance(m, _DepthMixin)), key=lambda m: m.lt_index)
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d,
+               nn.LazyBatchNorm3d)
+"""The batch-norm layers whose running statistics :func:`recalibrate_batch_norm` recomputes (torch's public classes)."""
+
+
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
     """Recompute the batch-norm running statistics of a stochastic-depth model with every block in test form.
 
@@ -279,7 +310,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
     Returns:
         The number of batches used.
 
-    Example:
+    Examples:
         >>> from lightning_tricks.zoo import CifarResNet
         >>> net = CifarResNet(20)
         >>> _ = apply_stochastic_depth(net, 0.5)
@@ -288,7 +319,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
     """
     if max_batches is not None:
         check_int("max_batches", max_batches, 1)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
     training = model.training
     device = next(model.parameters()).device
@@ -320,7 +351,7 @@ def apply_stochastic_depth(
     *,
     mode: str = "batch",
     rule: str = "linear",
-    scaling: str = "test",
+    scaling: str = "train",
     blocks: Sequence[str] | None = None,
     randomness: LayerRandomness | None = None,
     predicate: Predicate | None = None,
@@ -338,8 +369,8 @@ def apply_stochastic_depth(
         drop_rate: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
         mode: ``batch`` (skip the branch for the whole batch: saves compute) or ``row`` (per example).
         rule: ``linear`` or ``uniform``.
-        scaling: ``test`` (the paper's: the branch times ``1 - p_l`` in eval) or ``train`` (inverted: a kept
-            branch times ``1 / (1 - p_l)`` in training, eval untouched).
+        scaling: ``train`` (inverted: a kept branch times ``1 / (1 - p_l)`` in training, eval untouched) or
+            ``test`` (the paper's: the branch times ``1 - p_l`` in eval; the blocks get a marker buffer).
         blocks: glob patterns on qualified module names (``None``: automatic detection).
         randomness: shared generators (the callback's); a private one seeded with 0 when ``None``.
         predicate: extra filter ``(name, module) -> bool``.
@@ -348,16 +379,12 @@ def apply_stochastic_depth(
         ModelNotSupportedError: no residual block found; a timm block that already has ``drop_path``.
         InvalidArgumentError: a bad argument, or a pattern that matches no convertible block.
 
-    Example:
+    Examples:
         >>> from lightning_tricks.zoo import CifarResNet
         >>> apply_stochastic_depth(CifarResNet(20), 0.5).total
         9
     """
-    check_probability("drop_rate", drop_rate, allow_one=False)
-    check_choice("mode", mode, MODES)
-    check_choice("rule", rule, RULES)
-    blocks = check_patterns("blocks", blocks)
-    check_choice("scaling", scaling, SCALINGS)
+    blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks)
     report = SurgeryReport("StochasticDepth")
     if drop_rate == 0:
         return report
@@ -385,6 +412,10 @@ def apply_stochastic_depth(
         mixin = _AdapterDepthMixin if original_class(module) in block_adapters() else _ResidualMethodDepthMixin
         (report.converted if swap_class(module, mixin) else report.already).append(name)
         module._lt_configure(p, mode, scaling, shared, index)  # type: ignore[attr-defined]
+        if scaling == "test":  # the plain block evaluates differently: a plain strict load must fail
+            mark(module, "StochasticDepth", [p])
+        else:
+            unmark(module, "StochasticDepth")
     keys_unchanged(before, model, "StochasticDepth")
     return report
 
@@ -395,24 +426,27 @@ class StochasticDepth(StructuralCallback):
     At ``setup`` (before checkpoint restore and DDP wrapping) the residual blocks are converted in place
     (parameter names unchanged). In training, block ``l`` of ``L`` is skipped with probability
     ``p_l = drop_rate * l / L`` (``rule='linear'``, the paper's) or ``drop_rate`` (``uniform``). Eval
-    runs every block: with ``scaling='test'`` (the paper's, default) the branch is multiplied by
-    ``1 - p_l`` at test; with ``scaling='train'`` a kept branch is multiplied by ``1 / (1 - p_l)`` in
-    training and eval is the original block. Either way the expected training pre-activation equals the
-    test one. With ``scaling='test'``, evaluate with the callback present (it converts the model in every
-    stage), since the plain model lacks the ``1 - p_l`` factor.
+    runs every block. With ``scaling='train'`` (default, inverted, as timm and torchvision) a kept branch
+    is multiplied by ``1 / (1 - p_l)`` in training and eval is the original block, so a checkpoint
+    evaluates correctly wherever it is loaded. With ``scaling='test'`` (the paper's) the branch is
+    multiplied by ``1 - p_l`` at test: the callback records itself in every checkpoint, which
+    :func:`lightning_tricks.load_from_checkpoint`, the Ensemble loaders and the CLI's ``--ckpt_path``
+    re-apply, and a plain ``MyModule.load_from_checkpoint`` fails on the blocks' marker buffers
+    (``Unexpected key(s) ... lightning_tricks_StochasticDepth``) instead of evaluating without the factor.
+    Either way the expected training pre-activation equals the test one.
 
     ``mode='batch'`` skips the whole branch for the batch (no compute for it: faster training) with a
     decision keyed by (seed, step, block), identical on every DDP rank. Parameters of a skipped block
-    get no gradient, so under ``DDPStrategy`` the callback turns on ``find_unused_parameters`` (logged);
-    with ``static_graph=True`` or a non-DDP distributed strategy it stops at setup and says what to set.
-    ``mode='row'`` drops per example (every branch is computed; no effect on DDP).
+    get no gradient, so under DDP the strategy must have ``find_unused_parameters=True``: the callback
+    stops before the first step with what to set otherwise (also for ``static_graph=True`` and non-DDP
+    distributed strategies). ``mode='row'`` drops per example (every branch is computed; no effect on DDP).
 
     Args:
         drop_rate: the last block's drop probability (``linear``) or every block's (``uniform``), in [0, 1).
             The paper uses 0.5. 0 converts nothing.
         mode: ``batch`` or ``row``.
         rule: ``linear`` or ``uniform``.
-        scaling: ``test`` (the paper's) or ``train`` (inverted; eval is the untouched model).
+        scaling: ``train`` (inverted; eval is the untouched model) or ``test`` (the paper's).
         blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
             of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
         warmup_steps: ramp every ``p_l`` linearly from 0 over this many training batches (0: no warm-up).
@@ -420,28 +454,25 @@ class StochasticDepth(StructuralCallback):
 
     Raises:
         InvalidArgumentError: a bad argument, or a ``blocks`` pattern that matches no convertible block.
-        ModelNotSupportedError: (at setup) no residual block, a timm model with ``drop_path_rate > 0``,
-            ``static_graph=True`` or an unsupported distributed strategy in ``batch`` mode.
+        ModelNotSupportedError: (at setup) no residual block, a timm model with ``drop_path_rate > 0``;
+            in ``batch`` mode (before the first step) DDP without ``find_unused_parameters=True``, with
+            ``static_graph=True``, or an unsupported distributed strategy.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[StochasticDepth(drop_rate=0.5)], logger=False)  # doctest: +SKIP
     """
 
-    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "test",
+    converts = "residual blocks"
+
+    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
                  blocks: list[str] | None = None, warmup_steps: int = 0, seed: int | None = None) -> None:
         super().__init__(seed)
-        check_probability("drop_rate", drop_rate, allow_one=False)
-        check_choice("mode", mode, MODES)
-        check_choice("rule", rule, RULES)
-        check_choice("scaling", scaling, SCALINGS)
-        check_int("warmup_steps", warmup_steps, 0)
-        blocks = check_patterns("blocks", blocks)
+        blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks, warmup_steps)
         self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
         self.scaling = scaling
         self.warmup_steps = warmup_steps
         self.per_rank = mode == "row"  # batch decisions must agree on every rank
-        self.report: SurgeryReport | None = None
         self._blocks: list[nn.Module] = []
         self._targets: list[float] = []
 
@@ -449,34 +480,62 @@ class StochasticDepth(StructuralCallback):
     def state_key(self) -> str:
         return self._generate_state_key(drop_rate=self.drop_rate, mode=self.mode, blocks=self.blocks)
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, randomness: LayerRandomness) -> None:
-        self.report = apply_stochastic_depth(pl_module, self.drop_rate, mode=self.mode, rule=self.rule,
-                                             scaling=self.scaling, blocks=self.blocks, randomness=randomness)
-        if self.drop_rate == 0:
-            return
-        self._blocks = stochastic_depth_blocks(pl_module)
-        self._targets = [b.lt_drop_prob for b in self._blocks]
-        self.report.log("residual blocks")
-        if self.mode == "batch":
-            self._configure_unused_parameters(trainer)
+    def init_args(self) -> dict[str, Any]:
+        return {"drop_rate": self.drop_rate, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
+                "blocks": self.blocks, "warmup_steps": self.warmup_steps, "seed": self._resolved_seed}
 
-    def _configure_unused_parameters(self, trainer: pl.Trainer) -> None:
+    def changes_evaluation(self) -> bool:
+        return self.scaling == "test"
+
+    def record(self) -> dict[str, Any] | None:
+        record = super().record()
+        if record is not None:  # the exact p_l of each block (the test-time factor is 1 - p_l)
+            record["drop_probabilities"] = list(self._targets)
+        return record
+
+    @classmethod
+    def reapply(cls, model: nn.Module, record: dict[str, Any]) -> SurgeryReport:
+        report = super().reapply(model, record)
+        probabilities = record.get("drop_probabilities")
+        if probabilities is not None:
+            blocks = [model.get_submodule(name) for name in record["modules"]]
+            for block, p in zip(blocks, probabilities, strict=True):
+                block.lt_drop_prob = float(p)
+        return report
+
+    def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
+                ) -> SurgeryReport:
+        report = apply_stochastic_depth(model, self.drop_rate, mode=self.mode, rule=self.rule, scaling=self.scaling,
+                                        blocks=self.blocks if modules is None else modules, randomness=randomness)
+        self._blocks = stochastic_depth_blocks(model)
+        self._targets = [b.lt_drop_prob for b in self._blocks]
+        return report
+
+    def after_convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy):
-            kwargs = strategy._ddp_kwargs
-            if kwargs.get("static_graph"):
-                raise ModelNotSupportedError(
-                    "StochasticDepth(mode='batch') skips different blocks at different steps, which DDP's "
-                    "static_graph=True forbids: use DDPStrategy(static_graph=False) or StochasticDepth(mode='row')."
-                )
-            if not kwargs.get("find_unused_parameters"):
-                kwargs["find_unused_parameters"] = True
-                rank_zero_info("StochasticDepth: set find_unused_parameters=True on the DDP strategy (the parameters "
-                               "of skipped blocks get no gradient in a step).")
-        elif not isinstance(strategy, SingleDeviceStrategy) and trainer.world_size > 1:
+        if self.mode == "batch" and trainer.world_size > 1 and not isinstance(strategy, (DDPStrategy,
+                                                                                         SingleDeviceStrategy)):
             raise ModelNotSupportedError(
                 f"StochasticDepth(mode='batch') leaves the parameters of skipped blocks without gradient, which "
                 f"{type(strategy).__name__} is not known to handle: use strategy='ddp' or StochasticDepth(mode='row')."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The wrapped model is public once the strategy has set up (the strategy's own DDP arguments are not).
+        ddp = trainer.strategy.model
+        if self.mode != "batch" or not self._blocks or not isinstance(ddp, DistributedDataParallel):
+            return
+        if ddp.static_graph:
+            raise ModelNotSupportedError(
+                "StochasticDepth(mode='batch') skips different blocks at different steps, which DDP's "
+                "static_graph=True forbids: use DDPStrategy(static_graph=False) or StochasticDepth(mode='row')."
+            )
+        if not ddp.find_unused_parameters:
+            raise ModelNotSupportedError(
+                "StochasticDepth(mode='batch') skips residual blocks, whose parameters then get no gradient in that "
+                "step, and DDP runs with find_unused_parameters=False (Lightning's default), which fails at the first "
+                "skipped block: pass strategy=DDPStrategy(find_unused_parameters=True) (CLI: "
+                "--trainer.strategy=ddp_find_unused_parameters_true), or use StochasticDepth(mode='row')."
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
@@ -488,5 +547,6 @@ class StochasticDepth(StructuralCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
-__all__ = ["SCALINGS", "BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters", "drop_probabilities",
-           "drop_residual", "recalibrate_batch_norm", "stochastic_depth_blocks"]
+__all__ = ["SCALINGS", "BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters",
+           "check_stochastic_depth_args", "drop_probabilities", "drop_residual", "recalibrate_batch_norm",
+           "stochastic_depth_blocks"]

@@ -268,7 +268,7 @@ def find_functional_activations(model: nn.Module, example: Any, kinds: Sequence[
         ``[(kind, "Class.forward (file:line)"), ...]`` in call order; empty when every call of those kinds
         goes through an activation module (which :func:`swap_activations` can replace).
 
-    Example:
+    Examples:
         >>> class Net(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -330,7 +330,7 @@ def swap_activations(
         InvalidArgumentError: see :func:`resolve_swap`; a ``layers`` pattern that matches no activation.
         ModelNotSupportedError: no activation module of the ``replace`` kinds (a model calling ``F.relu``).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> swap_activations(model, "elu").converted, type(model[1]).__name__
         (['1'], 'ELU')
@@ -453,7 +453,7 @@ class ActivationSwap(Callback):
         ModelNotSupportedError: at setup, no activation module of the requested kinds (a model that calls
             ``F.relu`` in ``forward``).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[ActivationSwap(to="prelu")])
     """

@@ -212,7 +212,7 @@ def augment(images: torch.Tensor, padding: int = 4, flip: float = 0.5, brightnes
         clamp: clip the colour operations to [0, 1].
         generator: random generator on the images' device (default torch's global one).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> augment(torch.rand(8, 3, 32, 32), padding=4, flip=0.5, brightness=0.2, generator=g).shape
         torch.Size([8, 3, 32, 32])
@@ -256,7 +256,7 @@ class BatchAugment(BatchTransformCallback):
         InvalidArgumentError: an argument out of range, at construction.
         BatchFormatError: at the first batch, images that cannot be found or written.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[BatchAugment(padding=4, flip=0.5, brightness=0.2)])  # doctest: +SKIP
     """

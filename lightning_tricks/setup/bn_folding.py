@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from lightning_tricks._validation import ConfigError
@@ -38,6 +37,7 @@ from lightning_tricks._validation import ConfigError
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLDABLE_LAYERS = (*_CONV, *_CONV_TRANSPOSE, nn.Linear)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d included
 
 
 class MissingExampleInputError(ConfigError, ValueError):
@@ -52,7 +52,7 @@ class FoldReport:
         folded: each folded BatchNorm's name -> the name of the layer it went into.
         skipped: each BatchNorm left in place -> the reason.
 
-    Example:
+    Examples:
         >>> print(FoldReport(folded={"1": "0"}, skipped={"4": "its input does not come straight from a conv"}))
         folded 1 BatchNorm layer(s), left 1
           left 4: its input does not come straight from a conv
@@ -102,7 +102,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...]) -> tuple[_Trace, Counter]:
                 if isinstance(out, Tensor):
                     trace.outputs.setdefault(name, []).append(out)
             handles.append(module.register_forward_hook(after))
-        elif isinstance(module, _BatchNorm):
+        elif isinstance(module, _BATCH_NORMS):
             def before(mod: nn.Module, inp: Any, name: str = name) -> None:
                 trace.calls[name] += 1
                 if inp and isinstance(inp[0], Tensor):
@@ -133,10 +133,11 @@ def _trace(model: nn.Module, args: tuple[Any, ...]) -> tuple[_Trace, Counter]:
     return trace, consumers
 
 
-def _plain_norm(bn: _BatchNorm) -> nn.Module | None:
+def _plain_norm(bn: nn.Module) -> nn.Module | None:
     """What replaces a folded BatchNorm: Identity for torch's classes, timm's ``drop`` then ``act`` for its
     BatchNormAct layers, None for a subclass whose forward we do not know."""
-    if type(bn).forward is _BatchNorm.forward or isinstance(bn, nn.SyncBatchNorm):
+    # torch's three BatchNormNd share one forward; SyncBatchNorm's equals it in eval mode
+    if type(bn).forward is nn.BatchNorm2d.forward or isinstance(bn, nn.SyncBatchNorm):
         return nn.Identity()
     act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
     if type(bn).__name__.startswith("BatchNormAct") and isinstance(act, nn.Module) and isinstance(drop, nn.Module):
@@ -144,7 +145,7 @@ def _plain_norm(bn: _BatchNorm) -> nn.Module | None:
     return None
 
 
-def _why_not(bn_name: str, bn: _BatchNorm, layer_name: str | None, layer: nn.Module | None, trace: _Trace,
+def _why_not(bn_name: str, bn: nn.Module, layer_name: str | None, layer: nn.Module | None, trace: _Trace,
              consumers: Counter) -> str | None:
     if trace.calls[bn_name] != 1:
         return f"it runs {trace.calls[bn_name]} times in one forward pass"
@@ -166,7 +167,7 @@ def _why_not(bn_name: str, bn: _BatchNorm, layer_name: str | None, layer: nn.Mod
     return None
 
 
-def _fold_pair(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
+def _fold_pair(layer: nn.Module, bn: nn.Module) -> nn.Module:
     fused = copy.deepcopy(layer)
     stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     with torch.no_grad():
@@ -219,7 +220,7 @@ def fold_batch_norm(model: nn.Module, example_input: Any = None, *, atol: float 
         RuntimeError: the folded copy's outputs differ from the original's (a model whose forward
             depends on something the trace did not see).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
@@ -244,7 +245,7 @@ def fold_batch_norm(model: nn.Module, example_input: Any = None, *, atol: float 
     modules = dict(folded.named_modules())
     report = FoldReport()
     for bn_name, bn in modules.items():
-        if not isinstance(bn, _BatchNorm):
+        if not isinstance(bn, _BATCH_NORMS):
             continue
         if bn_name not in trace.inputs:
             report.skipped[bn_name] = "it does not run in the forward pass"

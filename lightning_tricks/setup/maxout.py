@@ -20,7 +20,7 @@ from lightning_tricks._validation import check_int
 def maxout(x: torch.Tensor, pieces: int, dim: int = 1) -> torch.Tensor:
     """The maximum over groups of ``pieces`` adjacent entries along ``dim`` (whose size must divide by it).
 
-    Example:
+    Examples:
         >>> maxout(torch.tensor([[1.0, 3.0, -2.0, -5.0]]), pieces=2)
         tensor([[ 3., -2.]])
     """
@@ -45,7 +45,7 @@ class Maxout(nn.Module):
         linear: the ``nn.Linear(in_features, out_features * pieces)`` holding every piece (unit ``j``'s pieces
             are rows ``j * pieces ... j * pieces + pieces - 1``).
 
-    Example:
+    Examples:
         >>> layer = Maxout(16, 8, pieces=3)
         >>> layer(torch.randn(4, 16)).shape
         torch.Size([4, 8])
@@ -80,7 +80,7 @@ class MaxoutConv2d(nn.Module):
     Attributes:
         conv: the ``nn.Conv2d(in_channels, out_channels * pieces, ...)`` holding every piece.
 
-    Example:
+    Examples:
         >>> layer = MaxoutConv2d(3, 8, kernel_size=3, padding=1)
         >>> layer(torch.randn(2, 3, 16, 16)).shape
         torch.Size([2, 8, 16, 16])

@@ -168,7 +168,7 @@ class MomentAccumulator:
     Args:
         mode: one of :data:`MODES`.
 
-    Example:
+    Examples:
         >>> acc = MomentAccumulator("channel")
         >>> acc.update(torch.arange(8.0).view(2, 1, 2, 2))
         >>> stats = acc.finalize()
@@ -260,7 +260,7 @@ def fit_statistics(batches: Iterable[torch.Tensor], mode: str = "channel", eps: 
                    n_components: int | None = None) -> InputStatistics:
     """Statistics of the inputs of ``batches`` in one streaming pass (one process).
 
-    Example:
+    Examples:
         >>> x = torch.randn(1000, 3) @ torch.tensor([[2.0, 0, 0], [1, 1, 0], [0, 0, 0.5]])
         >>> white = fit_statistics(x.split(100), "whiten").to("cpu", torch.float64).apply(x.double())
         >>> torch.allclose(white.T @ white / len(x), torch.eye(3, dtype=torch.float64), atol=1e-3)
@@ -357,7 +357,7 @@ class Standardize(Callback):
         ConfigError: a batch of a stage before any statistics exist (validate/test without fitting or a
             checkpoint saved with Standardize).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[Standardize("channel")])
     """

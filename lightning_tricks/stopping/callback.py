@@ -88,7 +88,7 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
         MonitorNotFoundError: ``strict`` and the monitored key is not logged (at the first check).
         ConfigError: ``restore_best_weights`` with a sharded strategy or with ``WeightAveraging`` (at setup).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> import lightning_tricks as lt
         >>> stopper = lt.EarlyStopping(monitor="val_loss", patience=5, worse_for=3)

@@ -322,7 +322,7 @@ class StoppingRule(StoppingLogic):
         divergence_threshold: stop once the value is worse than this.
         monitor: the metric's name, for messages and mode inference.
 
-    Example:
+    Examples:
         >>> rule = StoppingRule(mode="min", patience=2)
         >>> [rule.step(v, epoch).stop for epoch, v in enumerate([1.0, 0.8, 0.9, 0.85])]
         [False, False, False, True]

@@ -18,7 +18,7 @@ class WeightSnapshot:
     device-to-host copy per improvement and no allocation. :meth:`restore` loads the copy back with
     ``load_state_dict`` (in place: the optimizer keeps referencing the same parameters).
 
-    Example:
+    Examples:
         >>> net = nn.Linear(3, 2)
         >>> snapshot = WeightSnapshot()
         >>> snapshot.capture(net)

@@ -63,7 +63,7 @@ class TestTimeAugmentation(Callback):
         exact_distributed: under DDP, evaluate every ``validate``/``test`` sample exactly once.
         seed: seed of the stochastic passes; draws depend on (seed, rank, stage, dataloader, batch index).
 
-    Example:
+    Examples:
         >>> tta = TestTimeAugmentation(views=["hflip", "five_crop"], crop_size=28)
         >>> trainer = pl.Trainer(callbacks=[tta])  # doctest: +SKIP
         >>> trainer.test(model, datamodule=dm)  # doctest: +SKIP

@@ -137,7 +137,7 @@ class TTAConfig:
             without ``crop_size`` (or ``crop_size`` with nothing to crop), ``crop_size`` larger than a
             scale, a scale or size ``<= 0``, conflicting families.
 
-    Example:
+    Examples:
         >>> TTAConfig(views=["hflip", "five_crop"], crop_size=28).num_views
         10
     """

@@ -75,7 +75,7 @@ def _base(x: Tensor, scale: int | None, pad: int, padding_mode: str) -> Tensor:
 def apply_view(x: Tensor, view: View, config: TTAConfig) -> Tensor:
     """The view of a batch ``x`` (``(batch, ..., height, width)``): resize, window, flips.
 
-    Example:
+    Examples:
         >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
         >>> apply_view(x, View(hflip=True), TTAConfig()).flatten()[:4].tolist()
         [3.0, 2.0, 1.0, 0.0]
@@ -112,7 +112,7 @@ def merge_predictions(outputs: Tensor, merge: str = "mean", task: str = "classif
 
     With ``K = 1`` the single output is returned unchanged. ``task="regression"`` averages raw outputs.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])  # 2 views, 1 input, 2 classes
         >>> merge_predictions(logits).exp()
         tensor([[0.5000, 0.5000]])
@@ -206,7 +206,7 @@ def tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TTAConfig, 
     Returns:
         The merged prediction, ``(B, classes)`` log-probabilities for classification with ``K > 1``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
         >>> tta_forward(model, torch.randn(2, 1, 4, 4), TTAConfig(views=["hflip"])).shape
         torch.Size([2, 3])

@@ -47,7 +47,7 @@ class TTAWrapper(nn.Module):
         seed: seed of the stochastic passes (each call draws the same randomness; ``None`` uses the
             global generators).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
         >>> tta = TTAWrapper(model, views=["hflip", "five_crop"], crop_size=28, max_batch=256)
         >>> log_probs = tta(torch.randn(4, 3, 32, 32))  # 10 views per image, as one batch of 40 rows

@@ -187,7 +187,7 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, image
     Raises:
         ValueError: unknown name, listing the zoo names and where to find the others.
 
-    Example:
+    Examples:
         >>> build_backbone("resnet20", num_classes=10, in_channels=3)(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """

@@ -47,7 +47,7 @@ class ImageClassifier(pl.LightningModule):
         step_size: epochs between decays for ``step``.
         gamma: decay factor for ``step``.
 
-    Example:
+    Examples:
         >>> model = ImageClassifier("simple_cnn", num_classes=10, in_channels=1)
         >>> model(torch.zeros(4, 1, 8, 8)).shape
         torch.Size([4, 10])

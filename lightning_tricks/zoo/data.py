@@ -155,7 +155,7 @@ class DigitsDataModule(_ImageDataModule):
         num_workers: DataLoader workers.
         eval_batch_size: batch size for val/test/predict (defaults to ``batch_size``).
 
-    Example:
+    Examples:
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))
@@ -241,7 +241,7 @@ class CIFAR10DataModule(_ImageDataModule):
     Raises:
         FileNotFoundError: the folder or one of its files is missing, naming the path and the layout.
 
-    Example:
+    Examples:
         >>> dm = CIFAR10DataModule("~/data/cifar-10-batches-py")  # doctest: +SKIP
     """
 
@@ -321,7 +321,7 @@ class SyntheticDataModule(_ImageDataModule):
         num_workers: DataLoader workers.
         eval_batch_size: batch size for val/test/predict.
 
-    Example:
+    Examples:
         >>> dm = SyntheticDataModule(num_samples=64, image_shape=[3, 16, 16], batch_size=8)
         >>> dm.setup("fit")
         >>> tuple(next(iter(dm.train_dataloader()))[0].shape)
