@@ -1,6 +1,6 @@
 """Fold BatchNorm into the convolutions of a trained model before deploying it.
 
-Run:  python examples/bn_folding.py [--epochs 3]
+Run:  python examples/bn_folding.py [--epochs 3] [--fast]
 
 Trains the zoo's CIFAR-style ResNet-20 on the embedded digits for a few epochs, then builds the
 inference copy with one line, `lightning_tricks.fold_batch_norm(model)`, and checks that the folded
@@ -22,7 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit-batches", type=float, default=1.0, help="fraction of training batches per epoch")
+    parser.add_argument("--fast", action="store_true", help="one epoch of 3 batches (a smoke test of the script)")
     args = parser.parse_args()
+    if args.fast:
+        args.epochs, args.limit_batches = 1, 3
     pl.seed_everything(0)
     data = lt.DigitsDataModule(batch_size=64, resize_to=16)
     model = lt.ImageClassifier(backbone="resnet20", in_channels=1, image_size=16, lr=0.1)

@@ -1,7 +1,7 @@
 """The lectures' preprocessing figure from our functional core: original, zero-centered, normalized,
 decorrelated (PCA) and whitened versions of correlated 2-D data.
 
-    python examples/preprocessing_figure.py [--out docs/img/preprocessing.png]
+    python examples/preprocessing_figure.py [--out docs/img/preprocessing.png] [--fast]
 
 Each panel is ``fit_statistics(batches, mode).apply(x)`` with the mode named in its title, computed in one
 streaming pass over batches of the data, as the ``Standardize`` callback does over a training loader.
@@ -33,14 +33,15 @@ def panels(n: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="preprocessing.png")
+    parser.add_argument("--out", default="runs/preprocessing.png")
+    parser.add_argument("--fast", action="store_true", help="200 points instead of 1000 (a smoke test)")
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = panels()
+    data = panels(200 if args.fast else 1000)
     fig, axes = plt.subplots(1, len(data), figsize=(3 * len(data), 3.2))
     for ax, (title, x) in zip(axes, data.items(), strict=True):
         ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)

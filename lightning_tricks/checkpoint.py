@@ -1,8 +1,8 @@
 """Checkpoints that carry the structural tricks they were trained with.
 
 A structural trick whose converted network evaluates differently from the plain one (fractional max
-pooling; stochastic depth with the paper's ``scaling="test"``) records itself in every checkpoint, as
-plain data, under ``checkpoint["lightning_tricks"]["structural"]``::
+pooling; stochastic depth with the paper's ``scaling="test"``; activation swaps) records itself in every
+checkpoint, as plain data, under ``checkpoint["lightning_tricks"]["structural"]``::
 
     [{"class_path": "lightning_tricks.regularization.fractional_pooling.FractionalMaxPooling",
       "init_args": {"output_ratio": 0.7071, ..., "seed": 0}, "modules": ["model.maxpool"]}]
@@ -19,9 +19,9 @@ plain ``MyModule.load_from_checkpoint(path)`` fails with ``Unexpected key(s) in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import io
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from torch import nn
 from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCallback
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
 from lightning_tricks.regularization.stochastic_depth import StochasticDepth
+from lightning_tricks.setup.activation_swap import ActivationSwap
 from lightning_tricks.surgery import MARKER_PREFIX, is_marker, marker_values
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
@@ -63,31 +64,47 @@ def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
     return recorded or _records_from_markers(checkpoint.get("state_dict") or {})
 
 
-def _records_from_markers(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _pooling_records(markers: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
     pools: dict[tuple, list[str]] = {}
-    blocks: list[tuple[str, float]] = []
+    for module, value in markers:
+        ratio, kernel, seed, _ = marker_values(value, "fiii")
+        pools.setdefault((ratio, kernel, seed), []).append(module)
+    return [{"class_path": f"{FractionalMaxPooling.__module__}.FractionalMaxPooling",
+             "init_args": {"output_ratio": ratio, "kernel_size": kernel, "seed": seed}, "modules": modules}
+            for (ratio, kernel, seed), modules in pools.items()]
+
+
+def _depth_records(markers: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    blocks = [(module, float(marker_values(value, "f")[0])) for module, value in markers]
+    probabilities = [p for _, p in blocks]
+    rule = "uniform" if len(set(probabilities)) == 1 else "linear"
+    return [{"class_path": f"{StochasticDepth.__module__}.StochasticDepth",
+             "init_args": {"drop_rate": probabilities[-1], "rule": rule, "scaling": "test"},
+             "modules": [name for name, _ in blocks], "drop_probabilities": probabilities}]
+
+
+MarkerDecoder = Callable[[list[tuple[str, torch.Tensor]]], list[dict[str, Any]]]
+
+MARKER_DECODERS: dict[str, MarkerDecoder] = {
+    "FractionalMaxPooling": _pooling_records,
+    "StochasticDepth": _depth_records,
+    "ActivationSwap": ActivationSwap.records_from_markers,
+}
+"""The tricks that mark the modules they convert (``lightning_tricks_<Trick>``, :func:`~lightning_tricks.surgery.mark`):
+each maps its ``(module name, marker)`` pairs to the records its callback would have written."""
+
+
+def _records_from_markers(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+    markers: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for key, value in state_dict.items():
         if not is_marker(key):
             continue
         module, _, name = key.rpartition(".")
         trick = name[len(MARKER_PREFIX):]
-        if trick == "FractionalMaxPooling":
-            ratio, kernel, seed, _ = marker_values(value, "fiii")
-            pools.setdefault((ratio, kernel, seed), []).append(module)
-        elif trick == "StochasticDepth":
-            blocks.append((module, float(marker_values(value, "f")[0])))
-        else:
+        if trick not in MARKER_DECODERS:
             raise UnknownTrickError(f"the checkpoint's state_dict has the marker {key!r} of an unknown trick.")
-    records = [{"class_path": f"{FractionalMaxPooling.__module__}.FractionalMaxPooling",
-                "init_args": {"output_ratio": ratio, "kernel_size": kernel, "seed": seed}, "modules": modules}
-               for (ratio, kernel, seed), modules in pools.items()]
-    if blocks:
-        probabilities = [p for _, p in blocks]
-        rule = "uniform" if len(set(probabilities)) == 1 else "linear"
-        records.append({"class_path": f"{StochasticDepth.__module__}.StochasticDepth",
-                        "init_args": {"drop_rate": probabilities[-1], "rule": rule, "scaling": "test"},
-                        "modules": [name for name, _ in blocks], "drop_probabilities": probabilities})
-    return records
+        markers.setdefault(trick, []).append((module, value))
+    return [record for trick, found in markers.items() for record in MARKER_DECODERS[trick](found)]
 
 
 def _trick_class(class_path: Any) -> type[StructuralCallback]:
@@ -169,12 +186,51 @@ def apply_tricks_recorded_in(model: nn.Module, checkpoint_path: str | Path | Non
     return apply_recorded_tricks(model, checkpoint)
 
 
+@contextlib.contextmanager
+def tricks_applied_on_load(cls: type[pl.LightningModule], apply: Callable[[nn.Module, dict[str, Any]], Any] | None = None
+                           ) -> Iterator[list[nn.Module]]:
+    """Apply the recorded tricks inside ``cls.load_from_checkpoint`` calls made in this context.
+
+    Lightning's ``load_from_checkpoint`` builds the module, calls its ``on_load_checkpoint`` hook with the
+    (migrated) checkpoint, then loads the weights strictly: the hook is where the tricks must be applied, as
+    converted modules hold entries the plain module lacks (marker buffers, PReLU slopes). ``cls.on_load_checkpoint``
+    is wrapped for the duration; yields the list of the modules the wrapper served (a subclass whose own hook
+    does not call ``super()`` is not served).
+
+    Args:
+        cls: the LightningModule class whose ``load_from_checkpoint`` is called.
+        apply: what applies the tricks to ``(module, checkpoint)`` (default :func:`apply_recorded_tricks`; the
+            Ensemble passes its one entry point for members).
+
+    Examples:
+        >>> with tricks_applied_on_load(MyModule) as served:  # doctest: +SKIP
+        ...     model = MyModule.load_from_checkpoint("best.ckpt")
+    """
+    served: list[nn.Module] = []
+    own = cls.__dict__.get("on_load_checkpoint")
+    hook = cls.on_load_checkpoint
+
+    def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        hook(self, checkpoint)
+        (apply or apply_recorded_tricks)(self, checkpoint)
+        served.append(self)
+
+    cls.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+    try:
+        yield served
+    finally:
+        if own is None:
+            del cls.on_load_checkpoint
+        else:
+            cls.on_load_checkpoint = own  # type: ignore[method-assign]
+
+
 def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, weights_only: bool = True,
                          map_location: Any = None, strict: bool | None = None, **kwargs: Any) -> ModuleT:
     """``cls.load_from_checkpoint(checkpoint_path, ...)`` with the checkpoint's structural tricks re-applied.
 
     The model evaluates as the trained model did with its callbacks (same pooling, same test-time
-    scaling). Without recorded tricks this is exactly Lightning's ``load_from_checkpoint``.
+    scaling, same activations). Without recorded tricks this is exactly Lightning's ``load_from_checkpoint``.
 
     Args:
         cls: the LightningModule class the checkpoint was saved from.
@@ -191,28 +247,17 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
         >>> import lightning_tricks
         >>> model = lightning_tricks.load_from_checkpoint(MyModule, "best.ckpt")  # doctest: +SKIP
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
-    records = recorded_tricks(checkpoint)
-    if not records:
-        return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
-                                        weights_only=weights_only, **kwargs)
-    # Lightning builds the module and loads the weights in one call: hand it the weights without the tricks'
-    # markers (the plain module has no such buffers), then convert the module, then load the full state.
-    state = checkpoint["state_dict"]
-    checkpoint["state_dict"] = {k: v for k, v in state.items() if not is_marker(k)}
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    buffer.seek(0)
-    model = cls.load_from_checkpoint(buffer, map_location=map_location, strict=strict, weights_only=weights_only,
-                                     **kwargs)
-    _apply(model, records)
-    markers = {k: v for k, v in state.items() if is_marker(k)}
-    unexpected = model.load_state_dict(markers, strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"the checkpoint's markers {unexpected[:4]} do not match the re-applied tricks; "
-                           "please report this as a bug.")
+    with tricks_applied_on_load(cls) as served:
+        model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
+                                         weights_only=weights_only, **kwargs)
+    if not any(m is model for m in served):
+        # Built as a subclass (LightningCLI's instantiator) whose own hook skips ours: with recorded tricks only a
+        # non-strict load gets here (markers are unexpected keys), so convert now and load the rest of the weights.
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        if apply_recorded_tricks(model, checkpoint):
+            model.load_state_dict(checkpoint["state_dict"], strict=False)
     return model
 
 
-__all__ = ["UnknownTrickError", "apply_recorded_tricks", "apply_tricks_recorded_in", "load_from_checkpoint",
-           "recorded_tricks"]
+__all__ = ["MARKER_DECODERS", "UnknownTrickError", "apply_recorded_tricks", "apply_tricks_recorded_in",
+           "load_from_checkpoint", "recorded_tricks", "tricks_applied_on_load"]

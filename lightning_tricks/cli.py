@@ -155,7 +155,10 @@ def _callbacks_epilog() -> str:
         "| CIFAR10DataModule | SyntheticDataModule, or any class path of your own; a model of your own with "
         "its own *_dataloader methods needs no --data. "
         "fit stops at the first NaN/inf training loss (DivergenceStop); --divergence_stop=false turns that off. "
-        "Off a terminal, progress bars become one line per epoch (--trainer.enable_progress_bar=true keeps them)."
+        "Off a terminal, progress bars become one line per epoch (--trainer.enable_progress_bar=true keeps them). "
+        "Two more subcommands take the same config: `lightning-tricks babysit --help` (the lectures' first "
+        "checks: initial loss, overfit a sample, a learning-rate search) and `lightning-tricks tune --help` "
+        "(random coarse-to-fine hyperparameter search on Optuna)."
     )
 
 
@@ -335,6 +338,11 @@ def main(args: list[str] | None = None) -> None:
     A ``ConfigError`` (a bad argument value, a missing data folder)
     is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("tune", "babysit"):
+        from lightning_tricks.tuning.cli import main as tuning_main
+
+        tuning_main(argv)
     try:
         build_cli(args)
     except Exception as err:

@@ -48,11 +48,26 @@ def test_swap_keeps_names_and_computes_the_new_activation(name):
         new_keys = list(swapped.state_dict())
         extra = [k for k in new_keys if k not in keys]
         assert [k for k in new_keys if k in keys] == keys
-        assert extra == ([f"{n}.weight" for n in report.converted] if to == "prelu" else [])
+        # new keys: PReLU's slopes, and the marker buffer that makes a plain strict load fail (checkpoint.py)
+        added = (["weight"] if to == "prelu" else []) + ["lightning_tricks_ActivationSwap"]
+        assert extra == [f"{n}.{key}" for n in report.converted for key in added]
     # a non-zero slope changes the outputs (the activations really are replaced)
     leaky = __import__("copy").deepcopy(model)
     swap_activations(leaky, "leaky_relu", slope=0.3)
     assert not torch.allclose(leaky(x), expected)
+
+
+def test_a_plain_checkpoint_loads_strictly_into_a_swapped_model_and_keeps_its_markers():
+    """Fine-tuning a plain checkpoint with another activation: the swapped model's markers are not in it."""
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    swapped = __import__("copy").deepcopy(plain)
+    swap_activations(swapped, "elu")
+    marker = swapped[1].lightning_tricks_ActivationSwap.clone()
+    with torch.no_grad():
+        plain[0].weight.add_(1.0)
+    assert swapped.load_state_dict(plain.state_dict()).missing_keys == []
+    assert torch.equal(swapped[0].weight, plain[0].weight) and torch.equal(swapped[1].lightning_tricks_ActivationSwap,
+                                                                          marker)
 
 
 def test_prelu_is_per_channel_and_shared_widths_get_one_slope():

@@ -1,9 +1,10 @@
 """Checkpoints evaluate as the trained model did, wherever they are loaded (structural tricks recorded in them).
 
 Acceptance: a LitResnet-style module (tests/checkpoint_user_module.py) trained with StochasticDepth (default
-settings, and the paper's test-time scaling) or FractionalMaxPooling gives the same predictions through
-``lightning_tricks.load_from_checkpoint``, the CLI's ``--ckpt_path`` and the Ensemble as the trained model
-with its callback; a plain ``LitResnet.load_from_checkpoint`` of an architecture-changing trick fails clearly.
+settings, and the paper's test-time scaling), FractionalMaxPooling or ActivationSwap (leaky_relu: no new
+parameters; prelu: new slopes) gives the same predictions through ``lightning_tricks.load_from_checkpoint``,
+the CLI's ``--ckpt_path`` and the Ensemble as the trained model with its callback; a plain
+``LitResnet.load_from_checkpoint`` of an architecture-changing trick fails clearly.
 """
 
 import pytest
@@ -11,7 +12,13 @@ import torch
 from torch import nn
 
 import lightning_tricks
-from lightning_tricks import Ensemble, FractionalMaxPooling, StochasticDepth, apply_recorded_tricks
+from lightning_tricks import (
+    ActivationSwap,
+    Ensemble,
+    FractionalMaxPooling,
+    StochasticDepth,
+    apply_recorded_tricks,
+)
 from lightning_tricks.checkpoint import UnknownTrickError, recorded_tricks
 from lightning_tricks.cli import build_cli
 from lightning_tricks.regularization.fractional_pooling import DEFAULT_RATIO, SeededFractionalMaxPool2d
@@ -25,7 +32,10 @@ TRICKS = {
     "StochasticDepth": lambda: StochasticDepth(),
     "StochasticDepth-test-scaling": lambda: StochasticDepth(scaling="test"),
     "FractionalMaxPooling": lambda: FractionalMaxPooling(),
+    "ActivationSwap-leaky_relu": lambda: ActivationSwap(to="leaky_relu"),
+    "ActivationSwap-prelu": lambda: ActivationSwap(to="prelu"),
 }
+RELUS = ["model.relu"] + [f"model.layer{i}.0.relu" for i in range(1, 5)]  # torchvision ResNet's ReLU modules
 
 
 def _train(tmp_path, name):
@@ -67,9 +77,19 @@ def test_load_from_checkpoint_predicts_exactly_as_the_trained_model(trained):
                                           "test_samples": 1, "max_batch": None, "seed": 0},
                             "modules": ["model.maxpool"]}]
         assert isinstance(loaded.model.maxpool, SeededFractionalMaxPool2d)
-    else:
+    elif name == "StochasticDepth-test-scaling":
         assert [r["init_args"]["scaling"] for r in records] == ["test"]
         assert [b.lt_drop_prob for b in stochastic_depth_blocks(loaded)] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    else:
+        to = name.split("-")[1]
+        expected = {"class_path": "lightning_tricks.setup.activation_swap.ActivationSwap",
+                    "init_args": {"to": to, "replace": ["relu"], "slope": {"leaky_relu": 0.01, "prelu": 0.25}[to],
+                                  "alpha": None, "layers": None, "strict": False}, "modules": RELUS}
+        if to == "prelu":  # each PReLU's slopes, one per channel of the map it sees (the stem's, then each stage's)
+            expected["channels"] = [64, 64, 128, 256, 512]
+        assert records == [expected]
+        swapped = [loaded.get_submodule(relu) for relu in RELUS]
+        assert [type(m) for m in swapped] == [nn.PReLU if to == "prelu" else nn.LeakyReLU] * 5
 
 
 def test_a_weights_only_checkpoint_is_rebuilt_from_its_marker_buffers(trained):
@@ -79,6 +99,9 @@ def test_a_weights_only_checkpoint_is_rebuilt_from_its_marker_buffers(trained):
     assert "lightning_tricks" not in torch.load(weights, weights_only=True)
     loaded = lightning_tricks.load_from_checkpoint(LitResnet, weights)
     assert torch.equal(_predict(loaded, loader), reference)
+    if name.startswith("ActivationSwap"):  # the markers hold everything the callback recorded
+        assert recorded_tricks(torch.load(weights, weights_only=True)) == recorded_tricks(
+            torch.load(path, weights_only=True))
 
 
 def test_plain_load_of_a_trick_that_changes_evaluation_fails_naming_it(trained):
@@ -86,8 +109,11 @@ def test_plain_load_of_a_trick_that_changes_evaluation_fails_naming_it(trained):
     if name == "StochasticDepth":
         pytest.skip("inverted scaling: the plain model is the evaluated model (checked above)")
     marker = {"FractionalMaxPooling": "model.maxpool.lightning_tricks_FractionalMaxPooling",
-              "StochasticDepth-test-scaling": "model.layer1.0.lightning_tricks_StochasticDepth"}[name]
-    with pytest.raises(RuntimeError, match=rf'Unexpected key\(s\) in state_dict: "{marker}"'):
+              "StochasticDepth-test-scaling": "model.layer1.0.lightning_tricks_StochasticDepth",
+              "ActivationSwap-leaky_relu": "model.relu.lightning_tricks_ActivationSwap",
+              "ActivationSwap-prelu": "model.relu.lightning_tricks_ActivationSwap"}[name]
+    slopes = '"model.relu.weight", ' if name == "ActivationSwap-prelu" else ""  # PReLU's own new parameter
+    with pytest.raises(RuntimeError, match=rf'Unexpected key\(s\) in state_dict: {slopes}"{marker}"'):
         LitResnet.load_from_checkpoint(path)
     plain = LitResnet.load_from_checkpoint(path, strict=False)  # what the error's fix would give: another network
     assert not torch.equal(_predict(plain, loader), reference)
@@ -115,21 +141,34 @@ def test_ensemble_of_one_checkpoint_predicts_as_the_trained_model(trained):
     assert torch.allclose(probabilities, reference.exp(), atol=1e-6)
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "test"])
-def test_cli_ckpt_path_reapplies_the_recorded_trick(subcommand, tmp_path, monkeypatch):
+CLI_TRICKS = {  # the callback's CLI arguments, and what the model without it must hold after the CLI re-applied it
+    "FractionalMaxPooling": (["--trainer.callbacks+=FractionalMaxPooling"],
+                             lambda model: isinstance(model.model.maxpool, SeededFractionalMaxPool2d)),
+    "ActivationSwap-leaky_relu": (["--trainer.callbacks+=ActivationSwap", "--trainer.callbacks.to=leaky_relu"],
+                                  lambda model: type(model.model.layer4[0].relu) is nn.LeakyReLU),
+    "ActivationSwap-prelu": (["--trainer.callbacks+=ActivationSwap", "--trainer.callbacks.to=prelu"],
+                             lambda model: type(model.model.relu) is nn.PReLU and model.model.relu.num_parameters == 64),
+}
+
+
+@pytest.mark.parametrize("trick,subcommand", [("FractionalMaxPooling", "validate"), ("FractionalMaxPooling", "test"),
+                                              ("ActivationSwap-leaky_relu", "test"), ("ActivationSwap-prelu", "test")])
+def test_cli_ckpt_path_reapplies_the_recorded_trick(trick, subcommand, tmp_path, monkeypatch):
     """``lightning-tricks test --ckpt_path X`` without the callback scores what the trained model with it scores."""
     monkeypatch.chdir(tmp_path)
     quiet = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     model = ["--model", "tests.checkpoint_user_module.LitResnet", "--data", "DigitsDataModule", "--data.batch_size=64"]
+    callback, converted = CLI_TRICKS[trick]
     trained = build_cli(["fit", *model, *quiet, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-                         "--trainer.enable_checkpointing=false", "--trainer.callbacks+=FractionalMaxPooling"])
-    path = tmp_path / "fmp.ckpt"
+                         "--trainer.enable_checkpointing=false", *callback])
+    path = tmp_path / "trick.ckpt"
     trained.trainer.save_checkpoint(path)
-    with_callback = build_cli([subcommand, *model, *quiet, "--trainer.callbacks+=FractionalMaxPooling",
-                               "--ckpt_path", str(path)])
+    with_callback = build_cli([subcommand, *model, *quiet, *callback, "--ckpt_path", str(path)])
     without = build_cli([subcommand, *model, *quiet, "--ckpt_path", str(path)])
     stage = "val" if subcommand == "validate" else "test"
-    assert isinstance(without.model.model.maxpool, SeededFractionalMaxPool2d)
+    assert converted(without.model)
     for metric in (f"{stage}_loss", f"{stage}_acc"):
         assert float(without.trainer.callback_metrics[metric]) == float(with_callback.trainer.callback_metrics[metric])
+    loader = digits_loader(64, batch_size=32)
+    assert torch.equal(_predict(without.model, loader), _predict(trained.model, loader))

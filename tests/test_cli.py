@@ -115,7 +115,7 @@ def _missing_checkpoint(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("make_args,expected", [
     (lambda tmp: ["fit", "--trainer.callbacks+=Cutoutt"],
-     ["unknown callback 'Cutoutt'", "did you mean 'Cutout'?", "Choices: ActivationStatistics, Cutout,",
+     ["unknown callback 'Cutoutt'", "did you mean 'Cutout'?", "Choices: ActivationStatistics, ActivationSwap,",
       "ModelCheckpoint"]),
     (lambda tmp: ["fit", "--config", _cutout_typo_config(tmp)],
      ["Cutout has no argument 'lenght'", "did you mean 'length'?", "Its arguments: length, n_holes, p,"]),

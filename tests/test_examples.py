@@ -15,7 +15,8 @@ import pytest
 
 from tests.helpers import REPO
 
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+SEARCH_SPACES = {"search.yaml"}  # `lightning-tricks tune --search` files, not fit configs (tests/test_tune_space.py)
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name not in SEARCH_SPACES)
 # add_to_existing_project.py is run by its own test below (a short real training run, not --fast)
 SCRIPTS = sorted(p for p in (REPO / "examples").glob("*.py") if p.name != "add_to_existing_project.py")
 FEW_BATCHES = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",

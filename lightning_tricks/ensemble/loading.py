@@ -11,7 +11,6 @@ they are in place before Lightning's strict ``load_state_dict``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import os
@@ -19,7 +18,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_tricks._validation import ConfigError, DataNotFoundError, InvalidArgumentError, check_choice
-from lightning_tricks.checkpoint import apply_recorded_tricks
+from lightning_tricks.checkpoint import apply_recorded_tricks, tricks_applied_on_load
 
 ClassSpec = str | type[pl.LightningModule]
 
@@ -163,29 +162,6 @@ def _with_recorded_tricks(module: nn.Module, checkpoint: dict[str, Any]) -> nn.M
     return module
 
 
-@contextlib.contextmanager
-def _tricks_before_weights(cls: type[pl.LightningModule]) -> Iterator[list[nn.Module]]:
-    """Wrap ``cls.on_load_checkpoint`` for one ``load_from_checkpoint`` call, which calls that hook between
-    building the module and its strict ``load_state_dict``: the point where recorded tricks must be applied,
-    with the checkpoint Lightning has migrated. Yields the modules the wrapper served."""
-    served: list[nn.Module] = []
-    own = cls.__dict__.get("on_load_checkpoint")
-    hook = cls.on_load_checkpoint
-
-    def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        hook(self, checkpoint)
-        served.append(_with_recorded_tricks(self, checkpoint))
-
-    cls.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-    try:
-        yield served
-    finally:
-        if own is None:
-            del cls.on_load_checkpoint
-        else:
-            cls.on_load_checkpoint = own  # type: ignore[method-assign]
-
-
 def build_members(path: str | os.PathLike, checkpoint: dict[str, Any], member_class: ClassSpec | None = None,
                   trust_checkpoints: bool = False, variants: Sequence[str] = ("ema",), label: str | None = None,
                   member_kwargs: dict[str, Any] | None = None) -> list[pl.LightningModule]:
@@ -198,7 +174,7 @@ def build_members(path: str | os.PathLike, checkpoint: dict[str, Any], member_cl
     label = label or f"checkpoint {str(path)!r}"
     cls = _member_class(checkpoint, member_class, trust_checkpoints, label)
     try:
-        with _tricks_before_weights(cls) as served:
+        with tricks_applied_on_load(cls, apply=_with_recorded_tricks) as served:
             model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=not trust_checkpoints,
                                              **(member_kwargs or {}))
         if not any(m is model for m in served):  # a subclass (named by the CLI's _class_path) with its own hook

@@ -3,11 +3,17 @@
 CS231n: "use ReLU; try Leaky ReLU / PReLU / ELU / SELU / GELU for the last 0.1%; never sigmoid". Trying
 that on a model you did not write means finding its activation modules and replacing them without
 breaking its checkpoints. :func:`swap_activations` does that on any ``nn.Module`` (zoo, torchvision,
-timm, your own) and :class:`ActivationSwap` is the Lightning callback.
+timm, your own) and :class:`~lightning_tricks.setup.activation_swap.ActivationSwap` is the Lightning callback.
 
 * **Names kept.** An activation module is replaced at the same qualified name, so ``state_dict`` keys
   are unchanged, apart from the new learnable slopes of ``prelu`` (``<name>.weight``), which are trained
-  and saved like any other parameter.
+  and saved like any other parameter, and one marker buffer per swapped module (below).
+* **Checkpoints carry the swap.** The swapped network evaluates differently from the plain one, so each
+  swapped module holds the marker buffer ``lightning_tricks_ActivationSwap`` (target, replaced kind,
+  slope, alpha, PReLU channels; :func:`lightning_tricks.surgery.mark`) and the callback records itself in
+  every checkpoint, as the structural regularizers do (:mod:`lightning_tricks.checkpoint`): our loaders
+  rebuild the swap, and a plain strict ``MyModule.load_from_checkpoint`` fails naming the trick instead of
+  evaluating ReLUs.
 * **Functional calls are reported.** A model that calls ``F.relu`` in ``forward`` has no module to
   replace. :func:`find_functional_activations` runs one forward pass under a ``TorchFunctionMode`` and
   lists the functional calls of the requested kinds made outside activation modules, with the
@@ -26,24 +32,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_tricks._validation import (
-    ConfigError,
     InvalidArgumentError,
     check_choice,
     check_range,
 )
-from lightning_tricks.init.schemes import _GAIN_SCHEMES  # which schemes have a gain
-from lightning_tricks.regularization._batch import find_slot, get_item
-from lightning_tricks.surgery import ModelNotSupportedError, SurgeryReport, check_patterns, select_modules
+from lightning_tricks.surgery import (
+    MARKER_PREFIX,
+    ModelNotSupportedError,
+    SurgeryReport,
+    check_patterns,
+    mark,
+    marker_values,
+    select_modules,
+)
 
 TARGETS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "tanh", "sigmoid")
 """Activations a model can be given (``to``); relu, tanh and sigmoid serve the lectures' comparisons."""
@@ -162,6 +169,73 @@ def make_activation(spec: SwapSpec, old: nn.Module | None = None, channels: int 
     # read by WeightInit (lightning_tricks.init.schemes.follow_activations) when its nonlinearity is not given
     new.init_gain = spec.init_gain  # type: ignore[assignment]
     return new
+
+
+_MARKER = "ActivationSwap"
+_MARKER_KINDS = "iiffi"  # target, replaced kind (indices into TARGETS and KINDS), slope, alpha, PReLU channels
+
+
+def mark_swapped(module: nn.Module, spec: SwapSpec, replaced_kind: str) -> None:
+    """Give a swapped-in module the marker buffer ``lightning_tricks_ActivationSwap`` (see :func:`~lightning_tricks.surgery.mark`).
+
+    A checkpoint of the swapped model then fails to load strictly into the plain one, naming the trick, and a
+    checkpoint without callback records (``save_weights_only``) is rebuilt from the values
+    (:func:`swap_marker_values`).
+
+    Args:
+        module: the new activation module (from :func:`make_activation`).
+        spec: the swap that made it.
+        replaced_kind: the kind of the module it replaced (a key of :data:`KINDS`).
+
+    Examples:
+        >>> spec = resolve_swap("leaky_relu", slope=0.2)
+        >>> act = make_activation(spec)
+        >>> mark_swapped(act, spec, "relu")
+        >>> swap_marker_values(act.lightning_tricks_ActivationSwap)
+        ('leaky_relu', 'relu', 0.2, 1.0, 0)
+    """
+    mark(module, _MARKER, [TARGETS.index(spec.to), list(KINDS).index(replaced_kind), spec.slope, spec.alpha,
+                           int(getattr(module, "num_parameters", 0))])
+
+
+def swap_marker_values(marker: torch.Tensor) -> tuple[str, str, float, float, int]:
+    """``(to, replaced kind, slope, alpha, PReLU channels)`` from a marker written by :func:`mark_swapped`.
+
+    Args:
+        marker: the buffer ``lightning_tricks_ActivationSwap`` (from a module or a checkpoint's ``state_dict``).
+
+    Examples:
+        >>> spec = resolve_swap("elu", alpha=0.5)
+        >>> act = make_activation(spec)
+        >>> mark_swapped(act, spec, "gelu")
+        >>> swap_marker_values(act.lightning_tricks_ActivationSwap)[:2]
+        ('elu', 'gelu')
+    """
+    to, kind, slope, alpha, channels = marker_values(marker, _MARKER_KINDS)
+    return TARGETS[int(to)], list(KINDS)[int(kind)], float(slope), float(alpha), int(channels)
+
+
+def set_prelu_channels(module: nn.Module, channels: int) -> None:
+    """Size a swapped-in PReLU as a checkpoint's (whose slopes then load into it); other modules are left alone.
+
+    Args:
+        module: a module marked by :func:`mark_swapped`.
+        channels: the number of slopes (``num_parameters``) the checkpoint holds for it.
+
+    Examples:
+        >>> spec = resolve_swap("prelu")
+        >>> prelu = make_activation(spec)
+        >>> mark_swapped(prelu, spec, "relu")
+        >>> set_prelu_channels(prelu, 16)
+        >>> prelu.weight.shape, swap_marker_values(prelu.lightning_tricks_ActivationSwap)[4]
+        (torch.Size([16]), 16)
+    """
+    if not isinstance(module, nn.PReLU) or module.num_parameters == channels:
+        return
+    weight = module.weight
+    module.weight = nn.Parameter(weight.detach()[:1].expand(channels).clone())
+    module.num_parameters = channels
+    getattr(module, MARKER_PREFIX + _MARKER)[4] = channels  # the marker's channel count (see mark_swapped)
 
 
 # --------------------------------------------------------------------------------------------- tracing
@@ -381,10 +455,10 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
         if spec.to == "prelu" and len(widths) > 1:
             report.skipped.append((name, f"used at widths {sorted(widths | {channels})}: one shared PReLU slope"))
         new = make_activation(spec, old, channels)
-        if spec.to == "prelu":
-            param = next(model.parameters(), None)
-            if param is not None:
-                new.to(device=param.device, dtype=param.dtype)
+        mark_swapped(new, spec, activation_kind(old) or spec.replace[0])
+        param = next(model.parameters(), None)
+        if param is not None:  # the marker goes with the model; PReLU's slopes also take its dtype
+            new.to(device=param.device, dtype=param.dtype if spec.to == "prelu" else None)
         for alias in aliases.get(id(old), [name]):  # a module registered under several names stays shared
             model.set_submodule(alias, new)
         report.converted.append(name)
@@ -395,115 +469,16 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
     return report
 
 
-# --------------------------------------------------------------------------------------------- callback
+def __getattr__(name: str) -> Any:
+    # The callback moved to activation_swap.py; configs that LightningCLI saved before name it here.
+    if name == "ActivationSwap":
+        from lightning_tricks.setup.activation_swap import ActivationSwap
 
-
-def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    """A small model input for the trace, from public places only; None when none is at hand yet.
-
-    ``example_input_array`` first, then the first images (two rows) of the datamodule's (set up before
-    ``Callback.setup``) or the module's own ``train_dataloader``. Iterating a shuffling loader draws from the
-    global RNG: it is forked, so the run's randomness is the same with and without the swap.
-    """
-    example = getattr(pl_module, "example_input_array", None)
-    if example is not None:
-        return example
-    for source in (getattr(trainer, "datamodule", None), pl_module):
-        if source is None or not is_overridden("train_dataloader", source):
-            continue
-        try:
-            with torch.random.fork_rng(devices=[]):
-                batch = next(iter(source.train_dataloader()))
-            images = get_item(batch, find_slot(batch, None, "images", "ActivationSwap"))
-        except Exception:  # noqa: BLE001 - a loader that needs the module's own setup first, an odd batch
-            return None
-        return images[:2] if isinstance(images, torch.Tensor) else None
-    return None
-
-
-class ActivationSwap(Callback):
-    """Replace the model's activation modules when a stage starts (``setup``), keeping module names.
-
-    Runs in ``Callback.setup`` of every stage, before the strategy moves and wraps the model and before a
-    checkpoint is restored, so every rank swaps alike, a resumed run (``ckpt_path``) loads its PReLU slopes
-    into swapped modules, and validate/test/predict of a checkpoint see the network it was trained as.
-    Idempotent: a second ``fit`` finds the modules already swapped.
-
-    Put it **before** ``WeightInit`` in ``trainer.callbacks`` (setups run in list order): WeightInit then
-    uses the new activation's gain; the other order is an error at setup when the gain would differ.
-
-    One training batch (``example_input_array``, else the datamodule's first) is run forward once to size
-    PReLU per channel and to find functional calls (``F.relu(x)`` in a ``forward``) that no module swap
-    can reach: none of the requested modules at all is an error; some calls left is one warning line
-    (an error with ``strict``).
-
-    Args:
-        to: the new activation: ``leaky_relu``, ``prelu`` (learnable, per channel), ``elu``, ``selu``,
-            ``gelu``, ``silu``, or ``relu``/``tanh``/``sigmoid`` for comparisons.
-        replace: the kinds replaced: ``relu`` (default), ``relu6``, ``leaky_relu``, ``prelu``, ``elu``,
-            ``selu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``.
-        slope: negative slope in [0, 1) of ``leaky_relu`` (default 0.01), initial slope of ``prelu`` (0.25).
-        alpha: ELU's alpha > 0 (default 1).
-        layers: glob patterns on module names (``model.layer4.*``); default every module of those kinds.
-        strict: fail when functional calls of the requested kinds remain after the swap.
-
-    Raises:
-        InvalidArgumentError: in ``__init__``, an unknown activation name, a slope outside [0, 1), ...;
-            at setup, a ``layers`` pattern that matches no activation.
-        ModelNotSupportedError: at setup, no activation module of the requested kinds (a model that calls
-            ``F.relu`` in ``forward``).
-
-    Examples:
-        >>> import lightning.pytorch as pl
-        >>> trainer = pl.Trainer(callbacks=[ActivationSwap(to="prelu")])
-    """
-
-    def __init__(self, to: str = "leaky_relu", replace: list[str] | None = None, slope: float | None = None,
-                 alpha: float | None = None, layers: list[str] | None = None, strict: bool = False) -> None:
-        self.spec = resolve_swap(to, replace, slope, alpha, layers)
-        self.strict = bool(strict)
-        self.report: SurgeryReport | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(to=self.spec.to, replace=self.spec.replace, layers=self.spec.layers)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_order(trainer)
-        self.report = apply_swap(pl_module, self.spec, example_input(trainer, pl_module), trace_optional=True)
-        self.report.log("activations")
-        functional = [reason for name, reason in self.report.skipped if name == "forward"]
-        if functional:
-            message = (f"ActivationSwap: {functional[0]}; those stay {'/'.join(self.spec.replace)}: replace them by "
-                       "modules in your forward to swap them too.")
-            if self.strict:
-                raise ModelNotSupportedError(message)
-            rank_zero_warn(message)
-
-    def _check_order(self, trainer: pl.Trainer) -> None:
-        from lightning_tricks.init import WeightInit
-
-        for callback in trainer.callbacks:
-            if callback is self:
-                return
-            if (isinstance(callback, WeightInit) and callback.initialized_layers and callback.skipped is None
-                    and not callback.args.nonlinearity_given and callback.args.scheme in _GAIN_SCHEMES
-                    and callback.args.nonlinearity != self.spec.init_gain[0]):
-                raise ConfigError(
-                    f"ActivationSwap comes after WeightInit in trainer.callbacks, so WeightInit used the "
-                    f"{callback.args.nonlinearity} gain before the swap to {self.spec.to}: put ActivationSwap first "
-                    "(WeightInit then follows the new activation) or give WeightInit a `nonlinearity`.")
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a loader needs to rebuild the swapped model: the request and the names it swapped."""
-        spec = self.spec
-        return {"to": spec.to, "replace": list(spec.replace), "slope": spec.slope, "alpha": spec.alpha,
-                "layers": None if spec.layers is None else list(spec.layers),
-                "swapped": list(self.report.converted + self.report.already) if self.report else []}
+        return ActivationSwap
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "ActivationSwap",
     "KINDS",
     "TARGETS",
     "ForwardTrace",
@@ -512,7 +487,10 @@ __all__ = [
     "apply_swap",
     "find_functional_activations",
     "make_activation",
+    "mark_swapped",
     "resolve_swap",
+    "set_prelu_channels",
     "swap_activations",
+    "swap_marker_values",
     "trace_forward",
 ]

@@ -1,0 +1,130 @@
+"""Random vs grid search with the same budget on digits: one important hyperparameter, one unimportant, over seeds.
+
+Bergstra & Bengio (2012), quoted by the CS231n notes: with a budget of B trials over one important
+and one unimportant parameter, a 3x3 grid tries only 3 values of the important one, random search B.
+This benchmark runs both through ``lightning-tricks tune``'s own machinery (the trial objective of
+:mod:`lightning_tricks.tuning.study`, in-memory studies) on ``examples/digits.yaml``: the important
+parameter is the learning rate (log-uniform 1e-3..1), the unimportant one the weight decay
+(log-uniform 1e-7..1e-5, too small to matter in a short run). The grid is the square grid of
+``sqrt(B)`` log-spaced values per parameter (Optuna's ``GridSampler``); random is Optuna's
+``RandomSampler``. Each seed changes the sampler and the training seed of both methods. Reported:
+the best validation accuracy each method found, per seed and the median, and how many distinct
+learning rates each tried.
+
+Example:
+    ``python -m benchmarks tune_search --seeds 0 1 2 3 4 --budget 9 --epochs 1``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import machine_description, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"model.init_args.lr": {"log_uniform": [1.0e-3, 1.0]},
+         "model.init_args.weight_decay": {"log_uniform": [1.0e-7, 1.0e-5]}}
+
+
+def run_study(method: str, seed: int, budget: int, epochs: int, workdir: Path) -> dict[str, Any]:
+    """One study of ``budget`` trials with ``method`` ('random' or 'grid'); returns its best value and lrs."""
+    import optuna
+
+    from lightning_tricks.tuning.cli import load_config
+    from lightning_tricks.tuning.space import grid_values, load_search_space, resolve_space
+    from lightning_tricks.tuning.study import TuneSettings, run_worker
+
+    base = load_config(["--config", str(ROOT / "examples" / "digits.yaml"), f"--seed_everything={seed}",
+                        "--trainer.logger=false"])
+    base["trainer"]["callbacks"] = [c for c in base["trainer"]["callbacks"]
+                                    if not c["class_path"].endswith("ModelCheckpoint")]
+    base["trainer"]["enable_checkpointing"] = False
+    space = resolve_space(base, load_search_space(SPACE))
+    settings = TuneSettings(config_args=[], space=space, trials=budget, stages=1, stage_epochs=[epochs],
+                            stage_trials=[budget], metric="val_acc", direction="maximize", pruner="none",
+                            run_dir=workdir / f"{method}-{seed}")
+    if method == "grid":
+        side = round(math.sqrt(budget))
+        grid = {n: grid_values(d, side) for n, d in space.params.items()}
+        sampler: Any = optuna.samplers.GridSampler(grid, seed=seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_worker(settings, study, base)
+    done = [t for t in study.trials if t.value is not None]
+    return {"best": max(t.value for t in done), "lrs": len({t.params["model.init_args.lr"] for t in done}),
+            "best_lr": study.best_params["model.init_args.lr"], "trials": len(done)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks tune_search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 3 4 (0 1 with --quick)")
+    p.add_argument("--budget", type=int, default=9, help="trials per study (a square for the grid)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, budget 4 (not a figure)")
+    p.add_argument("--section", default="tune-search")
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both methods per seed, print the table, write the ``tune-search`` section of RESULTS.md."""
+    args = _parser().parse_args(argv)
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
+    budget = 4 if args.quick else args.budget
+    start = time.perf_counter()
+    results: dict[str, list[dict[str, Any]]] = {"random": [], "grid": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for method in ("grid", "random"):  # interleaved per seed
+                results[method].append(run_study(method, seed, budget, args.epochs, Path(tmp)))
+    wall = time.perf_counter() - start
+    rows = ["| seed | grid: best val_acc | grid: distinct lr | random: best val_acc | random: distinct lr |",
+            "|---:|---:|---:|---:|---:|"]
+    for i, seed in enumerate(seeds):
+        g, r = results["grid"][i], results["random"][i]
+        rows.append(f"| {seed} | {g['best']:.4f} (lr {g['best_lr']:.3g}) | {g['lrs']} | "
+                    f"{r['best']:.4f} (lr {r['best_lr']:.3g}) | {r['lrs']} |")
+    med = {m: statistics.median(x["best"] for x in results[m]) for m in results}
+    wins = sum(r["best"] > g["best"] for r, g in zip(results["random"], results["grid"], strict=True))
+    ties = sum(r["best"] == g["best"] for r, g in zip(results["random"], results["grid"], strict=True))
+    section = f"{args.section}-quick" if args.quick else args.section
+    command = shlex.join(["python", "-m", "benchmarks", "tune_search", *(sys.argv[2:] if argv is None else argv)])
+    markdown = "\n".join([
+        f"## {section}: random vs grid search, same budget{' (quick smoke run, not a figure)' if args.quick else ''}",
+        "",
+        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
+        "",
+        f"`examples/digits.yaml`, {budget} trials of {args.epochs} epoch(s) per study; important: learning rate "
+        "log-uniform [1e-3, 1]; unimportant: weight decay log-uniform [1e-7, 1e-5]. Grid: "
+        f"{round(math.sqrt(budget))} log-spaced values per parameter; random: Optuna's RandomSampler. The seed sets "
+        "the sampler and the training seed.",
+        "",
+        f"Machine: {machine_description()}.",
+        "",
+        *rows,
+        "",
+        f"Median best val_acc: grid {med['grid']:.4f}, random {med['random']:.4f}; random better on {wins} of "
+        f"{len(seeds)} seeds, tied on {ties}.",
+    ])
+    print(markdown)
+    if not args.no_write:
+        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
