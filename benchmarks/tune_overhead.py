@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +102,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

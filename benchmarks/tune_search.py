@@ -21,7 +21,6 @@ import contextlib
 import io
 import math
 import statistics
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +104,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
