@@ -120,6 +120,68 @@ def ensemble_effect(rows: list[dict[str, str]], ax: Any) -> None:
     ax.set_title("Members vs ensembles, digits with 100 training images", fontsize=10)
 
 
+def activation_dead_units(rows: list[dict[str, str]], ax: Any) -> None:
+    activations = list(dict.fromkeys(row["activation"] for row in rows))
+    rates = list(dict.fromkeys(row["lr"] for row in rows))
+    cell = {(row["lr"], row["activation"]): row for row in rows}
+    groups = {f"lr {lr}": ([float(cell[lr, a]["val acc (mean)"]) for a in activations], None) for lr in rates}
+    _bars(ax, activations, groups)
+    width = 0.8 / len(rates)
+    for k, lr in enumerate(rates):
+        for i, activation in enumerate(activations):
+            row = cell[lr, activation]
+            ax.annotate(f"dead {row['mean']}\ndiverged {row['diverged (loss NaN)']}",
+                        (i + (k - (len(rates) - 1) / 2) * width, float(row["val acc (mean)"])),
+                        ha="center", va="bottom", fontsize=6)
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(rates))
+    ax.set_ylabel("validation accuracy (mean over seeds)")
+    ax.set_title("Activation swapped into the dead-ReLU MLP, digits", fontsize=10)
+
+
+def _seed_bars(ax: Any, labels: Sequence[str], rows: list[dict[str, str]], mean_column: str, seeds_column: str,
+               low: float | None = None) -> None:
+    """Horizontal bars of ``mean ± std`` cells with each seed's value as a dot; x from ``low`` (default 0) to 100."""
+    pairs = [mean_std(row[mean_column]) for row in rows]
+    ax.barh(range(len(rows)), [m for m, _ in pairs], xerr=[s for _, s in pairs], capsize=3)
+    for i, row in enumerate(rows):
+        seeds = [float(v) for v in row[seeds_column].split(",")]
+        ax.plot(seeds, [i] * len(seeds), "k.", markersize=5)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0 if low is None else low, 100)
+    ax.set_xlabel("test accuracy % (bars: mean ± std over seeds; dots: one seed each)")
+
+
+def large_batch_effect(rows: list[dict[str, str]], ax: Any) -> None:
+    _seed_bars(ax, [row["run"] for row in rows], rows, "test accuracy % (mean ± std)", "per seed %")
+    ax.set_title("Linear scaling rule and warm-up on digits", fontsize=10)
+
+
+def stochastic_depth_effect(rows: list[dict[str, str]], ax: Any) -> None:
+    labels = [row["model"].replace("StochasticDepth(0.5), ", "").replace(" + ", "\n+ ") for row in rows]
+    _seed_bars(ax, labels, rows, "test accuracy % (mean ± std)", "per seed %")
+    ax.set_title("StochasticDepth(0.5) on ResNet-20, digits 32x32, short schedule", fontsize=10)
+
+
+def fractional_pooling_effect(rows: list[dict[str, str]], ax: Any) -> None:
+    labels = [f"{row['model / test procedure'].replace(' (', chr(10) + '(')}\ntest NLL {row['test NLL (mean)']}"
+              for row in rows]
+    low = min(float(v) for row in rows for v in row["per seed accuracy %"].split(","))
+    _seed_bars(ax, labels, rows, "test accuracy % (mean ± std)", "per seed accuracy %", low=max(0.0, low - 2))
+    ax.set_title("Fractional max pooling on digits, test procedures", fontsize=10)
+
+
+def tune_search(rows: list[dict[str, str]], ax: Any) -> None:
+    columns = {"grid": "grid: best val_acc", "random": "random: best val_acc"}
+    groups = {name: ([float(row[column].split()[0]) for row in rows], None) for name, column in columns.items()}
+    _bars(ax, [f"seed {row['seed']}" for row in rows], groups)
+    low = min(v for values, _ in groups.values() for v in values)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_ylabel("best validation accuracy of the study")
+    ax.set_title("Random vs grid search, same budget of trials, digits", fontsize=10)
+
+
 @dataclass(frozen=True)
 class Figure:
     """One card figure: the RESULTS.md section it plots and how."""
@@ -138,6 +200,11 @@ FIGURES = (
     Figure("regularization_effect", "regularization-effect", regularization_effect),
     Figure("tta_effect", "tta-effect", tta_effect, (7.2, 4.2)),
     Figure("ensemble_effect", "ensemble-effect", ensemble_effect),
+    Figure("activation_dead_units", "activations-effect", activation_dead_units, (7.2, 4.2)),
+    Figure("large_batch_effect", "large_batch", large_batch_effect),
+    Figure("stochastic_depth_effect", "stochastic_depth_effect", stochastic_depth_effect, (7.6, 3.6)),
+    Figure("fractional_pooling_effect", "fractional_pooling_effect", fractional_pooling_effect, (7.6, 3.6)),
+    Figure("tune_search", "tune-search", tune_search),
 )
 
 

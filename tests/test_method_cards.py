@@ -16,7 +16,27 @@ from benchmarks.figures import section_text
 from benchmarks.harness import RESULTS_PATH
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-CARDS = ["bn_folding", "cutout", "exact-evaluation", "init", "mixup", "monitoring", "penalty", "tta"]
+CARDS = [
+    "activations",
+    "babysit",
+    "bn_folding",
+    "cutout",
+    "dropconnect",
+    "early_stopping",
+    "ensembles",
+    "exact-evaluation",
+    "fractional_pooling",
+    "init",
+    "large_batch",
+    "mixup",
+    "monitoring",
+    "penalty",
+    "preprocessing",
+    "stochastic_depth",
+    "transfer",
+    "tta",
+    "tune",
+]
 """Cards converted to the by-reference form (append the others as they are converted)."""
 INCLUDE = re.compile(r'^--8<-- "benchmarks/RESULTS\.md:([-\w]+)"$', re.MULTILINE)
 NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+(?:e-?\d+)?%?|e-?\d+%?|%|(?=x\b))")

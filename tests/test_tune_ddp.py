@@ -63,3 +63,29 @@ def test_forked_rank_zero_reports_to_the_study_database_and_every_rank_stops(tmp
     assert rank0 == rank1 == {"pruned": True, "step": 2}  # stopped after epoch 0 on both ranks
     reported = optuna.load_study(study_name="ddp", storage=storage).trials[0].intermediate_values
     assert list(reported) == [0] and 0.0 <= reported[0] <= 1.0  # one report, by rank zero, in the database
+
+
+def test_a_stage_is_pruned_only_against_trials_of_its_own_stage():
+    """Stage 2 runs longer: its first epoch must not be cut by the (final, better) epoch-0 values of stage 1."""
+    import types
+
+    import optuna
+    import torch
+
+    from lightning_tricks.tuning.pruning import STAGE_STEPS
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    for value in (0.95, 0.96, 0.97):  # stage 1: one epoch each, reported at step 0
+        trial = study.ask()
+        trial.report(value, 0)
+        study.tell(trial, value)
+
+    def validate(pruning: TrialPruning, value: float) -> bool:
+        trainer = types.SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=0, should_stop=False,
+                                        callback_metrics={"val_acc": torch.tensor(value)},
+                                        strategy=types.SimpleNamespace(broadcast=lambda obj, src=0: obj))
+        pruning.on_validation_end(trainer, None)
+        return trainer.should_stop
+
+    assert not validate(TrialPruning(study.ask(), "val_acc", step_offset=STAGE_STEPS), 0.5)  # stage 2: no peers yet
+    assert validate(TrialPruning(study.ask(), "val_acc"), 0.5)  # the same value among stage-1 trials is pruned

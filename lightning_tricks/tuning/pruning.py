@@ -18,7 +18,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks._validation import ConfigError, check_int
+
+STAGE_STEPS = 100_000
+"""Reported steps of stage ``k`` start at ``(k - 1) * STAGE_STEPS``: a pruner compares a trial with the trials
+of its own stage only (stage 2's longer runs are not cut by stage 1's epoch-0 values)."""
 
 MAX_CURVE_POINTS = 200
 """Training-loss points kept per trial (evenly thinned): the curves live in the study's database."""
@@ -27,7 +31,7 @@ MAX_CURVE_POINTS = 200
 class TrialPruning(Callback):
     """Report the monitored metric to an Optuna trial after each validation and stop the fit when it says prune.
 
-    On rank zero the value of ``monitor`` is reported with ``trial.report(value, epoch)`` and the
+    On rank zero the value of ``monitor`` is reported with ``trial.report(value, step_offset + epoch)`` and the
     pruner is asked ``trial.should_prune()``; the answer is broadcast from rank zero, so every rank
     sets ``trainer.should_stop`` at the same epoch. The fit then ends normally (checkpoints and loggers
     close) and the caller raises ``optuna.TrialPruned``; ``pruned`` and ``stopping_reason`` say why.
@@ -40,6 +44,8 @@ class TrialPruning(Callback):
         trial: the ``optuna.Trial`` being run.
         monitor: the logged metric to report (e.g. ``val_acc``).
         storage: the study's database URL (for spawned DDP processes).
+        step_offset: added to the epoch to make the reported step (``tune`` uses one range of
+            :data:`STAGE_STEPS` steps per stage, so pruners compare trials of the same stage).
 
     Attributes:
         pruned: whether the pruner stopped the trial.
@@ -51,10 +57,11 @@ class TrialPruning(Callback):
         >>> if pruning.pruned: raise optuna.TrialPruned(pruning.stopping_reason)  # doctest: +SKIP
     """
 
-    def __init__(self, trial: Any, monitor: str, storage: str | None = None) -> None:
+    def __init__(self, trial: Any, monitor: str, storage: str | None = None, step_offset: int = 0) -> None:
         if not monitor:
             raise ConfigError("TrialPruning needs `monitor`, the name of a logged validation metric.")
         self.trial, self.monitor, self.storage = trial, monitor, storage
+        self.step_offset = check_int("step_offset", step_offset, 0)
         self.study_name = trial.study.study_name if trial is not None else None
         # the database does not store the pruner: a reconnecting process needs the object itself
         self.pruner = getattr(getattr(trial, "study", None), "pruner", None)
@@ -90,7 +97,7 @@ class TrialPruning(Callback):
             if value is not None and trial is not None:
                 value = float(value)
                 epoch = trainer.current_epoch
-                trial.report(value if math.isfinite(value) else float("nan"), epoch)
+                trial.report(value if math.isfinite(value) else float("nan"), self.step_offset + epoch)
                 if trial.should_prune():
                     decision = [True, f"pruned by the pruner at epoch {epoch}: {self.monitor}={value:.4g}"]
         # every rank reaches this broadcast at the same point: the decision is rank zero's on all of them

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from lightning_tricks._validation import ConfigError
-from lightning_tricks.tuning.pruning import CurveRecorder, TrialPruning
+from lightning_tricks.tuning.pruning import STAGE_STEPS, CurveRecorder, TrialPruning
 from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_params, grid_values, narrow
 
 SAMPLERS = ("random", "tpe", "cmaes", "qmc", "gp", "grid")
@@ -389,7 +389,7 @@ class Objective:
         for key, value in (("stage", stage), ("ranges", ranges), ("epochs", epochs), ("dir", str(trial_dir))):
             trial.set_user_attr(key, value)
         recorder = CurveRecorder(s.metric)
-        pruning = TrialPruning(trial, s.metric, storage=s.storage)
+        pruning = TrialPruning(trial, s.metric, storage=s.storage, step_offset=(stage - 1) * STAGE_STEPS)
         extra: list[Any] = [recorder, pruning]
         divergence = divergence_callback(s)
         if divergence is not None:
