@@ -89,3 +89,16 @@ def test_a_stage_is_pruned_only_against_trials_of_its_own_stage():
 
     assert not validate(TrialPruning(study.ask(), "val_acc", step_offset=STAGE_STEPS), 0.5)  # stage 2: no peers yet
     assert validate(TrialPruning(study.ask(), "val_acc"), 0.5)  # the same value among stage-1 trials is pruned
+
+
+def test_quiet_lightning_restores_the_loggers_it_quieted():
+    """tune and babysit quiet Lightning for their many short fits, and leave a host program's logging as it was."""
+    import logging
+
+    from lightning_tricks.tuning.study import quiet_lightning
+
+    logger = logging.getLogger("lightning.pytorch")
+    before = logger.level
+    with quiet_lightning():
+        assert logger.level == logging.WARNING
+    assert logger.level == before

@@ -309,25 +309,25 @@ def babysit(config: dict[str, Any], args: argparse.Namespace, echo: Any = print)
     """Run steps 1-3 on a complete config dict and write the suggested search space; returns the results."""
     from lightning_tricks.tuning.study import quiet_lightning
 
-    quiet_lightning()
-    folder = Path(args.run_dir).resolve()
-    checks = check_config(config)
-    results = [initial_loss_step(checks, folder, args.tolerance)]
-    echo(results[-1].line())
-    results.append(overfit_step(checks, folder, args.overfit_batches, args.overfit_epochs, args.overfit_target))
-    echo(results[-1].line())
-    results.append(lr_step(checks, folder, args.lrs, args.lr_steps, args.drop, args.factor, args.lr_search,
-                           args.small_decay))
-    echo(results[-1].line())
-    space = suggested_space(config, results[-1])
-    out = Path(args.out) if args.out else folder / "search.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# suggested by lightning-tricks babysit (step 4: coarse search around step 3)\n"
-                   + yaml.safe_dump(space, sort_keys=False))
-    passed = sum(r.passed for r in results)
-    echo(f"{passed}/3 steps passed. Suggested search space: {out}\n"
-         f"next (step 4): lightning-tricks tune --config YOUR_CONFIG --search {out}")
-    return results
+    with quiet_lightning():
+        folder = Path(args.run_dir).resolve()
+        checks = check_config(config)
+        results = [initial_loss_step(checks, folder, args.tolerance)]
+        echo(results[-1].line())
+        results.append(overfit_step(checks, folder, args.overfit_batches, args.overfit_epochs, args.overfit_target))
+        echo(results[-1].line())
+        results.append(lr_step(checks, folder, args.lrs, args.lr_steps, args.drop, args.factor, args.lr_search,
+                               args.small_decay))
+        echo(results[-1].line())
+        space = suggested_space(config, results[-1])
+        out = Path(args.out) if args.out else folder / "search.yaml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("# suggested by lightning-tricks babysit (step 4: coarse search around step 3)\n"
+                       + yaml.safe_dump(space, sort_keys=False))
+        passed = sum(r.passed for r in results)
+        echo(f"{passed}/3 steps passed. Suggested search space: {out}\n"
+             f"next (step 4): lightning-tricks tune --config YOUR_CONFIG --search {out}")
+        return results
 
 
 def babysit_main(argv: Sequence[str]) -> int:

@@ -89,9 +89,9 @@ def load_config(config_args: Sequence[str]) -> dict[str, Any]:
     """The complete ``fit`` config (every default filled in) that ``config_args`` describe, as a dict."""
     from lightning_tricks.tuning.study import quiet_build_cli, quiet_lightning
 
-    quiet_lightning()
-    cli = quiet_build_cli(list(config_args))
-    return yaml.safe_load(cli.parser.dump(cli.config))
+    with quiet_lightning():
+        cli = quiet_build_cli(list(config_args))
+        return yaml.safe_load(cli.parser.dump(cli.config))
 
 
 def default_metric(config: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ computes the same ranges). A trial left ``RUNNING`` by a killed process is faile
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,14 +327,27 @@ def quiet_build_cli(args: list[str]) -> Any:
         return build_cli(args, run=False)
 
 
-def quiet_lightning(quiet: bool = True) -> None:
-    """Trials and checks run many short fits: keep Lightning's per-fit banners and tips out of the output."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
-    if quiet:
-        warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning 2.6 internal deprecation, per fit
-        warnings.filterwarnings("ignore", message=".*overfit but enabled train dataloader shuffling.*")
-        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+@contextlib.contextmanager
+def quiet_lightning(quiet: bool = True) -> Iterator[None]:
+    """Trials and checks run many short fits: keep Lightning's per-fit banners and tips out of the output.
+
+    A context manager: the loggers' levels and the warning filters are restored on exit, so a ``tune`` or
+    ``babysit`` run inside another program (a notebook, a test) leaves its logging as it was.
+    """
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for logger in loggers:
+            logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        if quiet:
+            warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning 2.6 internal deprecation, per fit
+            warnings.filterwarnings("ignore", message=".*overfit but enabled train dataloader shuffling.*")
+            warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def run_config(config: dict[str, Any], path: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
@@ -452,27 +466,27 @@ def run_worker(settings: TuneSettings, study: Any, base_config: dict[str, Any],
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    quiet_lightning(settings.quiet)
-    objective = Objective(settings, base_config, echo)
-    failures = 0
-    while True:
-        fail_abandoned_trials(study, echo)
-        finished, running = counts(study)
-        if finished >= settings.trials:
-            return
-        if finished + running >= settings.trials:
-            time.sleep(POLL_SECONDS)  # the last trials run elsewhere; one may still fail and free its slot
-            continue
-        # optimize() keeps the trial's heartbeat and records an exception as a failed trial
-        study.optimize(objective, n_trials=1, catch=(Exception,))
-        if objective.last_number is None:
-            continue
-        last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
-        failures = failures + 1 if last.state == TrialState.FAIL and "surplus" not in last.user_attrs.get(
-            "reason", "") else 0
-        if failures >= MAX_FAILURES_IN_A_ROW:
-            raise ConfigError(f"{failures} trials failed in a row, the last with: {last.user_attrs.get('reason')} "
-                              f"(tracebacks: {settings.run_dir / 'trials'}/*/error.txt).")
+    with quiet_lightning(settings.quiet):
+        objective = Objective(settings, base_config, echo)
+        failures = 0
+        while True:
+            fail_abandoned_trials(study, echo)
+            finished, running = counts(study)
+            if finished >= settings.trials:
+                return
+            if finished + running >= settings.trials:
+                time.sleep(POLL_SECONDS)  # the last trials run elsewhere; one may still fail and free its slot
+                continue
+            # optimize() keeps the trial's heartbeat and records an exception as a failed trial
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            if objective.last_number is None:
+                continue
+            last = next(t for t in study.get_trials(deepcopy=False) if t.number == objective.last_number)
+            failures = failures + 1 if last.state == TrialState.FAIL and "surplus" not in last.user_attrs.get(
+                "reason", "") else 0
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                raise ConfigError(f"{failures} trials failed in a row, the last with: {last.user_attrs.get('reason')} "
+                                  f"(tracebacks: {settings.run_dir / 'trials'}/*/error.txt).")
 
 
 def settings_dict(settings: TuneSettings) -> dict[str, Any]:
