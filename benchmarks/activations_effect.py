@@ -17,25 +17,20 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import shlex
 import statistics
-import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "activations.yaml"
@@ -98,12 +93,12 @@ def gradient_norms(activation: str, seed: int, matched_init: bool, depth: int = 
     return [m.weight.grad.norm().item() for m in model if isinstance(m, nn.Linear)]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks activations_effect", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("activations_effect", __doc__, quick="smoke run: first seed only, 3 epochs",
+                        section="activations-effect")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--lrs", type=float, nargs="+", default=[0.25, 0.1], help="learning rates (0.25: monitoring_dead's)")
-    p.add_argument("--quick", action="store_true", help="smoke run: first seed only, 3 epochs")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs/img alone")
+    p.add_quick_default("--epochs", 10, 3, "epochs of each dead-unit run")
     return p
 
 
@@ -112,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     seeds = args.seeds[:1] if args.quick else args.seeds
-    epochs = 3 if args.quick else 10
-    start = time.perf_counter()
+    epochs = args.epochs
     dead: dict[tuple[float, str], list[dict[str, Any]]] = {(lr, to): [] for lr in args.lrs for to in TARGETS}
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
@@ -132,7 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     norms = {(kind, init): [gradient_norms(kind, seed, matched) for seed in range(5)]
              for init, matched in inits.items() for kind in kinds}
     median_norms = {kind: [statistics.median(layer) for layer in zip(*runs, strict=True)] for kind, runs in norms.items()}
-    wall = time.perf_counter() - start
 
     rows = ["| lr | activation | dead units, last epoch (per seed) | mean | max over epochs (mean) | val acc (per seed) | "
             "val acc (mean) | diverged (loss NaN) |", "|---:|---|---|---:|---:|---|---:|---:|"]
@@ -150,17 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         grad_rows.append(f"| {layer + 1}{' (input)' if layer == 0 else ' (output)' if layer == depth - 1 else ''} | "
                          + " | ".join(f"{values[layer]:.2e}" for values in median_norms.values()) + " |")
     ratio = {key: values[0] / values[-2] for key, values in median_norms.items()}
-    command = shlex.join(["python", "-m", "benchmarks", "activations_effect", *(sys.argv[2:] if argv is None else argv)])
-    section = "activations-effect-quick" if args.quick else "activations-effect"
-    markdown = "\n".join([
-        f"## {section}: dead units and saturation by activation{' (quick smoke run, not a figure)' if args.quick else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall. Seeds {seeds}. "
-        f"Machine: {machine_description()}.",
-        "",
-        f"**Dead units** (`examples/activations.yaml`, {epochs} epochs; 0.25 is `monitoring_dead`'s learning rate), "
-        "by the activation ActivationSwap put in the 3-hidden-layer MLP. For leaky_relu/prelu/elu a dead unit never "
-        "left the negative region (it still passes a gradient); a run whose loss became NaN counts every unit dead.",
+    publish(args, "dead units and saturation by activation", [
+        f"Seeds {seeds}. **Dead units** (`examples/activations.yaml`, {epochs} epochs; 0.25 is `monitoring_dead`'s "
+        "learning rate), by the activation ActivationSwap put in the 3-hidden-layer MLP. For leaky_relu/prelu/elu a "
+        "dead unit never left the negative region (it still passes a gradient); a run whose loss became NaN counts "
+        "every unit dead.",
         "",
         *rows,
         "",
@@ -171,11 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *grad_rows,
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
-        if not args.quick:
-            _draw(median_norms)
+    if not args.no_write and not args.quick:
+        _draw(median_norms)
     return 0
 
 

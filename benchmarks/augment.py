@@ -18,14 +18,12 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 
 import torch
 
-from benchmarks._regularization import command, parser, per_call, publish
-from benchmarks.harness import format_table, interleaved, machine_description, medians
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians, per_call
 from benchmarks.step import measure_step
 
 
@@ -61,12 +59,8 @@ def _standardize_callback():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print, and write the ``augment`` section of RESULTS.md."""
-    args = parser("augment", __doc__).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    q = args.quick
-    repeats = args.repeats or (3 if q else 7)
-    start = time.perf_counter()
+    args = BenchmarkParser("augment", __doc__, quick="smoke run: fewer steps and repeats", repeats=7).parse_args(argv)
+    q, repeats = args.quick, args.repeats
     cases = transform_cases(256)
     transforms = interleaved({name: per_call(fn, 3 if q else 10) for name, fn in cases.items()}, repeats=repeats, quick=q)
     meds = medians(transforms)
@@ -76,14 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_size=32 if q else 128, steps=5 if q else 20, warmup_steps=2 if q else 3,
                          repeats=repeats, quick=q)
     step_meds = medians(steps)
-    wall = time.perf_counter() - start
-    section = "augment-quick" if q else "augment"
-    markdown = "\n".join([
-        f"## {section}: batch augmentation speed and step overhead{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command('augment', args)}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall. "
-        f"Machine: {machine_description()}.",
-        "",
+    publish(args, "batch augmentation speed and step overhead", [
         f"Transform alone, batch 256, 3x32x32, CPU (median per call, {repeats} interleaved repeats). **augment (crop "
         f"pad 4 + flip + brightness/contrast 0.2) is {speedup:.1f}x faster than torchvision's v2 transforms applied "
         f"per image in a loop** (target >= 10x); crop + flip alone: {speedup_cf:.1f}x.",
@@ -97,5 +84,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         format_table(steps, "baseline"),
     ])
-    publish(section, markdown, args.no_write)
     return 0

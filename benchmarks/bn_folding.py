@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from benchmarks._structural import publish
+from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import interleaved, medians
 from lightning_tricks import fold_batch_norm
 from lightning_tricks.zoo.backbones import build_backbone
@@ -41,27 +40,17 @@ def _forward_time(model: nn.Module, x: torch.Tensor, iters: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks bn_folding", description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("bn_folding", __doc__, quick="smoke run: 3 repeats, 2 iterations", repeats=5,
+                             device="--device")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo/torchvision/timm names")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=5, help="forward passes per sample (median)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions (default 5)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--section", default="bn_folding", help="RESULTS.md section (default 'bn_folding')")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 2 iterations (not a figure)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_quick_default("--iters", 5, 2, "forward passes per sample (median)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.repeats, args.iters = 3, 2
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     rows = ["| model | BatchNorm layers folded | unfolded ms | folded ms | folded / unfolded | max output diff / max output |",
             "|---|---:|---:|---:|---:|---:|"]
-    start = time.perf_counter()
     for name in args.models:
         model = build_backbone(name, num_classes=10).to(args.device).eval()
         folded, report = fold_batch_norm(model, x[:2], return_report=True)
@@ -75,7 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(f"| {name} | {len(report.folded)} of {len(report.folded) + len(report.skipped)} | "
                     f"{med['plain'] * 1e3:.2f} | {med['folded'] * 1e3:.2f} | **{med['folded'] / med['plain']:.3f}** | "
                     f"{diff:.1e} |")
-    wall = time.perf_counter() - start
     lines = [
         f"Batch {args.batch_size} of 3x{args.image_size}x{args.image_size}, device `{args.device}`, eval mode, `torch.inference_mode`, "
         f"torch threads {torch.get_num_threads()}; sample = median of {args.iters} forward passes; 1 warm-up round, "
@@ -83,6 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *rows,
     ]
-    publish("bn_folding", "inference time with BatchNorm folded into the preceding conv/linear", argv, wall, lines,
-            args.quick, args.no_write, section=args.section)
+    publish(args, "inference time with BatchNorm folded into the preceding conv/linear", lines)
     return 0

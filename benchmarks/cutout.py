@@ -16,14 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 
 import torch
 
-from benchmarks._regularization import command, parser, per_call, publish
-from benchmarks.harness import format_table, interleaved, machine_description, medians
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians, per_call
 from benchmarks.step import measure_step
 
 
@@ -46,16 +44,10 @@ def transform_cases(batch_size: int, length: int) -> dict[str, Callable[[], obje
     }
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print, and write the ``cutout`` section of RESULTS.md."""
-    args = parser("cutout", __doc__).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    q = args.quick
-    repeats = args.repeats or (3 if q else 7)
-    start = time.perf_counter()
+    args = BenchmarkParser("cutout", __doc__, quick="smoke run: fewer steps and repeats", repeats=7).parse_args(argv)
+    q, repeats = args.quick, args.repeats
     steps = measure_step({"baseline": [], "Cutout(length=16)": [lambda: _cutout_callback(16)]},
                          batch_size=32 if q else 128, steps=5 if q else 20, warmup_steps=2 if q else 3,
                          repeats=repeats, quick=q)
@@ -66,14 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meds = medians(transforms)
     speedup = meds[baseline] / meds["lightning-tricks cutout"]
     overhead = medians(steps)["Cutout(length=16)"] / medians(steps)["baseline"]
-    wall = time.perf_counter() - start
-    section = "cutout-quick" if q else "cutout"
-    markdown = "\n".join([
-        f"## {section}: Cutout overhead and speed{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command('cutout', args)}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{wall:.0f} s wall. Machine: {machine_description()}.",
-        "",
+    publish(args, "Cutout overhead and speed", [
         f"Training step, `ImageClassifier('simple_cnn')`, batch {32 if q else 128}, 3x32x32, CPU "
         f"(median step per fit, {repeats} interleaved repeats). **Overhead: {overhead:.3f}x** (target <= 1.05x).",
         "",
@@ -84,7 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         format_table(transforms, baseline),
     ])
-    publish(section, markdown, args.no_write)
     return 0
 
 

@@ -22,17 +22,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import format_table, interleaved, machine_description, medians, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians
 from lightning_tricks.stopping import StoppingRule, WeightSnapshot
 from lightning_tricks.zoo import ImageClassifier
 
@@ -88,47 +86,27 @@ def measure(backbone: str = "resnet56", batch_size: int = 128, image_size: int =
     return samples, snapshot.nbytes, sum(p.numel() for p in model.parameters())
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks early_stopping", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="resnet56")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 (32 with --quick)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; 3 with --quick)")
-    p.add_argument("--inner", type=int, default=20, help="calls averaged per sample of the short cases")
-    p.add_argument("--quick", action="store_true", help="smoke run: smaller batch, 3 repeats (not a figure)")
-    p.add_argument("--section", default="early_stopping")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table, write the ``early_stopping`` section of RESULTS.md."""
-    args = _parser().parse_args(argv)
-    q = args.quick
-    batch_size = args.batch_size or (32 if q else 128)
-    repeats = args.repeats or (3 if q else 7)
-    start = time.perf_counter()
-    samples, nbytes, params = measure(args.backbone, batch_size, args.image_size, args.device, repeats,
-                                      args.inner, quick=q)
-    wall = time.perf_counter() - start
+    parser = BenchmarkParser("early_stopping", __doc__, quick="smoke run: smaller batch, 3 repeats", repeats=7,
+                             device="--device")
+    parser.add_argument("--backbone", default="resnet56")
+    parser.add_quick_default("--batch-size", 128, 32, "training batch size")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--inner", type=int, default=20, help="calls averaged per sample of the short cases")
+    args = parser.parse_args(argv)
+    batch_size = args.batch_size
+    samples, nbytes, params = measure(args.backbone, batch_size, args.image_size, args.device, args.repeats,
+                                      args.inner, quick=args.quick)
     meds = medians(samples)
     steps_per_epoch = -(-50_000 // batch_size)
-    section = f"{args.section}-quick" if q else args.section
-    command = shlex.join(["python", "-m", "benchmarks", "early_stopping", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {section}: cost of keeping the best weights{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
+    publish(args, "cost of keeping the best weights", [
         f"`ImageClassifier({args.backbone!r})`, {params:,} parameters, state_dict copy {nbytes / 2**20:.2f} MiB; "
         f"batch {batch_size} of 3x{args.image_size}x{args.image_size} on `{args.device}`. Baseline `train_step`: one "
         f"SGD step (forward, cross-entropy, backward, update). `capture`: refresh the host copy in place (each "
         f"improving check); `capture_first`: first copy, allocating; `restore`: load it back (once per fit); "
         f"`rule_step`: the stopping decision. Short cases: mean of {args.inner} calls per sample; "
-        f"{repeats} interleaved repeats after 1 warm-up round, medians.",
-        "",
-        f"Machine: {machine_description()}.",
+        f"{args.repeats} interleaved repeats after 1 warm-up round, medians.",
         "",
         format_table(samples, "train_step"),
         "",
@@ -136,9 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{meds['capture'] / (meds['train_step'] * steps_per_epoch):.4%} of a CIFAR-10 epoch "
         f"({steps_per_epoch} steps at batch {batch_size}); a check without improvement copies nothing.",
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0
 
 

@@ -26,21 +26,18 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import shlex
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
-from benchmarks.harness import format_table, interleaved, machine_description, medians, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians
 from lightning_tricks.ensemble import Ensemble
 from lightning_tricks.zoo import build_backbone
 
@@ -157,56 +154,32 @@ def measure(name: str, batches: int, repeats: int, quick: bool, device: torch.de
     return markdown, summary
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks ensemble", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", choices=list(CONFIGS), help="configurations (default: all)")
-    p.add_argument("--batches", type=int, default=None, help="forwards per sample at least (default 5; 2 with --quick)")
-    p.add_argument("--sample-seconds", type=float, default=0.5, help="a sample's length with the loop")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 9; 3 with --quick)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="smoke run: two small configurations, few repeats")
-    p.add_argument("--section", default="ensemble")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: measure every configuration, print the tables, write the RESULTS.md section."""
-    args = _parser().parse_args(argv)
+    parser = BenchmarkParser("ensemble", __doc__, quick="smoke run: two small configurations, few repeats",
+                             repeats=9, device="--device")
+    parser.add_argument("--config", action="append", choices=list(CONFIGS), help="configurations (default: all)")
+    parser.add_quick_default("--batches", 5, 2, "forwards per sample at least")
+    parser.add_argument("--sample-seconds", type=float, default=0.5, help="a sample's length with the loop")
+    args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    q = args.quick
-    batches = args.batches or (2 if q else 5)
-    repeats = args.repeats or (3 if q else 9)
-    names = args.config or (list(QUICK) if q else list(CONFIGS))
-    device = torch.device(args.device)
-    start = time.perf_counter()
+    names = args.config or (list(QUICK) if args.quick else list(CONFIGS))
     parts, summaries = [], {}
     for name in names:
-        markdown, summary = measure(name, batches, repeats, q, device, args.sample_seconds)
-        print(markdown + "\n", flush=True)
+        markdown, summary = measure(name, args.batches, args.repeats, args.quick, torch.device(args.device),
+                                    args.sample_seconds)
+        print(f"{name}: auto / loop {summary['auto']:.3f}, vmap / loop {summary['vmap']:.3f}", flush=True)
         parts.append(markdown)
         summaries[name] = summary
     worst = max(s["auto"] for s in summaries.values())
-    section = f"{args.section}-quick" if q else args.section
-    command = shlex.join(["python", "-m", "benchmarks", "ensemble", *(sys.argv[2:] if argv is None else argv)])
-    header = [
-        f"## {section}: ensemble inference, fast path vs loop vs torchensemble"
-        f"{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {time.perf_counter() - start:.0f} s wall.",
-        "",
+    publish(args, "ensemble inference, fast path vs loop vs torchensemble", [
         f"{MEMBERS} members of one architecture (random weights, randomized batch-norm statistics, eval mode) on "
-        f"device `{args.device}`; a sample is >= {batches} ensemble forwards with soft voting, no gradients, lasting "
-        f"about {args.sample_seconds} s with the loop; 1 warm-up round, {repeats} interleaved repeats. Ratios in "
-        "this summary and the lines under each heading are medians of per-round (paired) ratios; the tables give "
-        "ratios of medians. Outputs of all five agree (rtol 1e-4, atol 1e-5) before "
+        f"device `{args.device}`; a sample is >= {args.batches} ensemble forwards with soft voting, no gradients, "
+        f"lasting about {args.sample_seconds} s with the loop; 1 warm-up round, {args.repeats} interleaved repeats. "
+        "Ratios in this summary and the lines under each heading are medians of per-round (paired) ratios; the "
+        "tables give ratios of medians. Outputs of all five agree (rtol 1e-4, atol 1e-5) before "
         "timing. Target: auto never more than 5% slower than the loop.",
-        "",
-        f"Machine: {machine_description()}.",
         "",
         "| configuration | auto chose | auto / loop | probe chose | probe / loop | probe first batch | vmap / loop "
         "| torchensemble / loop | torchensemble / auto |",
@@ -217,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Worst auto / loop: **{worst:.3f}** ({'within' if worst <= 1.05 else 'OUTSIDE'} the 5% target).",
         "",
-    ]
-    markdown = "\n".join(header + parts)
-    if not args.no_write:
-        print(f"wrote section {section!r} of {write_results(section, markdown)}")
+        *parts,
+    ])
     return 0

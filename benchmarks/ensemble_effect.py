@@ -24,21 +24,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import statistics
-import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
 from lightning_tricks import Ensemble, SnapshotEnsemble
 from lightning_tricks.zoo import DigitsDataModule, ImageClassifier
 
@@ -98,8 +93,9 @@ def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict[str, float
     return result
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks ensemble_effect", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    # one thread: tiny models gain nothing from more, and on a shared machine extra threads are very slow
+    p = BenchmarkParser("ensemble_effect", __doc__, threads=1, section="ensemble-effect")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--subset", type=int, default=100, help="training images kept (stratified)")
@@ -111,11 +107,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-epochs", type=int, default=None,
                    help="epochs of the snapshot run (default: members x epochs, the independent ensemble's cost)")
     p.add_argument("--snapshot-lr", type=float, default=0.05, help="alpha0 of the snapshot cycles")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: tiny models gain nothing from more, and a shared machine "
-                        "makes extra threads very slow)")
-    p.add_argument("--section", default="ensemble-effect")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
 
 
@@ -126,8 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -155,12 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{mean('snapshot_ensemble'):.1f} | {mean('snapshot_ensemble') - mean('last_snapshot'):+.1f} | "
                  f"{mean('single_long'):.1f} |")
     gains = [r["soft"] - r["mean_member"] for r in rows.values()]
-    command = shlex.join(["python", "-m", "benchmarks", "ensemble_effect", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {args.section}: ensembles on digits, test accuracy (%)",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {time.perf_counter() - start:.0f} s wall.",
-        "",
+    publish(args, "ensembles on digits, test accuracy (%)", [
         f"Digits with {args.subset} training images (stratified subset; the split, the subset and all "
         f"initializations are fixed by the seed), 270 test images. Members: {args.members} x `simple_cnn` "
         f"(width {args.width}), SGD momentum 0.9, lr {args.lr}, cosine over {args.epochs} epochs, batch "
@@ -169,11 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"trained like a member but for {args.snapshot_epochs} epochs. Soft-voting gain over the mean member: "
         f"{', '.join(f'{g:+.1f}' for g in gains)} points (target: >= +1 on every seed).",
         "",
-        f"Machine: {machine_description()}.",
-        "",
         *lines,
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {args.section!r} of {write_results(args.section, markdown)}")
     return 0

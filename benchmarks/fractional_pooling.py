@@ -12,17 +12,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from benchmarks._structural import add_common_options, apply_common_options, publish
+from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import format_table, interleaved, ratios
-from benchmarks.step import measure_step
+from benchmarks.step import measure_step_options, step_protocol
 from lightning_tricks import FractionalMaxPooling, SeededFractionalMaxPool2d
 from lightning_tricks.regularization._randomness import LayerRandomness
 
@@ -36,16 +34,11 @@ def _layer_case(layer: nn.Module, x: torch.Tensor, calls: int):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks fractional_pooling",
-                                     description=__doc__.split("\n\n")[0])
-    add_common_options(parser, steps=20, batch_size=128)
+    parser = BenchmarkParser("fractional_pooling", __doc__, quick="smoke run: 3 repeats, 3 steps", repeats=5)
+    parser.add_step_options(batch_size=128, steps=(20, 3), warmup_steps=2)
     parser.add_argument("--layer-calls", type=int, default=20, help="forward+backward calls per layer sample")
     args = parser.parse_args(argv)
-    apply_common_options(args)
-    start = time.perf_counter()
-    samples = measure_step({"baseline": [], "fractional": [FractionalMaxPooling]}, backbone="simple_cnn",
-                           batch_size=args.batch_size, image_size=args.image_size, channels=3, steps=args.steps,
-                           repeats=args.repeats, warmup_steps=args.warmup_steps, quick=args.quick)
+    samples = measure_step_options({"baseline": [], "fractional": [FractionalMaxPooling]}, args, backbone="simple_cnn")
     x = torch.randn(args.batch_size, 32, 32, 32)
     ratio = 1 / math.sqrt(2)
     ours = SeededFractionalMaxPool2d(2, ratio, LayerRandomness(0))
@@ -53,12 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "SeededFractionalMaxPool2d": ours}
     layer_samples = interleaved({name: _layer_case(layer, x, args.layer_calls) for name, layer in layers.items()},
                                 repeats=args.repeats, quick=args.quick)
-    wall = time.perf_counter() - start
     r, lr = ratios(samples, "baseline"), ratios(layer_samples, "MaxPool2d")
-    lines = [
+    publish(args, "training-step time, FractionalMaxPooling vs MaxPool2d", [
         f"Whole step: backbone `simple_cnn`, batch {args.batch_size}, 3x{args.image_size}x{args.image_size}, CPU, "
-        f"torch threads {torch.get_num_threads()}; per fit {args.warmup_steps} warm-up + {args.steps} measured steps, "
-        f"sample = median step; 1 warm-up round, {args.repeats} interleaved repeats. With ratio 1/sqrt(2) the maps "
+        f"torch threads {torch.get_num_threads()}; {step_protocol(args)}. With ratio 1/sqrt(2) the maps "
         f"after the pools are {int(args.image_size * ratio)}x{int(args.image_size * ratio)} and "
         f"{int(int(args.image_size * ratio) * ratio)}x{int(int(args.image_size * ratio) * ratio)} instead of "
         f"{args.image_size // 2}x{args.image_size // 2} and {args.image_size // 4}x{args.image_size // 4}.",
@@ -72,7 +63,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"FractionalMaxPooling step / plain step = **{r['fractional']:.3f}**; our layer / torch's layer = "
         f"{lr['SeededFractionalMaxPool2d'] / lr['torch FractionalMaxPool2d']:.3f}.",
-    ]
-    publish("fractional_pooling", "training-step time, FractionalMaxPooling vs MaxPool2d", argv, wall, lines,
-            args.quick, args.no_write)
+    ])
     return 0

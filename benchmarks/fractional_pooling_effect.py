@@ -13,14 +13,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks._structural import mean_std, publish, train_digits
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._digits import train_digits
+from benchmarks.harness import mean_std
 from lightning_tricks import FractionalMaxPooling
 from lightning_tricks.regularization.fractional_pooling import average_pooling_draws, fractional_pools
 
@@ -35,18 +35,12 @@ def _scores(log_probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks fractional_pooling_effect",
-                                     description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("fractional_pooling_effect", __doc__)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=12, help="pooling draws averaged at test (default 12)")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("plain", "fixed", "one", "average")}
     for seed in args.seeds:
         model, data, _ = train_digits("simple_cnn", [], seed, args.epochs, args.lr)
@@ -64,7 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows["average"].append(_scores(average_pooling_draws(model, x, args.samples), y))
         print(f"seed {seed}: " + ", ".join(f"{k} acc {v[-1][0]:.4f} nll {v[-1][1]:.4f}" for k, v in rows.items()),
               flush=True)
-    wall = time.perf_counter() - start
     labels = {"plain": "MaxPool2d (plain simple_cnn)", "fixed": "fractional, fixed regions (deterministic eval)",
               "one": "fractional, 1 random draw", "average": f"fractional, {args.samples} draws averaged"}
     table = ["| model / test procedure | test accuracy % (mean ± std) | test NLL (mean) | per seed accuracy % |",
@@ -80,6 +73,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *table,
     ]
-    publish("fractional_pooling_effect", "test accuracy, fractional pooling with k-draw averaging (digits)", argv,
-            wall, lines, False, args.no_write)
+    publish(args, "test accuracy, fractional pooling with k-draw averaging (digits)", lines)
     return 0

@@ -193,3 +193,23 @@ def write_results(section: str, markdown: str, path: str | Path = RESULTS_PATH) 
         text = f"{text.rstrip()}\n\n{block}\n"
     path.write_text(text)
     return path
+
+
+def per_call(fn: Callable[[], object], calls: int) -> Callable[[], float]:
+    """A case for :func:`interleaved` whose sample is the median time of ``calls`` calls of ``fn``."""
+
+    def run() -> float:
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return run
+
+
+def mean_std(fractions: Sequence[float], digits: int = 2) -> str:
+    """``mean ± std`` (sample std; 0 for one value) of fractions, shown as percentages."""
+    std = statistics.stdev(fractions) if len(fractions) > 1 else 0.0
+    return f"{100 * statistics.mean(fractions):.{digits}f} ± {100 * std:.{digits}f}"

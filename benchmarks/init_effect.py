@@ -14,15 +14,13 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -36,42 +34,30 @@ def _example(name: str) -> ModuleType:
     return module
 
 
-def _publish(section: str, title: str, command: str, wall: float, setup: str, table: str, no_write: bool) -> None:
-    markdown = "\n".join([
-        f"## {section}: {title}", "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.", "",
-        f"Machine: {machine_description()}.", "", setup, "", table])
-    print(markdown)
-    if not no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks init_effect", description=__doc__.split("\n\n")[0])
+    p = BenchmarkParser("init_effect", __doc__, section="init")
     p.add_argument("--part", choices=["statistics", "training", "all"], default="all")
     p.add_argument("--seed", type=int, default=0, help="seed of the statistics table (default 0)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     p.add_argument("--lr", type=float, default=0.01, help="training learning rate (default 0.01)")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
     if args.part in ("statistics", "all"):
-        example, start = _example("init_statistics"), time.perf_counter()
+        example = _example("init_statistics")
         table = example.statistics_table(example.lecture_statistics(args.seed))
-        _publish("init-statistics", "activation std per layer, the lectures' five initializations",
-                 f"python -m benchmarks init_effect --part statistics --seed {args.seed}", time.perf_counter() - start,
-                 f"6 bias-free layers of 4096 units, batch 16, x ~ N(0, 1), seed {args.seed}; the std of each "
-                 "layer's activations; 'saturated' is the mean fraction with |tanh| > 0.99.", table, args.no_write)
+        publish(args, "activation std per layer, the lectures' five initializations", [
+            f"6 bias-free layers of 4096 units, batch 16, x ~ N(0, 1), seed {args.seed}; the std of each "
+            "layer's activations; 'saturated' is the mean fraction with |tanh| > 0.99.", "", table],
+            section=f"{args.section}-statistics")
     if args.part in ("training", "all"):
-        example, start = _example("init_training"), time.perf_counter()
+        example, args.started = _example("init_training"), time.perf_counter()  # this section's own wall time
         depth, width = 12, 128
         table = example.training_table(args.seeds, args.epochs, depth, width, args.lr)
-        _publish("init-training", "a deep plain ReLU MLP on digits, per initialization",
-                 f"python -m benchmarks init_effect --part training --seeds {args.seeds} --epochs {args.epochs} "
-                 f"--lr {args.lr}", time.perf_counter() - start,
-                 f"Zoo MLP with {depth} hidden layers of {width} ReLU units, no normalization, SGD lr {args.lr}, "
-                 f"momentum 0.9, cosine, {args.epochs} epochs, digits batch 64; seeds 0..{args.seeds - 1}; only the "
-                 "init differs (the first row has no WeightInit callback).", table, args.no_write)
+        publish(args, "a deep plain ReLU MLP on digits, per initialization", [
+            f"Zoo MLP with {depth} hidden layers of {width} ReLU units, no normalization, SGD lr {args.lr}, "
+            f"momentum 0.9, cosine, {args.epochs} epochs, digits batch 64; seeds 0..{args.seeds - 1}; only the "
+            "init differs (the first row has no WeightInit callback).", "", table],
+            section=f"{args.section}-training")
     return 0
 
 

@@ -20,15 +20,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import time
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks._structural import mean_std, publish
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._digits import top1_accuracy
+from benchmarks.harness import mean_std
 from lightning_tricks import LargeBatchScaling
 from lightning_tricks.zoo import DigitsDataModule, ImageClassifier
 
@@ -44,26 +44,16 @@ def run(accumulate: int, callbacks: list, epochs: int, lr: float, seed: int) -> 
                          enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
                          default_root_dir="/tmp")
     trainer.fit(model, datamodule=data)
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in data.test_dataloader():
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
-    return correct / total
+    return top1_accuracy(model.eval(), data.test_dataloader())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks large_batch", description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("large_batch", __doc__)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=0.05, help="the learning rate for batch 32 (the zoo default)")
     parser.add_argument("--accumulate", type=int, default=16, help="global batch = 32 x this")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     big = 32 * args.accumulate
@@ -73,13 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batch {big}, scaling": (args.accumulate, lambda: [LargeBatchScaling(warmup_epochs=0)]),
         f"batch {big}, scaling + warm-up": (args.accumulate, lambda: [LargeBatchScaling()]),
     }
-    start = time.perf_counter()
     results: dict[str, list[float]] = {name: [] for name in configs}
     for seed in args.seeds:
         for name, (accumulate, callbacks) in configs.items():
             results[name].append(run(accumulate, callbacks(), args.epochs, args.lr, seed))
             print(f"seed {seed} {name}: {results[name][-1]:.4f}", flush=True)
-    wall = time.perf_counter() - start
     table = ["| run | learning rate | test accuracy % (mean ± std) | per seed % |", "|---|---|---:|---|"]
     lrs = {"batch 32": f"{args.lr}", f"batch {big}, no scaling": f"{args.lr}",
            f"batch {big}, scaling": f"{args.lr * args.accumulate:g}",
@@ -95,6 +83,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *table,
     ]
-    publish("large_batch", f"linear scaling rule and warm-up, batch 32 vs {big} (digits)", argv, wall, lines, False,
-            args.no_write)
+    publish(args, f"linear scaling rule and warm-up, batch 32 vs {big} (digits)", lines)
     return 0

@@ -12,18 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
-import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.harness import format_table, interleaved, machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved
 from lightning_tricks.init import LSUVLayer, lsuv, select_modules
 from lightning_tricks.init._measure import measurement_mode
 from lightning_tricks.init.lsuv_init import output_variance
@@ -73,24 +69,19 @@ def lsuv_reference(module: nn.Module, inputs: torch.Tensor, tol: float = 0.1, ma
     return report
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks lsuv", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("lsuv", __doc__, quick="smoke run: 3 repeats, batch 32", repeats=5, section="lsuv-{backbone}")
     p.add_argument("--backbone", default="resnet56")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_quick_default("--batch-size", 128, 32, "batch size")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference", action="store_true", help="also time the paper's multi-pass LSUV")
-    p.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, batch 32")
-    p.add_argument("--section", default=None, help="RESULTS.md section (default 'lsuv-<backbone>')")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: measure, print the ratio table, write the section of RESULTS.md."""
     args = _parser().parse_args(argv)
-    batch_size = 32 if args.quick else args.batch_size
-    repeats = 3 if args.quick else args.repeats
+    batch_size, repeats = args.batch_size, args.repeats
     torch.manual_seed(0)
     model = build_backbone(args.backbone, num_classes=10, in_channels=3, image_size=args.image_size)
     x = torch.randn(batch_size, 3, args.image_size, args.image_size)
@@ -113,26 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = {"forward+backward": step, "lsuv": run_lsuv}
     if args.reference:
         cases["lsuv, paper's multi-pass"] = run_reference
-    start = time.perf_counter()
     samples = interleaved(cases, repeats=repeats, quick=args.quick)
-    wall = time.perf_counter() - start
-    section = args.section or f"lsuv-{args.backbone}" + ("-quick" if args.quick else "")
-    command = shlex.join(["python", "-m", "benchmarks", "lsuv", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {section}: LSUV vs one forward+backward step{' (quick smoke run, not a figure)' if args.quick else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
+    publish(args, "LSUV vs one forward+backward step", [
         f"Backbone `{args.backbone}` ({layers} conv/linear layers), batch {batch_size}, 3x{args.image_size}x"
         f"{args.image_size}, CPU. `lsuv` = orthonormal pre-init + single-pass scaling ({iterations['lsuv']} rescalings "
         f"in all, tol 0.1)" + (f"; the paper's multi-pass procedure made {iterations['reference']}" if args.reference
                                else "") + f". 1 warm-up round, {repeats} interleaved repeats.",
         "",
-        f"Machine: {machine_description()}.",
-        "",
         format_table(samples, "forward+backward"),
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0

@@ -16,14 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 
 import torch
 
-from benchmarks._regularization import command, parser, per_call, publish
-from benchmarks.harness import format_table, interleaved, machine_description, medians
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians, per_call
 from benchmarks.step import measure_step
 
 
@@ -56,16 +54,10 @@ def _mixup_callback(**kwargs):  # a factory: benchmarks.step builds callbacks af
     return Mixup(**kwargs)
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print, and write the ``mixup`` section of RESULTS.md."""
-    args = parser("mixup", __doc__).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    q = args.quick
-    repeats = args.repeats or (3 if q else 7)
-    start = time.perf_counter()
+    args = BenchmarkParser("mixup", __doc__, quick="smoke run: fewer steps and repeats", repeats=7).parse_args(argv)
+    q, repeats = args.quick, args.repeats
     steps = measure_step({
         "baseline": [],
         "Mixup()": [lambda: _mixup_callback()],
@@ -78,14 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_meds = medians(steps)
     overheads = ", ".join(f"{name} {step_meds[name] / step_meds['baseline']:.3f}x" for name in step_meds
                           if name != "baseline")
-    wall = time.perf_counter() - start
-    section = "mixup-quick" if q else "mixup"
-    markdown = "\n".join([
-        f"## {section}: Mixup overhead and speed{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command('mixup', args)}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{wall:.0f} s wall. Machine: {machine_description()}.",
-        "",
+    publish(args, "Mixup overhead and speed", [
         f"Training step, `ImageClassifier('simple_cnn')`, batch {32 if q else 128}, 3x32x32, CPU "
         f"(median step per fit, {repeats} interleaved repeats). **Overhead: {overheads}** (target <= 1.05x).",
         "",
@@ -97,5 +82,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         format_table(transforms, baseline),
     ])
-    publish(section, markdown, args.no_write)
     return 0

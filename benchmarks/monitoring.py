@@ -17,23 +17,19 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
-import shlex
 import statistics
-import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.harness import interleaved, machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import interleaved
 from benchmarks.step import StepTimer
 from lightning_tricks import DeadUnitMonitor, ImageClassifier, SyntheticDataModule, UpdateRatioMonitor
 from lightning_tricks.monitoring import find_watched_modules
@@ -79,12 +75,12 @@ CASES: dict[str, Callable[[], list[Callback]]] = {
 
 
 def measure(backbone: str, batch_size: int, steps: int, warmup_steps: int, repeats: int, quick: bool,
-            accelerator: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+            accelerator: str, image_size: int = 32) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per case, one median and one mean step time (seconds) per repetition, interleaved."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     datamodule = SyntheticDataModule(num_samples=batch_size * (steps + warmup_steps), num_classes=10,
-                                     image_shape=[3, 32, 32], batch_size=batch_size, seed=0)
+                                     image_shape=[3, image_size, image_size], batch_size=batch_size, seed=0)
     datamodule.setup("fit")
     medians: dict[str, list[float]] = {name: [] for name in CASES}
 
@@ -92,7 +88,7 @@ def measure(backbone: str, batch_size: int, steps: int, warmup_steps: int, repea
         def run() -> float:
             gc.collect()
             torch.manual_seed(0)
-            model = ImageClassifier(backbone, num_classes=10, in_channels=3, image_size=32, schedule="none",
+            model = ImageClassifier(backbone, num_classes=10, in_channels=3, image_size=image_size, schedule="none",
                                     lr=0.01)
             timer = StepTimer(warmup_steps)
             trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1,
@@ -123,55 +119,29 @@ def table(medians: dict[str, list[float]], means: dict[str, list[float]]) -> str
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks monitoring", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="resnet56")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="measured steps per fit (default 50; 6 with --quick)")
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared machine two threads waiting on each other at "
-                        "every barrier turn a busy neighbour into a 10x slower step; one thread degrades smoothly)")
-    p.add_argument("--quick", action="store_true", help="smoke run: resnet20, batch 16, few steps and repeats")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table, write the ``monitoring`` section of RESULTS.md."""
-    args = _parser().parse_args(argv)
-    q = args.quick
-    backbone = "resnet20" if q and args.backbone == "resnet56" else args.backbone
-    batch_size = 16 if q and args.batch_size == 64 else args.batch_size
-    steps = args.steps or (6 if q else 50)
-    repeats = args.repeats or (3 if q else 5)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    medians, means = measure(backbone, batch_size, steps, args.warmup_steps, repeats, q, args.accelerator)
-    wall = time.perf_counter() - start
-    section = "monitoring-quick" if q else "monitoring"
-    command = shlex.join(["python", "-m", "benchmarks", "monitoring", *(sys.argv[2:] if argv is None else argv)])
+    # one thread by default: on a shared machine two threads waiting on each other at every barrier turn a busy
+    # neighbour into a 10x slower step; one thread degrades smoothly
+    parser = BenchmarkParser("monitoring", __doc__, quick="smoke run: resnet20, batch 16, few steps and repeats",
+                             repeats=5, threads=1, device="--accelerator")
+    parser.add_quick_default("--backbone", "resnet56", "resnet20", "zoo backbone")
+    parser.add_step_options(batch_size=(64, 16), steps=(50, 6), warmup_steps=2)
+    args = parser.parse_args(argv)
+    steps = args.steps
+    medians, means = measure(args.backbone, args.batch_size, steps, args.warmup_steps, args.repeats, args.quick,
+                             args.accelerator, args.image_size)
     measured_steps = f"steps {args.warmup_steps}..{args.warmup_steps + steps - 1}"
-    markdown = "\n".join([
-        f"## {section}: DeadUnitMonitor and UpdateRatioMonitor step overhead{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
-        f"`ImageClassifier('{backbone}')`, SGD, synthetic 3x32x32 data, batch {batch_size}, accelerator "
-        f"`{args.accelerator}`, {args.threads} torch thread(s). Per fit {args.warmup_steps} warm-up + {steps} measured steps ({measured_steps}; "
+    publish(args, "DeadUnitMonitor and UpdateRatioMonitor step overhead", [
+        f"`ImageClassifier('{args.backbone}')`, SGD, synthetic 3x{args.image_size}x{args.image_size} data, batch "
+        f"{args.batch_size}, accelerator `{args.accelerator}`, {torch.get_num_threads()} torch thread(s). Per fit "
+        f"{args.warmup_steps} warm-up + {steps} measured steps ({measured_steps}; "
         "UpdateRatioMonitor measures the steps that are multiples of 50); per fit the median and the mean step "
-        f"time are taken; 1 warm-up round, {repeats} interleaved repeats; the table shows the median over repeats "
-        "and its ratio to the baseline. Targets: DeadUnitMonitor <= 1.05 per step, UpdateRatioMonitor(every 50) "
-        "<= 1.05 averaged over steps. DeadUnitMonitor's once-per-epoch reduction (and all-reduce) runs at the "
+        f"time are taken; 1 warm-up round, {args.repeats} interleaved repeats; the table shows the median over "
+        "repeats and its ratio to the baseline. Targets: DeadUnitMonitor <= 1.05 per step, UpdateRatioMonitor(every "
+        "50) <= 1.05 averaged over steps. DeadUnitMonitor's once-per-epoch reduction (and all-reduce) runs at the "
         "epoch end, outside these steps.",
-        "",
-        f"Machine: {machine_description()}.",
         "",
         table(medians, means),
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0

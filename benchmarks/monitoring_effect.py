@@ -13,20 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import shlex
 import statistics
-import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"sane": ROOT / "examples" / "monitoring.yaml", "dead": ROOT / "examples" / "monitoring_dead.yaml"}
@@ -60,10 +55,9 @@ def run_config(config: Path, seed: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks monitoring_effect", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("monitoring_effect", __doc__, section="monitoring-effect")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and docs/img alone")
     return p
 
 
@@ -71,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run both configs over the seeds, print and write the table, save the heat maps."""
     args = _parser().parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    start = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         import os
@@ -87,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"val_acc {result['val_acc']:.4f}", flush=True)
         finally:
             os.chdir(cwd)
-    wall = time.perf_counter() - start
 
     rows = ["| config | lr | dead units, last epoch (per seed) | mean | max over epochs (mean) | DeadUnitMonitor warned "
             "| median update ratio, last | UpdateRatioMonitor warned | first loss | val acc (mean) |",
@@ -108,18 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for epoch in range(len(results["sane"][0]["dead_per_epoch"])):
         per_epoch.append(f"| {epoch} | " + " | ".join(f"{100 * results[n][0]['dead_per_epoch'][epoch]:.1f}%"
                                                        for n in results) + " |")
-    command = shlex.join(["python", "-m", "benchmarks", "monitoring_effect",
-                          *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        "## monitoring-effect: dead ReLU units on digits, sane vs huge learning rate",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall. Seeds {args.seeds}.",
-        "",
-        "The two shipped configs (ImageClassifier `mlp` backbone, 3 hidden layers of 256 ReLU units, SGD momentum "
-        "0.9, constant learning rate, 10 epochs, digits batch 64) differ only in the learning rate. A unit is dead for an "
-        "epoch when it never fired on any training example of that epoch.",
-        "",
-        f"Machine: {machine_description()}.",
+    publish(args, "dead ReLU units on digits, sane vs huge learning rate", [
+        f"Seeds {args.seeds}. The two shipped configs (ImageClassifier `mlp` backbone, 3 hidden layers of 256 ReLU "
+        "units, SGD momentum 0.9, constant learning rate, 10 epochs, digits batch 64) differ only in the learning "
+        "rate. A unit is dead for an epoch when it never fired on any training example of that epoch.",
         "",
         *rows,
         "",
@@ -127,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *per_epoch,
     ])
-    print(markdown)
     if not args.no_write:
-        print(f"\nwrote section 'monitoring-effect' of {write_results('monitoring-effect', markdown)}")
         from lightning_tricks.monitoring.plots import save_figure
 
         for name, runs in results.items():

@@ -16,19 +16,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import mean_std
 
 
 def configurations() -> dict[str, Callable[[], list[Callback]]]:
@@ -59,59 +55,38 @@ def train_once(callbacks: list[Callback], seed: int, epochs: int, subset: int) -
     return {"val": val, "test": test}
 
 
-def _summary(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks regularization_effect", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=None, help="epochs per fit (default 30; 5 with --quick)")
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("regularization_effect", __doc__, quick="smoke run: 5 epochs, one seed",
+                        threads=1, section="regularization-effect")  # one thread: the model is tiny
+    p.add_quick_default("--epochs", 30, 5, "epochs per fit")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--subset", type=int, default=300, help="training images (default 300)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the model is tiny)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 5 epochs, one seed")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train every configuration for every seed, print the table, write the section of RESULTS.md."""
     args = _parser().parse_args(argv)
-    epochs = args.epochs or (5 if args.quick else 30)
+    epochs = args.epochs
     seeds = args.seeds[:1] if args.quick else args.seeds
-    torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|GPU available).*")
-    start = time.perf_counter()
     configs = configurations()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for seed in seeds:  # configurations interleaved within each seed
         for name, make in configs.items():
             results[name].append(train_once(make(), seed, epochs, args.subset))
             print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
-    wall = time.perf_counter() - start
     lines = ["| configuration | val accuracy % (mean ± std) | per seed | test accuracy % (mean ± std) |",
              "|---|---:|---|---:|"]
     for name, runs in results.items():
         vals, tests = [r["val"] for r in runs], [r["test"] for r in runs]
-        lines.append(f"| {name} | {_summary(vals)} | {', '.join(f'{100 * v:.1f}' for v in vals)} | {_summary(tests)} |")
-    section = "regularization-effect-quick" if args.quick else "regularization-effect"
-    command = "python -m benchmarks regularization_effect" + (" --quick" if args.quick else "")
-    markdown = "\n".join([
-        f"## {section}: Cutout and Mixup on digits with {args.subset} training images"
-        f"{' (quick smoke run, not a figure)' if args.quick else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall. "
-        f"Machine: {machine_description()}.",
-        "",
+        lines.append(f"| {name} | {mean_std(vals, 1)} | {', '.join(f'{100 * v:.1f}' for v in vals)} | {mean_std(tests, 1)} |")
+    publish(args, f"Cutout and Mixup on digits with {args.subset} training images", [
         f"`ImageClassifier('simple_cnn')` on 8x8 digits, {args.subset} training images (stratified, split_seed 0), "
         f"270 validation and 270 test images, SGD lr 0.05 + cosine, weight decay 5e-4, batch 32, {epochs} epochs, "
         f"accuracy after the last epoch; seeds {', '.join(map(str, seeds))} (std over seeds).",
         "",
         *lines,
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0

@@ -18,20 +18,18 @@ import argparse
 import gc
 import importlib
 import logging
-import shlex
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.harness import format_table, interleaved, machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved
 from lightning_tricks.zoo import ImageClassifier, SyntheticDataModule
 
 CallbackSpec = str | type[Callback] | Callable[[], Callback]
@@ -193,6 +191,24 @@ def measure_step(
                        quick=quick)
 
 
+def measure_step_options(configs: Mapping[str, Sequence[CallbackSpec]], args: argparse.Namespace,
+                         backbone: str | None = None, channels: int = 3) -> dict[str, list[float]]:
+    """:func:`measure_step` with the options of :meth:`BenchmarkParser.add_step_options` (``--accelerator`` if any).
+
+    ``backbone`` defaults to ``args.backbone``.
+    """
+    return measure_step(configs, backbone=backbone or args.backbone, batch_size=args.batch_size,
+                        image_size=args.image_size, channels=channels, steps=args.steps, repeats=args.repeats,
+                        warmup_steps=args.warmup_steps, accelerator=getattr(args, "accelerator", "cpu"),
+                        quick=args.quick)
+
+
+def step_protocol(args: argparse.Namespace) -> str:
+    """How :func:`measure_step_options` took its samples, for a section's description."""
+    return (f"per fit {args.warmup_steps} warm-up + {args.steps} measured steps, sample = median step; 1 warm-up "
+            f"round, {args.repeats} interleaved repeats")
+
+
 def _case_names(groups: Sequence[str]) -> dict[str, list[str]]:
     configs: dict[str, list[str]] = {BASELINE: []}
     for group in groups:
@@ -202,59 +218,29 @@ def _case_names(groups: Sequence[str]) -> dict[str, list[str]]:
     return configs
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("step", __doc__, quick="smoke run: fewer steps and repeats, smaller batch", repeats=5,
+                        device="--accelerator")
     p.add_argument("--callback", action="append", default=[], metavar="CLASS_PATH",
                    help="a callback class path (built with no arguments); repeat for one configuration each, "
                         "comma-separate to measure several together (default: benchmarks.step.NoOpCallback)")
     p.add_argument("--backbone", default="simple_cnn")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 (32 with --quick)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_step_options(batch_size=(128, 32), steps=(20, 5), warmup_steps=(3, 2))
     p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="measured steps per fit (default 20; 5 with --quick)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="discarded steps per fit (default 3; 2 with --quick)")
-    p.add_argument("--repeats", type=int, default=None, help="repetitions per configuration (default 5; 3 with --quick)")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer steps and repeats, smaller batch")
-    p.add_argument("--section", default="step", help="RESULTS.md section (default 'step'; '-quick' is appended with --quick)")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: measure, print the ratio table, write the section of RESULTS.md."""
     args = _parser().parse_args(argv)
-    q = args.quick
-    batch_size = args.batch_size or (32 if q else 128)
-    steps = args.steps or (5 if q else 20)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (2 if q else 3)
-    repeats = args.repeats or (3 if q else 5)
     configs = _case_names(args.callback or [f"{__name__}.NoOpCallback"])
-
-    start = time.perf_counter()
-    samples = measure_step(configs, backbone=args.backbone, batch_size=batch_size, image_size=args.image_size,
-                           channels=args.channels, steps=steps, repeats=repeats, warmup_steps=warmup_steps,
-                           accelerator=args.accelerator, quick=q)
-    wall = time.perf_counter() - start
-    table = format_table(samples, BASELINE)
-    section = f"{args.section}-quick" if q else args.section
-    command = shlex.join(["python", "-m", "benchmarks", "step", *(sys.argv[2:] if argv is None else argv)])
+    samples = measure_step_options(configs, args, channels=args.channels)
     cases = "; ".join(f"{name}: {', '.join(paths) or 'no callback'}" for name, paths in configs.items())
-    markdown = "\n".join([
-        f"## {section}: training-step time with callbacks{' (quick smoke run, not a figure)' if q else ''}",
+    publish(args, "training-step time with callbacks", [
+        f"Backbone `{args.backbone}`, batch {args.batch_size}, {args.channels}x{args.image_size}x{args.image_size}, "
+        f"accelerator `{args.accelerator}`; step = `on_train_batch_start` -> `on_train_batch_end`; "
+        f"{step_protocol(args)}. Cases: {cases}.",
         "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
-        f"Backbone `{args.backbone}`, batch {batch_size}, {args.channels}x{args.image_size}x{args.image_size}, "
-        f"accelerator `{args.accelerator}`; per fit {warmup_steps} warm-up + {steps} measured steps "
-        f"(`on_train_batch_start` -> `on_train_batch_end`), sample = median step; 1 warm-up round, "
-        f"{repeats} interleaved repeats. Cases: {cases}.",
-        "",
-        f"Machine: {machine_description()}.",
-        "",
-        table,
+        format_table(samples, BASELINE),
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0

@@ -18,8 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Sequence
 from functools import partial
 
@@ -27,10 +25,11 @@ import lightning.pytorch as pl
 import torch
 import torchvision
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
-from benchmarks._structural import add_common_options, apply_common_options, conv_linear_macs, publish
+from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import format_table, medians
-from benchmarks.step import measure_step
+from benchmarks.step import measure_step_options, step_protocol
 from lightning_tricks import StochasticDepth
 from lightning_tricks.regularization.stochastic_depth import drop_probabilities
 from lightning_tricks.surgery import SwappableMixin, swap_class
@@ -57,6 +56,25 @@ class TorchvisionStochasticDepth(Callback):
             block.tv_p = p
 
 
+def conv_linear_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates of each Conv/Linear module in one forward of ``example``, by module name."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            def hook(m, args, out, name=name):
+                macs[name] = out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            hooks.append(module.register_forward_hook(hook))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: macs.__setitem__(name, out.numel() * m.in_features)))
+    with torch.no_grad():
+        model.eval()(example)
+    for h in hooks:
+        h.remove()
+    return macs
+
+
 def expected_compute_ratio(backbone: str, drop_rate: float, image_size: int) -> float:
     """Fraction of the plain model's multiply-accumulates left on average when blocks are skipped."""
     model = build_backbone(backbone, num_classes=10, in_channels=3)
@@ -69,15 +87,14 @@ def expected_compute_ratio(backbone: str, drop_rate: float, image_size: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks stochastic_depth", description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("stochastic_depth", __doc__, quick="smoke run: 3 repeats, 3 steps", repeats=5)
     parser.add_argument("--backbone", default="resnet56")
     parser.add_argument("--drop-rate", type=float, default=0.5)
     parser.add_argument("--scaling-only", action="store_true",
                         help="only plain, batch (inverted scaling) and batch-test-scaling: what inverted scaling costs "
                              "(section stochastic_depth-scaling)")
-    add_common_options(parser, steps=10, batch_size=64)
+    parser.add_step_options(batch_size=64, steps=(10, 3), warmup_steps=2)
     args = parser.parse_args(argv)
-    apply_common_options(args)
     configs = {
         "baseline": [],
         "batch": [partial(StochasticDepth, args.drop_rate, mode="batch", seed=0)],
@@ -87,20 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.scaling_only:
         configs = {k: v for k, v in configs.items() if k in ("baseline", "batch", "batch-test-scaling")}
-    start = time.perf_counter()
-    samples = measure_step(configs, backbone=args.backbone, batch_size=args.batch_size, image_size=args.image_size,
-                           channels=3, steps=args.steps, repeats=args.repeats, warmup_steps=args.warmup_steps,
-                           quick=args.quick)
-    wall = time.perf_counter() - start
+    samples = measure_step_options(configs, args)
     limit = expected_compute_ratio(args.backbone, args.drop_rate, args.image_size)
     meds = medians(samples)
     ratio = meds["batch"] / meds["baseline"]
     inverted = meds["batch"] / meds["batch-test-scaling"]
-    lines = [
+    title = ("training-step time, inverted vs test-time scaling" if args.scaling_only
+             else "training-step time, StochasticDepth vs plain ResNet")
+    publish(args, title, [
         f"Backbone `{args.backbone}` (zoo), batch {args.batch_size}, 3x{args.image_size}x{args.image_size}, CPU, "
-        f"drop_rate {args.drop_rate} (linear rule; `batch` and `row` with the default inverted scaling), torch threads {torch.get_num_threads()}; per fit "
-        f"{args.warmup_steps} warm-up + {args.steps} measured steps, sample = median step; 1 warm-up round, "
-        f"{args.repeats} interleaved repeats.",
+        f"drop_rate {args.drop_rate} (linear rule; `batch` and `row` with the default inverted scaling), torch threads "
+        f"{torch.get_num_threads()}; {step_protocol(args)}.",
         "",
         format_table(samples, "baseline"),
         "",
@@ -108,9 +122,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"multiply-accumulates left on average). Inverted scaling (`batch`) / the paper's test-time scaling "
         f"(`batch-test-scaling`) = **{inverted:.3f}**."
         + ("" if args.scaling_only else " `torchvision-batch` computes every branch, so it saves nothing."),
-    ]
-    title = ("training-step time, inverted vs test-time scaling" if args.scaling_only
-             else "training-step time, StochasticDepth vs plain ResNet")
-    publish("stochastic_depth", title, argv, wall, lines, args.quick, args.no_write,
-            section="stochastic_depth-scaling" if args.scaling_only else None)
+    ], section=f"{args.section}-scaling" if args.scaling_only else None)
     return 0

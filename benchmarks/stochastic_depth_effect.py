@@ -15,43 +15,28 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks._structural import mean_std, publish, train_digits
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._digits import top1_accuracy, train_digits
+from benchmarks.harness import mean_std
 from lightning_tricks import StochasticDepth
 from lightning_tricks.regularization.stochastic_depth import recalibrate_batch_norm
 
 
-def _accuracy(model, loader) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
-    return correct / total
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks stochastic_depth_effect",
-                                     description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("stochastic_depth_effect", __doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--drop-rate", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", default=None, choices=["plain", "test", "train", "train-row"],
                         help="run only these models (default: all)")
-    parser.add_argument("--section", default=None, help="RESULTS.md section (default stochastic_depth_effect)")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cases = {
         "plain": ("plain ResNet-20", lambda seed: []),
         "test": (f"StochasticDepth({args.drop_rate}), paper's test-time scaling", lambda seed: [
@@ -62,7 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             StochasticDepth(args.drop_rate, mode="row", scaling="train", seed=seed)]),
     }
     configs = dict(value for key, value in cases.items() if args.cases is None or key in args.cases)
-    start = time.perf_counter()
     rows = [*configs] + [f"{name} + BN recalibrated" for name in configs if name != "plain ResNet-20"]
     accuracy: dict[str, list[float]] = {k: [] for k in rows}
     seconds: dict[str, list[float]] = {k: [] for k in configs}
@@ -70,14 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, callbacks in configs.items():
             model, data, secs = train_digits("resnet20", callbacks(seed), seed, args.epochs, args.lr,
                                              resize_to=args.image_size)
-            accuracy[name].append(_accuracy(model, data.test_dataloader()))
+            accuracy[name].append(top1_accuracy(model, data.test_dataloader()))
             seconds[name].append(secs)
             print(f"seed {seed} {name}: test acc {accuracy[name][-1]:.4f}, {secs:.0f} s", flush=True)
             if name != "plain ResNet-20":
                 recalibrate_batch_norm(model, data.train_dataloader())
-                accuracy[f"{name} + BN recalibrated"].append(_accuracy(model.eval(), data.test_dataloader()))
+                accuracy[f"{name} + BN recalibrated"].append(top1_accuracy(model.eval(), data.test_dataloader()))
                 print(f"  recalibrated: {accuracy[f'{name} + BN recalibrated'][-1]:.4f}", flush=True)
-    wall = time.perf_counter() - start
     table = ["| model | test accuracy % (mean ± std) | per seed % | training time (median s) |", "|---|---:|---|---:|"]
     for name in rows:
         secs = f"{statistics.median(seconds[name]):.0f}" if name in seconds else "same model"
@@ -92,6 +75,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *table,
     ]
-    publish("stochastic_depth_effect", "test accuracy, stochastic depth vs plain ResNet-20 (digits 32x32)", argv,
-            wall, lines, False, args.no_write, section=args.section)
+    publish(args, "test accuracy, stochastic depth vs plain ResNet-20 (digits 32x32)", lines)
     return 0

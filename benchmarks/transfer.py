@@ -22,10 +22,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._structural import mean_std, publish
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import mean_std
 from lightning_tricks import Finetune
 from lightning_tricks.zoo import ImageClassifier
 
@@ -120,22 +119,17 @@ def draw(results: dict[str, dict[int, list[float]]], shots: list[int], path: Pat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks transfer", description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser("transfer", __doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 20, 100], help="training images per class")
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every transfer run")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the head's)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-figure", action="store_true")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-figure", action="store_true", help="leave docs/img/transfer.png alone")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     data = digits_tasks()
-    start = time.perf_counter()
     results: dict[str, dict[int, list[float]]] = {m: {s: [] for s in args.shots} for m in METHODS}
     source_acc = []
     with TemporaryDirectory() as tmp:
@@ -155,12 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     model = fit(x, y, callbacks, args.steps, args.lr, seed)
                     results[name][shot].append(accuracy(model, data["test_x"], data["test_y"]))
                     print(f"seed {seed} shots {shot} {name}: {results[name][shot][-1]:.4f}", flush=True)
-    wall = time.perf_counter() - start
     header = "| images per class | " + " | ".join(METHODS) + " |"
     table = [header, "|---:|" + "---:|" * len(METHODS)]
     for shot in args.shots:
         table.append(f"| {shot} | " + " | ".join(mean_std(results[m][shot]) for m in METHODS) + " |")
-    if not args.no_figure:
+    if not (args.no_figure or args.no_write):
         draw(results, args.shots, FIGURE)
     lines = [
         f"Zoo `simple_cnn` (8x8 digits). Pretraining: digits 0-4, all {len(data['source_y'])} images, "
@@ -174,6 +167,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "Figure: `docs/img/transfer.png`.",
     ]
-    publish("transfer", "pretrain on digits 0-4, transfer to 5-9 (scratch / linear probe / fine-tune)", argv, wall,
-            lines, False, args.no_write)
+    publish(args, "pretrain on digits 0-4, transfer to 5-9 (scratch / linear probe / fine-tune)", lines)
     return 0

@@ -24,19 +24,17 @@ import argparse
 import importlib.util
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.harness import format_table, interleaved, machine_description, medians, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians
 from lightning_tricks import TTAWrapper
 from lightning_tricks.zoo import build_backbone
 
@@ -150,18 +148,13 @@ def measure_memory(backbone: str, batch_size: int, repeats: int) -> str:
     return "\n".join(rows)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks tta", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("tta", __doc__, quick="smoke run: small batches, 3 repeats", repeats=7, device="--device")
     p.add_argument("--backbone", action="append", default=None, help="zoo backbone(s) (default simple_cnn and resnet20)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default 64; 16 with --quick)")
-    p.add_argument("--iters", type=int, default=None, help="batches per timed sample (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; 3 with --quick)")
-    p.add_argument("--memory-batch", type=int, default=None, help="batch of the memory cases (default 256; 32 with --quick)")
-    p.add_argument("--device", default="cpu", help="torch device of the speed cases (peak memory is measured on CPU)")
+    p.add_quick_default("--batch-size", 64, 16, "evaluation batch")
+    p.add_argument("--iters", type=int, default=1, help="batches per timed sample (default 1)")
+    p.add_quick_default("--memory-batch", 256, 32, "batch of the memory cases (measured on CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory cases")
-    p.add_argument("--section", default="tta", help="RESULTS.md section (default 'tta'; '-quick' is appended with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke run: small batches, 3 repeats")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--memory-probe", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     return p
 
@@ -170,30 +163,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print, and write the ``tta`` (or ``tta-quick``) section of RESULTS.md."""
     args = _parser().parse_args(argv)
     q = args.quick
-    memory_batch = args.memory_batch or (32 if q else 256)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, (args.backbone or ["resnet20"])[0], memory_batch)))
+        print(json.dumps(memory_probe(args.memory_probe, (args.backbone or ["resnet20"])[0], args.memory_batch)))
         return 0
     backbones = args.backbone or ["simple_cnn", "resnet20"]
-    batch_size = args.batch_size or (16 if q else 64)
-    iters = args.iters or 1
-    repeats = args.repeats or (3 if q else 7)
-    start = time.perf_counter()
+    batch_size, iters, repeats = args.batch_size, args.iters, args.repeats
     sections = []
     for backbone in backbones:
         table, summary, parity = measure_speed(backbone, batch_size, repeats, iters, q, args.device)
         if parity > 1e-4:
             raise AssertionError(f"ours and ttach disagree on the same views ({parity:.2e}): the comparison is void")
         sections += [f"### `{backbone}`, batch {batch_size}, 3x32x32 (time per batch)", "", table, "", summary, ""]
-    memory = None if args.no_memory else measure_memory("resnet20", memory_batch, 1 if q else 3)
-    wall = time.perf_counter() - start
-    section = f"{args.section}-quick" if q else args.section
-    command = shlex.join(["python", "-m", "benchmarks", "tta", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {section}: test-time augmentation{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
+    memory = None if args.no_memory else measure_memory("resnet20", args.memory_batch, 1 if q else 3)
+    publish(args, "test-time augmentation", [
         f"Every case evaluates the same batch under `torch.inference_mode` ({iters} batch(es) per sample); 1 warm-up "
         f"round, {repeats} interleaved repeats, medians. TTA views: `hflip`, `hflip`+`vflip`, `translate` (2 px, "
         f"replicate) keep the 32x32 size; ten-crop = five {CROP}x{CROP} crops and their mirrors. ttach: "
@@ -201,13 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model with a softmax head, which loops over the views (one forward of B rows each); ours runs one forward "
         "of 10B rows.",
         "",
-        f"Machine: {machine_description()}.",
-        "",
         f"Device: `{args.device}`.",
         "",
         *sections,
         *([] if memory is None else [
-            f"### Peak memory, ten-crop (K=10), `resnet20`, batch {memory_batch}",
+            f"### Peak memory, ten-crop (K=10), `resnet20`, batch {args.memory_batch}",
             "",
             f"Each case in {1 if q else 3} fresh processes with 1 thread: resident memory added at the peak of one "
             "evaluation (Linux `VmHWM` reset through `/proc/self/clear_refs`, minus the resident memory before), "
@@ -216,7 +196,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory,
         ]),
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0

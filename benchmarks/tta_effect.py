@@ -13,15 +13,10 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import shlex
 import statistics
-import sys
-import time
 import warnings
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
 from lightning_tricks import DigitsDataModule, ImageClassifier, TTAWrapper
 
 VIEW_SETS: dict[str, dict[str, Any]] = {
@@ -88,14 +83,12 @@ def evaluate(model: ImageClassifier, data: DigitsDataModule) -> dict[str, float]
     return accuracies
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks tta_effect", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("tta_effect", __doc__, quick="smoke run: one seed, one epoch", section="tta-effect")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; 0 with --quick)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 1 with --quick)")
+    p.add_quick_default("--epochs", 8, 1, "training epochs")
     p.add_argument("--width", type=int, default=16, help="simple_cnn width (default 16)")
     p.add_argument("--shift", type=int, default=2, help="max shift of the augmented regime in pixels (default 2)")
-    p.add_argument("--quick", action="store_true", help="smoke run: one seed, one epoch")
-    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
 
 
@@ -104,10 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     q = args.quick
     seeds = args.seeds or ([0] if q else [0, 1, 2])
-    epochs = args.epochs or (1 if q else 8)
+    epochs = args.epochs
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|GPU available|LeafSpec).*")
-    start = time.perf_counter()
     regimes = {"trained without augmentation": 0, f"trained with random shifts <= {args.shift} px": args.shift}
     results: dict[str, dict[str, list[float]]] = {r: {v: [] for v in VIEW_SETS} for r in regimes}
     for regime, shift in regimes.items():
@@ -117,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[regime][name].append(acc)
             print(f"{regime}, seed {seed}: " + ", ".join(f"{k}={v[-1]:.4f}" for k, v in results[regime].items()),
                   flush=True)
-    wall = time.perf_counter() - start
 
     def cell(values: list[float], base: list[float]) -> str:
         mean = 100 * statistics.mean(values)
@@ -129,24 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [header, "|---|" + "---:|" * len(regimes)]
     for name in VIEW_SETS:
         lines.append(f"| {name} | " + " | ".join(cell(results[r][name], results[r]["none"]) for r in regimes) + " |")
-    section = "tta-effect-quick" if q else "tta-effect"
-    command = shlex.join(["python", "-m", "benchmarks", "tta_effect", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {section}: test-time augmentation on digits at 32x32{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
+    publish(args, "test-time augmentation on digits at 32x32", [
         f"`simple_cnn` (width {args.width}) trained {epochs} epochs (SGD, lr 0.05, cosine) on the digits training split "
         f"resized to 32x32; test accuracy (%) on the 270 test images, mean ± std over seeds {seeds}, and in "
         "parentheses the mean change against no TTA for the same models. `translate` = the 3x3 grid of shifts "
         "(replicate padding); `five_crop 28` = corners and center; `scales` = resize to 28, 32, 36 (bilinear). "
         "Merge: mean of probabilities unless stated.",
         "",
-        f"Machine: {machine_description()}.",
-        "",
         *lines,
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0

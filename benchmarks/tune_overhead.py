@@ -18,21 +18,17 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import shlex
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from benchmarks.harness import format_table, interleaved, machine_description, medians, write_results
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, interleaved, medians
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -80,49 +76,29 @@ def make_cases(workdir: Path, epochs: int) -> dict[str, Any]:
     return {"fit": fit, "tune_trial": tune_trial}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks tune_overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=None, help="default 7 (3 with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 3 repeats (not a figure)")
-    p.add_argument("--section", default="tune-overhead")
-    p.add_argument("--no-write", action="store_true")
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("tune_overhead", __doc__, quick="smoke run: 1 epoch, 3 repeats", repeats=7,
+                        section="tune-overhead")
+    p.add_quick_default("--epochs", 2, 1, "epochs per fit")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table, write the ``tune-overhead`` section of RESULTS.md."""
     args = _parser().parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 7)
-    epochs = 1 if args.quick else args.epochs
-    start = time.perf_counter()
+    repeats, epochs = args.repeats, args.epochs
     with tempfile.TemporaryDirectory() as tmp:
         samples = interleaved(make_cases(Path(tmp), epochs), repeats=repeats, quick=args.quick)
-    wall = time.perf_counter() - start
     meds = medians(samples)
-    section = f"{args.section}-quick" if args.quick else args.section
-    command = shlex.join(["python", "-m", "benchmarks", "tune_overhead", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {section}: tune's cost per trial vs a plain fit{' (quick smoke run, not a figure)' if args.quick else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
+    publish(args, "tune's cost per trial vs a plain fit", [
         f"`examples/digits.yaml`, {epochs} epoch(s), no logger or checkpoint files. `fit`: the CLI's fit in this "
         "process; `tune_trial`: one trial of a SQLite study (ask, claim, config file, same CLI build, pruning "
         f"report, curve recorder, 3x-loss break-out, tell). {repeats} interleaved repeats after 1 warm-up, medians.",
-        "",
-        f"Machine: {machine_description()}.",
         "",
         format_table(samples, "fit", scale=1.0, unit="s"),
         "",
         f"Overhead per trial: {meds['tune_trial'] / meds['fit'] - 1:+.1%} "
         f"({meds['tune_trial'] - meds['fit']:+.3f} s on a {meds['fit']:.2f} s fit); target <= +5%.",
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

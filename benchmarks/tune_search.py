@@ -17,21 +17,16 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
-import shlex
 import statistics
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import machine_description, write_results
+from benchmarks._cli import BenchmarkParser, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"model.init_args.lr": {"log_uniform": [1.0e-3, 1.0]},
@@ -69,14 +64,11 @@ def run_study(method: str, seed: int, budget: int, epochs: int, workdir: Path) -
             "best_lr": study.best_params["model.init_args.lr"], "trials": len(done)}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks tune_search", description=__doc__.split("\n\n")[0])
+def _parser() -> BenchmarkParser:
+    p = BenchmarkParser("tune_search", __doc__, quick="smoke run: 2 seeds, budget 4", section="tune-search")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 3 4 (0 1 with --quick)")
-    p.add_argument("--budget", type=int, default=9, help="trials per study (a square for the grid)")
+    p.add_quick_default("--budget", 9, 4, "trials per study (a square for the grid)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, budget 4 (not a figure)")
-    p.add_argument("--section", default="tune-search")
-    p.add_argument("--no-write", action="store_true")
     return p
 
 
@@ -84,14 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run both methods per seed, print the table, write the ``tune-search`` section of RESULTS.md."""
     args = _parser().parse_args(argv)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
-    budget = 4 if args.quick else args.budget
-    start = time.perf_counter()
+    budget = args.budget
     results: dict[str, list[dict[str, Any]]] = {"random": [], "grid": []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for method in ("grid", "random"):  # interleaved per seed
                 results[method].append(run_study(method, seed, budget, args.epochs, Path(tmp)))
-    wall = time.perf_counter() - start
     rows = ["| seed | grid: best val_acc | grid: distinct lr | random: best val_acc | random: distinct lr |",
             "|---:|---:|---:|---:|---:|"]
     for i, seed in enumerate(seeds):
@@ -101,30 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     med = {m: statistics.median(x["best"] for x in results[m]) for m in results}
     wins = sum(r["best"] > g["best"] for r, g in zip(results["random"], results["grid"], strict=True))
     ties = sum(r["best"] == g["best"] for r, g in zip(results["random"], results["grid"], strict=True))
-    section = f"{args.section}-quick" if args.quick else args.section
-    command = shlex.join(["python", "-m", "benchmarks", "tune_search", *(sys.argv[2:] if argv is None else argv)])
-    markdown = "\n".join([
-        f"## {section}: random vs grid search, same budget{' (quick smoke run, not a figure)' if args.quick else ''}",
-        "",
-        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s wall.",
-        "",
+    publish(args, "random vs grid search, same budget", [
         f"`examples/digits.yaml`, {budget} trials of {args.epochs} epoch(s) per study; important: learning rate "
         "log-uniform [1e-3, 1]; unimportant: weight decay log-uniform [1e-7, 1e-5]. Grid: "
         f"{round(math.sqrt(budget))} log-spaced values per parameter; random: Optuna's RandomSampler. The seed sets "
         "the sampler and the training seed.",
-        "",
-        f"Machine: {machine_description()}.",
         "",
         *rows,
         "",
         f"Median best val_acc: grid {med['grid']:.4f}, random {med['random']:.4f}; random better on {wins} of "
         f"{len(seeds)} seeds, tied on {ties}.",
     ])
-    print(markdown)
-    if not args.no_write:
-        print(f"\nwrote section {section!r} of {write_results(section, markdown)}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

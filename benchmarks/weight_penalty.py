@@ -12,14 +12,10 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 
-import torch
-
-from benchmarks._regularization import command, parser, publish
-from benchmarks.harness import format_table, machine_description, medians
+from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import format_table, ratios
 from benchmarks.step import measure_step
 
 
@@ -29,38 +25,24 @@ def _penalty(**kwargs):  # a factory: benchmarks.step builds callbacks afresh fo
     return WeightPenalty(**kwargs)
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print, and write the ``weight_penalty`` section of RESULTS.md."""
-    args = parser("weight_penalty", __doc__).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    q = args.quick
-    repeats = args.repeats or (3 if q else 7)
+    args = BenchmarkParser("weight_penalty", __doc__, quick="smoke run: fewer steps and repeats",
+                           repeats=7).parse_args(argv)
+    q, repeats = args.quick, args.repeats
     batch, steps, warmup_steps = (32, 5, 2) if q else (128, 20, 3)
-    start = time.perf_counter()
     samples = measure_step({
         "no regularization": [],
         "WeightPenalty(l2=2.5e-4)": [lambda: _penalty(l2=2.5e-4)],
         "WeightPenalty(l1=1e-5, l2=2.5e-4)": [lambda: _penalty(l1=1e-5, l2=2.5e-4)],
     }, batch_size=batch, steps=steps, warmup_steps=warmup_steps, repeats=repeats, quick=q,
         model_kwargs={"weight_decay": 0.0})
-    meds = medians(samples)
-    overhead = meds["WeightPenalty(l2=2.5e-4)"] / meds["no regularization"]
-    wall = time.perf_counter() - start
-    section = "weight_penalty-quick" if q else "weight_penalty"
-    markdown = "\n".join([
-        f"## {section}: WeightPenalty overhead{' (quick smoke run, not a figure)' if q else ''}",
-        "",
-        f"`{command('weight_penalty', args)}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC, {wall:.0f} s wall. Machine: {machine_description()}.",
-        "",
+    overhead = ratios(samples, "no regularization")["WeightPenalty(l2=2.5e-4)"]
+    publish(args, "WeightPenalty overhead", [
         f"Training step, `ImageClassifier('simple_cnn')` with SGD, batch {batch}, 3x32x32, CPU; each sample is the "
         f"median step of a fit, {repeats} interleaved repeats; the optimizer's weight_decay is 0. **WeightPenalty(l2) / no regularization: "
         f"{overhead:.3f}x.**",
         "",
         format_table(samples, "no regularization"),
     ])
-    publish(section, markdown, args.no_write)
     return 0

@@ -1,0 +1,146 @@
+"""The command line every benchmark shares: one parser factory and one ``publish`` that writes its RESULTS.md section.
+
+A benchmark's ``main(argv)`` reads::
+
+    args = BenchmarkParser("cutout", __doc__, quick="smoke run: ...", repeats=7).parse_args(argv)
+    ...  # measure, using args.repeats, args.quick, ...
+    publish(args, "Cutout overhead and speed", [description, "", table])
+
+The parser holds the standard options: ``--quick`` (where the benchmark has a smoke run), ``--repeats``
+(where it repeats), ``--threads``, ``--device`` or ``--accelerator`` (where it picks one), ``--section``
+and ``--no-write``; an option whose default shrinks for a smoke run is declared once with both values
+(:meth:`BenchmarkParser.add_quick_default`). Parsing applies ``--threads``, fills those defaults and
+records the reproducing command and the start time, which :func:`publish` puts in the section's header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import MIN_QUICK_REPEATS, RESULTS_PATH, machine_description, write_results
+
+QUICK_MARK = " (quick smoke run, not a figure)"
+"""Appended to a smoke run's section title; its section name also ends in ``-quick``."""
+
+
+class BenchmarkParser(argparse.ArgumentParser):
+    """``argparse`` parser of one benchmark, with the standard options already added.
+
+    Args:
+        name: the benchmark's name (``python -m benchmarks NAME``).
+        doc: the module docstring; its first paragraph is the description.
+        quick: help of ``--quick`` (a smoke run: not a figure); ``None``: no smoke run, ``args.quick`` is False.
+        repeats: default of ``--repeats`` (interleaved repetitions; 3 with ``--quick``); ``None``: no option.
+        threads: default of ``--threads`` (torch CPU threads, applied when parsing); ``None``: torch's choice.
+        device: ``"--device"`` (a torch device) or ``"--accelerator"`` (a Lightning accelerator), default ``cpu``;
+            ``None``: no option.
+        section: default of ``--section`` (default ``name``); it may name other options in braces
+            (``"lsuv-{backbone}"``). ``publish`` appends ``-quick`` for a smoke run.
+
+    Example:
+        >>> args = BenchmarkParser("demo", "A demo.", quick="smoke run", repeats=7).parse_args(["--quick"])
+        >>> args.repeats, args.section, args.command
+        (3, 'demo', 'python -m benchmarks demo --quick')
+    """
+
+    def __init__(self, name: str, doc: str | None, *, quick: str | None = None, repeats: int | None = None,
+                 threads: int | None = None, device: str | None = None, section: str | None = None) -> None:
+        super().__init__(prog=f"python -m benchmarks {name}", description=(doc or "").split("\n\n")[0])
+        self.name = name
+        self._quick_defaults: dict[str, tuple[Any, Any]] = {}
+        if quick is not None:
+            self.add_argument("--quick", action="store_true", help=f"{quick} (not a figure)")
+        self.set_defaults(quick=False)
+        if repeats is not None:
+            self.add_quick_default("--repeats", repeats, MIN_QUICK_REPEATS, "interleaved repetitions")
+        torch_choice = "torch's choice"
+        self.add_argument("--threads", type=int, default=threads,
+                          help=f"torch CPU threads (default {threads or torch_choice})")
+        if device is not None:
+            if device not in ("--device", "--accelerator"):
+                raise ValueError(f"`device`={device!r} is invalid: expected '--device', '--accelerator' or None.")
+            what = "torch device" if device == "--device" else "Lightning accelerator"
+            self.add_argument(device, default="cpu", help=f"{what} (default cpu)")
+        self.add_argument("--section", default=section or name,
+                          help=f"RESULTS.md section (default {section or name!r}; '-quick' appended with --quick)")
+        self.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md (and figures) alone")
+
+    def add_quick_default(self, flag: str, full: Any, quick: Any, help: str) -> None:
+        """Add ``flag`` with default ``full``, or ``quick`` in a smoke run (an explicit value always wins)."""
+        self.add_argument(flag, type=type(full), default=None,
+                          help=f"{help} (default {full}" + ("" if full == quick else f"; {quick} with --quick") + ")")
+        self._quick_defaults[flag.lstrip("-").replace("-", "_")] = (full, quick)
+
+    def add_step_options(self, batch_size: int | tuple[int, int], steps: int | tuple[int, int],
+                         warmup_steps: int | tuple[int, int], image_size: int = 32) -> None:
+        """``--batch-size``, ``--image-size``, ``--steps``, ``--warmup-steps`` of a step-time benchmark.
+
+        Each default is one value, or ``(full, quick)`` where a smoke run uses a smaller one.
+        """
+        for flag, value, help in (("--batch-size", batch_size, "training batch size"),
+                                  ("--steps", steps, "measured steps per fit"),
+                                  ("--warmup-steps", warmup_steps, "discarded steps at the start of each fit")):
+            full, quick = value if isinstance(value, tuple) else (value, value)
+            self.add_quick_default(flag, full, quick, help)
+        self.add_argument("--image-size", type=int, default=image_size, help=f"image side (default {image_size})")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """Parse, fill the quick-dependent defaults, apply ``--threads``, record ``command`` and ``started``."""
+        parsed = super().parse_args(args, namespace)
+        for dest, (full, quick) in self._quick_defaults.items():
+            if getattr(parsed, dest) is None:
+                setattr(parsed, dest, quick if parsed.quick else full)
+        parsed.section = parsed.section.format(**vars(parsed))
+        if parsed.threads:
+            import torch
+
+            torch.set_num_threads(parsed.threads)
+        given = sys.argv[2:] if args is None else args
+        parsed.command = shlex.join(["python", "-m", "benchmarks", self.name, *given])
+        parsed.started = time.perf_counter()
+        return parsed
+
+
+def section_name(args: argparse.Namespace, section: str | None = None) -> str:
+    """The section a run writes: ``section`` (default ``--section``), with ``-quick`` appended for a smoke run."""
+    section = section or args.section
+    return f"{section}-quick" if args.quick else section
+
+
+def publish(args: argparse.Namespace, title: str, body: Sequence[str], *, section: str | None = None,
+            path: str | Path = RESULTS_PATH) -> str:
+    """Print the section and, unless ``--no-write``, write it to the results file; returns its markdown.
+
+    The section is a ``## NAME: title`` heading (marked quick for a smoke run), the reproducing command,
+    the UTC date and the wall seconds since ``args.started`` (set when parsing), the machine, then ``body``.
+
+    Args:
+        args: what :meth:`BenchmarkParser.parse_args` returned.
+        title: what the section measures.
+        body: its lines (description, tables).
+        section: the section's name, for a benchmark that writes several (default ``--section``).
+        path: the results file (default ``benchmarks/RESULTS.md``).
+    """
+    section = section_name(args, section)
+    markdown = "\n".join([
+        f"## {section}: {title}{QUICK_MARK if args.quick else ''}",
+        "",
+        f"`{args.command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{time.perf_counter() - args.started:.0f} s wall.",
+        "",
+        f"Machine: {machine_description()}.",
+        "",
+        *body,
+    ])
+    print(markdown)
+    if not args.no_write:
+        print(f"\nwrote section {section!r} of {write_results(section, markdown, path)}")
+    return markdown
