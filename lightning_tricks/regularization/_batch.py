@@ -161,6 +161,12 @@ def check_float_images(images: Any, owner: str, min_ndim: int) -> torch.Tensor:
     return images
 
 
+def read_images(batch: Any, key: Key, owner: str, min_ndim: int) -> tuple[Slot, torch.Tensor]:
+    """Where the batch's float images are (found by ``key``, see :func:`find_slot`) and the images themselves."""
+    slot = find_slot(batch, key, "images", owner)
+    return slot, check_float_images(get_item(batch, slot), owner, min_ndim)
+
+
 class BatchTransformCallback(Callback):
     """Base of the callbacks that transform training batches; owns their random stream and checkpoint state.
 
@@ -171,6 +177,9 @@ class BatchTransformCallback(Callback):
     and ``seed`` from the checkpoint, draws exactly as the uninterrupted one did. ``seed=None`` takes
     the run's seed (the one given to ``seed_everything``, else ``torch.initial_seed()``; rank 0's under DDP).
     """
+
+    p: float = 1.0
+    """Probability that a batch (or sample) is transformed; subclasses with a ``p`` argument set it."""
 
     def __init__(self, input_key: Key = None, seed: int | None = None) -> None:
         self.input_key = check_key("input_key", input_key)
@@ -184,8 +193,8 @@ class BatchTransformCallback(Callback):
 
     @property
     def active(self) -> bool:
-        """False when the callback is configured off (it then leaves every batch untouched)."""
-        return True
+        """False when the callback is configured off (it then leaves every batch untouched): ``p`` = 0."""
+        return self.p > 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.randomness.setup(trainer)
@@ -198,6 +207,17 @@ class BatchTransformCallback(Callback):
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
         """Transform ``batch``; with ``in_place`` the same batch object must carry the result."""
         raise NotImplementedError
+
+    def _write_images(self, batch: Any, slot: Slot, images: torch.Tensor, out: torch.Tensor, in_place: bool,
+                      what: str) -> Any:
+        """Put ``out`` where ``images`` were: a new batch item where the batch allows it, else (a callback's
+        in-place pass over a tuple) over ``images`` themselves, which must not be a view of a dataset's storage."""
+        if in_place and not can_replace(batch, slot):
+            if images._is_view():
+                raise self._needs_mixin(batch, what)
+            images.copy_(out)
+            return batch
+        return replace_item(batch, slot, out)
 
     def transform_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
         """Return the transformed batch (a new object where needed); what :class:`BatchTransformMixin` calls."""

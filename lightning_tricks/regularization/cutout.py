@@ -21,11 +21,8 @@ from lightning_tricks._validation import InvalidArgumentError, check_int, check_
 from lightning_tricks.regularization._batch import (
     BatchTransformCallback,
     Key,
-    can_replace,
     check_float_images,
-    find_slot,
-    get_item,
-    replace_item,
+    read_images,
 )
 
 NO_HOLE = -1
@@ -201,26 +198,16 @@ class Cutout(BatchTransformCallback):
         self.fill = float(fill)
 
     @property
-    def active(self) -> bool:
-        return self.p > 0.0
-
-    @property
     def state_key(self) -> str:
         return self._generate_state_key(length=self.length, n_holes=self.n_holes, p=self.p, input_key=self.input_key)
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
-        slot = find_slot(batch, self.input_key, "images", self.name)
-        images = check_float_images(get_item(batch, slot), self.name, 3)
+        slot, images = read_images(batch, self.input_key, self.name, 3)
         generator = self._next_generator(trainer, images.device)
-        if in_place and not can_replace(batch, slot):
-            if images._is_view():
-                raise self._needs_mixin(batch, "write holes into images that are a view of another tensor (your "
-                                                "Dataset may yield slices of its storage, which in-place holes would "
-                                                "change)")
-            cutout(images, self.length, self.n_holes, p=self.p, fill=self.fill, generator=generator, inplace=True)
-            return batch
         out = cutout(images, self.length, self.n_holes, p=self.p, fill=self.fill, generator=generator)
-        return replace_item(batch, slot, out)
+        return self._write_images(batch, slot, images, out, in_place,
+                                  "write holes into images that are a view of another tensor (your Dataset may yield "
+                                  "slices of its storage, which in-place holes would change)")
 
 
 __all__ = ["NO_HOLE", "Cutout", "cutout", "cutout_mask", "rectangle_mask", "sample_cutout_centers"]

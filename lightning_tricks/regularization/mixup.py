@@ -44,6 +44,7 @@ from lightning_tricks.regularization._batch import (
     check_key,
     find_slot,
     get_item,
+    read_images,
     replace_item,
 )
 from lightning_tricks.regularization.cutout import rectangle_mask
@@ -505,10 +506,6 @@ class Mixup(BatchTransformCallback):
         self._warned_smoothing = False
 
     @property
-    def active(self) -> bool:
-        return self.p > 0.0
-
-    @property
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, p=self.p, mode=self.mode)
 
@@ -525,11 +522,10 @@ class Mixup(BatchTransformCallback):
                            f"nn.CrossEntropyLoss(label_smoothing={smoothing[0]}) smooth the labels twice; keep one.")
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
-        image_slot = find_slot(batch, self.input_key, "images", self.name)
+        image_slot, images = read_images(batch, self.input_key, self.name, 3 if self.cutmix_alpha else 1)
         target_slot = find_slot(batch, self.target_key, "targets", self.name, after=image_slot)
         if in_place and not (can_replace(batch, image_slot) and can_replace(batch, target_slot)):
             raise self._needs_mixin(batch, "replace the targets with mixed ones")
-        images = check_float_images(get_item(batch, image_slot), self.name, 3 if self.cutmix_alpha else 1)
         targets = get_item(batch, target_slot)
         if not isinstance(targets, torch.Tensor) or targets.shape[:1] != images.shape[:1]:
             shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__

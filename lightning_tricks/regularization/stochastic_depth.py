@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_tricks import surgery
 from lightning_tricks._validation import check_choice, check_int, check_probability
 from lightning_tricks.regularization._callback import StructuralCallback
 from lightning_tricks.regularization._randomness import LayerRandomness
@@ -40,8 +41,6 @@ from lightning_tricks.surgery import (
     Predicate,
     SurgeryReport,
     SwappableMixin,
-    check_patterns,
-    keys_unchanged,
     mark,
     original_class,
     select_modules,
@@ -66,7 +65,7 @@ def check_stochastic_depth_args(drop_rate: float = 0.5, mode: str = "batch", rul
     check_choice("rule", rule, RULES)
     check_choice("scaling", scaling, SCALINGS)
     check_int("warmup_steps", warmup_steps, 0)
-    return check_patterns("blocks", blocks)
+    return surgery.check_patterns("blocks", blocks)
 
 
 def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
@@ -416,7 +415,7 @@ def apply_stochastic_depth(
             mark(module, "StochasticDepth", [p])
         else:
             unmark(module, "StochasticDepth")
-    keys_unchanged(before, model, "StochasticDepth")
+    surgery.keys_unchanged(before, model, "StochasticDepth")
     return report
 
 

@@ -40,11 +40,8 @@ from lightning_tricks._validation import (
 from lightning_tricks.regularization._batch import (
     BatchTransformCallback,
     Key,
-    can_replace,
     check_float_images,
-    find_slot,
-    get_item,
-    replace_item,
+    read_images,
 )
 from lightning_tricks.setup.preprocessing import MomentAccumulator, stream_training_set
 
@@ -303,20 +300,15 @@ class BatchAugment(BatchTransformCallback):
                        f"{[round(float(v), 4) for v in stats.eigenvalues.sqrt()]}.")
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
-        slot = find_slot(batch, self.input_key, "images", self.name)
-        images = check_float_images(get_item(batch, slot), self.name, 3)
+        slot, images = read_images(batch, self.input_key, self.name, 3)
         generator = self._next_generator(trainer, images.device)
         if self.pca_std > 0 and self.pca_basis is None:
             raise InvalidArgumentError("BatchAugment(pca_std > 0) has no PCA basis: it is computed at fit start; "
                                        "outside a fit, pass `pca_basis`.")
         out = augment(images, self.padding, self.flip, self.brightness, self.contrast, self.pca_std,
                       padding_mode=self.padding_mode, pca_basis=self.pca_basis, clamp=self.clamp, generator=generator)
-        if in_place and not can_replace(batch, slot):
-            if images._is_view():
-                raise self._needs_mixin(batch, "write augmented images into images that are a view of another tensor")
-            images.copy_(out)
-            return batch
-        return replace_item(batch, slot, out)
+        return self._write_images(batch, slot, images, out, in_place,
+                                  "write augmented images into images that are a view of another tensor")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pca_basis": self.pca_basis}

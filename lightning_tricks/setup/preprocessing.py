@@ -50,10 +50,8 @@ from lightning_tricks.regularization._batch import (
     BatchFormatError,
     Key,
     can_replace,
-    check_float_images,
     check_key,
-    find_slot,
-    get_item,
+    read_images,
     replace_item,
 )
 
@@ -318,7 +316,7 @@ def stream_training_set(trainer: pl.Trainer, update: Callable[[torch.Tensor], No
         for index, batch in enumerate(loader):
             if (max_batches is not None and index >= max_batches) or remaining == 0:
                 break
-            images = check_float_images(get_item(batch, find_slot(batch, input_key, "images", owner)), owner, 2)
+            images = read_images(batch, input_key, owner, 2)[1]
             if remaining is not None:
                 images, remaining = images[:remaining], remaining - min(remaining, images.shape[0])
             update(move_data_to_device(images, device))
@@ -407,8 +405,7 @@ class Standardize(Callback):
 
     def normalize_batch(self, batch: Any) -> Any:
         """Normalize the inputs of ``batch``: in place where the batch allows it; returns the batch."""
-        slot = find_slot(batch, self.input_key, "images", "Standardize")
-        images = check_float_images(get_item(batch, slot), "Standardize", 2)
+        slot, images = read_images(batch, self.input_key, "Standardize", 2)
         stats = self._stats_for(images)
         if can_replace(batch, slot):
             return replace_item(batch, slot, stats.apply(images))
