@@ -100,3 +100,14 @@ def fit_train_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
 
 def _overrides(obj: Any, base: type, name: str) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name, None)
+
+
+def prepared_train_dataloader(trainer: pl.Trainer) -> Any | None:
+    """The training loader as the fit loop will iterate it (``DistributedSampler`` added under DDP), from
+    ``on_fit_start`` on; None when there is none (Standardize's statistics pass).
+
+    ``fit_loop.setup_data()`` is what the fit loop itself calls first when it runs (it is then a no-op), and
+    ``trainer.train_dataloader`` returns what it set up; there is no public way to have the loader built earlier.
+    """
+    trainer.fit_loop.setup_data()
+    return _first_loader(trainer.train_dataloader)

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_tricks._lightning_internals import prepared_train_dataloader
 from lightning_tricks._validation import (
     ConfigError,
     InvalidArgumentError,
@@ -275,15 +276,8 @@ def fit_statistics(batches: Iterable[torch.Tensor], mode: str = "channel", eps: 
 
 
 def _training_loader(trainer: pl.Trainer) -> Any:
-    """The training DataLoader as the fit loop will iterate it (DistributedSampler injected under DDP).
-
-    ``fit_loop.setup_data()`` is what the fit loop itself calls first when it runs (it is then a no-op), and
-    ``trainer.train_dataloader`` returns what it set up; verified on Lightning 2.6.
-    """
-    trainer.fit_loop.setup_data()
-    loader = trainer.train_dataloader
-    while isinstance(loader, (dict, list, tuple)) and loader:  # several loaders: the first one's inputs
-        loader = next(iter(loader.values())) if isinstance(loader, dict) else loader[0]
+    """The training DataLoader as the fit loop will iterate it (the first one of several)."""
+    loader = prepared_train_dataloader(trainer)
     if loader is None:
         raise ConfigError("Standardize needs the training data, but this fit has no train dataloader.")
     return loader
