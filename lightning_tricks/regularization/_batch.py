@@ -29,7 +29,7 @@ from lightning_tricks._validation import ConfigError, InvalidArgumentError, chec
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
 """Dict keys tried, in order, for the images when ``input_key`` is not given."""
-TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes")
+TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes", "mask", "masks")
 """Dict keys tried, in order, for the targets when ``target_key`` is not given."""
 
 Key = str | int | None
