@@ -121,6 +121,15 @@ def find_slot(batch: Any, key: Key, role: str, owner: str, after: Slot = None) -
                            "or a dict.")
 
 
+def find_targets(batch: Any, target_key: Key = None) -> Any:
+    """The batch's targets where it has them (:func:`find_slot`'s rules), else None: for tricks that only read them."""
+    try:
+        images = find_slot(batch, None, "images", "lightning-tricks")
+        return get_item(batch, find_slot(batch, target_key, "targets", "lightning-tricks", after=images))
+    except BatchFormatError:
+        return None
+
+
 def get_item(batch: Any, slot: Slot) -> Any:
     return batch if slot is None else batch[slot]
 

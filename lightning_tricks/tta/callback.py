@@ -15,7 +15,7 @@ from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_bool
 from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
-from lightning_tricks.regularization._batch import BatchFormatError, find_slot, get_item
+from lightning_tricks.regularization._batch import find_targets
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
 from lightning_tricks.tta.wrapper import _has_randomness, _no_stochastic_layers
@@ -26,15 +26,6 @@ _STAGE_IDS = {"validate": 0, "test": 1, "predict": 2}
 
 class ForwardNotCalledError(ConfigError, RuntimeError):
     """The step of the evaluated stage called no model with its input, so TTA could not act."""
-
-
-def _batch_targets(batch: Any) -> Any:
-    """The batch's targets where the batch has them (the element after the input, a dict's label/mask key), else None."""
-    try:
-        images = find_slot(batch, None, "images", "TestTimeAugmentation")
-        return get_item(batch, find_slot(batch, None, "targets", "TestTimeAugmentation", after=images))
-    except BatchFormatError:
-        return None
 
 
 class TestTimeAugmentation(Callback):
@@ -220,7 +211,7 @@ class TestTimeAugmentation(Callback):
         if self._stage != stage:
             return
         self._batch = (dataloader_idx, batch_idx)
-        self._targets = _batch_targets(batch)
+        self._targets = find_targets(batch)
         if self._batches == 0 and self.module is None and stage not in self._found:
             self._probe = InputModuleProbe(pl_module, batch, accept=self._predictions_accepter(trainer, pl_module, batch),
                                            replace=lambda module, args, kwargs, output: self._replace(
