@@ -359,10 +359,11 @@ class BatchAugment(BatchTransformCallback):
         params = sample_augment_params(images.shape[0], channels, self.padding, self.flip, self.brightness,
                                        self.contrast, self.pca_std, generator, images.device)  # as augment() draws
         out = apply_augment(images, params, self.padding, self.padding_mode, self.pca_basis, self.clamp)
-        target_slot, targets = self._dense_targets(batch, slot, images)
+        geometric = params.offsets is not None or params.flip is not None
+        target_slot, targets = self._dense_targets(batch, slot, images) if geometric else (None, None)
         batch = self._write_images(batch, slot, images, out, in_place,
                                    "write augmented images into images that are a view of another tensor")
-        if targets is None or (params.offsets is None and params.flip is None):
+        if targets is None:
             return batch
         moved = crop_flip_targets(targets, params.offsets, params.flip, self.padding, self.padding_mode,
                                   self.ignore_index)
