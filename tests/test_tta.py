@@ -822,3 +822,13 @@ def test_callback_on_a_segmentation_module_flips_the_maps_back(tmp_path):
     with torch.no_grad():
         reference = (module.model(x).softmax(1) + module.model(x.flip(-1)).flip(-1).softmax(1)) / 2
     torch.testing.assert_close(torch.cat(module.outputs).exp(), reference, rtol=0, atol=1e-6)
+
+
+def test_an_inferred_regression_model_refuses_class_merges_in_one_line():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1)).double().eval()  # one output, no targets: regression
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(TaskNotSupportedError, match="merge='vote' needs class scores.*use merge='mean'"):
+        TTAWrapper(model, views=["hflip"], merge="vote")(x)
+    with torch.no_grad():
+        torch.testing.assert_close(TTAWrapper(model, views=["hflip"])(x), (model(x) + model(x.flip(-1))) / 2)

@@ -394,6 +394,9 @@ def tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TTAConfig, 
             out = _run_views(forward, x, group, config)
             per_view += zip(group, out.reshape(len(group), x.shape[0], *out.shape[1:]), strict=True)
         resolved = _resolve_task(task, per_view[0][1], config)
+        if resolved.kind == "regression" and config.merge != "mean":
+            raise TaskNotSupportedError(f"TestTimeAugmentation's merge={config.merge!r} needs class scores, but the "
+                                        f"model is {resolved.describe()}; use merge='mean' (the outputs are averaged).")
         stacked, coverage = _align(per_view, x, config, resolved)
         merged = merge_predictions(stacked, config.merge, resolved, coverage)
     if merged.is_inference() and not torch.is_inference_mode_enabled():
