@@ -476,3 +476,25 @@ def test_mixup_refuses_regression_and_soft_masks_in_one_line(tmp_path):
         with pytest.raises(TaskNotSupportedError, match=match) as err:
             cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(SegModule(), data)
         assert "\n" not in str(err.value)
+
+
+def test_mixup_on_sequence_labels_mixes_the_loss_and_cutmix_is_refused(tmp_path):
+    """[B, C, L] inputs with per-position labels [B, L] (MNIST-1D style): Mixup needs no grid, CutMix does."""
+    class SeqModule(SegModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Conv1d(2, 3, 3, padding=1)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 2, 10, generator=g), torch.randint(0, 3, (4, 10), generator=g)
+    loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=4)
+    module, states = SeqModule(), _States()
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[Mixup(alpha=1.0, seed=0), states]).fit(module, loader)
+    state = states.states[0]
+    with torch.no_grad():
+        logits = module(module.seen[0][0])
+    lam = state.plan.lam[0]
+    reference = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[state.plan.perm])
+    torch.testing.assert_close(module.losses[0], reference)
+    with pytest.raises(TaskNotSupportedError, match="CutMix pastes boxes on a 2-D grid"):
+        cpu_trainer(tmp_path, max_steps=1, callbacks=[Mixup(cutmix_alpha=1.0)]).fit(SeqModule(), loader)

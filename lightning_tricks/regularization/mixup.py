@@ -610,7 +610,8 @@ class Mixup(BatchTransformCallback):
             if self.label_smoothing:
                 raise TaskNotSupportedError(f"{self.name}(label_smoothing={self.label_smoothing}) does not smooth "
                                             "masks; pass label_smoothing to F.cross_entropy instead.")
-        if task.kind == "dense" and self.cutmix_alpha is not None and targets.shape[-2:] != images.shape[-2:]:
+        if task.kind == "dense" and self.cutmix_alpha is not None and (
+                targets.ndim < 3 or targets.shape[-2:] != images.shape[-2:]):
             raise TaskNotSupportedError(f"{self.name}: CutMix pastes boxes on a 2-D grid, but the targets "
                                         f"{tuple(targets.shape)} are not on the images' {tuple(images.shape[-2:])} "
                                         "grid; use Mixup alone (cutmix_alpha=None).")
