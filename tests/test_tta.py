@@ -832,3 +832,14 @@ def test_an_inferred_regression_model_refuses_class_merges_in_one_line():
         TTAWrapper(model, views=["hflip"], merge="vote")(x)
     with torch.no_grad():
         torch.testing.assert_close(TTAWrapper(model, views=["hflip"])(x), (model(x) + model(x.flip(-1))) / 2)
+
+
+def test_single_logit_binary_model_averages_sigmoids():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1)).double().eval()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["hflip"], task="multilabel")(x)
+        reference = (model(x).sigmoid() + model(x.flip(-1)).sigmoid()) / 2
+    assert merged.shape == (5, 1)
+    torch.testing.assert_close(merged.sigmoid(), reference)
