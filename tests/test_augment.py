@@ -233,3 +233,16 @@ def test_dense_override_with_targets_off_the_grid_is_refused_in_one_line(tmp_pat
     with pytest.raises(TaskNotSupportedError, match="task='dense' needs targets on the inputs' grid") as err:
         aug.transform_batch(cpu_trainer(tmp_path), None, [torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])])
     assert "\n" not in str(err.value)
+
+
+def test_a_mask_beside_a_label_moves_too(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 3, (4, 8, 8), generator=g)
+    images = torch.stack((masks.float() + 1, torch.randn(4, 8, 8, generator=g)), dim=1)
+    labels = torch.tensor([0, 1, 2, 1])
+    aug = BatchAugment(padding=2, flip=0.5, seed=0)
+    aug.randomness.setup()
+    out = aug.transform_batch(cpu_trainer(tmp_path), None, {"image": images, "label": labels, "mask": masks})
+    assert aug.task.kind == "classification" and torch.equal(out["label"], labels)
+    expected = torch.where(out["image"][:, 0] == 0, -100, (out["image"][:, 0] - 1).round().long())
+    assert torch.equal(out["mask"], expected) and not torch.equal(out["mask"], masks)

@@ -269,8 +269,9 @@ class BatchAugment(BatchTransformCallback):
 
     Tasks (read once, at the first batch, from the targets: :func:`~lightning_tricks.core.task.infer_target_task`,
     or ``task``): classification, multi-label and regression targets are left as they are; dense targets
-    -- masks ``[N, H, W]`` or maps ``[N, C, H, W]`` on the images' grid, also float regression maps --
-    get the same crop and flip as their images (:func:`crop_flip_targets`: under ``zeros`` padding the
+    -- masks ``[N, H, W]`` or maps ``[N, C, H, W]`` on the images' grid, also float regression maps, and
+    without ``target_key`` any other batch item on that grid (a mask beside a label) -- get the same crop
+    and flip as their images (:func:`crop_flip_targets`: under ``zeros`` padding the
     pixels brought in from outside are ``ignore_index`` in integer masks, 0 in float maps; under
     ``reflect``/``replicate`` they are padded as the images). The colour operations never touch targets.
 
@@ -360,15 +361,30 @@ class BatchAugment(BatchTransformCallback):
                                        self.contrast, self.pca_std, generator, images.device)  # as augment() draws
         out = apply_augment(images, params, self.padding, self.padding_mode, self.pca_basis, self.clamp)
         geometric = params.offsets is not None or params.flip is not None
-        target_slot, targets = self._dense_targets(batch, slot, images) if geometric else (None, None)
+        maps = self._maps(batch, slot, images) if geometric else []
         batch = self._write_images(batch, slot, images, out, in_place,
                                    "write augmented images into images that are a view of another tensor")
-        if targets is None:
-            return batch
-        moved = crop_flip_targets(targets, params.offsets, params.flip, self.padding, self.padding_mode,
-                                  self.ignore_index)
-        return self._write_images(batch, target_slot, targets, moved, in_place,
-                                  "move the masks with the images, but the masks are a view of another tensor")
+        for map_slot, targets in maps:
+            moved = crop_flip_targets(targets, params.offsets, params.flip, self.padding, self.padding_mode,
+                                      self.ignore_index)
+            batch = self._write_images(batch, map_slot, targets, moved, in_place,
+                                       "move the masks with the images, but the masks are a view of another tensor")
+        return batch
+
+    def _maps(self, batch: Any, image_slot: Any, images: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+        """Every item of the batch that must get the images' crop and flip: dense targets, and (without
+        ``target_key``) any other ``[N, ..., H, W]`` tensor on the images' grid (a mask beside a label)."""
+        target_slot, targets = self._dense_targets(batch, image_slot, images)
+        maps = [(target_slot, targets)] if targets is not None else []
+        if self.target_key is not None or self.task_kind in ("classification", "multilabel"):
+            return maps
+        items = batch.items() if isinstance(batch, dict) else enumerate(batch) if isinstance(batch, (list, tuple)) \
+            else ()
+        for key, item in items:
+            if key not in (image_slot, target_slot) and isinstance(item, torch.Tensor) and item.ndim >= 3 \
+                    and item.shape[0] == images.shape[0] and item.shape[-2:] == images.shape[-2:]:
+                maps.append((key, item))
+        return maps
 
     def _dense_targets(self, batch: Any, image_slot: Any, images: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
         """Where the batch's targets are and the targets, when they are maps that move with the images."""
