@@ -39,16 +39,13 @@ from lightning_tricks._validation import (
 )
 from lightning_tricks.core.task import Task, check_task_kind, infer_task, require_task
 from lightning_tricks.distributed import all_reduce
+from lightning_tricks.errors import InitialLossError  # noqa: F401  (re-exported)
 from lightning_tricks.monitoring.dead_units import NothingToMonitorError
 from lightning_tricks.regularization._batch import find_targets
 
 _SERVED = ("classification", "multilabel", "dense")
 _REGRESSION_FIX = ("a regression loss has no expected initial value (log C is for class scores); remove "
                    "InitialLossCheck, or pass task= if the model is a classifier.")
-
-
-class InitialLossError(RuntimeError):
-    """Raised by ``InitialLossCheck(fail=True)`` when the first loss is far from log(C)."""
 
 
 def expected_initial_loss(num_classes: int) -> float:
