@@ -10,7 +10,33 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks._validation import ConfigError, InvalidArgumentError
+
+
+class ForwardOnBatchError(ConfigError, RuntimeError):
+    """The model's forward could not run on the batch's input (a GAN's ``forward(z)``, a forward taking a dict ...)."""
+
+
+@contextmanager
+def forward_on_batch_input(owner: str, model: nn.Module, inputs: torch.Tensor, fix: str) -> Iterator[None]:
+    """Turn a failure of ``model(inputs)`` inside the block into a one-line :class:`ForwardOnBatchError`.
+
+    LSUV and the activation statistics run the model's own forward on the training batch's input. A
+    model whose forward takes something else (a GAN's generator ``forward(z)``) fails deep inside torch
+    with a message about matrix shapes; this says what was tried and what to do (``fix``).
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else ""
+        shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ForwardOnBatchError(
+            f"{owner} runs {type(model).__name__}'s forward on the training batch's input (shape {shape}) and it "
+            f"failed ({type(err).__name__}: {first[:200]}): the forward takes something else (a GAN's forward(z)?); "
+            f"{fix}") from err
 
 
 @contextmanager
@@ -76,4 +102,4 @@ def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
     return found
 
 
-__all__ = ["batch_input", "measurement_mode"]
+__all__ = ["ForwardOnBatchError", "batch_input", "forward_on_batch_input", "measurement_mode"]
