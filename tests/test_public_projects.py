@@ -270,19 +270,18 @@ def _weights_at_train_start(callbacks: list, project: str) -> tuple[Any, dict[st
 def check_weight_init(project: str) -> None:
     init = lt.WeightInit(scheme="kaiming_normal", seed=0)
     module, state, _ = _weights_at_train_start([init], project)
-    z = []
-    layers = dict(module.named_modules())
-    names = [n for n in init.initialized_layers]
-    assert names
-    for name in names:
-        layer = layers[name]
+    gain = nn.init.calculate_gain(init.args.nonlinearity, init.args.negative_slope)
+    pooled = []
+    assert init.initialized_layers
+    for name in init.initialized_layers:  # Var(w) = gain^2 / fan_in, fan_in = inputs per output unit
         w = state[f"{name}.weight"]
-        fan_in = w[0].numel() if not isinstance(layer, nn.ConvTranspose2d) else w.shape[0] * w[0, 0].numel()
-        gain = nn.init.calculate_gain(init.args.nonlinearity, init.args.negative_slope)
-        z.append((w / (gain / math.sqrt(fan_in))).flatten())
-    z = torch.cat(z)
-    assert z.numel() > 500
-    assert abs(z.mean().item()) < 0.1 and 0.85 < z.std().item() < 1.15, (z.mean(), z.std())
+        z = (w / (gain / math.sqrt(w[0].numel()))).flatten()
+        assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * z.numel()) + 0.02, (name, z.std())
+        pooled.append(z)
+    z = torch.cat(pooled)
+    assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.08, (z.mean(), z.std())
+    assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) and n not in init.initialized_layers
+                   for n, m in module.named_modules()), init.initialized_layers
 
 
 def check_lsuv(project: str) -> None:
