@@ -341,21 +341,30 @@ def check_activation_statistics(project: str) -> None:
 
 def check_dead_unit_monitor(project: str) -> None:
     monitor = lt.DeadUnitMonitor(plot=False)
+    bounds = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0)}
+    eps, share = monitor.saturation_eps, monitor.saturation_fraction
     peaks: dict[str, torch.Tensor] = {}
+    pinned: dict[str, list[torch.Tensor]] = {}
     calls: dict[str, int] = {}
     handles: list[Any] = []
 
     def attach(trainer: Any, module: Any) -> None:
         for name, m in module.named_modules():
-            if type(m) in (nn.ReLU, nn.LeakyReLU):
-                def hook(mod: Any, a: Any, y: torch.Tensor, name: str = name) -> None:
-                    if not mod.training:
-                        return
-                    calls[name] = calls.get(name, 0) + 1  # the k-th call in a training step is its own site
-                    site = name if calls[name] == 1 else f"{name}#{calls[name]}"
-                    per_unit = y.detach().transpose(0, 1).flatten(1).amax(1)  # unit = channel / feature
-                    peaks[site] = per_unit if site not in peaks else torch.maximum(peaks[site], per_unit)
-                handles.append(m.register_forward_hook(hook))
+            if type(m) not in (nn.ReLU, *bounds):
+                continue
+
+            def hook(mod: Any, a: Any, y: torch.Tensor, name: str = name) -> None:
+                if not mod.training:
+                    return
+                calls[name] = calls.get(name, 0) + 1  # the k-th call in a forward is its own site
+                site = name if calls[name] == 1 else f"{name}#{calls[name]}"
+                units = y.detach().transpose(0, 1).flatten(1)  # unit = channel (conv) / feature (linear)
+                if type(mod) is nn.ReLU:
+                    peaks[site] = units.amax(1) if site not in peaks else torch.maximum(peaks[site], units.amax(1))
+                else:
+                    low, high = bounds[type(mod)]
+                    pinned.setdefault(site, []).append((units <= low + eps) | (units >= high - eps))
+            handles.append(m.register_forward_hook(hook))
         handles.append(module.register_forward_pre_hook(lambda *args: calls.clear()))  # calls count per forward
 
     probe = Hooks(on_train_start=attach, on_train_batch_start=lambda *args: calls.clear())
@@ -363,10 +372,15 @@ def check_dead_unit_monitor(project: str) -> None:
     for h in handles:
         h.remove()
     record = monitor.history["train"][-1]
-    reported = {k: v for k, v in record["dead"].items() if v is not None}
-    assert set(reported) == set(peaks), (reported, list(peaks))
+    dead = {k: v for k, v in record["dead"].items() if v is not None}
+    saturated = {k: v for k, v in record["saturated"].items() if v is not None}
+    assert set(dead) == set(peaks) and set(saturated) == set(pinned), (record, list(peaks), list(pinned))
+    assert peaks or pinned
     for site, per_unit in peaks.items():  # dead: never above 0 on any example of the epoch
-        assert reported[site] == pytest.approx((per_unit <= 0).float().mean().item(), abs=1e-6), site
+        assert dead[site] == pytest.approx((per_unit <= 0).float().mean().item(), abs=1e-6), site
+    for site, flags in pinned.items():  # saturated: within eps of a bound for >= 99% of its outputs
+        per_unit = torch.cat(flags, dim=1).float().mean(1)
+        assert saturated[site] == pytest.approx((per_unit >= share).float().mean().item(), abs=1e-6), site
 
 
 def check_update_ratio_monitor(project: str) -> None:
@@ -707,9 +721,32 @@ CHECKS: dict[str, Callable[..., None]] = {
 }
 
 
+NOT_ROWS: dict[str, str] = {
+    "BatchTransformMixin": "the mixin Cutout/Mixup name in their refusals; exercised through those rows",
+    "DropConnectConv2d": "DropConnect's layer (its row converts the model's layers)",
+    "DropConnectLinear": "DropConnect's layer (its row converts the model's layers)",
+    "SeededFractionalMaxPool2d": "FractionalMaxPooling's layer (its row checks the converted layer)",
+    "Maxout": "a layer users build into their own model; no model here has one to swap",
+    "MaxoutConv2d": "a layer users build into their own model; no model here has one to swap",
+    "swap_activations": "ActivationSwap's functional core (its row)",
+    "DeadUnitTracker": "DeadUnitMonitor's functional core (its row)",
+    "TTAConfig": "TestTimeAugmentation's configuration (its row)",
+    "TTAWrapper": "TestTimeAugmentation's functional core (its row)",
+    "FoldReport": "fold_batch_norm's report (its row)",
+    "overfit_check": "babysit's sanity step (training-styles' scope); tests/test_babysit.py",
+    "apply_recorded_tricks": "checkpoint loading, not a trick; tests/test_checkpoint.py",
+    "load_from_checkpoint": "checkpoint loading, not a trick; tests/test_checkpoint.py",
+    "infer_num_classes": "a probe the tricks use, not a trick; tests/test_model_probe.py",
+    "CIFAR10DataModule": "zoo data", "DigitsDataModule": "zoo data", "SyntheticDataModule": "zoo data",
+    "ImageClassifier": "zoo model", "CALLBACKS": "the list of callbacks", "__version__": "the version",
+}
+"""Public names that are not rows of the matrix, and why: a new public trick must be added to one or the other."""
+
+
 def test_matrix_covers_every_public_trick() -> None:
     covered = {name.split("[")[0] for name in EXPECTED_ROWS}
     assert set(lt.CALLBACKS) <= covered, set(lt.CALLBACKS) - covered
+    assert set(lt.__all__) == covered | set(NOT_ROWS), set(lt.__all__) ^ (covered | set(NOT_ROWS))
     assert set(CHECKS) == set(EXPECTED_ROWS)
     assert set(KNOWN_WRONG) <= set(EXPECTED)
 

@@ -187,7 +187,7 @@ class UpdateRatioMonitor(Callback):
         if self.histograms:
             try:
                 self._activation_modules = [(w.name, w.module) for w in
-                                            find_watched_modules(pl_module, DEFAULT_ACTIVATIONS)]
+                                            find_watched_modules(pl_module, (*DEFAULT_ACTIVATIONS, "leaky_relu"))]
             except NothingToMonitorError:
                 self._activation_modules = []  # weights and gradients only
             if trainer.is_global_zero and not self._histogram_loggers(trainer):
