@@ -91,7 +91,7 @@ def class_labels(x: torch.Tensor) -> torch.Tensor:
 
 
 class DictDataset(Dataset):
-    """torchgeo-style samples: ``{"image": [C, H, W], "label": int}``."""
+    """torchgeo-style samples: ``{"label": int, "image": [C, H, W]}``."""
 
     def __init__(self, seed: int) -> None:
         self.x = _images(seed)
@@ -101,7 +101,7 @@ class DictDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.x[i], "label": self.y[i]}
+        return {"label": self.y[i], "image": self.x[i]}  # the label first: a trick must look the image up by key
 
 
 class DictData(L.LightningDataModule):

@@ -80,8 +80,9 @@ def _find_tensor(batch: Any) -> torch.Tensor | None:
 def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
     """The model input of a batch: the batch itself, ``batch[batch_key]``, or its first tensor.
 
-    Without ``batch_key``, a list/tuple gives its first tensor (``x`` of ``(x, y)``) and a dict its
-    first tensor value, searched depth-first.
+    Without ``batch_key``, a list/tuple gives its first tensor (``x`` of ``(x, y)``) and a dict the value
+    of its first usual input key (``image``, ``x``, ``input``, ... as the batch tricks look for them), else
+    its first tensor value, searched depth-first.
 
     Raises:
         InvalidArgumentError: ``batch_key`` not in the batch, or no tensor found.
@@ -95,7 +96,12 @@ def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise InvalidArgumentError(f"`batch_key`={batch_key!r} selects a {type(value).__name__}, not a tensor.")
         return value
-    found = _find_tensor(batch)
+    found = None
+    if isinstance(batch, Mapping):  # a dict's input is under a usual input key ("image", "x", ...) when it has one
+        from lightning_tricks.regularization._batch import IMAGE_KEYS  # here: that package imports this one
+
+        found = next((batch[k] for k in IMAGE_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+    found = _find_tensor(batch) if found is None else found
     if found is None:
         raise InvalidArgumentError(f"the training batch ({type(batch).__name__}) holds no tensor: set `batch_key` to the "
                                    "key or index of the model input.")
