@@ -116,8 +116,8 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
     ("Ensemble", "pl_package"): "owned by training-styles/cli-names: Ensemble is a lightning.pytorch module, so the "
                                 "project's pytorch_lightning.Trainer rejects it (TypeError: `model` must be a "
                                 "`LightningModule`)",
-    ("SnapshotEnsemble", "gan"): "owned by training-styles: counts both optimizers' steps (snapshots at steps 2 and 4 "
-                                 "of 4 optimizer steps = 2 batches, cosine cycles over the wrong length)",
+    ("SnapshotEnsemble", "gan"): "owned by training-styles: counts both optimizers' steps: cycles=2 over 4 batches "
+                                 "writes 4 snapshots, not 2",
     ("DivergenceStop", "gan"): "owned by training-styles: under manual optimization the logged g_loss/d_loss jump to "
                                "~100 (BCE's clamp, > 3x the first loss) and training never stops",
     ("InitialLossCheck", "multilabel"): "owned by task-contract: expects log(C) for a BCE loss (log 2 per label)",
