@@ -18,7 +18,7 @@ from lightning_tricks._lightning_internals import fit_train_dataloader
 from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import InvalidArgumentError, check_int
 from lightning_tricks.distributed import broadcast_module
-from lightning_tricks.init._measure import batch_input
+from lightning_tricks.init._measure import batch_input, forward_on_batch_input
 from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
 from lightning_tricks.init.statistics import (
@@ -193,10 +193,13 @@ class WeightInit(Callback):
         device = trainer.strategy.root_device
         home = next(pl_module.parameters()).device
         pl_module.to(device)
+        x = torch.cat(inputs).to(device)
+        fix = "pass `batch_key` to pick the model input from the batch, or use a fixed scheme (scheme='kaiming_normal')."
         try:
-            return lsuv(pl_module, torch.cat(inputs).to(device), tol=self.tol, max_iters=self.max_iters, bias=None,
-                        layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-                        orthogonal_init=False)
+            with forward_on_batch_input("WeightInit(scheme='lsuv')", pl_module, x, fix):
+                return lsuv(pl_module, x, tol=self.tol, max_iters=self.max_iters, bias=None,
+                            layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+                            orthogonal_init=False)
         finally:
             pl_module.to(home)
 
@@ -290,8 +293,10 @@ class ActivationStatistics(Callback):
             self._measure(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stats = activation_statistics(pl_module, self._inputs, layer_types=self.layer_types, include=self.include,
-                                      exclude=self.exclude, bins=self.bins)
+        fix = "pass `batch_key` to pick the model input from the batch, or remove ActivationStatistics for this model."
+        with forward_on_batch_input("ActivationStatistics", pl_module, self._inputs, fix):
+            stats = activation_statistics(pl_module, self._inputs, layer_types=self.layer_types,
+                                          include=self.include, exclude=self.exclude, bins=self.bins)
         epoch, step = trainer.current_epoch, trainer.global_step
         self.history.append((epoch, step, stats))
         metrics = {f"activations/{s.name}/{key}": value for s in stats

@@ -52,7 +52,7 @@ class DeadUnitMonitor(Callback):
 
     Args:
         activations: activation kinds to find: ``relu``, ``relu6``, ``leaky_relu``, ``prelu``, ``rrelu``,
-            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, leaky_relu, sigmoid, tanh.
+            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, sigmoid, tanh (a Leaky ReLU unit cannot die: opt-in).
             ``[]`` watches only ``layers``.
         layers: names or ``fnmatch`` patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
             functional activation (pre-activation mode).

@@ -58,8 +58,10 @@ ACTIVATION_TYPES: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] 
 SATURATING = frozenset({"sigmoid", "tanh"})
 """Kinds checked for saturation instead of death."""
 
-DEFAULT_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "sigmoid", "tanh")
-"""Monitored unless ``activations`` says otherwise (GELU/SiLU/ELU are opt-in: they are never exactly zero)."""
+DEFAULT_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh")
+"""Monitored unless ``activations`` says otherwise. Leaky ReLU, PReLU, GELU, SiLU and ELU are opt-in: a unit whose
+outputs are all negative still passes a gradient (slope 0.01 or 0.2 for Leaky ReLU), so it cannot die; counting it
+would report a GAN's healthy Leaky ReLU discriminator as dead."""
 
 UNIT_DIMS = ("auto", "channel", "last")
 
