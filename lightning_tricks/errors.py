@@ -77,6 +77,10 @@ class ForwardNotCalledError(ConfigError, RuntimeError):
     """The step of the evaluated stage called no model with its input, so test-time augmentation could not act."""
 
 
+class ForwardOnBatchError(ConfigError, RuntimeError):
+    """The model's forward could not run on the batch's input (a GAN's ``forward(z)``, a forward taking a dict ...)."""
+
+
 class MixupTargetsUnusedError(ConfigError, RuntimeError):
     """Mixup mixed the images, but the training step did not give its targets to a label loss it serves."""
 
@@ -138,6 +142,7 @@ __all__ = [
     "ConfigError",
     "DataNotFoundError",
     "ForwardNotCalledError",
+    "ForwardOnBatchError",
     "InitialLossError",
     "InvalidArgumentError",
     "LightningTricksError",

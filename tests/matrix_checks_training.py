@@ -89,6 +89,10 @@ def check_mixup(project: str) -> None:
     assert torch.allclose(lam_rows, torch.full_like(lam_rows, lam), atol=1e-4)  # one lam per batch
     if y.ndim == 2:  # multi-hot targets mix as soft targets
         close(y2, lam * y + (1 - lam) * y[perm], atol=5e-3)
+    elif y.ndim == 3:  # masks: the per-pixel loss is mixed, lam * CE(own mask) + (1 - lam) * CE(partner's)
+        logits = torch.randn(len(y), CLASSES, *y.shape[1:])
+        expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        close(F.cross_entropy(logits, y2), expected, atol=5e-3)
     else:
         soft = y2.soft_targets(CLASSES)
         close(soft, lam * F.one_hot(y, CLASSES) + (1 - lam) * F.one_hot(y[perm], CLASSES), atol=5e-3)

@@ -20,7 +20,6 @@ import pytest
 
 import lightning_tricks as lt
 from lightning_tricks._validation import ConfigError
-from lightning_tricks.core.task import TaskNotSupportedError
 from tests.matrix_checks import (
     check_activation_statistics,
     check_dead_unit_monitor,
@@ -83,7 +82,7 @@ EXPECTED_ROWS: dict[str, dict[str, str]] = {
     "ActivationSwap": {**_all(S), "gan": R},
     "BatchAugment": _all(S),
     "Cutout": _all(S),
-    "Mixup": {**_all(S), "segmentation": R, "gan": R},
+    "Mixup": {**_all(S), "gan": R},
     "TestTimeAugmentation": _all(S),
     "EarlyStopping": _all(S),
     "Ensemble": {**_all(S), "segmentation": R, "gan": R},
@@ -101,18 +100,6 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
                                       "ValueError 'Expected a parent' instead of being swapped",
     ("EMAMembers", "pl_package"): "owned by training-styles/cli-names: a pytorch_lightning module fails with "
                                   "ValueError 'Expected a parent' (Lightning's WeightAveraging checks lightning.pytorch)",
-    ("BatchAugment", "segmentation"): "owned by task-contract: flips the images but not the [B, H, W] masks",
-    ("Mixup", "segmentation"): "owned by task-contract: asks for `num_classes` (InvalidArgumentError) instead of "
-                               "refusing dense targets with TaskNotSupportedError or mixing the masks",
-    ("TestTimeAugmentation", "multilabel"): "owned by task-contract: merges multi-label views with a softmax across "
-                                            "labels; the loss differs from BCE on the mean sigmoid probabilities",
-    ("TestTimeAugmentation", "segmentation"): "owned by task-contract: raises a plain ValueError (not a ConfigError) "
-                                              "advising task='regression', which averages flipped maps without "
-                                              "flipping them back",
-    ("TestTimeAugmentation", "softmax"): "owned by task-contract: returns log-probabilities to a step that takes "
-                                         "log(forward) of probabilities: val_loss is NaN",
-    ("TestTimeAugmentation", "gan"): "owned by task-contract: the discriminator's [B, 1] sigmoid output is merged as "
-                                     "a 1-class softmax: val_d_real is log(1) = 0.0 instead of the mean over views",
     ("Ensemble", "pl_package"): "owned by training-styles/cli-names: Ensemble is a lightning.pytorch module, so the "
                                 "project's pytorch_lightning.Trainer rejects it (TypeError: `model` must be a "
                                 "`LightningModule`)",
@@ -120,8 +107,6 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
                                  "writes 4 snapshots, not 2",
     ("DivergenceStop", "gan"): "owned by training-styles: under manual optimization the logged g_loss/d_loss jump to "
                                "~100 (BCE's clamp, > 3x the first loss) and training never stops",
-    ("InitialLossCheck", "multilabel"): "owned by task-contract: expects log(C) for a BCE loss (log 2 per label)",
-    ("InitialLossCheck", "segmentation"): "owned by task-contract: takes the image width as the class count",
     ("Finetune", "gan"): "owned by training-styles: fails inside autograd ('element 0 of tensors does not require "
                          "grad') instead of refusing two optimizers in one line",
     ("Ensemble", "multilabel"): "owned by training-styles: votes multi-label members with a softmax across labels",
@@ -133,7 +118,6 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
 """Cells other branches own that are wrong today: strict xfail with what is wrong."""
 
 REFUSAL_TYPES: dict[tuple[str, str], type[Exception]] = {
-    ("Mixup", "segmentation"): TaskNotSupportedError,
 }
 """Refusals that must name the task (a generic ConfigError is not enough)."""
 
@@ -186,6 +170,7 @@ NOT_ROWS: dict[str, str] = {
     "load_from_checkpoint": "checkpoint loading, not a trick; tests/test_checkpoint.py",
     "infer_num_classes": "a probe the tricks use, not a trick; tests/test_model_probe.py",
     "CIFAR10DataModule": "zoo data", "DigitsDataModule": "zoo data", "SyntheticDataModule": "zoo data",
+    "errors": "the error hierarchy every refusal here raises; tests/test_errors.py",
     "ImageClassifier": "zoo model", "CALLBACKS": "the list of callbacks", "__version__": "the version",
 }
 """Public names that are not rows of the matrix, and why: a new public trick must be added to one or the other."""

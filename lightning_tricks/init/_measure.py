@@ -11,10 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_tricks._validation import ConfigError, InvalidArgumentError
-
-
-class ForwardOnBatchError(ConfigError, RuntimeError):
-    """The model's forward could not run on the batch's input (a GAN's ``forward(z)``, a forward taking a dict ...)."""
+from lightning_tricks.errors import ForwardOnBatchError
 
 
 @contextmanager
