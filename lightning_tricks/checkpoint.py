@@ -67,7 +67,7 @@ def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _pooling_records(markers: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
     pools: dict[tuple, list[str]] = {}
     for module, value in markers:
-        ratio, kernel, seed, _ = marker_values(value, "fiii")
+        ratio, kernel, seed, _ = marker_values(value, "fiui")
         pools.setdefault((ratio, kernel, seed), []).append(module)
     return [{"class_path": f"{FractionalMaxPooling.__module__}.FractionalMaxPooling",
              "init_args": {"output_ratio": ratio, "kernel_size": kernel, "seed": seed}, "modules": modules}
