@@ -53,7 +53,7 @@ def test_two_processes_share_one_study_on_postgres(server, tmp_path):
     config = {**TINY, "trainer": {**TINY["trainer"], "callbacks": [
         {"class_path": "tests.test_tune.Rendezvous", "init_args": {"folder": str(tmp_path / "signed")}}]}}
     cfg, search = _files(tmp_path, config=config)
-    common = ["--config", str(cfg), "--search", str(search), "--trials", "6", "--epochs", "1", "2",
+    common = ["--config", str(cfg), "--search", str(search), "--trials", "4", "--epochs", "1", "1",
               "--metric", "val_acc", "--pruner", "none", "--storage", server.url, "--study-name", "shared"]
     # two separate commands, as on two machines: each its own run folder, one database
     procs = [_tune([*common, "--run-dir", str(tmp_path / name)], tmp_path) for name in ("a", "b")]
@@ -63,8 +63,8 @@ def test_two_processes_share_one_study_on_postgres(server, tmp_path):
         assert PASSWORD not in out + err
     study = optuna.load_study(study_name="shared", storage=server.url)
     finished = _finished(study)
-    assert len(finished) == 6 and "RUNNING" not in _states(study)
-    assert sorted(t.user_attrs["stage"] for t in finished) == [1, 1, 1, 1, 2, 2]  # both stages, split 4 + 2
+    assert len(finished) == 4 and "RUNNING" not in _states(study)
+    assert sorted(t.user_attrs["stage"] for t in finished) == [1, 1, 1, 2]  # both stages, split 3 + 1
     assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2  # both processes ran trials
     csv_a, csv_b = ((tmp_path / name / "trials.csv").read_text() for name in ("a", "b"))
     assert csv_a == csv_b and len(csv_a.splitlines()) == 1 + len(study.get_trials())
@@ -95,21 +95,23 @@ def test_unreachable_database_is_one_line_with_the_password_masked(tmp_path, mon
 
 def test_database_lost_mid_study_then_the_rerun_finishes_it(server, tmp_path):
     config = {**TINY, "trainer": {**TINY["trainer"], "callbacks": [
-        {"class_path": "tests.test_tune.Sleep", "init_args": {"seconds": 0.5}}]}}
+        {"class_path": "tests.test_tune.Sleep", "init_args": {"seconds": 1.0}}]}}
     cfg, search = _files(tmp_path, config=config)
-    args = ["--config", str(cfg), "--search", str(search), "--trials", "4", "--epochs", "1", "2",
+    args = ["--config", str(cfg), "--search", str(search), "--trials", "3", "--epochs", "1", "1",
             "--metric", "val_acc", "--pruner", "none", "--storage", server.url, "--study-name", "lost",
             "--run-dir", str(tmp_path / "run")]
     proc = _tune(args, tmp_path)
-    deadline = time.time() + 180
+    storage = optuna.storages.RDBStorage(server.url)  # one connection for the polling
+    deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # stop the server once a trial is done and one runs
-        time.sleep(0.3)
+        time.sleep(0.5)
         try:
-            states = _states(optuna.load_study(study_name="lost", storage=server.url))
+            states = _states(optuna.load_study(study_name="lost", storage=storage))
         except KeyError:  # the study is not recorded yet
             continue
         if states.get("COMPLETE", 0) >= 1 and states.get("RUNNING", 0) == 1:
             break
+    storage.engine.dispose()
     server.stop("immediate")
     try:
         out, err = proc.communicate(timeout=120)
@@ -127,7 +129,7 @@ def test_database_lost_mid_study_then_the_rerun_finishes_it(server, tmp_path):
     assert rerun.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="lost", storage=server.url)
     states = _states(study)
-    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 4 and "RUNNING" not in states
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 3 and "RUNNING" not in states
     failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
     assert len(failed) == 1 and "worker process died" in failed[0].user_attrs["reason"]
     table = (tmp_path / "run" / "trials.csv").read_text()
