@@ -39,6 +39,7 @@ from typing_extensions import override
 
 import lightning_tricks
 from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
+from lightning_tricks._runtime_errors import explain_runtime_error
 from lightning_tricks._validation import ConfigError
 from lightning_tricks.monitoring.divergence import DivergenceStop
 
@@ -369,9 +370,10 @@ def main(args: list[str] | None = None) -> None:
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__ or cause.__context__
-        if cause is None or _debugging():
+        known = explain_runtime_error(err) if cause is None else None
+        if (cause is None and known is None) or _debugging():
             raise
-        _fail(str(cause))
+        _fail(known or str(cause))
 
 
 if __name__ == "__main__":  # pragma: no cover

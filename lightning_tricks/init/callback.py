@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tricks._lightning_internals import fit_train_dataloader
 from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
 from lightning_tricks.distributed import broadcast_module
 from lightning_tricks.init._measure import batch_input
 from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
@@ -283,6 +283,9 @@ class ActivationStatistics(Callback):
                              batch_idx: int) -> None:
         if self._inputs is None:
             self._inputs = batch_input(batch, self.batch_key)[: self.max_samples].detach().clone()
+            if self._inputs.is_floating_point() and not bool(torch.isfinite(self._inputs).all()):
+                raise ConfigError("ActivationStatistics: the first training batch has NaN or infinite inputs, so no "
+                                  "activation statistics can be measured: clean the data (e.g. torch.nan_to_num).")
             if not self.__dict__.pop("_resumed_without_inputs", False):  # a resumed run measured at its start
                 self._measure(trainer, pl_module)
 
