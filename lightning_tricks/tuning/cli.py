@@ -179,6 +179,7 @@ def tune_main(argv: Sequence[str]) -> int:
         masked_url,
         open_storage,
         run_worker,
+        storage_cause,
         storage_error_line,
     )
 
@@ -202,7 +203,8 @@ def tune_main(argv: Sequence[str]) -> int:
             raise
         # the database went away mid-study: what it holds is safe; this worker's running trial (if any) is left
         # RUNNING there and is marked failed, and run again, by the next start (or any worker after the grace period)
-        raise ConfigError(f"lost the study storage {masked_url(settings.storage)!r} ({storage_error_line(settings.storage, err)}): "
+        cause = storage_cause(err) or err  # Optuna may re-raise it as another error (its context keeps the cause)
+        raise ConfigError(f"lost the study storage {masked_url(settings.storage)!r} ({storage_error_line(settings.storage, cause)}): "
                           "the finished trials are kept in it; rerun the same command when it is reachable "
                           "again to finish the study.") from err
     finally:

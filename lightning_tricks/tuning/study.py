@@ -124,18 +124,25 @@ def storage_error_line(url: str, err: BaseException) -> str:
     return first.replace(str(password), "***") if password else first
 
 
-def is_storage_error(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) says the study's database cannot be reached or used."""
+def storage_cause(err: BaseException) -> BaseException | None:
+    """The error in ``err``'s chain that says the study's database cannot be reached or used, else ``None``."""
     import optuna
     from sqlalchemy.exc import DBAPIError, OperationalError
 
     kinds = (OperationalError, DBAPIError, optuna.exceptions.StorageInternalError, ConnectionError)
     cause: BaseException | None = err
-    while cause is not None:
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if isinstance(cause, kinds):
-            return True
+            return cause
         cause = cause.__cause__ or cause.__context__
-    return False
+    return None
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the study's database cannot be reached or used."""
+    return storage_cause(err) is not None
 
 
 def open_storage(url: str) -> Any:
@@ -153,8 +160,10 @@ def open_storage(url: str) -> Any:
     except Exception as err:  # sqlalchemy's, a missing driver, a bad URL: all one line for the user
         first = storage_error_line(url, err)
         hint = ""
-        if "psycopg" in first or ("DB access module" in first and url.startswith("postgresql")):
-            hint = " (PostgreSQL needs its driver: pip install 'lightning-tricks[distributed]', i.e. psycopg[binary])"
+        if ("DB access module" in first or "No module named" in first) and url.startswith("postgresql"):
+            hint = (" (this URL asks for psycopg2: pip install psycopg2-binary, or write postgresql:// and pip install "
+                    "'lightning-tricks[distributed]')" if url.startswith("postgresql+psycopg2") else
+                    " (PostgreSQL needs its driver: pip install 'lightning-tricks[distributed]', i.e. psycopg[binary])")
         raise ConfigError(f"cannot open the study storage {masked_url(url)!r}: {first}{hint}") from None
     if url.startswith("sqlite"):
         _write_ahead_log(storage)
@@ -546,5 +555,5 @@ def settings_dict(settings: TuneSettings) -> dict[str, Any]:
 
 __all__ = ["PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_abandoned_trials",
            "fail_dead_trials",
-           "is_storage_error", "load_or_create_study", "masked_url", "open_storage", "position", "build_from_config", "run_config", "run_worker", "split_trials",
+           "is_storage_error", "load_or_create_study", "masked_url", "open_storage", "storage_cause", "position", "build_from_config", "run_config", "run_worker", "split_trials",
            "stage_of", "stage_space", "trial_config"]
