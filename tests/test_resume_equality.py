@@ -82,8 +82,10 @@ def _comparable(rows: list[tuple[int, dict[str, float]]]) -> list[tuple[int, dic
 
 
 @pytest.fixture
-def deterministic():
+def deterministic(monkeypatch):
     before = torch.are_deterministic_algorithms_enabled()
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # seed_everything sets them: restored after the test
+        monkeypatch.setenv(name, "0")
     yield
     torch.use_deterministic_algorithms(before)
 

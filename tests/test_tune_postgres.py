@@ -8,11 +8,13 @@ psycopg 3, the ``[distributed]`` extra). ``.ci/run`` installs the server when it
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from wsgiref.util import setup_testing_defaults
 
 import optuna
 import pytest
@@ -70,12 +72,29 @@ def test_two_processes_share_one_study_on_postgres(server, tmp_path):
     assert csv_a == csv_b and len(csv_a.splitlines()) == 1 + len(study.get_trials())
     best_a, best_b = (yaml.safe_load((tmp_path / name / "best.yaml").read_text()) for name in ("a", "b"))
     assert best_a == best_b
-    winner = max((t for t in finished if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    header = (tmp_path / "a" / "best.yaml").read_text().splitlines()[0]  # "# best trial N of study 'shared' ..."
+    winner = study.trials[int(header.split()[3])]
+    assert winner.value == max(t.value for t in finished if t.state.name == "COMPLETE")
     assert best_a["model"]["init_args"]["lr"] == winner.params["model.init_args.lr"]
     from lightning_tricks.cli import build_cli
 
     cli = build_cli(["fit", "--config", str(tmp_path / "a" / "best.yaml")])  # best.yaml runs
     assert cli.trainer.current_epoch == winner.user_attrs["epochs"]
+
+
+def test_optuna_dashboard_reads_the_study_from_the_same_url(server):
+    dashboard = pytest.importorskip("optuna_dashboard")  # in the [distributed] extra
+    study = optuna.create_study(study_name="watched", storage=server.url, direction="maximize")
+    study.enqueue_trial({"x": 0.5})
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    app = dashboard.wsgi(server.url)  # what `optuna-dashboard postgresql://...` serves
+    environ: dict = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(app(environ, lambda code, headers, *rest: status.append(code)))
+    assert status[0].startswith("200")
+    listed = {s["study_name"]: s for s in json.loads(body)["studies"]}
+    assert "watched" in listed and listed["watched"]["best_trial"]["values"] == [study.best_value]
 
 
 def test_unreachable_database_is_one_line_with_the_password_masked(tmp_path, monkeypatch, capsys):

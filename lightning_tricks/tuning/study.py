@@ -129,14 +129,16 @@ def storage_cause(err: BaseException) -> BaseException | None:
     import optuna
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    kinds = (OperationalError, DBAPIError, optuna.exceptions.StorageInternalError, ConnectionError)
+    chain: list[BaseException] = []
     cause: BaseException | None = err
-    seen: set[int] = set()
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, kinds):
-            return cause
+    while cause is not None and all(cause is not c for c in chain):
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
+    # the driver's own error first (Optuna wraps it in StorageInternalError, "An exception is raised during the commit")
+    for kinds in ((OperationalError, DBAPIError), (optuna.exceptions.StorageInternalError, ConnectionError)):
+        found = next((c for c in chain if isinstance(c, kinds)), None)
+        if found is not None:
+            return found
     return None
 
 
@@ -227,7 +229,8 @@ def load_or_create_study(settings: TuneSettings, storage: Any, worker_index: int
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print one line per trial ourselves
-    seed = None if settings.seed is None else settings.seed + 7919 * worker_index
+    # numpy-based samplers take seeds below 2**32: wrap a larger one instead of failing
+    seed = None if settings.seed is None else (settings.seed + 7919 * worker_index) % 2**32
     study = optuna.create_study(storage=storage, study_name=settings.study_name, direction=settings.direction,
                                 sampler=make_sampler(settings.sampler, seed, settings.space, settings.trials),
                                 pruner=make_pruner(settings.pruner),
