@@ -59,7 +59,7 @@ def test_two_processes_share_one_study_on_postgres(server, tmp_path):
               "--metric", "val_acc", "--pruner", "none", "--storage", server.url, "--study-name", "shared"]
     # two separate commands, as on two machines: each its own run folder, one database
     procs = [_tune([*common, "--run-dir", str(tmp_path / name)], tmp_path) for name in ("a", "b")]
-    outputs = [proc.communicate(timeout=300) for proc in procs]
+    outputs = [proc.communicate(timeout=800) for proc in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
         assert PASSWORD not in out + err
@@ -88,13 +88,20 @@ def test_optuna_dashboard_reads_the_study_from_the_same_url(server):
     study.enqueue_trial({"x": 0.5})
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     app = dashboard.wsgi(server.url)  # what `optuna-dashboard postgresql://...` serves
-    environ: dict = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies"}
-    setup_testing_defaults(environ)
-    status: list[str] = []
-    body = b"".join(app(environ, lambda code, headers, *rest: status.append(code)))
-    assert status[0].startswith("200")
-    listed = {s["study_name"]: s for s in json.loads(body)["studies"]}
-    assert "watched" in listed and listed["watched"]["best_trial"]["values"] == [study.best_value]
+
+    def get(path: str) -> dict:
+        environ: dict = {"REQUEST_METHOD": "GET", "PATH_INFO": path}
+        setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda code, headers, *rest: status.append(code)))
+        assert status[0].startswith("200"), status
+        return json.loads(body)
+
+    listed = {s["study_name"]: s for s in get("/api/studies")["study_summaries"]}
+    assert listed["watched"]["directions"] == ["maximize"]
+    detail = get(f"/api/studies/{listed['watched']['study_id']}")
+    assert [t["params"][0]["param_internal_value"] for t in detail["trials"]][:1] == [0.5]
+    assert len(detail["trials"]) == 2
 
 
 def test_unreachable_database_is_one_line_with_the_password_masked(tmp_path, monkeypatch, capsys):
@@ -147,7 +154,7 @@ def test_database_lost_mid_study_then_the_rerun_finishes_it(server, tmp_path):
     storage.engine.dispose()
     server.stop("immediate")
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
     finally:
         server.start()
     assert proc.returncode == 2, err[-3000:]
@@ -159,7 +166,7 @@ def test_database_lost_mid_study_then_the_rerun_finishes_it(server, tmp_path):
     study = optuna.load_study(study_name="lost", storage=server.url)
     assert _states(study).get("RUNNING") == 1  # the interrupted trial, as the database last saw it
     rerun = _tune(args, tmp_path)
-    out, err = rerun.communicate(timeout=300)
+    out, err = rerun.communicate(timeout=800)
     assert rerun.returncode == 0, err[-3000:]
     study = optuna.load_study(study_name="lost", storage=server.url)
     states = _states(study)
