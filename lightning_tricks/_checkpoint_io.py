@@ -22,12 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks._validation import ConfigError
-
-
-class CheckpointError(ConfigError, ValueError):
-    """A checkpoint or weights file that cannot be used: missing, empty, truncated, corrupt, or of another model."""
-
+from lightning_tricks.errors import CheckpointError
 
 _DAMAGED = ("PytorchStreamReader", "central directory", "zip archive", "Ran out of input", "invalid load key",
             "unpickling stack underflow", "truncated", "file might be corrupted", "Invalid argument",
