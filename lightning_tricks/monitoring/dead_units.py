@@ -404,6 +404,22 @@ class DeadUnitTracker:
         self._saturated.clear()
         self._positions.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """What was seen since the last :meth:`reset` (CPU tensors): a run resumed mid-epoch continues the tally."""
+        return {"site_module": dict(self._site_module), "site_kind": dict(self._site_kind),
+                "fired": {k: v.cpu() for k, v in self._fired.items()},
+                "saturated": {k: v.cpu() for k, v in self._saturated.items()}, "positions": dict(self._positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the tally of :meth:`state_dict` (the tensors go to the model's device)."""
+        self.reset()
+        device = next(self.model.parameters(), torch.empty(0)).device
+        self._site_module.update(state.get("site_module", {}))
+        self._site_kind.update(state.get("site_kind", {}))
+        self._fired.update({k: v.to(device) for k, v in state.get("fired", {}).items()})
+        self._saturated.update({k: v.to(device) for k, v in state.get("saturated", {}).items()})
+        self._positions.update(state.get("positions", {}))
+
     def _make_hook(self, watched: WatchedModule) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.enabled:

@@ -227,6 +227,8 @@ class MomentAccumulator:
         dims = all_reduce(header[1:].clone(), "max")
         self.count = int(counts.item())
         self.sample_shape = torch.Size(int(d) for d in dims.tolist())
+        if self.count == 0:  # no rank saw a batch (every rank knows it): finalize says so in one line
+            return
         if self.sums is None:
             _, self.sums = self._moments(torch.zeros(1, *self.sample_shape, device=device))
         flat = torch.cat([s.reshape(-1) for s in self.sums]).to(device)
@@ -238,7 +240,11 @@ class MomentAccumulator:
         """The statistics of everything added (and all-reduced)."""
         mode, eps, n_components = check_preprocessing(self.mode, eps, n_components)
         if self.sums is None or self.count == 0:
-            raise ConfigError("Standardize: no training sample was seen; statistics need at least one batch.")
+            raise ConfigError("Standardize: no training sample was seen (the training dataloader is empty); "
+                              "statistics need at least one batch.")
+        if not all(bool(torch.isfinite(total).all()) for total in self.sums):
+            raise ConfigError("Standardize: the training inputs contain NaN or infinite values, so every standardized "
+                              "input would be NaN: clean the data (e.g. torch.nan_to_num) or drop those samples.")
         n = self.count
         mean = self.sums[0] / n
         if mode == "channel_mean" or mode == "image" or mode == "center":

@@ -48,8 +48,9 @@ def _check_input(x: Any, config: TTAConfig) -> None:
     if all(v.is_identity for v in config.expanded):
         return
     if x.ndim < 3:
-        raise ValueError(f"views {list(config.views)} need image batches shaped (batch, ..., height, width); got "
-                         f"shape {tuple(x.shape)}. Non-image inputs support views=['identity'] with stochastic_passes.")
+        raise InvalidArgumentError(f"views {list(config.views)} need image batches shaped (batch, ..., height, width); "
+                                   f"got shape {tuple(x.shape)}. Non-image inputs support views=['identity'] with "
+                                   "stochastic_passes.")
     height, width = x.shape[-2:]
     for scale in config.scales or (None,):
         h, w = _scaled_size(height, width, scale)
