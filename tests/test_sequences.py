@@ -318,3 +318,29 @@ def test_dropconnect_on_the_flat_mlp_and_refusals_of_image_only_tricks(tmp_path)
         _fit("mnist1d_cnn", [lt.FractionalMaxPooling()], tmp_path)
     with pytest.raises(LayoutError, match=r"BatchAugment needs images \(N, C, H, W\)"):
         _fit("resnet1d_8", [lt.BatchAugment()], tmp_path)
+
+
+# -- transfer and ensembles ------------------------------------------------------------------------------------------
+
+
+def test_finetune_loads_a_1d_checkpoint_replaces_the_head_and_freezes_the_rest(tmp_path):
+    source, trainer = _fit("resnet1d_8", [], tmp_path)
+    ckpt = tmp_path / "pretrained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    x, y = _loader().dataset.tensors
+    five = DataLoader(TensorDataset(x, y % 5), batch_size=16)
+    model, _ = _fit("resnet1d_8", [lt.Finetune(train="head", num_classes=5, weights=str(ckpt))], tmp_path, five,
+                    num_classes=5, steps=1)
+    assert model.model.fc.out_features == 5
+    torch.testing.assert_close(model.model.conv1.weight, source.model.conv1.weight)  # loaded, then frozen
+    assert not model.model.conv1.weight.requires_grad and model.model.fc.weight.requires_grad
+
+
+def test_ensemble_soft_votes_1d_members(tmp_path):
+    members = [ImageClassifier(b, schedule="none").eval() for b in ("mnist1d_cnn", "resnet1d_8")]
+    x = torch.randn(6, 1, L)
+    ensemble = lt.Ensemble(members=members, voting="soft")
+    with torch.no_grad():
+        expected = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+        out = ensemble(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # the mean of the members' probabilities
