@@ -86,13 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = [header, "|---|" + "---:|---:|---:|" * len(args.variants) + "---|---:|"]
     for name in args.models:
         cells = []
-        for i, variant in enumerate(args.variants):
+        for variant in args.variants:
             accs = results[(name, variant)]
             paper = PAPER.get(name, (None, None))[0 if variant == "default" else 1]
             mean = 100 * sum(accs) / len(accs)
             cells += [mean_std(accs, 1), "–" if paper is None else str(paper),
                       "–" if paper is None else f"{mean - paper:+.1f}"]
-            del i
         per_seed = "; ".join(f"{v}: " + ", ".join(f"{100 * a:.1f}" for a in results[(name, v)]) for v in args.variants)
         secs = [s for v in args.variants for s in seconds[(name, v)]]
         table.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {per_seed} | {sum(secs) / len(secs):.0f} |")
