@@ -223,30 +223,38 @@ def test_stochastic_depth_warmup_follows_the_formula(tmp_path):
 
 
 def test_stochastic_depth_warmup_resumes_from_the_checkpointed_count(tmp_path):
+    """An interrupted run resumes the ramp where it stopped, with the ramp length of its first fit (checkpointed)."""
     seen = []
 
     class Record(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(stochastic_depth_blocks(pl_module)[-1].lt_drop_prob)
 
-    model = ImageClassifier("resnet1d_8", optimizer="adam", lr=1e-3, schedule="none")
-    trainer = cpu_trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=True,
-                          callbacks=[lt.StochasticDepth(0.5, warmup_fraction=1.0, seed=0), Record()])
-    trainer.fit(model, train_dataloaders=_loader(n=32, batch=8))  # 8 batches, W = 8
+    class StopAfterOneEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    def fit(epochs, extra=(), ckpt_path=None):
+        model = ImageClassifier("resnet1d_8", optimizer="adam", lr=1e-3, schedule="none")
+        callback = lt.StochasticDepth(0.5, warmup_fraction=1.0, seed=0)
+        trainer = cpu_trainer(tmp_path, max_epochs=epochs, limit_val_batches=0,
+                              callbacks=[callback, Record(), *extra])
+        trainer.fit(model, train_dataloaders=_loader(n=32, batch=8), ckpt_path=ckpt_path)  # 4 batches an epoch
+        return trainer, callback
+
+    fit(2)  # uninterrupted: W = 8 batches
     full = list(seen)
-    ckpt = tmp_path / "mid.ckpt"
+    assert full == pytest.approx([0.5 * t / 8 for t in range(8)])
     seen.clear()
-    model = ImageClassifier("resnet1d_8", optimizer="adam", lr=1e-3, schedule="none")
-    first = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0,
-                        callbacks=[lt.StochasticDepth(0.5, warmup_fraction=1.0, seed=0), Record()])
-    first.fit(model, train_dataloaders=_loader(n=32, batch=8))
-    first.save_checkpoint(ckpt)
+    first, callback = fit(2, extra=[StopAfterOneEpoch()])  # interrupted after 4 batches
+    assert callback.warmup_batches == 8 and callback.state_dict()["warmup_batches"] == 8
+    first.save_checkpoint(tmp_path / "mid.ckpt")
     seen.clear()
-    resumed = cpu_trainer(tmp_path, max_epochs=2, limit_val_batches=0,
-                          callbacks=[lt.StochasticDepth(0.5, warmup_fraction=1.0, seed=0), Record()])
-    resumed.fit(ImageClassifier("resnet1d_8", optimizer="adam", lr=1e-3, schedule="none"),
-                train_dataloaders=_loader(n=32, batch=8), ckpt_path=str(ckpt))
-    assert seen == pytest.approx(full[4:])  # the ramp continues where it stopped (W from the same limits)
+    fit(2, ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert seen == pytest.approx(full[4:])  # the ramp continues where it stopped
+    seen.clear()
+    _, longer = fit(4, ckpt_path=str(tmp_path / "mid.ckpt"))  # a longer run keeps the first fit's ramp length
+    assert longer.warmup_batches == 8 and seen[:4] == pytest.approx(full[4:])
 
 
 def test_zero_init_residual_and_lsuv_on_conv1d():

@@ -501,7 +501,8 @@ class StochasticDepth(StructuralCallback):
         self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
         self.scaling = scaling
         self.warmup_fraction, self.warmup_steps = float(warmup_fraction), warmup_steps
-        self.warmup_batches = warmup_steps or 0  # the ramp's length in batches, fixed at train start
+        self.warmup_batches = warmup_steps or 0  # the ramp's length in batches, fixed at the first train start
+        self._warmup_fixed = warmup_steps is not None  # restored from a checkpoint, or given
         self.per_rank = mode == "row"  # batch decisions must agree on every rank
         self._blocks: list[nn.Module] = []
         self._targets: list[float] = []
@@ -570,13 +571,26 @@ class StochasticDepth(StructuralCallback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.warmup_batches = self.warmup_length(trainer)
+        if not self._warmup_fixed:  # a resumed run keeps the ramp its first run computed (checkpointed)
+            self.warmup_batches = self.warmup_length(trainer)
+            self._warmup_fixed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warmup_batches": self.warmup_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        warmup = state.pop("warmup_batches", None)
+        super().load_state_dict(state)
+        if warmup is not None and self.warmup_steps is None:
+            self.warmup_batches, self._warmup_fixed = int(warmup), True
 
     def warmup_length(self, trainer: pl.Trainer) -> int:
         """The warm-up in training batches: ``warmup_steps``, else ``warmup_fraction`` of the run's batches.
 
-        The run's length comes from the trainer's limits (the same on every rank and in a resumed run with
-        the same limits); the position in the ramp is the checkpointed count of batches seen.
+        The run's length comes from the trainer's limits at the first ``fit`` (the same on every rank); the
+        length is kept in the checkpoint, so a resumed run, even with a larger ``max_epochs``, continues the
+        same ramp from the checkpointed count of batches seen.
         """
         if self.warmup_steps is not None:
             return self.warmup_steps
