@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_tricks._validation import ConfigError, check_choice
+from lightning_tricks._validation import check_choice
+from lightning_tricks.errors import LayoutError
 
 LAYOUTS = ("auto", "image", "sequence")
 """``auto`` (from the input's rank and the model's layers), ``image`` or ``sequence``."""
 
 _IMAGE_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _SEQUENCE_LAYERS = (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.RNNBase)
-
-
-class LayoutError(ConfigError, ValueError):
-    """The input's layout cannot be told, or the trick does not serve it."""
 
 
 def check_layout(layout: str) -> str:
