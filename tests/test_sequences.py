@@ -171,7 +171,7 @@ def test_tta_on_the_1d_model_merges_the_shift_views_and_refuses_the_default_flip
     merged = sequence_tta_forward(model, x, config)
     views = [apply_sequence_view(x, ("shift", d, f), config) for d in (-2, 0, 2) for f in (False, True)]
     with torch.no_grad():
-        reference = merge_predictions(torch.stack([model(v) for v in views]), "mean")
+        reference = merge_predictions(torch.stack([model(v) for v in views]), "mean", "classification")
     torch.testing.assert_close(merged, reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="default view 'hflip'"):
         lt.TTAWrapper(model)(x)
@@ -180,7 +180,7 @@ def test_tta_on_the_1d_model_merges_the_shift_views_and_refuses_the_default_flip
     wrapped = lt.TTAWrapper(model, views=["translate"], translate=2)
     with torch.no_grad():
         reference = merge_predictions(torch.stack([model(apply_sequence_view(x, ("shift", d, False), config))
-                                                   for d in (-2, 0, 2)]), "mean")
+                                                   for d in (-2, 0, 2)]), "mean", "classification")
         torch.testing.assert_close(wrapped(x), reference, atol=1e-5, rtol=1e-5)
 
 

@@ -155,7 +155,8 @@ class TestTimeAugmentation(Callback):
         with self._probe.paused() if self._probe is not None else contextlib.nullcontext():
             if isinstance(x, Tensor) and x.ndim in (2, 3) and model_layout(target) == "sequence":
                 return sequence_tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
-                                            views_given=self._views_given, stochastic_module=target)
+                                            views_given=self._views_given, stochastic_module=target,
+                                            task=self._read_task)
             return tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
                                stochastic_module=target, task=self._read_task)
 

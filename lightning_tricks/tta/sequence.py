@@ -81,10 +81,16 @@ def apply_sequence_view(x: Tensor, view: tuple[str, Any, bool], config: TTAConfi
 
 
 def sequence_tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TTAConfig, *, views_given: bool = True,
-                         seed: int | None = None, stochastic_module: nn.Module | None = None) -> Tensor:
-    """:func:`~lightning_tricks.tta.core.tta_forward` for sequences: every view in one batch of ``K * B`` rows."""
+                         seed: int | None = None, stochastic_module: nn.Module | None = None, task: Any = None
+                         ) -> Tensor:
+    """:func:`~lightning_tricks.tta.core.tta_forward` for sequences: every view in one batch of ``K * B`` rows.
+
+    ``task`` is what ``tta_forward`` takes (a Task, a function reading it from an output, or None: inferred
+    from the first view's output).
+    """
+    from lightning_tricks._seeding import seeded_global_rng
     from lightning_tricks.stochastic import stochastic_eval
-    from lightning_tricks.tta.core import merge_predictions, seeded_global_rng
+    from lightning_tricks.tta.core import _resolve_task, merge_predictions
 
     views = sequence_views(config, views_given)
     length = x.shape[-1]
@@ -104,7 +110,8 @@ def sequence_tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TT
         rows = torch.cat([apply_sequence_view(x, v, config) for v in views for _ in range(config.stochastic_passes)])
         step = rows.shape[0] if config.max_batch is None else config.max_batch
         out = torch.cat([forward(rows[i:i + step]) for i in range(0, rows.shape[0], step)])
-        merged = merge_predictions(out.reshape(-1, x.shape[0], *out.shape[1:]), config.merge, config.task)
+        per_view = out.reshape(-1, x.shape[0], *out.shape[1:])
+        merged = merge_predictions(per_view, config.merge, _resolve_task(task, per_view[0], config))
     if merged.is_inference() and not torch.is_inference_mode_enabled():
         merged = merged.clone()
     return merged

@@ -83,6 +83,6 @@ class TTAWrapper(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim in (2, 3) and model_layout(self.model) == "sequence":
             return sequence_tta_forward(self.model, x, self.config, seed=self.seed, views_given=self._views_given,
-                                        stochastic_module=self.model)
+                                        stochastic_module=self.model, task=self._read_task)
         return tta_forward(self.model, x, self.config, seed=self.seed, stochastic_module=self.model,
                            task=self._read_task)
