@@ -81,6 +81,10 @@ class ForwardOnBatchError(ConfigError, RuntimeError):
     """The model's forward could not run on the batch's input (a GAN's ``forward(z)``, a forward taking a dict ...)."""
 
 
+class LayoutError(ConfigError, ValueError):
+    """An input whose layout (images, sequences, flat features) cannot be told, or that the trick does not serve."""
+
+
 class MixupTargetsUnusedError(ConfigError, RuntimeError):
     """Mixup mixed the images, but the training step did not give its targets to a label loss it serves."""
 
@@ -145,6 +149,7 @@ __all__ = [
     "ForwardOnBatchError",
     "InitialLossError",
     "InvalidArgumentError",
+    "LayoutError",
     "LightningTricksError",
     "MissingExampleInputError",
     "MixupTargetsUnusedError",

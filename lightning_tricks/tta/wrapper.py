@@ -8,10 +8,12 @@ import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
 from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.layout import model_layout
 from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_modules
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.sequence import sequence_tta_forward
 
 
 def _has_randomness(model: nn.Module) -> bool:
@@ -71,6 +73,7 @@ class TTAWrapper(nn.Module):
         self.model = model
         self.seed = seed
         self.task: Task | None = None  # read from the first output merged (the wrapper sees no targets)
+        self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
 
     def _read_task(self, output: Tensor) -> Task:
         if self.task is None:
@@ -78,5 +81,8 @@ class TTAWrapper(nn.Module):
         return self.task
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim in (2, 3) and model_layout(self.model) == "sequence":
+            return sequence_tta_forward(self.model, x, self.config, seed=self.seed, views_given=self._views_given,
+                                        stochastic_module=self.model, task=self._read_task)
         return tta_forward(self.model, x, self.config, seed=self.seed, stochastic_module=self.model,
                            task=self._read_task)
