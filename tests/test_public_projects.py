@@ -169,7 +169,7 @@ NOT_ROWS: dict[str, str] = {
     "apply_recorded_tricks": "checkpoint loading, not a trick; tests/test_checkpoint.py",
     "load_from_checkpoint": "checkpoint loading, not a trick; tests/test_checkpoint.py",
     "infer_num_classes": "a probe the tricks use, not a trick; tests/test_model_probe.py",
-    "CIFAR10DataModule": "zoo data", "DigitsDataModule": "zoo data", "SyntheticDataModule": "zoo data",
+    "MNIST1DDataModule": "zoo data", "CIFAR10DataModule": "zoo data", "DigitsDataModule": "zoo data", "SyntheticDataModule": "zoo data",
     "errors": "the error hierarchy every refusal here raises; tests/test_errors.py",
     "ImageClassifier": "zoo model", "CALLBACKS": "the list of callbacks", "__version__": "the version",
 }
