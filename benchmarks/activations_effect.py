@@ -108,7 +108,7 @@ def _parser() -> BenchmarkParser:
     p.add_data_default("--seeds", {"digits": [0, 1], "mnist1d": [0, 1, 2]}, "seeds", nargs="+")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.25, 0.1],
                    help="learning rates of the digits dead-unit runs (0.25: monitoring_dead's)")
-    p.add_data_default("--epochs", {"digits": (10, 3), "mnist1d": (15, 1)}, "epochs of each run")
+    p.add_data_default("--epochs", {"digits": (10, 3), "mnist1d": (10, 1)}, "epochs of each run")
     return p
 
 

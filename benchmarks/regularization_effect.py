@@ -101,7 +101,7 @@ def _parser() -> BenchmarkParser:
     p = BenchmarkParser("regularization_effect", __doc__, quick="smoke run: 5 epochs, one seed",
                         threads=1, section="regularization-effect")  # one thread: the model is tiny
     p.add_data_option()
-    p.add_data_default("--epochs", {"digits": (30, 5), "mnist1d": (30, 2)}, "epochs per fit")
+    p.add_data_default("--epochs", {"digits": (30, 5), "mnist1d": (20, 2)}, "epochs per fit")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--subset", type=int, default=300, help="training images (default 300)")
     return p
