@@ -149,7 +149,8 @@ def evaluate(model: ImageClassifier, data: DigitsDataModule) -> dict[str, float]
 
 
 def _parser() -> BenchmarkParser:
-    p = BenchmarkParser("tta_effect", __doc__, quick="smoke run: one seed, one epoch", section="tta-effect")
+    p = BenchmarkParser("tta_effect", __doc__, quick="smoke run: one seed, one epoch", section="tta-effect",
+                        threads=1)  # one thread: the model is small; on shared cores more threads are slower
     p.add_data_option()
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; 0 with --quick)")
     p.add_data_default("--epochs", {"digits": (8, 1), "mnist1d": (30, 1)}, "training epochs")
