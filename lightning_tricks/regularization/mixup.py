@@ -35,6 +35,7 @@ from lightning_tricks._validation import (
     check_probability,
     check_range,
 )
+from lightning_tricks.core.layout import check_layout, input_layout
 from lightning_tricks.regularization._batch import (
     BatchFormatError,
     BatchTransformCallback,
@@ -110,6 +111,7 @@ def sample_mix_plan(
     mode: str = "batch",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    sequence: bool = False,
 ) -> MixPlan:
     """Draw a :class:`MixPlan` on ``device``, without host synchronization.
 
@@ -125,6 +127,8 @@ def sample_mix_plan(
             ``"sample"``: each sample its own.
         generator: random generator on ``device``; None uses torch's global one.
         device: where to draw (the images' device).
+        sequence: CutMix on sequences ``(N, C, L)`` (``image_size=(C, L)``): the pasted box is a span of
+            ``floor(L * (1 - lam))`` steps across every channel (``lam`` then area-corrected as for images).
 
     Draw order (a seeded generator reproduces it): permutation, then Mixup/CutMix choice, Beta draws,
     skip decisions, box centers.
@@ -154,12 +158,12 @@ def sample_mix_plan(
         if image_size is None:
             raise InvalidArgumentError("`image_size`=None is invalid with CutMix: expected (height, width).")
         height, width = image_size
-        ratio = torch.sqrt(1.0 - lam)
-        cut_h = (height * ratio).floor().long() * use_cutmix
+        ratio = (1.0 - lam) if sequence else torch.sqrt(1.0 - lam)
+        cut_h = (height * (torch.ones_like(ratio) if sequence else ratio)).floor().long() * use_cutmix
         cut_w = (width * ratio).floor().long() * use_cutmix
         rows = torch.randint(0, height, (draws,), generator=generator, device=device)
         cols = torch.randint(0, width, (draws,), generator=generator, device=device)
-        top, left = rows - cut_h // 2, cols - cut_w // 2
+        top, left = (torch.zeros_like(rows) if sequence else rows - cut_h // 2), cols - cut_w // 2
         boxes = torch.stack((top.clamp(0, height), left.clamp(0, width),
                              (top + cut_h).clamp(0, height), (left + cut_w).clamp(0, width)), dim=1)
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -476,6 +480,9 @@ class Mixup(BatchTransformCallback):
         target_key: where the targets are; None: the element after the images, or a dict's ``label``/``y``/...
         seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        layout: for CutMix: ``auto`` (4D inputs are images; 3D inputs are sequences ``(N, C, L)`` when the model
+            has 1D conv/pool/recurrent layers, images ``(N, H, W)`` when it has 2D ones), ``image`` or
+            ``sequence``. On sequences CutMix pastes a span of the partner's steps across all channels.
 
     Raises:
         InvalidArgumentError: an argument out of range; at setup, ``num_classes`` that cannot be inferred
@@ -491,8 +498,9 @@ class Mixup(BatchTransformCallback):
     def __init__(self, alpha: float = 1.0, cutmix_alpha: float | None = None, switch_prob: float | None = None,
                  p: float = 1.0, mode: str = "batch", label_smoothing: float = 0.0, num_classes: int | None = None,
                  targets: str = "labels", input_key: Key = None, target_key: Key = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, layout: str = "auto") -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.layout = check_layout(layout)
         self.switch = check_mix_args(alpha, cutmix_alpha, switch_prob, p, mode, label_smoothing)
         self.alpha, self.cutmix_alpha, self.switch_prob = float(alpha), cutmix_alpha, switch_prob
         self.p, self.mode, self.label_smoothing = p, mode, float(label_smoothing)
@@ -531,10 +539,12 @@ class Mixup(BatchTransformCallback):
             shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise BatchFormatError(f"{self.name}: the targets ({shape}) do not match the {images.shape[0]} images; "
                                    "set `target_key`.")
+        sequence = bool(self.cutmix_alpha) and input_layout(images, pl_module, self.layout, self.name) == "sequence"
         generator = self._next_generator(trainer, images.device)
         plan = sample_mix_plan(images.shape[0], tuple(images.shape[-2:]) if self.cutmix_alpha else None,  # type: ignore[arg-type]
                                alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, switch_prob=self.switch_prob,
-                               p=self.p, mode=self.mode, generator=generator, device=images.device)
+                               p=self.p, mode=self.mode, generator=generator, device=images.device,
+                               sequence=sequence)
         check = not self._labels_checked
         self._labels_checked = True
         if self.targets == "labels" and not targets.is_floating_point() and targets.ndim == 1:

@@ -37,6 +37,7 @@ from lightning_tricks._validation import (
     check_probability,
     check_range,
 )
+from lightning_tricks.core.layout import LayoutError, model_layout
 from lightning_tricks.regularization._batch import (
     BatchTransformCallback,
     Key,
@@ -301,6 +302,9 @@ class BatchAugment(BatchTransformCallback):
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
         slot, images = read_images(batch, self.input_key, self.name, 3)
+        if images.ndim == 3 and model_layout(pl_module) == "sequence":
+            raise LayoutError(f"{self.name} needs images (N, C, H, W): its crops, flips and colour ops have no meaning "
+                              f"on sequences {tuple(images.shape)}; use Cutout or Mixup (spans along the length).")
         generator = self._next_generator(trainer, images.device)
         if self.pca_std > 0 and self.pca_basis is None:
             raise InvalidArgumentError("BatchAugment(pca_std > 0) has no PCA basis: it is computed at fit start; "

@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
 from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_bool
+from lightning_tricks.core.layout import model_layout
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.sequence import sequence_tta_forward
 from lightning_tricks.tta.wrapper import _has_randomness, _no_stochastic_layers
 
 TTA_STAGES = ("validate", "test", "predict")
@@ -78,6 +80,7 @@ class TestTimeAugmentation(Callback):
                  module: str | None = None, exact_distributed: bool = True, seed: int | None = None) -> None:
         self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
                                  max_batch)
+        self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
         self.stages = _check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
         if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
             raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
@@ -137,6 +140,9 @@ class TestTimeAugmentation(Callback):
         if self.config.stochastic_passes > 1:
             seed = self.randomness.key(_STAGE_IDS[stage], *self._batch)
         with self._probe.paused() if self._probe is not None else contextlib.nullcontext():
+            if isinstance(x, Tensor) and x.ndim in (2, 3) and model_layout(target) == "sequence":
+                return sequence_tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
+                                            views_given=self._views_given, stochastic_module=target)
             return tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
                                stochastic_module=target)
 

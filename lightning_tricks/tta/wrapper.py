@@ -8,9 +8,11 @@ import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
 from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.layout import model_layout
 from lightning_tricks.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_modules
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.sequence import sequence_tta_forward
 
 
 def _has_randomness(model: nn.Module) -> bool:
@@ -67,6 +69,10 @@ class TTAWrapper(nn.Module):
             raise _no_stochastic_layers(stochastic_passes, f"the model {type(model).__name__}")
         self.model = model
         self.seed = seed
+        self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim in (2, 3) and model_layout(self.model) == "sequence":
+            return sequence_tta_forward(self.model, x, self.config, seed=self.seed, views_given=self._views_given,
+                                        stochastic_module=self.model)
         return tta_forward(self.model, x, self.config, seed=self.seed, stochastic_module=self.model)
