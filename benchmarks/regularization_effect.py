@@ -12,9 +12,8 @@ the data order and the tricks' draws; the data split stays fixed.
 
 ``--data mnist1d`` (section ``regularization-effect-mnist1d``): the paper's CNN (``mnist1d_cnn``, Adam, lr
 1e-2, no weight decay, cosine, batch 100) on all 4,000 MNIST-1D training signals, tested on its 1,000 test
-signals, with Mixup (the product's callback, mixing whole signals) and a Cutout of a span along the length
-(``SpanCutout`` below: the product's Cutout takes images only at this commit): one span of ``length`` steps
-zeroed per signal, its centre uniform over the signal (clipped at the ends, as Cutout's holes).
+signals, with Mixup (mixing whole signals) and Cutout, which on a 1D model zeroes one span of ``length`` steps
+per signal, its centre uniform over the signal (clipped at the ends, as its holes in images).
 
 Example:
     ``python -m benchmarks regularization_effect`` (``--epochs``, ``--seeds``, ``--quick``, ``--data mnist1d``)
@@ -25,33 +24,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import mean_std
-
-
-class SpanCutout(Callback):
-    """Cutout along the length of ``[B, C, L]`` signals: one span of ``length`` steps zeroed per signal (all channels),
-    its centre uniform over ``[0, L)``, clipped at the ends (the product's Cutout takes images only)."""
-
-    def __init__(self, length: int) -> None:
-        self.length, self.generator = length, torch.Generator()
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.generator.manual_seed(torch.initial_seed() + 1)  # the run's seed (seed_everything), its own stream
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        x = batch[0]
-        centres = torch.randint(0, x.shape[-1], (x.shape[0], 1), generator=self.generator)
-        steps = torch.arange(x.shape[-1])
-        inside = (steps >= centres - self.length // 2) & (steps < centres - self.length // 2 + self.length)
-        x.masked_fill_(inside[:, None, :].to(x.device), 0.0)
 
 
 def configurations(data: str = "digits") -> dict[str, Callable[[], list[Callback]]]:
@@ -60,7 +38,7 @@ def configurations(data: str = "digits") -> dict[str, Callable[[], list[Callback
     if data == "mnist1d":
         return {
             "baseline": lambda: [],
-            "span Cutout(length=8)": lambda: [SpanCutout(length=8)],
+            "Cutout(length=8), a span": lambda: [Cutout(length=8)],
             "Mixup(alpha=1.0)": lambda: [Mixup(alpha=1.0)],
             "Mixup(alpha=0.2)": lambda: [Mixup(alpha=0.2)],
         }
@@ -132,12 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             delta = 100 * sum(t - b for t, b in zip(tests, base, strict=True)) / len(tests)
             lines.append(f"| {name} | {mean_std(tests, 1)} | {', '.join(f'{100 * v:.1f}' for v in tests)} | "
                          f"{delta:+.1f} |")
-        publish(args, "Cutout (a span) and Mixup on MNIST-1D", [
+        publish(args, "Cutout (spans) and Mixup on MNIST-1D", [
             f"The paper's CNN (`mnist1d_cnn`) on MNIST-1D, all 4,000 training signals, Adam lr 0.01, no weight decay, "
             f"cosine, batch 100, {epochs} epochs, accuracy on the 1,000 test signals after the last epoch; seeds "
-            f"{', '.join(map(str, seeds))} (std over seeds). Mixup is the product's callback; the span Cutout is cut "
-            "by this benchmark (the product's Cutout takes images only at this commit): 8 of the 40 steps zeroed per "
-            "signal, centre uniform, clipped at the ends.",
+            f"{', '.join(map(str, seeds))} (std over seeds). On this 1D model `Cutout(length=8)` zeroes one span of "
+            "8 of the 40 steps per signal (centre uniform, clipped at the ends); `Mixup` blends whole signals.",
             "",
             *lines,
         ])

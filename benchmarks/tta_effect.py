@@ -9,11 +9,10 @@ for digits (a mirrored 2, 3, 4, 5, 7 or 9 is not that digit), and the table show
 
 ``--data mnist1d`` (section ``tta-effect-mnist1d``): the paper's CNN (``mnist1d_cnn``, Adam, lr 1e-2, batch
 100, cosine) on MNIST-1D's 4,000 training signals, without augmentation and with random shifts along the
-length, tested on its 1,000 test signals with views along the length: shifts by up to ``t`` steps (the
-``2t + 1`` shifts, replicate padding), five crops of 36 steps each resized back to 40 (linear), and the
-reversed signal (not label-preserving, the analogue of a flip). :class:`~lightning_tricks.TTAWrapper`
-takes images only at this commit, so these views are cut by this benchmark; they are merged by the
-product's :func:`~lightning_tricks.tta.merge_predictions`.
+length, tested on its 1,000 test signals through :class:`~lightning_tricks.TTAWrapper` with its views
+along the length: ``translate`` (the signal shifted by ``-t``, 0 and ``+t`` steps, replicate padding) and
+``hflip`` (the reversed signal, not label-preserving: the analogue of a flip). Crops are left out, since the
+paper's CNN takes exactly 40 steps.
 
 Example:
     ``python -m benchmarks tta_effect`` (``--quick`` for a smoke run; ``--data mnist1d``)
@@ -34,7 +33,6 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks._cli import BenchmarkParser, publish
 from lightning_tricks import DigitsDataModule, ImageClassifier, TTAWrapper
-from lightning_tricks.tta import merge_predictions
 
 VIEW_SETS: dict[str, dict[str, Any]] = {
     "none": {"views": ["identity"]},
@@ -49,36 +47,18 @@ VIEW_SETS: dict[str, dict[str, Any]] = {
 }
 
 
-SEQUENCE_VIEW_SETS: dict[str, tuple[str, int, str]] = {  # name -> (family, size, merge)
-    "none": ("shift", 0, "mean"),
-    "shift 1 step (K=3)": ("shift", 1, "mean"),
-    "shift 2 steps (K=5)": ("shift", 2, "mean"),
-    "shift 4 steps (K=9)": ("shift", 4, "mean"),
-    "shift 4 steps, gmean": ("shift", 4, "gmean"),
-    "shift 4 steps, vote": ("shift", 4, "vote"),
-    "five crops of 36, resized to 40 (K=5)": ("crop", 36, "mean"),
-    "reverse (K=2, not label-preserving)": ("reverse", 0, "mean"),
+SEQUENCE_VIEW_SETS: dict[str, dict[str, Any]] = {
+    "none": {"views": ["identity"]},
+    "translate 1 step (K=3)": {"views": ["translate"], "translate": 1},
+    "translate 2 steps (K=3)": {"views": ["translate"], "translate": 2},
+    "translate 4 steps (K=3)": {"views": ["translate"], "translate": 4},
+    "translate 4 steps, gmean": {"views": ["translate"], "translate": 4, "merge": "gmean"},
+    "translate 4 steps, vote": {"views": ["translate"], "translate": 4, "merge": "vote"},
+    "translate 8 steps (K=3)": {"views": ["translate"], "translate": 8},
+    "reverse (K=2, not label-preserving)": {"views": ["hflip"]},
 }
-
-
-def sequence_views(x: torch.Tensor, family: str, size: int) -> torch.Tensor:
-    """Views of ``[B, C, L]`` signals along the length, stacked as ``[K, B, C, L]``.
-
-    ``shift``: the ``2 size + 1`` shifts by ``-size..size`` steps (replicate padding; ``size`` 0 is the identity);
-    ``crop``: five windows of ``size`` steps evenly spaced from start to end, each resized back to ``L`` (linear);
-    ``reverse``: the signal and its time reversal.
-    """
-    length = x.shape[-1]
-    if family == "shift":
-        padded = F.pad(x, (size, size), mode="replicate")
-        return torch.stack([padded[..., size + s:size + s + length] for s in range(-size, size + 1)])
-    if family == "crop":
-        starts = torch.linspace(0, length - size, 5).round().long().tolist()
-        return torch.stack([F.interpolate(x[..., a:a + size], size=length, mode="linear", align_corners=False)
-                            for a in starts])
-    if family == "reverse":
-        return torch.stack([x, x.flip(-1)])
-    raise ValueError(f"unknown view family {family!r}")
+"""View sets along the length of MNIST-1D's signals (TTAWrapper on a 1D model). Crops are left out: the paper's
+CNN takes exactly 40 steps."""
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -131,10 +111,9 @@ def evaluate_sequences(model: ImageClassifier, data: Any) -> dict[str, float]:
     x, y = data.tensors("test")
     accuracies = {}
     with torch.inference_mode():
-        for name, (family, size, merge) in SEQUENCE_VIEW_SETS.items():
-            views = sequence_views(x, family, size)
-            logits = model(views.flatten(0, 1)).view(views.shape[0], len(y), -1)
-            accuracies[name] = (merge_predictions(logits, merge).argmax(1) == y).float().mean().item()
+        for name, kwargs in SEQUENCE_VIEW_SETS.items():
+            log_probs = TTAWrapper(model, max_batch=8192, **kwargs)(x)
+            accuracies[name] = (log_probs.argmax(1) == y).float().mean().item()
     return accuracies
 
 
@@ -195,11 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"The paper's CNN (`mnist1d_cnn`) trained {epochs} epochs (Adam, lr 0.01, no weight decay, cosine, batch "
             "100) on MNIST-1D's 4,000 training signals, without augmentation or with a random shift along the length "
             "per signal (replicate padding); test accuracy (%) on the 1,000 test signals, mean ± std over seeds "
-            f"{seeds}, and in parentheses the mean change against no TTA for the same models. Views cut by the "
-            "benchmark (TTAWrapper takes images only at this commit), merged by `merge_predictions`: `shift t` = the "
-            "2t+1 shifts by -t..t steps (replicate padding); five crops = windows of 36 steps from start to end, "
-            "each resized to 40 (linear); reverse = the signal and its time reversal. Merge: mean of probabilities "
-            "unless stated.",
+            f"{seeds}, and in parentheses the mean change against no TTA for the same models. Views by `TTAWrapper` "
+            "on the 1D model: `translate t` = the signal shifted by -t, 0 and +t steps (replicate padding); reverse "
+            "= `hflip`, the signal and its time reversal. Merge: mean of probabilities unless stated. Crops are "
+            "left out: the paper's CNN takes exactly 40 steps.",
             "",
             *lines,
         ])
