@@ -19,10 +19,13 @@ records the reproducing command and the start time, which :func:`publish` puts i
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,13 @@ class BenchmarkParser(argparse.ArgumentParser):
         self.add_argument(flag, type=kind, nargs=nargs, default=None, help=f"{help} (default {shown})")
         self._data_defaults[flag.lstrip("-").replace("-", "_")] = dict(defaults)
 
+    def add_seed_cache(self) -> None:
+        """``--cache DIR``: keep each seed's results in ``DIR`` and reuse them (:func:`cached_seed`), so that the seeds
+        of one measurement can run in parallel processes (``--seeds 1 --no-write``) and a last run with every seed
+        publishes the table."""
+        self.add_argument("--cache", default=None,
+                          help="folder of per-seed results: a seed already measured with the same options is reused")
+
     def add_step_options(self, batch_size: int | tuple[int, int], steps: int | tuple[int, int],
                          warmup_steps: int | tuple[int, int], image_size: int = 32) -> None:
         """``--batch-size``, ``--image-size``, ``--steps``, ``--warmup-steps`` of a step-time benchmark.
@@ -149,6 +159,33 @@ class BenchmarkParser(argparse.ArgumentParser):
         parsed.command = shlex.join(["python", "-m", "benchmarks", self.name, *given])
         parsed.started = time.perf_counter()
         return parsed
+
+
+_NOT_IN_KEY = ("seeds", "command", "started", "no_write", "section", "cache", "no_figure")
+
+
+def cached_seed(args: argparse.Namespace, seed: int, measure: Callable[[], Any]) -> Any:
+    """``measure()`` for ``seed``, or its result kept by an earlier run with the same options under ``--cache``.
+
+    The key is the benchmark, the seed and every option but the seed list, the section and the output switches;
+    the result must be JSON (numbers, strings, lists, dicts). Without ``--cache``, just ``measure()``.
+    """
+    folder = getattr(args, "cache", None)
+    if not folder:
+        return measure()
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IN_KEY}
+    key = json.dumps({"benchmark": args.command.split()[3], "seed": seed, "options": options}, sort_keys=True,
+                     default=str)
+    path = Path(folder) / f"seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        print(f"seed {seed}: reusing {path}", flush=True)
+        return json.loads(path.read_text())["result"]
+    result = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": json.loads(key), "result": result}, indent=1))
+    os.replace(tmp, path)
+    return result
 
 
 def section_name(args: argparse.Namespace, section: str | None = None) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._cli import BenchmarkParser, cached_seed, publish
 from lightning_tricks import Ensemble, SnapshotEnsemble
 from lightning_tricks.zoo import DigitsDataModule, ImageClassifier, MNIST1DDataModule
 
@@ -106,6 +106,7 @@ def _parser() -> BenchmarkParser:
     # one thread: tiny models gain nothing from more, and on a shared machine extra threads are very slow
     p = BenchmarkParser("ensemble_effect", __doc__, threads=1, section="ensemble-effect")
     p.add_data_option()
+    p.add_seed_cache()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--members", type=int, default=5)
     p.add_data_default("--subset", {"digits": 100, "mnist1d": 4000}, "training examples kept (stratified)")
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows[seed] = run_seed(args, seed, Path(tmp))
+            rows[seed] = cached_seed(args, seed, lambda: run_seed(args, seed, Path(tmp)))  # noqa: B023
             r = rows[seed]
             print(f"seed {seed}: members {r['min_member']:.1f}-{r['best_member']:.1f} (mean {r['mean_member']:.1f}), "
                   f"soft {r['soft']:.1f}, hard {r['hard']:.1f}; snapshots: last {r['last_snapshot']:.1f}, "

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._cli import BenchmarkParser, cached_seed, publish
 from benchmarks._digits import top1_accuracy
 from benchmarks.harness import mean_std
 from lightning_tricks import LargeBatchScaling
@@ -61,6 +61,7 @@ def run(accumulate: int, callbacks: list, epochs: int, lr: float, seed: int, dat
 def main(argv: Sequence[str] | None = None) -> int:
     parser = BenchmarkParser("large_batch", __doc__, threads=1)  # one thread: the models are tiny
     parser.add_data_option()
+    parser.add_seed_cache()
     parser.add_data_default("--epochs", {"digits": 20, "mnist1d": 15}, "epochs of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=0.05, help="the learning rate for batch 32 (the zoo default)")
@@ -76,10 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batch {big}, scaling + warm-up": (args.accumulate, lambda: [LargeBatchScaling()]),
     }
     results: dict[str, list[float]] = {name: [] for name in configs}
-    for seed in args.seeds:
+    def measure(seed: int) -> dict[str, float]:
+        accuracies = {}
         for name, (accumulate, callbacks) in configs.items():
-            results[name].append(run(accumulate, callbacks(), args.epochs, args.lr, seed, args.data))
-            print(f"seed {seed} {name}: {results[name][-1]:.4f}", flush=True)
+            accuracies[name] = run(accumulate, callbacks(), args.epochs, args.lr, seed, args.data)
+            print(f"seed {seed} {name}: {accuracies[name]:.4f}", flush=True)
+        return accuracies
+
+    for seed in args.seeds:
+        for name, accuracy in cached_seed(args, seed, lambda: measure(seed)).items():  # noqa: B023
+            results[name].append(accuracy)
     table = ["| run | learning rate | test accuracy % (mean ± std) | per seed % |", "|---|---|---:|---|"]
     lrs = {"batch 32": f"{args.lr}", f"batch {big}, no scaling": f"{args.lr}",
            f"batch {big}, scaling": f"{args.lr * args.accumulate:g}",

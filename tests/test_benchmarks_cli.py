@@ -94,6 +94,31 @@ def test_data_option_names_the_section_and_fills_per_dataset_defaults() -> None:
         parser.add_data_default("--steps", {"digits": 3}, "steps")
 
 
+def test_seed_cache_reuses_a_seed_measured_with_the_same_options(tmp_path: Path) -> None:
+    from benchmarks._cli import cached_seed
+
+    parser = _parser()
+    parser.add_seed_cache()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", type=float, default=0.1)
+    calls = []
+
+    def measure(seed: int, value: float) -> dict[str, float]:
+        calls.append(seed)
+        return {"acc": value}
+
+    cache = ["--cache", str(tmp_path)]
+    one = parser.parse_args([*cache, "--seeds", "1", "--no-write"])
+    assert cached_seed(one, 1, lambda: measure(1, 0.5)) == {"acc": 0.5}
+    every = parser.parse_args([*cache, "--seeds", "0", "1"])  # another seed list and output switch: same key
+    assert cached_seed(every, 1, lambda: measure(1, 0.9)) == {"acc": 0.5} and calls == [1]
+    assert cached_seed(every, 0, lambda: measure(0, 0.7)) == {"acc": 0.7} and calls == [1, 0]
+    other = parser.parse_args([*cache, "--lr", "0.2"])  # another option: measured again
+    assert cached_seed(other, 1, lambda: measure(1, 0.3)) == {"acc": 0.3} and calls == [1, 0, 1]
+    assert cached_seed(parser.parse_args([]), 1, lambda: measure(1, 0.1)) == {"acc": 0.1}  # no cache: always measured
+    assert len(list(tmp_path.glob("seed*.json"))) == 3
+
+
 def test_threads_are_applied_when_parsing() -> None:
     before = torch.get_num_threads()
     try:
