@@ -110,7 +110,7 @@ def _parser() -> BenchmarkParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--members", type=int, default=5)
     p.add_data_default("--subset", {"digits": 100, "mnist1d": 4000}, "training examples kept (stratified)")
-    p.add_data_default("--epochs", {"digits": 30, "mnist1d": 10}, "epochs per independent member")
+    p.add_data_default("--epochs", {"digits": 30, "mnist1d": 5}, "epochs per independent member")
     p.add_argument("--width", type=int, default=16, help="simple_cnn width (digits)")
     p.add_data_default("--lr", {"digits": 0.05, "mnist1d": 0.01}, "learning rate (SGD on digits, Adam on mnist1d)")
     p.add_data_default("--batch-size", {"digits": 32, "mnist1d": 100}, "training batch size")

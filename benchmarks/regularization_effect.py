@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._cli import BenchmarkParser, cached_seed, publish
 from benchmarks.harness import mean_std
 
 
@@ -79,6 +79,7 @@ def _parser() -> BenchmarkParser:
     p = BenchmarkParser("regularization_effect", __doc__, quick="smoke run: 5 epochs, one seed",
                         threads=1, section="regularization-effect")  # one thread: the model is tiny
     p.add_data_option()
+    p.add_seed_cache()
     p.add_data_default("--epochs", {"digits": (30, 5), "mnist1d": (20, 2)}, "epochs per fit")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--subset", type=int, default=300, help="training images (default 300)")
@@ -94,13 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|GPU available).*")
     configs = configurations(args.data)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
-    for seed in seeds:  # configurations interleaved within each seed
+    def measure(seed: int) -> dict[str, dict[str, float]]:
+        per_config = {}
         for name, make in configs.items():
             if args.data == "mnist1d":
-                results[name].append(train_mnist1d_once(make(), seed, epochs))
+                per_config[name] = train_mnist1d_once(make(), seed, epochs)
             else:
-                results[name].append(train_once(make(), seed, epochs, args.subset))
-            print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
+                per_config[name] = train_once(make(), seed, epochs, args.subset)
+            print(f"seed {seed} {name}: {per_config[name]}", flush=True)
+        return per_config
+
+    for seed in seeds:  # configurations interleaved within each seed
+        for name, result in cached_seed(args, seed, lambda: measure(seed)).items():  # noqa: B023
+            results[name].append(result)
     if args.data == "mnist1d":
         lines = ["| configuration | test accuracy % (mean ± std) | per seed | change vs baseline (mean) |",
                  "|---|---:|---|---:|"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks._cli import BenchmarkParser, publish
+from benchmarks._cli import BenchmarkParser, cached_seed, publish
 from lightning_tricks import DigitsDataModule, ImageClassifier, TTAWrapper
 
 VIEW_SETS: dict[str, dict[str, Any]] = {
@@ -131,6 +131,7 @@ def _parser() -> BenchmarkParser:
     p = BenchmarkParser("tta_effect", __doc__, quick="smoke run: one seed, one epoch", section="tta-effect",
                         threads=1)  # one thread: the model is small; on shared cores more threads are slower
     p.add_data_option()
+    p.add_seed_cache()
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; 0 with --quick)")
     p.add_data_default("--epochs", {"digits": (8, 1), "mnist1d": (30, 1)}, "training epochs")
     p.add_argument("--width", type=int, default=16, help="simple_cnn width (default 16; digits)")
@@ -151,13 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unit = "steps" if sequences else "px"
     regimes = {"trained without augmentation": 0, f"trained with random shifts <= {args.shift} {unit}": args.shift}
     results: dict[str, dict[str, list[float]]] = {r: {v: [] for v in view_sets} for r in regimes}
-    for regime, shift in regimes.items():
-        for seed in seeds:
+    def measure(seed: int) -> dict[str, dict[str, float]]:
+        per_regime = {}
+        for regime, shift in regimes.items():
             model, data = train(seed, epochs, args.width, shift, args.data)
-            for name, acc in (evaluate_sequences if sequences else evaluate)(model, data).items():
-                results[regime][name].append(acc)
-            print(f"{regime}, seed {seed}: " + ", ".join(f"{k}={v[-1]:.4f}" for k, v in results[regime].items()),
+            per_regime[regime] = (evaluate_sequences if sequences else evaluate)(model, data)
+            print(f"{regime}, seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in per_regime[regime].items()),
                   flush=True)
+        return per_regime
+
+    for seed in seeds:  # regimes interleaved within each seed
+        for regime, accuracies in cached_seed(args, seed, lambda: measure(seed)).items():  # noqa: B023
+            for name, acc in accuracies.items():
+                results[regime][name].append(acc)
 
     def cell(values: list[float], base: list[float]) -> str:
         mean = 100 * statistics.mean(values)
