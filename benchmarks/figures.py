@@ -110,7 +110,7 @@ def tta_effect(rows: list[dict[str, str]], ax: Any) -> None:
 
 
 def ensemble_effect(rows: list[dict[str, str]], ax: Any) -> None:
-    rows = [row for row in rows if row["seed"] != "mean"]
+    rows = [row for row in rows if row["seed"] not in ("mean", "std")]
     columns = ["mean member", "best member", "soft voting", "snapshot ensemble"]
     _bars(ax, [f"seed {row['seed']}" for row in rows],
           {column: ([float(row[column]) for row in rows], None) for column in columns})

@@ -73,6 +73,52 @@ def test_section_may_name_other_options_and_quick_runs_get_their_own() -> None:
     assert section_name(parser.parse_args(["--backbone", "mlp", "--quick"])) == "demo-mlp-quick"
 
 
+def test_data_option_names_the_section_and_fills_per_dataset_defaults() -> None:
+    parser = _parser(quick="smoke run")
+    parser.add_data_option()
+    parser.add_data_default("--lr", {"digits": 0.05, "mnist1d": 0.01}, "learning rate")
+    parser.add_data_default("--shots", {"digits": [5, 20], "mnist1d": [10]}, "images per class", nargs="+")
+    digits, mnist1d = parser.parse_args([]), parser.parse_args(["--data", "mnist1d"])
+    assert (digits.data, digits.lr, digits.shots, section_name(digits)) == ("digits", 0.05, [5, 20], "demo")
+    assert (mnist1d.data, mnist1d.lr, mnist1d.shots, section_name(mnist1d)) == ("mnist1d", 0.01, [10], "demo-mnist1d")
+    assert parser.parse_args(["--data", "mnist1d", "--lr", "0.3", "--shots", "1", "2"]).lr == 0.3
+    parser.add_data_default("--epochs", {"digits": (8, 1), "mnist1d": (30, 2)}, "epochs")
+    assert [parser.parse_args(a).epochs for a in ([], ["--quick"], ["--data", "mnist1d"], ["--data", "mnist1d", "--quick"],
+                                                  ["--quick", "--epochs", "5"])] == [8, 1, 30, 2, 5]
+    assert "(default 8 (1 with --quick) on digits; 30 (2 with --quick) on mnist1d)" in " ".join(parser.format_help().split())
+    assert section_name(parser.parse_args(["--data", "mnist1d", "--quick"])) == "demo-mnist1d-quick"
+    assert parser.parse_args(["--data", "mnist1d", "--section", "mine"]).section == "mine"  # an explicit name wins
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parser.parse_args(["--data", "cifar"])
+    with pytest.raises(ValueError, match="mnist1d"):
+        parser.add_data_default("--steps", {"digits": 3}, "steps")
+
+
+def test_seed_cache_reuses_a_seed_measured_with_the_same_options(tmp_path: Path) -> None:
+    from benchmarks._cli import cached_seed
+
+    parser = _parser()
+    parser.add_seed_cache()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", type=float, default=0.1)
+    calls = []
+
+    def measure(seed: int, value: float) -> dict[str, float]:
+        calls.append(seed)
+        return {"acc": value}
+
+    cache = ["--cache", str(tmp_path)]
+    one = parser.parse_args([*cache, "--seeds", "1", "--no-write"])
+    assert cached_seed(one, 1, lambda: measure(1, 0.5)) == {"acc": 0.5}
+    every = parser.parse_args([*cache, "--seeds", "0", "1"])  # another seed list and output switch: same key
+    assert cached_seed(every, 1, lambda: measure(1, 0.9)) == {"acc": 0.5} and calls == [1]
+    assert cached_seed(every, 0, lambda: measure(0, 0.7)) == {"acc": 0.7} and calls == [1, 0]
+    other = parser.parse_args([*cache, "--lr", "0.2"])  # another option: measured again
+    assert cached_seed(other, 1, lambda: measure(1, 0.3)) == {"acc": 0.3} and calls == [1, 0, 1]
+    assert cached_seed(parser.parse_args([]), 1, lambda: measure(1, 0.1)) == {"acc": 0.1}  # no cache: always measured
+    assert len(list(tmp_path.glob("seed*.json"))) == 3
+
+
 def test_threads_are_applied_when_parsing() -> None:
     before = torch.get_num_threads()
     try:
