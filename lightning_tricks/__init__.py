@@ -55,6 +55,7 @@ from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
     ImageClassifier,
+    MNIST1DDataModule,
     SyntheticDataModule,
 )
 
@@ -111,6 +112,7 @@ __all__ = [
     "ImageClassifier",
     "InitialLossCheck",
     "LargeBatchScaling",
+    "MNIST1DDataModule",
     "Maxout",
     "MaxoutConv2d",
     "Mixup",
