@@ -55,9 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lightning-tricks recipe", description=DESCRIPTION,
                 epilog="Any other argument is a fit config argument (--config, --model.init_args.lr=...).")
     p.add_argument("--out", default=None, help="output folder (default runs/recipe-CONFIG)")
-    p.add_argument("--trials", type=int, default=12, help="trials of the search (default 12: 8 coarse, 4 fine)")
+    p.add_argument("--trials", type=int, default=8, help="trials of the search (default 8: 5 coarse, 3 fine)")
     p.add_argument("--epochs", type=int, nargs="+", default=None,
-                   help="epochs of the coarse and the fine trials (default: a quarter of max epochs, then max epochs)")
+                   help="epochs of the coarse and the fine trials (default: an eighth, then half of max epochs)")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="epochs of the baseline and the final run (default: the config's trainer.max_epochs)")
     p.add_argument("--time", default=None, help="time budget, e.g. 20m: the search stops starting trials when the "

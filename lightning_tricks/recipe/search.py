@@ -151,16 +151,25 @@ def recipe_space(base: dict[str, Any], suggested: dict[str, Any], search: str | 
 
 
 # -- the step -------------------------------------------------------------------------------------------------------
+def default_stage_epochs(max_epochs: int, stages: int) -> list[int]:
+    """Epochs of the coarse and the fine trials: an eighth, then half of ``max_epochs`` (the final run trains all).
+
+    Examples:
+        >>> default_stage_epochs(170, 2), default_stage_epochs(15, 2), default_stage_epochs(3, 1)
+        ([21, 85], [2, 8], [2])
+    """
+    fine = max(1, round(max_epochs / 2))
+    return [max(1, round(max_epochs / 8)), fine] if stages == 2 else [fine]
+
+
 def tune_settings(ctx: Any, space_spec: dict[str, Any], base: dict[str, Any]) -> Any:
     """``tune``'s settings for the recipe's study (2 stages, random search, the recipe's run folder)."""
     from lightning_tricks.tuning.space import load_search_space, resolve_space
-    from lightning_tricks.tuning.study import TuneSettings, default_epochs, split_trials
+    from lightning_tricks.tuning.study import TuneSettings, split_trials
 
     space = resolve_space(base, load_search_space(space_spec))
     stages = 2 if ctx.trials >= 2 else 1
-    epochs = list(ctx.epochs) if ctx.epochs else default_epochs(ctx.max_epochs, stages)
-    if len(epochs) != stages:
-        epochs = epochs[-stages:]
+    epochs = list(ctx.epochs) if ctx.epochs else default_stage_epochs(ctx.max_epochs, stages)
     return TuneSettings(
         config_args=list(ctx.config_args), space=space, trials=ctx.trials, stages=stages, stage_epochs=epochs,
         stage_trials=split_trials(ctx.trials, stages), metric=ctx.metric, direction=ctx.direction,
@@ -203,6 +212,6 @@ def trial_checkpoint(trial: Any) -> Path | None:
     return path if path.is_file() else None
 
 
-__all__ = ["RECIPE_CHECKPOINT", "PositionSampler", "draw", "ranked_trials", "recipe_space", "run_search",
+__all__ = ["RECIPE_CHECKPOINT", "PositionSampler", "default_stage_epochs", "draw", "ranked_trials", "recipe_space", "run_search",
            "trial_checkpoint", "tune_settings", "with_recipe_checkpoint", "with_restoring_early_stopping",
            "without_callbacks"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import types
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ class RecipeContext:
     config_args: list[str]
     base: dict[str, Any]
     out: Path
-    trials: int = 12
+    trials: int = 8
     epochs: list[int] | None = None
     max_epochs: int = 10
     time: float | None = None
@@ -223,6 +224,16 @@ def datamodule_of(ctx: RecipeContext, step: str) -> Any:
         return quiet_build_cli(["--config", str(ctx.out / step / "config.yaml")]).datamodule
 
 
+def _link(source: Path, target: Path) -> Path:
+    """``target`` as a hard link to ``source`` (a copy where the file system has no hard links)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+    return target
+
+
 # -- 5. ensemble ----------------------------------------------------------------------------------------------------
 def ensemble_step(ctx: RecipeContext, tuned: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
     """``top``: the final model and the next best trials of the search; ``snapshot``: one more run of the final config
@@ -231,8 +242,11 @@ def ensemble_step(ctx: RecipeContext, tuned: dict[str, Any], final: dict[str, An
     made: list[Path] = []
     configs: list[str] = []
     if ctx.ensemble == "top":
-        extra = [str(ctx.out / p) for p in tuned["top_checkpoints"][: ctx.members - 1]]
-        paths = [str(ctx.out / final["members"][0]), *extra]
+        extra = [ctx.out / p for p in tuned["top_checkpoints"][: ctx.members - 1]]
+        # linked under the ensemble's folder by rank: a trial's folder number depends on trials a kill failed
+        paths = [str(_link(source, folder / "members" / f"member-{i}.ckpt"))
+                 for i, source in enumerate([ctx.out / final["members"][0], *extra])]
+        made = [Path(p) for p in paths]
         datamodule = datamodule_of(ctx, "final")
         note = f"the final model and the next {len(extra)} best trials of the search's last stage"
     else:
