@@ -161,3 +161,38 @@ def test_a_failed_babysit_check_stops_the_recipe_with_the_diagnosis(tmp_path):
     state = json.loads((tmp_path / "recipe.json").read_text())
     assert not state["steps"]["babysit"]["result"]["passed"] and "tune" not in state["steps"]
     assert "FAILED" in (tmp_path / "report.md").read_text()
+
+
+def test_the_search_draws_a_trials_values_from_its_position_so_a_killed_trials_replacement_draws_them_again():
+    import optuna
+    from optuna.trial import TrialState
+
+    from lightning_tricks.recipe.search import PositionSampler
+
+    def objective(trial):
+        return trial.suggest_float("lr", 1e-4, 1e-1, log=True) + trial.suggest_categorical("wd", [0, 1e-5, 1e-4])
+
+    plain = optuna.create_study(sampler=PositionSampler(3))
+    plain.optimize(objective, n_trials=4)
+    killed = optuna.create_study(sampler=PositionSampler(3))
+    killed.optimize(objective, n_trials=2)
+    doomed = killed.ask()  # drawn, then its process is killed: the trial is failed and frees position 2
+    doomed.suggest_float("lr", 1e-4, 1e-1, log=True)
+    killed.tell(doomed, state=TrialState.FAIL)
+    killed.sampler = PositionSampler(3)  # a new process: a new sampler object
+    killed.optimize(objective, n_trials=2)
+    done = [t.params for t in killed.trials if t.state == TrialState.COMPLETE]
+    assert done == [t.params for t in plain.trials]
+    assert killed.trials[2].params["lr"] == plain.trials[2].params["lr"]
+    lrs = [t.params["lr"] for t in plain.trials]
+    assert len(set(lrs)) == 4 and all(1e-4 <= v <= 1e-1 for v in lrs)
+
+
+def test_the_recipe_is_a_subcommand_of_lightning_tricks(capsys, tmp_path):
+    from lightning_tricks.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["recipe", "--config", DIGITS, "--out", str(tmp_path), "--members", "1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == ("lightning-tricks recipe: error: `--members`=1 is invalid: expected "
+                                                 "an integer >= 2.")

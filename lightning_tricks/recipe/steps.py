@@ -235,10 +235,11 @@ def _link(source: Path, target: Path) -> Path:
 
 
 # -- 5. ensemble ----------------------------------------------------------------------------------------------------
-def ensemble_step(ctx: RecipeContext, tuned: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+def ensemble_step(ctx: RecipeContext, tuned: dict[str, Any], final: dict[str, Any],
+                  name: str = "ensemble") -> dict[str, Any]:
     """``top``: the final model and the next best trials of the search; ``snapshot``: one more run of the final config
-    with SnapshotEnsemble's cyclic learning rate, its snapshots as members."""
-    folder = fresh_folder(ctx.out / "ensemble")
+    with SnapshotEnsemble's cyclic learning rate, its snapshots as members (written under ``OUT/name``)."""
+    folder = fresh_folder(ctx.out / name)
     made: list[Path] = []
     configs: list[str] = []
     if ctx.ensemble == "top":
