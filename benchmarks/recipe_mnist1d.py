@@ -38,11 +38,11 @@ def run_seed(config: str, seed: int, recipe_args: Sequence[str], workdir: Path, 
 
     argv = ["--out", str(workdir / f"seed-{seed}"), "--seed", str(seed), *recipe_args,
             "--config", config, f"--seed_everything={seed}"]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = _run(argv, lambda line: None)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     name, final = report.final_result(results)
-    row = {"wall": wall, "result": final["test_acc"], "result_step": name, "results": results, "other": None}
+    row = {"wall": wall, "cpu": cpu, "result": final["test_acc"], "result_step": name, "results": results, "other": None}
     if compare:
         args, config_args = parser().parse_known_args(argv)
         ctx = build_context(args, config_args, lambda line: None)
@@ -71,6 +71,8 @@ def _parser() -> BenchmarkParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (0 with --quick)")
     p.add_argument("--recipe-args", default="", help="more recipe options as one string, e.g. \"--trials 12\"")
     p.add_argument("--compare-ensembles", action="store_true", help="also build the other ensemble kind")
+    p.add_argument("--workdir", default=None, help="keep every recipe's folder here (default: a temporary folder); "
+                   "a recipe found there resumes")
     p.add_argument("--target-points", type=float, default=3.0, help="points above the paper's CNN (94%%) to reach")
     return p
 
@@ -85,15 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            rows.append(run_seed(args.config, seed, recipe_args, Path(tmp), args.compare_ensembles))
+            rows.append(run_seed(args.config, seed, recipe_args, Path(args.workdir or tmp), args.compare_ensembles))
     steps = ("baseline", "final", "ensemble", "tta")
     other = rows[0]["other"]["kind"] if rows and rows[0]["other"] else None
-    header = "| seed | wall (min) | " + " | ".join(f"{s} test acc (%)" for s in steps)
+    header = "| seed | wall (min) | CPU (min) | " + " | ".join(f"{s} test acc (%)" for s in steps)
     header += (f" | {other} ensemble (%) |" if other else " |") + " recipe result (%) | result step |"
     table = [header, "|" + "---:|" * (header.count("|") - 1)]
     for seed, row in zip(seeds, rows, strict=True):
         res = row["results"]
-        cells = [f"{seed}", f"{row['wall'] / 60:.1f}"]
+        cells = [f"{seed}", f"{row['wall'] / 60:.1f}", f"{row['cpu'] / 60:.1f}"]
         for s in steps:
             note = "" if s in ("baseline", "final") else (" (adopted)" if res[s].get("adopted") else "")
             cells.append(_pct(res[s].get("test_acc")) + note if not res[s].get("skipped") else "skipped")
@@ -119,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({100 * (mean - statistics.fmean(baselines)):+.2f} points over the baseline; "
         f"{100 * (mean - PAPER_CNN):+.2f} points over the paper's CNN, 94%: target +{args.target_points:g} "
         f"{'reached' if mean >= target else 'not reached'}). Wall time per recipe: mean {statistics.fmean(walls):.1f} min, "
-        f"max {max(walls):.1f} min (the machine's cores are shared: wall times are pessimistic).",
+        f"max {max(walls):.1f} min; CPU time (one torch thread, so about the wall time on a free core): mean "
+        f"{statistics.fmean(r['cpu'] / 60 for r in rows):.1f} min. The machine's cores are shared by other jobs: "
+        "the wall times are pessimistic.",
     ]
     if other:
         gains = [(r["other"].get("test_acc") or 0) - (r["results"]["ensemble"].get("test_acc") or 0) for r in rows]

@@ -110,6 +110,7 @@ def _normalized(report: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # one whole tiny recipe in three processes, on CI's 2 shared cores
 def test_killed_in_the_search_and_in_the_final_run_ends_with_the_same_report(uninterrupted, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
