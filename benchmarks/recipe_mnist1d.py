@@ -42,7 +42,9 @@ def run_seed(config: str, seed: int, recipe_args: Sequence[str], workdir: Path, 
     results = _run(argv, lambda line: None)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     name, final = report.final_result(results)
-    row = {"wall": wall, "cpu": cpu, "result": final["test_acc"], "result_step": name, "results": results, "other": None}
+    # a recipe resumed from --workdir ran partly in an earlier process: its steps' own times add up to the whole
+    steps_time = sum(float(r.get("seconds") or 0) for r in results.values() if isinstance(r, dict))
+    row = {"wall": max(wall, steps_time), "cpu": cpu, "resumed": steps_time > wall + 1, "result": final["test_acc"], "result_step": name, "results": results, "other": None}
     if compare:
         args, config_args = parser().parse_known_args(argv)
         ctx = build_context(args, config_args, lambda line: None)
@@ -95,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = [header, "|" + "---:|" * (header.count("|") - 1)]
     for seed, row in zip(seeds, rows, strict=True):
         res = row["results"]
-        cells = [f"{seed}", f"{row['wall'] / 60:.1f}", f"{row['cpu'] / 60:.1f}"]
+        cells = [f"{seed}", f"{row['wall'] / 60:.1f}", f"{row['cpu'] / 60:.1f}" + (" (resumed: this process only)"
+                                                                                   if row["resumed"] else "")]
         for s in steps:
             note = "" if s in ("baseline", "final") else (" (adopted)" if res[s].get("adopted") else "")
             cells.append(_pct(res[s].get("test_acc")) + note if not res[s].get("skipped") else "skipped")

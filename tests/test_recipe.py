@@ -197,3 +197,21 @@ def test_the_recipe_is_a_subcommand_of_lightning_tricks(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err == ("lightning-tricks recipe: error: `--members`=1 is invalid: expected "
                                                  "an integer >= 2.")
+
+
+def test_babysit_stops_the_recipe_on_a_broken_set_up_and_leaves_a_slow_drop_to_the_search():
+    from lightning_tricks.recipe.steps import must_stop
+    from lightning_tricks.tuning.babysit import StepResult
+
+    ok = [StepResult(1, "initial loss", True, ""), StepResult(2, "overfit a small sample", True, "")]
+
+    def lr_step(first, last, diagnosis):
+        return StepResult(3, "learning rate", False, "", diagnosis,
+                          {"own_lr": 0.01, "tried": [{"lr": 0.1, "first": 2.3, "last": 9.0},
+                                                     {"lr": 0.01, "first": first, "last": last}]})
+
+    assert not must_stop([*ok, lr_step(2.30, 1.24, "loss barely changes ...: learning rate too low.")])  # MNIST-1D
+    assert must_stop([*ok, lr_step(2.30, 2.25, "loss barely changes ...: learning rate too low.")])
+    assert must_stop([*ok, lr_step(2.30, float("nan"), "loss explodes (inf/NaN ...): learning rate too high.")])
+    assert must_stop([StepResult(1, "initial loss", False, "", "badly scaled"), ok[1]])
+    assert not must_stop(ok)

@@ -191,8 +191,11 @@ def run_steps(ctx: RecipeContext, argv: Sequence[str]) -> dict[str, dict[str, An
             results[step] = result
             state.finish(step, result)
             ctx.echo(f"recipe: step {number}/6 {step}: {_summary(step, result)}")
-        if step == "babysit" and not results[step]["passed"] and not ctx.keep_going:
-            raise BabysitFailed(results)
+        if step == "babysit" and not results[step]["passed"]:
+            if results[step].get("stop", True) and not ctx.keep_going:
+                raise BabysitFailed(results)
+            ctx.echo("recipe: babysit: " + "; ".join(f"{s['name']}: {s['diagnosis']}" for s in results[step]["steps"]
+                                                     if not s["passed"]) + " -- the search goes on.")
     return results
 
 

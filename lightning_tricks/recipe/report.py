@@ -45,7 +45,9 @@ def _status(name: str, result: dict[str, Any]) -> str:
     if result.get("skipped"):
         return "skipped: " + result["skipped"]
     if name == "babysit":
-        return "passed" if result.get("passed") else "FAILED"
+        if result.get("passed"):
+            return "passed"
+        return "FAILED" if result.get("stop", True) else "warning (the loss drops slowly: left to the search)"
     if name in ("ensemble", "tta"):
         return "adopted" if result.get("adopted") else "not adopted (not better on validation)"
     return "done"

@@ -163,7 +163,12 @@ def default_stage_epochs(max_epochs: int, stages: int) -> list[int]:
 
 
 def tune_settings(ctx: Any, space_spec: dict[str, Any], base: dict[str, Any]) -> Any:
-    """``tune``'s settings for the recipe's study (2 stages, random search, the recipe's run folder)."""
+    """``tune``'s settings for the recipe's study (2 stages, random search, the recipe's run folder).
+
+    No pruner: with a few trials per stage the median of the others is noise (a fine-stage trial would be cut
+    against the one before it), and the fine stage's trials are the "top models" ensemble's members. The
+    divergence break-out (3x the first loss) still stops a trial.
+    """
     from lightning_tricks.tuning.space import load_search_space, resolve_space
     from lightning_tricks.tuning.study import TuneSettings, split_trials
 
@@ -173,7 +178,7 @@ def tune_settings(ctx: Any, space_spec: dict[str, Any], base: dict[str, Any]) ->
     return TuneSettings(
         config_args=list(ctx.config_args), space=space, trials=ctx.trials, stages=stages, stage_epochs=epochs,
         stage_trials=split_trials(ctx.trials, stages), metric=ctx.metric, direction=ctx.direction,
-        sampler="random", pruner="median", seed=ctx.seed, study_name=ctx.study_name, storage=ctx.storage,
+        sampler="random", pruner="none", seed=ctx.seed, study_name=ctx.study_name, storage=ctx.storage,
         run_dir=ctx.out / "tune", quiet=not ctx.verbose)
 
 
