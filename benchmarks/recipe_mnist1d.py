@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._cli import BenchmarkParser, publish
+from benchmarks.harness import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CNN = 0.94
@@ -57,13 +58,6 @@ def run_seed(config: str, seed: int, recipe_args: Sequence[str], workdir: Path, 
 
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * std:.2f}"
 
 
 def _parser() -> BenchmarkParser:
@@ -120,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *table,
         "",
-        f"Mean ± std over {len(seeds)} seed(s): baseline {_mean_std(baselines)}%, recipe result {_mean_std(results)}% "
+        f"Mean ± std over {len(seeds)} seed(s): baseline {mean_std(baselines)}%, recipe result {mean_std(results)}% "
         f"({100 * (mean - statistics.fmean(baselines)):+.2f} points over the baseline; "
         f"{100 * (mean - PAPER_CNN):+.2f} points over the paper's CNN, 94%: target +{args.target_points:g} "
         f"{'reached' if mean >= target else 'not reached'}). Wall time per recipe: mean {statistics.fmean(walls):.1f} min, "
