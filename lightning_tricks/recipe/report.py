@@ -146,7 +146,8 @@ def figure(steps: dict[str, dict[str, Any]], path: Path) -> Path:
     if accs:
         low, high = min(accs), max(accs)
         ax_acc.set_ylim(max(0.0, low - max(1.0, (high - low))), min(100.0, high + max(0.5, (high - low) / 2)))
-    ax_acc.set_xticks(list(xs), [n for n in names])
+    ax_acc.set_xticks(list(xs), [n + ("\n(not adopted)" if n in ("ensemble", "tta") and not steps[n].get("adopted")
+                                      else "") for n in names])
     ax_acc.set(title="accuracy per step (dashed: the baseline)", ylabel="accuracy (%)")
     ax_acc.legend(fontsize=8, loc="lower right")
     timed = [n for n in TITLES if steps.get(n, {}).get("seconds") is not None]
