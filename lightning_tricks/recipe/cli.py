@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lightning-tricks recipe", description=DESCRIPTION,
                 epilog="Any other argument is a fit config argument (--config, --model.init_args.lr=...).")
     p.add_argument("--out", default=None, help="output folder (default runs/recipe-CONFIG)")
-    p.add_argument("--trials", type=int, default=8, help="trials of the search (default 8: 5 coarse, 3 fine)")
+    p.add_argument("--trials", type=int, default=8, help="trials of the search (default 8: 6 coarse, 2 fine)")
     p.add_argument("--epochs", type=int, nargs="+", default=None,
                    help="epochs of the coarse and the fine trials (default: an eighth, then half of max epochs)")
     p.add_argument("--max-epochs", type=int, default=None,
