@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna database URL (default sqlite:///OUT/study.db)")
     p.add_argument("--study-name", default="recipe", help="the study's name in the storage (default recipe)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (and of seed_everything if unset)")
-    p.add_argument("--metric", default=None, help="validation metric (default: the config's monitor, else val_loss)")
+    p.add_argument("--metric", default=None, help="validation metric of the search and early stopping (default: "
+                   "the config's monitor, else val_acc when the baseline logs it, else val_loss)")
     p.add_argument("--patience", type=int, default=5, help="EarlyStopping patience of the final run when the "
                    "config has no EarlyStopping (default 5)")
     p.add_argument("--keep-going", action="store_true", help="go on after a failed babysit check")
@@ -114,7 +115,7 @@ def build_context(args: argparse.Namespace, config_args: list[str], echo: Callab
         echo(f"recipe: the config's seed_everything is {base.get('seed_everything')!r}: fixed to --seed {args.seed} "
              "so that every run, and a resumed recipe, is reproducible.")
         base["seed_everything"] = args.seed
-    metric = args.metric or default_metric(base)
+    metric = args.metric or _config_monitor(base) or default_metric(base)
     out = Path(args.out or Path("runs") / f"recipe-{_config_stem(config_args)}").resolve()
     max_epochs = args.max_epochs or int((base.get("trainer") or {}).get("max_epochs") or 10)
     return RecipeContext(
@@ -122,7 +123,26 @@ def build_context(args: argparse.Namespace, config_args: list[str], echo: Callab
         time=time_budget, ensemble=args.ensemble, members=args.members, tta=args.tta, search=args.search,
         storage=args.storage or f"sqlite:///{out / 'study.db'}", study_name=args.study_name, seed=args.seed,
         metric=metric, direction="maximize" if infer_mode(metric) == "max" else "minimize", patience=args.patience,
-        keep_going=args.keep_going, babysit_args=shlex.split(args.babysit), verbose=args.verbose, echo=echo)
+        metric_option=args.metric, keep_going=args.keep_going, babysit_args=shlex.split(args.babysit), verbose=args.verbose, echo=echo)
+
+
+def _config_monitor(base: dict[str, Any]) -> str | None:
+    from lightning_tricks.tuning.cli import default_metric
+
+    return None if default_metric(base) == "val_loss" and not any(
+        "monitor" in (c.get("init_args") or {}) for c in (base.get("trainer") or {}).get("callbacks") or []
+        if isinstance(c, dict)) else default_metric(base)
+
+
+def resolve_metric(ctx: RecipeContext, args_metric: str | None, baseline: dict[str, Any]) -> None:
+    """No ``--metric`` and no monitor in the config: the search and early stopping select by ``val_acc`` when the
+    baseline logged it (the report compares accuracies), else ``val_loss``."""
+    from lightning_tricks._monitor import infer_mode
+
+    if args_metric or _config_monitor(ctx.base):
+        return
+    ctx.metric = "val_acc" if "val_acc" in baseline.get("logged", []) else "val_loss"
+    ctx.direction = "maximize" if infer_mode(ctx.metric) == "max" else "minimize"
 
 
 def identity(ctx: RecipeContext) -> dict[str, Any]:
@@ -130,7 +150,7 @@ def identity(ctx: RecipeContext) -> dict[str, Any]:
     search = Path(ctx.search).read_text() if ctx.search else None
     return {"config_args": ctx.config_args, "trials": ctx.trials, "epochs": ctx.epochs, "max_epochs": ctx.max_epochs,
             "ensemble": ctx.ensemble, "members": ctx.members, "tta": ctx.tta, "search": search,
-            "study_name": ctx.study_name, "seed": ctx.seed, "metric": ctx.metric, "patience": ctx.patience,
+            "study_name": ctx.study_name, "seed": ctx.seed, "metric": ctx.metric_option, "patience": ctx.patience,
             "babysit": ctx.babysit_args}
 
 
@@ -191,6 +211,8 @@ def run_steps(ctx: RecipeContext, argv: Sequence[str]) -> dict[str, dict[str, An
             results[step] = result
             state.finish(step, result)
             ctx.echo(f"recipe: step {number}/6 {step}: {_summary(step, result)}")
+        if step == "baseline":
+            resolve_metric(ctx, ctx.metric_option, results[step])
         if step == "babysit" and not results[step]["passed"]:
             if results[step].get("stop", True) and not ctx.keep_going:
                 raise BabysitFailed(results)

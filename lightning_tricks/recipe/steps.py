@@ -49,6 +49,7 @@ class RecipeContext:
     seed: int = 0
     metric: str = "val_loss"
     direction: str = "minimize"
+    metric_option: str | None = None
     patience: int = 5
     keep_going: bool = False
     babysit_args: list[str] = field(default_factory=list)
@@ -141,7 +142,8 @@ def baseline_step(ctx: RecipeContext) -> dict[str, Any]:
     ckpt = save_model(cli, folder / "model.ckpt")
     result = evaluate([cli.model], cli.datamodule, ctx.accelerator)
     return {**result, "configs": _rel(ctx, [folder / "config.yaml"]), "checkpoints": _rel(ctx, [ckpt]),
-            "members": _rel(ctx, [ckpt]), "epochs": int(cli.trainer.current_epoch)}
+            "members": _rel(ctx, [ckpt]), "epochs": int(cli.trainer.current_epoch),
+            "logged": sorted(cli.trainer.callback_metrics)}
 
 
 # -- 2. babysit -----------------------------------------------------------------------------------------------------
