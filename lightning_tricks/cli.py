@@ -358,6 +358,10 @@ def main(args: list[str] | None = None) -> None:
     is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
     """
     argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "recipe":
+        from lightning_tricks.recipe.cli import main as recipe_main
+
+        recipe_main(argv[1:])
     if argv and argv[0] in ("tune", "babysit"):
         from lightning_tricks.tuning.cli import main as tuning_main
 

@@ -32,6 +32,7 @@ CARDS = [
     "monitoring",
     "penalty",
     "preprocessing",
+    "recipe",
     "stochastic_depth",
     "transfer",
     "tta",
