@@ -21,7 +21,13 @@ from lightning_tricks._validation import (
     check_choice,
     check_optional_int,
 )
-from lightning_tricks.ensemble import _vmap
+from lightning_tricks.ensemble import _vmap, screening
+from lightning_tricks.ensemble.inputs import (
+    MemberInputs,
+    adopt_trainer_standardize,
+    batch_inputs,
+    split_batch,
+)
 from lightning_tricks.ensemble.loading import (
     ClassSpec,
     check_checkpoint_files,
@@ -36,6 +42,7 @@ from lightning_tricks.ensemble.voting import (
     vote_shares,
 )
 from lightning_tricks.evaluation import install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.regularization._batch import Key, check_key
 
 VOTING = ("soft", "hard", "weighted")
 FAST_PATHS = ("auto", "probe", "vmap", "loop")
@@ -100,9 +107,14 @@ def check_ensemble_arguments(checkpoints: Any, members: Any, member_class: Any, 
 
 
 def _declared_num_classes(module: nn.Module) -> int | None:
+    """The member's class count: its ``num_classes`` hyper-parameter, else the outputs of its last layer with
+    weights when that is an ``nn.Linear`` (None: unknown until its first output)."""
     hparams = getattr(module, "hparams", None)
     value = hparams.get("num_classes") if hasattr(hparams, "get") else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    weighted = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    return weighted[-1].out_features if weighted and isinstance(weighted[-1], nn.Linear) else None
 
 
 def _check_class_counts(names: Sequence[str], counts: Sequence[int | None], expected: int | None,
@@ -173,12 +185,6 @@ def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
         return module.trainer
     except RuntimeError:  # "is not attached to a `Trainer`"
         return None
-
-
-def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise InvalidArgumentError(f"An Ensemble evaluates (inputs, targets) batches; got {type(batch).__name__}.")
 
 
 class Ensemble(pl.LightningModule):
@@ -253,8 +259,13 @@ class Ensemble(pl.LightningModule):
         trust_checkpoints: bool = False,
         num_classes: int | None = None,
         member_kwargs: dict[str, Any] | None = None,
+        input_key: Key = None,
+        target_key: Key = None,
+        max_loss_ratio: float | None = 10.0,
     ) -> None:
         super().__init__()
+        self.input_key, self.target_key = check_key("input_key", input_key), check_key("target_key", target_key)
+        self.max_loss_ratio = screening.check_max_loss_ratio(max_loss_ratio)
         checkpoints, modules, self._class_specs, member_count, weights = check_ensemble_arguments(
             checkpoints, members, member_class, voting, weights, fast_path, ema_members, num_classes, member_kwargs)
         check_checkpoint_files(checkpoints)
@@ -274,6 +285,12 @@ class Ensemble(pl.LightningModule):
         self._plans: dict[int, str] = {}
         self._stacks: dict[int, _vmap.StackedGroup] = {}
         self._metrics: dict[str, dict[str, Metric]] = {}
+        self.member_inputs = MemberInputs()
+        self.voters: list[int] | None = None  # None: every member votes
+        self.load_members()  # every member checked now: a bad file fails here, in one line naming it
+
+    applies_member_preprocessing = True
+    """Each member's inputs are normalized here as that member was trained (a trainer's ``Standardize`` skips)."""
 
     # -- members ---------------------------------------------------------------------------------------------
 
@@ -288,19 +305,32 @@ class Ensemble(pl.LightningModule):
         """
         if len(self.members):
             return self.members
-        loaded: list[tuple[str, nn.Module]] = list(checkpoint_members(
+        loaded: list[tuple[str, nn.Module, tuple]] = list(checkpoint_members(
             self.checkpoints, self._class_specs, self.ema_members, self.trust_checkpoints, self.member_kwargs))
-        loaded += [(f"members[{i}]:{type(m).__name__}", m) for i, m in enumerate(self._python_members)]
-        self._declared_classes = [_declared_num_classes(m) for _, m in loaded]
-        _check_class_counts([name for name, _ in loaded], self._declared_classes, self.num_classes, "predict")
-        for name, module in loaded:
+        loaded += [(f"members[{i}]:{type(m).__name__}", m, ()) for i, m in enumerate(self._python_members)]
+        self._declared_classes = [_declared_num_classes(m) for _, m, _ in loaded]
+        _check_class_counts([name for name, _, _ in loaded], self._declared_classes, self.num_classes, "predict")
+        for name, module, inputs in loaded:
             self.members.append(module.eval())
             self.member_names.append(name)
-        keys: dict[tuple, list[int]] = {}
-        for i, module in enumerate(self.members):
-            keys.setdefault(_vmap.architecture_key(module), []).append(i)
-        self._groups = list(keys.values())
+            self.member_inputs.add(inputs)
+        self._group_members()
         return self.members
+
+    def _group_members(self) -> None:
+        """Members of one architecture given the same inputs run together (one vectorized call on the fast path)."""
+        keys: dict[tuple, list[int]] = {}
+        self._plans, self._stacks = {}, {}
+        for i, module in enumerate(self.members):
+            keys.setdefault((_vmap.architecture_key(module), self.member_inputs.key(i)), []).append(i)
+        self._groups = list(keys.values())
+
+    def set_member_inputs(self, index: int, statistics: Sequence[Any]) -> None:
+        """Give member ``index`` the input statistics it was trained with (``Standardize``'s
+        :class:`~lightning_tricks.setup.preprocessing.InputStatistics`, applied in order); checkpoint members get
+        theirs from their checkpoint."""
+        self.member_inputs.set(index, statistics)
+        self._group_members()
 
     def expected_num_classes(self) -> int | None:
         """The class count given or declared by the members' hyper-parameters (``None`` if unknown)."""
@@ -328,13 +358,14 @@ class Ensemble(pl.LightningModule):
         outputs: list[torch.Tensor | None] = [None] * len(self.members)
         with torch.no_grad():
             for gi, group in enumerate(self._groups):
-                if len(group) > 1 and self._plan(gi, x, sync) == "vmap":
-                    stacked = self._stacks[gi](x)
+                inputs = self.member_inputs.apply(group[0], x)  # the group shares its statistics
+                if len(group) > 1 and self._plan(gi, inputs, sync) == "vmap":
+                    stacked = self._stacks[gi](inputs)
                     for k, i in enumerate(group):
                         outputs[i] = stacked[k]
                 else:
                     for i in group:
-                        outputs[i] = self.members[i](x)
+                        outputs[i] = self.members[i](inputs)
         _check_outputs(self.member_names, outputs, x.shape[0], self.expected_num_classes())
         return torch.stack(outputs)  # type: ignore[arg-type]
 
@@ -365,6 +396,9 @@ class Ensemble(pl.LightningModule):
     def vote(self, member_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, preds)`` of this ensemble's voting: probabilities (vote shares for hard) and classes."""
         weights = self.vote_weights
+        if self.voters is not None:  # members excluded by screening do not vote
+            member_logits = member_logits[self.voters]
+            weights = None if weights is None else weights[self.voters]
         if self.voting == "weighted" and weights is None:
             raise ConfigError("voting='weighted' without weights needs fitted weights: call fit_weights(dataloader) "
                               "or evaluate through a Trainer with a datamodule that has a validation set.")
@@ -391,14 +425,24 @@ class Ensemble(pl.LightningModule):
         """
         logits, targets = [], []
         for batch in dataloader:
-            x, y = _split(batch)
+            x, y = split_batch(batch, self.input_key, self.target_key)
             logits.append(self.member_logits(x.to(self.device), sync=sync).float())
             targets.append(y.to(self.device))
         if not logits:
             raise ConfigError("fit_weights got an empty dataloader: expected labelled validation batches.")
-        weights = fit_vote_weights(torch.cat(logits, dim=1), torch.cat(targets))
-        self.vote_weights = weights.float().to(self.device)
+        voters = self.voters if self.voters is not None else list(range(len(self.members)))
+        fitted = fit_vote_weights(torch.cat(logits, dim=1)[voters], torch.cat(targets))
+        weights = torch.zeros(len(self.members), device=self.device)  # excluded members: weight 0
+        weights[voters] = fitted.float().to(self.device)
+        self.vote_weights = weights
         return self.vote_weights
+
+    def screen_members(self, dataloader: Any, what: str = "validation") -> list[int]:
+        """Leave out of the vote the members whose mean loss on ``dataloader``'s labelled batches is not finite or
+        far above the others' (`lightning_tricks.ensemble.screening`); returns the indices of those that vote.
+        Run before every validate/test/predict through a Trainer (``max_loss_ratio=None`` switches it off)."""
+        self.voters = None if self.max_loss_ratio is None else screening.screen(self, [dataloader], what)
+        return self.voters if self.voters is not None else list(range(len(self.members)))
 
     # -- Lightning hooks -------------------------------------------------------------------------------------
 
@@ -414,6 +458,8 @@ class Ensemble(pl.LightningModule):
         if isinstance(theirs, int) and mine is not None and theirs != mine:
             raise InvalidArgumentError(f"The ensemble's members predict {mine} classes but the datamodule has "
                                        f"num_classes={theirs}.")
+        if trainer is not None:
+            adopt_trainer_standardize(self, trainer)
         rank_zero_info("Ensemble members: " + ", ".join(f"{i}: {n}" for i, n in enumerate(self.member_names)))
         if trainer is not None and stage in ("validate", "test"):
             # no DistributedSampler padding: DDP metrics equal the single-process ones (lightning_tricks.evaluation)
@@ -425,7 +471,7 @@ class Ensemble(pl.LightningModule):
             uninstall_exact_evaluation(trainer, self)
 
     def _evaluate(self, batch: Any, stage: str) -> None:
-        x, y = _split(batch)
+        x, y = split_batch(batch, self.input_key, self.target_key)
         logits = self.member_logits(x, sync=True)
         scores, preds = self.vote(logits)
         if stage not in self._metrics:
@@ -445,7 +491,7 @@ class Ensemble(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x = batch_inputs(batch, self.input_key)
         scores, preds = self.vote(self.member_logits(x, sync=True))
         return {"probs": scores, "preds": preds}
 
@@ -454,13 +500,16 @@ class Ensemble(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._warn_padding(self.trainer.val_dataloaders)
+        _screen_before(self, "validate")
         _fit_weights_on_validation_set(self, "validate")
 
     def on_test_start(self) -> None:
         self._warn_padding(self.trainer.test_dataloaders)
+        _screen_before(self, "test")
         _fit_weights_on_validation_set(self, "test")
 
     def on_predict_start(self) -> None:
+        _screen_before(self, "predict")
         _fit_weights_on_validation_set(self, "predict")
 
     def on_validation_epoch_end(self) -> None:
@@ -468,6 +517,10 @@ class Ensemble(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+
+def _screen_before(ensemble: Ensemble, stage: str) -> None:
+    screening.screen_before_stage(ensemble, ensemble.trainer, stage)
 
 
 def _fit_weights_on_validation_set(ensemble: Ensemble, stage: str) -> None:

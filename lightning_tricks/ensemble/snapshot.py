@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
+from lightning_tricks.checkpoint import INPUTS, input_records, recorded_input_statistics, records_on_save
 from lightning_tricks.ensemble.loading import CheckpointError, class_path, copy_with_weights, read_checkpoint
 from lightning_tricks.ensemble.module import Ensemble
 
@@ -236,7 +237,11 @@ class SnapshotEnsemble(Callback):
         assert self._dir is not None
         cycle = math.ceil(step / self.cycle_length)
         path = self._dir / f"snapshot-cycle={cycle}-step={step}.ckpt"
-        trainer.save_checkpoint(path, weights_only=True)  # every rank calls it; rank 0 writes
+        # weights only, plus the statistics of the run's Standardize callbacks: each member is evaluated on the
+        # inputs it was trained on (lightning_tricks.checkpoint.recorded_input_statistics reads them back)
+        records = {INPUTS: input_records(trainer.callbacks)}
+        with records_on_save(trainer.lightning_module, records if records[INPUTS] else {}):
+            trainer.save_checkpoint(path, weights_only=True)  # every rank calls it; rank 0 writes
         # the file's digest lets ensemble() load exactly this file without asking whether to trust it
         self.snapshot_digests.append(trainer.strategy.broadcast(_sha256(path) if trainer.is_global_zero else ""))
         self.snapshot_paths.append(str(path.resolve()))
@@ -284,17 +289,22 @@ class SnapshotEnsemble(Callback):
         if self._trained_module is None:
             return Ensemble(checkpoints=list(self.snapshot_paths), member_class=self.member_class, **kwargs)
         digests = self.snapshot_digests + [""] * (len(self.snapshot_paths) - len(self.snapshot_digests))
-        return Ensemble(members=[self._snapshot_member(path, digest)
-                                 for path, digest in zip(self.snapshot_paths, digests, strict=True)], **kwargs)
+        members = [self._snapshot_member(path, digest) for path, digest in zip(self.snapshot_paths, digests, strict=True)]
+        ensemble = Ensemble(members=[module for module, _ in members], **kwargs)
+        for i, (_, statistics) in enumerate(members):
+            if statistics:
+                ensemble.set_member_inputs(i, statistics)
+        return ensemble
 
-    def _snapshot_member(self, path: str, digest: str) -> pl.LightningModule:
+    def _snapshot_member(self, path: str, digest: str) -> tuple[pl.LightningModule, list[Any]]:
         label = f"snapshot {path!r}"
         if digest and _sha256(path) != digest:
             raise CheckpointError(f"{label} changed on disk since SnapshotEnsemble wrote it (its SHA-256 differs): "
                                   "refusing to unpickle it; rerun the training or rebuild it with Ensemble(...).")
         checkpoint = read_checkpoint(path, trust_checkpoints=bool(digest), label=label)
         assert self._trained_module is not None
-        return copy_with_weights(self._trained_module, checkpoint, label)  # type: ignore[return-value]
+        module = copy_with_weights(self._trained_module, checkpoint, label)
+        return module, recorded_input_statistics(checkpoint)  # type: ignore[return-value]
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "base_lrs": self.base_lrs, "snapshot_paths": list(self.snapshot_paths),
