@@ -31,7 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int, check_positive
+from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
+from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
 from lightning_tricks.transfer import (
     FreezePlan,
     apply_freeze,
@@ -75,30 +76,7 @@ def check_finetune_args(train: str, num_classes: int | None, backbone_lr_factor:
     return stages
 
 
-def count_optimizers(pl_module: pl.LightningModule) -> int | None:
-    """How many optimizers ``configure_optimizers`` returns (its usual forms), or None when it cannot tell
-    before the Trainer sets it up (it raised, or returned something else)."""
-    try:
-        returned = pl_module.configure_optimizers()
-    except Exception:  # noqa: BLE001 - it may need what only the Trainer's setup provides
-        return None
-    if isinstance(returned, torch.optim.Optimizer) or (isinstance(returned, dict) and "optimizer" in returned):
-        return 1
-    if isinstance(returned, (list, tuple)):
-        if len(returned) == 2 and all(isinstance(part, (list, tuple)) for part in returned):  # ([opts], [scheds])
-            returned = returned[0]
-        if all(isinstance(o, torch.optim.Optimizer) or (isinstance(o, dict) and "optimizer" in o) for o in returned):
-            return len(returned)
-    return None
-
-
-def refuse_several_optimizers(owner: str, module: nn.Module, count: int | None) -> None:
-    """One line: ``owner`` serves a classifier trained with one optimizer, not a GAN's several."""
-    if count is not None and count > 1:
-        raise ConfigError(
-            f"{owner} serves a classifier trained with one optimizer, but {type(module).__name__} uses {count} "
-            "(manual optimization, e.g. a GAN's generator and discriminator): its last layer is no classifier head. "
-            "Apply it to a classifier, or fine-tune the part you mean by hand (requires_grad_, param groups).")
+_FIX = "Apply it to a classifier, or fine-tune the part you mean by hand (requires_grad_, param groups)."
 
 
 class Finetune(Callback):
@@ -199,7 +177,7 @@ class Finetune(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._missing_weights = False
         if stage == "fit" and not pl_module.automatic_optimization:  # before any surgery on a GAN
-            refuse_several_optimizers("Finetune", pl_module, count_optimizers(pl_module))
+            refuse_several_optimizers("Finetune", pl_module, count_optimizers(pl_module), _FIX)
         self._prepare(pl_module, stage)
         if stage != "fit":
             return
@@ -224,7 +202,7 @@ class Finetune(Callback):
     # -------------------------------------------------------------------------------- optimizers
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_several_optimizers("Finetune", pl_module, len(trainer.optimizers))
+        refuse_several_optimizers("Finetune", pl_module, len(trainer.optimizers), _FIX)
         if self._missing_weights:
             read_state_dict(self.weights)  # type: ignore[arg-type]  # raises DataNotFoundError, naming the file
         final = self.plans[-1]

@@ -395,7 +395,7 @@ def test_a_gan_with_two_optimizers_is_refused_in_one_line_before_any_surgery(tmp
         cpu_trainer(tmp_path, callbacks=[Finetune(train="head", num_classes=3)]).fit(gan)
     assert str(err.value) == (
         "Finetune serves a classifier trained with one optimizer, but ToyGAN uses 2 (manual optimization, e.g. a GAN's "
-        "generator and discriminator): its last layer is no classifier head. Apply it to a classifier, or fine-tune "
+        "generator and discriminator): it has no classifier head. Apply it to a classifier, or fine-tune "
         "the part you mean by hand (requires_grad_, param groups).")
     after = gan.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

@@ -21,6 +21,7 @@ from lightning_tricks._validation import (
     check_choice,
     check_optional_int,
 )
+from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
 from lightning_tricks.ensemble import _vmap, screening
 from lightning_tricks.ensemble.inputs import (
     MemberInputs,
@@ -307,7 +308,11 @@ class Ensemble(pl.LightningModule):
             return self.members
         loaded: list[tuple[str, nn.Module, tuple]] = list(checkpoint_members(
             self.checkpoints, self._class_specs, self.ema_members, self.trust_checkpoints, self.member_kwargs))
-        loaded += [(f"members[{i}]:{type(m).__name__}", m, ()) for i, m in enumerate(self._python_members)]
+        for i, module in enumerate(self._python_members):
+            if not getattr(module, "automatic_optimization", True):  # a GAN's LightningModule: no class scores
+                refuse_several_optimizers(f"Ensemble (members[{i}])", module, count_optimizers(module),
+                                          "Give the Ensemble classifiers.")
+            loaded.append((f"members[{i}]:{type(module).__name__}", module, ()))
         self._declared_classes = [_declared_num_classes(m) for _, m, _ in loaded]
         _check_class_counts([name for name, _, _ in loaded], self._declared_classes, self.num_classes, "predict")
         for name, module, inputs in loaded:
