@@ -239,7 +239,7 @@ def dict_member():
 def test_dict_batches_evaluate_with_the_usual_keys_or_the_named_ones(dict_member, tmp_path):
     x, y = synthetic(96, 1)
     with torch.no_grad():
-        logits = dict_member(x)
+        logits = dict_member((x - 5) / 3)
     expected_acc = (logits.argmax(-1) == y).float().mean().item()
     metrics, _ = _quiet_test(tmp_path, Ensemble(members=[dict_member]), dataloaders=dict_loader(seed=1))
     assert metrics["test_acc"] == pytest.approx(expected_acc, abs=1e-7)
