@@ -8,12 +8,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torch.utils.data import DistributedSampler
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from lightning_tricks._validation import (
     ConfigError,
@@ -22,7 +19,7 @@ from lightning_tricks._validation import (
     check_optional_int,
 )
 from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
-from lightning_tricks.ensemble import _vmap, screening
+from lightning_tricks.ensemble import _vmap, screening, stages
 from lightning_tricks.ensemble.inputs import (
     MemberInputs,
     adopt_trainer_standardize,
@@ -35,6 +32,7 @@ from lightning_tricks.ensemble.loading import (
     checkpoint_members,
     class_path,
 )
+from lightning_tricks.ensemble.metrics import epoch_values, stage_metrics, update_metrics, warn_padding
 from lightning_tricks.ensemble.voting import (
     check_vote_weights,
     fit_vote_weights,
@@ -139,48 +137,6 @@ def _check_outputs(names: Sequence[str], outputs: Sequence[Any], batch: int, exp
         _check_class_counts(names, widths, expected, "output")
 
 
-def warn_padding(loaders: Any, world_size: int) -> None:
-    """Say so when DistributedSampler pads the evaluation set with duplicates, which the counts include."""
-    if world_size < 2:
-        return
-    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-            extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
-            if extra > 0:
-                rank_zero_warn(f"Ensemble: DistributedSampler pads the {len(sampler.dataset)} evaluation "  # type: ignore[arg-type]
-                               f"samples with {extra} duplicates, which the metrics count; use a set size "
-                               f"divisible by {world_size} processes for exact metrics.")
-
-
-def _stage_metrics(members: int, num_classes: int, with_loss: bool, device: torch.device) -> dict[str, Metric]:
-    metrics: dict[str, Metric] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
-    if with_loss:
-        metrics["loss"] = MeanMetric()
-    for i in range(members):
-        metrics[f"acc_member_{i}"] = MulticlassAccuracy(num_classes, average="micro")
-        metrics[f"loss_member_{i}"] = MeanMetric()
-    return {k: m.to(device) for k, m in metrics.items()}
-
-
-def _update_metrics(metrics: dict[str, Metric], logits: torch.Tensor, scores: torch.Tensor, preds: torch.Tensor,
-                    y: torch.Tensor) -> None:
-    metrics["acc"].update(preds, y)
-    if "loss" in metrics:
-        metrics["loss"].update(F.nll_loss(scores.clamp_min(1e-12).log(), y, reduction="none"))
-    for i in range(logits.shape[0]):
-        metrics[f"acc_member_{i}"].update(logits[i].argmax(dim=-1), y)
-        metrics[f"loss_member_{i}"].update(F.cross_entropy(logits[i].float(), y, reduction="none"))
-
-
-def _epoch_values(metrics: dict[str, Metric]) -> dict[str, torch.Tensor]:
-    values = {name: metric.compute() for name, metric in metrics.items()}  # synced over ranks
-    members = sum(name.startswith("acc_member_") for name in values)
-    for kind in ("acc", "loss"):
-        values[f"{kind}_member_mean"] = torch.stack([values[f"{kind}_member_{i}"] for i in range(members)]).mean()
-    return {name: value.float() for name, value in values.items()}
-
-
 def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
     try:
         return module.trainer
@@ -193,10 +149,17 @@ class Ensemble(pl.LightningModule):
 
     Members come from checkpoint paths (each built with its own LightningModule class, recorded by
     LightningCLI or given as ``member_class``), from modules passed in Python, or both, and may differ
-    in architecture. Every checkpoint path must exist when the Ensemble is built; the files load lazily,
-    at ``setup`` (or the first forward in plain Python), through Lightning's ``load_from_checkpoint``
-    with ``weights_only=True`` unless ``trust_checkpoints``, and get back the structural tricks they
-    record (`lightning_tricks.checkpoint.apply_recorded_tricks`).
+    in architecture. Every member is loaded and checked when the Ensemble is built, so a missing, empty
+    or corrupt file, weights of another class, another number of classes or a checkpoint trained with
+    several optimizers (a GAN) fails there, in one line naming the file. The files load through
+    Lightning's ``load_from_checkpoint`` with ``weights_only=True`` unless ``trust_checkpoints``, and get
+    back the structural tricks they record (`lightning_tricks.checkpoint.apply_recorded_tricks`).
+
+    Each member gets its inputs normalized as it was trained: the ``Standardize`` statistics its
+    checkpoint records (`lightning_tricks.checkpoint.recorded_input_statistics`; `set_member_inputs` for
+    modules given in Python), else those of the evaluating trainer's ``Standardize``; a trainer's
+    ``Standardize`` never normalizes an Ensemble's batches itself. Batches may be tuples, lists or dicts
+    (``input_key``/``target_key``).
 
     Voting: ``soft`` averages the members' softmax probabilities and takes the argmax (the lectures'
     recipe), ``hard`` takes the per-sample majority of the members' argmax classes (ties go to the tied
@@ -235,6 +198,15 @@ class Ensemble(pl.LightningModule):
         member_kwargs: constructor arguments passed to every checkpoint member's class, as
             ``load_from_checkpoint(**kwargs)`` takes them: those its hyper-parameters lack (a module that
             needs ``data_path`` but does not save it) or override.
+        input_key: where a batch holds the inputs: a dict key or a position (default: a dict's ``image``,
+            ``x``, ... or a sequence's first tensor, as every trick finds them).
+        target_key: where a batch holds the targets (default: a dict's ``label``, ``y``, ... or the item after
+            the inputs).
+        max_loss_ratio: before each validate/test/predict, a member whose mean cross-entropy on the labelled
+            data (the datamodule's validation set, else the evaluated data) is not finite, above
+            ``max_loss_ratio`` x the median of the other members' or above ``max_loss_ratio`` x log(C) is left
+            out of the vote, with one warning line naming it and its loss (no member left: refused); > 1, or
+            None to let every member vote.
 
     Raises:
         InvalidArgumentError: an empty or malformed checkpoint list, an unknown choice, weights of the
@@ -480,13 +452,13 @@ class Ensemble(pl.LightningModule):
         logits = self.member_logits(x, sync=True)
         scores, preds = self.vote(logits)
         if stage not in self._metrics:
-            self._metrics[stage] = _stage_metrics(len(self.members), logits.shape[-1], self.voting != "hard",
+            self._metrics[stage] = stage_metrics(len(self.members), logits.shape[-1], self.voting != "hard",
                                                   logits.device)
-        _update_metrics(self._metrics[stage], logits, scores, preds, y)
+        update_metrics(self._metrics[stage], logits, scores, preds, y)
 
     def _log_epoch(self, stage: str) -> None:
         metrics = self._metrics.pop(stage, None)
-        for name, value in (_epoch_values(metrics) if metrics is not None else {}).items():
+        for name, value in (epoch_values(metrics) if metrics is not None else {}).items():
             self.log(f"{stage}_{name}", value, sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -505,43 +477,20 @@ class Ensemble(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._warn_padding(self.trainer.val_dataloaders)
-        _screen_before(self, "validate")
-        _fit_weights_on_validation_set(self, "validate")
+        stages.screen_before(self, "validate")
+        stages.fit_weights_on_validation_set(self, "validate")
 
     def on_test_start(self) -> None:
         self._warn_padding(self.trainer.test_dataloaders)
-        _screen_before(self, "test")
-        _fit_weights_on_validation_set(self, "test")
+        stages.screen_before(self, "test")
+        stages.fit_weights_on_validation_set(self, "test")
 
     def on_predict_start(self) -> None:
-        _screen_before(self, "predict")
-        _fit_weights_on_validation_set(self, "predict")
+        stages.screen_before(self, "predict")
+        stages.fit_weights_on_validation_set(self, "predict")
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
-
-
-def _screen_before(ensemble: Ensemble, stage: str) -> None:
-    screening.screen_before_stage(ensemble, ensemble.trainer, stage)
-
-
-def _fit_weights_on_validation_set(ensemble: Ensemble, stage: str) -> None:
-    """Weighted voting without weights: fit them on the datamodule's validation set, the same on every rank."""
-    if ensemble.voting != "weighted" or ensemble.vote_weights is not None:
-        return
-    datamodule = ensemble.trainer.datamodule
-    loader = getattr(datamodule, "val_dataloader", None) if datamodule is not None else None
-    if loader is None:
-        raise ConfigError("voting='weighted' without weights fits them on the datamodule's validation set, "
-                          "but this run has no datamodule with val_dataloader(): pass weights=[...] or a datamodule.")
-    if stage == "validate":
-        rank_zero_warn("Ensemble: the voting weights are fitted on the validation set that is being evaluated, "
-                       "so the validation metrics are optimistic; report test metrics.")
-    # every rank fits on the whole validation set (no sampler, no padding), then rank 0's result is used
-    weights = ensemble.fit_weights(loader(), sync=True)
-    ensemble.vote_weights = ensemble.trainer.strategy.broadcast(weights.cpu(), src=0).to(ensemble.device)
-    rank_zero_info("Ensemble: fitted voting weights " + ", ".join(
-        f"{name}={w:.3f}" for name, w in zip(ensemble.member_names, ensemble.vote_weights.tolist(), strict=True)))
