@@ -315,9 +315,14 @@ def test_a_gan_given_as_a_member_is_refused_when_built_and_a_non_classifier_at_i
     with pytest.raises(ConfigError) as err:
         Ensemble(members=[PlainNet(), ToyGAN()])
     assert str(err.value) == (
-        "Ensemble (members[1]) serves a classifier trained with one optimizer, but ToyGAN uses 2 (manual "
+        "Ensemble (member members[1]:ToyGAN) serves a classifier trained with one optimizer, but ToyGAN uses 2 (manual "
         "optimization, e.g. a GAN's generator and discriminator): it has no classifier head. Give the Ensemble "
         "classifiers.")
+    # a GAN's snapshots (weights only: no optimizer states to count in the file) are refused as well
+    snapshots = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "gan"))
+    cpu_trainer(tmp_path, max_epochs=2, callbacks=[snapshots]).fit(ToyGAN(batches=2))
+    with pytest.raises(ConfigError, match=r"Ensemble \(member snapshot-cycle=1-step=2.ckpt\) serves a classifier"):
+        Ensemble(checkpoints=snapshots.snapshot_paths, member_class=ToyGAN)
     generator = nn.Sequential(nn.Linear(8, 64), nn.Tanh())  # outputs images, not class scores
     with pytest.raises(InvalidArgumentError) as err:
         cpu_trainer(tmp_path).test(Ensemble(members=[generator]), dataloaders=_loader(1), verbose=False)

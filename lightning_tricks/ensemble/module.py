@@ -280,11 +280,11 @@ class Ensemble(pl.LightningModule):
             return self.members
         loaded: list[tuple[str, nn.Module, tuple]] = list(checkpoint_members(
             self.checkpoints, self._class_specs, self.ema_members, self.trust_checkpoints, self.member_kwargs))
-        for i, module in enumerate(self._python_members):
+        loaded += [(f"members[{i}]:{type(m).__name__}", m, ()) for i, m in enumerate(self._python_members)]
+        for name, module, _ in loaded:
             if not getattr(module, "automatic_optimization", True):  # a GAN's LightningModule: no class scores
-                refuse_several_optimizers(f"Ensemble (members[{i}])", module, count_optimizers(module),
+                refuse_several_optimizers(f"Ensemble (member {name})", module, count_optimizers(module),
                                           "Give the Ensemble classifiers.")
-            loaded.append((f"members[{i}]:{type(module).__name__}", module, ()))
         self._declared_classes = [_declared_num_classes(m) for _, m, _ in loaded]
         _check_class_counts([name for name, _, _ in loaded], self._declared_classes, self.num_classes, "predict")
         for name, module, inputs in loaded:
