@@ -311,3 +311,17 @@ def test_ddp_manual_optimization_one_rank_logs_nan_and_both_stop_at_the_same_ste
     assert rank0["reason"] == rank1["reason"] == (
         "DivergenceStop: training loss 'g_loss' nan at step 4 (epoch 0): the lectures' diagnosis: learning rate "
         "too high or bad initialization.")
+
+
+def test_manual_optimization_also_reads_losses_returned_in_a_dict(tmp_path):
+    module = ScriptedManual(g=[0.7, 0.7, 0.7, 0.7], log=False)
+    step = module.training_step
+
+    def returning_step(batch, batch_idx):
+        step(batch, batch_idx)
+        return {"g_loss": torch.tensor([0.7, math.inf, 0.7, 0.7][batch_idx]), "images": torch.zeros(2, 3)}
+
+    module.training_step = returning_step
+    stop = DivergenceStop(factor=None)
+    _fit(tmp_path, module, stop, max_epochs=1, limit_val_batches=0)
+    assert stop.watched == ["g_loss"] and stop.stopped_step == 2 and "'g_loss' inf at step 2" in stop.stopping_reason

@@ -54,8 +54,8 @@ class DivergenceStop(Callback):
       ``on_step=True``, the default in ``training_step``); both rules apply to it.
     * else the loss your ``training_step`` returned (a tensor, or a dict with a ``"loss"`` tensor); both
       rules apply to it.
-    * else (manual optimization: a GAN's step returns nothing) every value the step logs whose name
-      contains ``loss`` (``g_loss``, ``d_loss``): only the finiteness rule applies to them, as adversarial
+    * else (manual optimization: a GAN's step returns nothing) every value the step logs, or returns in
+      a dict, whose name contains ``loss`` (``g_loss``, ``d_loss``): only the finiteness rule applies to them, as adversarial
       losses need not decrease (name the one that must with ``monitor`` to apply ``factor`` to it).
 
     The first step says once what is watched; with nothing to watch it warns once, in one line, what to
@@ -159,7 +159,8 @@ class DivergenceStop(Callback):
             return True, {RETURNED: value}
         if pl_module.automatic_optimization:
             return True, {}  # a step that returned no loss is skipped (Lightning skips its update too)
-        return False, _logged_losses(trainer)
+        returned = _scalars(outputs) if isinstance(outputs, dict) else {}  # {"g_loss": ..., "d_loss": ...}
+        return False, {**{k: v for k, v in returned.items() if "loss" in k.lower()}, **_logged_losses(trainer)}
 
     def _announce(self, both_rules: bool, values: dict[str, float]) -> None:
         """Once, at the first step: what is watched, or that nothing is and what to pass."""
