@@ -104,7 +104,7 @@ class Finetune(Callback):
     Raises:
         InvalidArgumentError: a bad argument (at construction), a ``head`` that does not exist or
             ``last:K`` beyond the model's units (at setup).
-        ConfigError: a module with several optimizers (manual optimization: a GAN), at setup when its
+        ModelNotSupportedError: a module with several optimizers (manual optimization: a GAN), at setup when its
             ``configure_optimizers`` tells, else when fit starts, before any step.
         WeightsMismatchError: the weights file does not fit the backbone (at setup).
 

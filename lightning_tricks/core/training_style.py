@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.errors import ModelNotSupportedError
 
 
 def count_optimizers(module: Any) -> int | None:
@@ -43,7 +43,7 @@ def count_optimizers(module: Any) -> int | None:
 def refuse_several_optimizers(owner: str, module: Any, count: int | None, fix: str) -> None:
     """Raise one line when ``count`` > 1: ``owner`` serves a classifier trained with one optimizer, not a GAN."""
     if count is not None and count > 1:
-        raise ConfigError(
+        raise ModelNotSupportedError(
             f"{owner} serves a classifier trained with one optimizer, but {type(module).__name__} uses {count} "
             f"(manual optimization, e.g. a GAN's generator and discriminator): it has no classifier head. {fix}")
 

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._lightning_internals import training_step_logged
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_range
+from lightning_tricks._validation import InvalidArgumentError, check_range
+from lightning_tricks.errors import MonitorNotFoundError
 
 _DIAGNOSIS = "the lectures' diagnosis: learning rate too high or bad initialization"
 RETURNED = "loss"
@@ -89,7 +90,7 @@ class DivergenceStop(Callback):
 
     Raises:
         InvalidArgumentError: ``factor`` <= 1, both rules switched off, or an empty ``monitor``.
-        ConfigError: ``monitor`` names a value the first training step did not log.
+        MonitorNotFoundError: ``monitor`` names a value the first training step did not log.
 
     Examples:
         >>> stop = DivergenceStop(factor=3.0)
@@ -148,7 +149,7 @@ class DivergenceStop(Callback):
             logged = _scalars(training_step_logged(trainer))
             if self.monitor not in logged and self.watched is None:
                 shown = ", ".join(sorted(logged)) or "nothing"
-                raise ConfigError(f"DivergenceStop: `monitor`={self.monitor!r} was not logged by the first training "
+                raise MonitorNotFoundError(f"DivergenceStop: `monitor`={self.monitor!r} was not logged by the first training "
                                   f"step, which logged {shown}: log it with self.log({self.monitor!r}, loss) in "
                                   "training_step (on_step=True), or name one of those.")
             return True, {self.monitor: logged[self.monitor]} if self.monitor in logged else {}
