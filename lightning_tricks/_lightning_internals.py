@@ -107,3 +107,19 @@ def prepared_train_dataloader(trainer: pl.Trainer) -> Any | None:
     """
     trainer.fit_loop.setup_data()
     return _first_loader(trainer.train_dataloader)
+
+
+# -- what the current training step logged (DivergenceStop on manual optimization) ---------------------------
+# ``trainer.callback_metrics`` (public) mixes this step's values with stale ones of other stages (the last
+# validation epoch's ``val_loss``); only the training loop's result collection tells what this step logged.
+
+
+def training_step_logged(trainer: pl.Trainer) -> dict[str, Any]:
+    """The values logged with ``on_step=True`` (``self.log``'s default in ``training_step``) in the current
+    training step, by name (a metric also logged per epoch appears once, without its ``_step`` suffix);
+    ``{}`` outside a training step."""
+    results = trainer._results
+    if results is None or not getattr(results, "training", False):
+        return {}
+    logged = results.metrics(True)["callback"]
+    return {name: value for name, value in logged.items() if not (name.endswith("_step") and name[:-5] in logged)}

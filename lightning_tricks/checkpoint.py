@@ -11,6 +11,13 @@ checkpoint, as plain data, under ``checkpoint["lightning_tricks"]["structural"]`
 does it for ``MyModule.load_from_checkpoint``. Tricks whose evaluation is the plain network (DropConnect,
 stochastic depth with the default inverted scaling) record nothing: the plain model is already right.
 
+Input preprocessing learned during training (``Standardize``'s statistics) is not part of the network:
+the callback normalizes every batch, and keeps its statistics in its own checkpoint state
+(``checkpoint["callbacks"]``). A checkpoint written without the callbacks' state (``weights_only=True``,
+as ``SnapshotEnsemble`` writes its snapshots) gets them under ``checkpoint["lightning_tricks"]["inputs"]``
+(:func:`input_records`, :func:`records_on_save`). :func:`recorded_input_statistics` reads either place;
+the `Ensemble` applies each member's to that member's inputs.
+
 The converted modules also hold a marker buffer (:func:`lightning_tricks.surgery.mark`), so a user's own
 plain ``MyModule.load_from_checkpoint(path)`` fails with ``Unexpected key(s) in state_dict:
 "...lightning_tricks_FractionalMaxPooling"`` instead of evaluating another network. Re-apply the tricks
@@ -36,6 +43,7 @@ from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCall
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
 from lightning_tricks.regularization.stochastic_depth import StochasticDepth
 from lightning_tricks.setup.activation_swap import ActivationSwap
+from lightning_tricks.setup.preprocessing import InputStatistics, Standardize
 from lightning_tricks.surgery import MARKER_PREFIX, is_marker, marker_values
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
@@ -313,5 +321,68 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
     return model
 
 
-__all__ = ["MARKER_DECODERS", "CheckpointError", "UnknownTrickError", "apply_recorded_tricks",
-           "apply_tricks_recorded_in", "check_checkpoint_path", "load_from_checkpoint", "read_checkpoint_file", "recorded_tricks", "tricks_applied_on_load"]
+# -- input preprocessing (Standardize) ------------------------------------------------------------------------
+
+INPUTS = "inputs"
+"""``checkpoint[RECORD_KEY][INPUTS]``: the input preprocessing a weights-only checkpoint's model was trained with."""
+
+
+def input_records(callbacks: Any) -> list[dict[str, Any]]:
+    """The records of the ``Standardize`` callbacks among ``callbacks`` that hold statistics, in their order::
+
+        [{"class_path": "lightning_tricks.setup.preprocessing.Standardize",
+          "init_args": {"mode": "channel", ...}, "statistics": {"mode": ..., "mean": tensor, ...}}]
+    """
+    return [{"class_path": f"{Standardize.__module__}.Standardize",
+             "init_args": {"mode": cb.mode, "eps": cb.eps, "n_components": cb.n_components, "input_key": cb.input_key},
+             "statistics": cb.statistics.state_dict()}
+            for cb in callbacks if isinstance(cb, Standardize) and cb.statistics is not None]
+
+
+def recorded_input_statistics(checkpoint: Mapping[str, Any]) -> list[InputStatistics]:
+    """The input statistics a model was trained with, in the order they were applied (``[]``: none recorded).
+
+    Read from our records (``checkpoint["lightning_tricks"]["inputs"]``, written into weights-only checkpoints),
+    else from the state of the ``Standardize`` callbacks in ``checkpoint["callbacks"]`` (every full checkpoint).
+
+    Examples:
+        >>> recorded_input_statistics({"state_dict": {}})
+        []
+    """
+    records = checkpoint.get(RECORD_KEY, {})
+    recorded = list(records.get(INPUTS, [])) if isinstance(records, Mapping) else []
+    states = [r.get("statistics") for r in recorded if isinstance(r, Mapping)]
+    if not recorded:
+        callbacks = checkpoint.get("callbacks")
+        states = [state.get("statistics") for key, state in (callbacks.items() if isinstance(callbacks, Mapping) else ())
+                  if str(key).startswith("Standardize") and isinstance(state, Mapping)]
+    return [InputStatistics.from_state_dict(state) for state in states if isinstance(state, Mapping)]
+
+
+@contextlib.contextmanager
+def records_on_save(pl_module: nn.Module, records: Mapping[str, Any]) -> Iterator[None]:
+    """Checkpoints saved in this context (``trainer.save_checkpoint``, weights-only too) get ``records`` under
+    ``checkpoint["lightning_tricks"]``: the module's ``on_save_checkpoint`` hook, which Lightning calls for
+    every checkpoint, is wrapped on the instance for the duration."""
+    hook = pl_module.on_save_checkpoint  # type: ignore[union-attr]
+    had_own = "on_save_checkpoint" in vars(pl_module)
+
+    def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+        hook(checkpoint)
+        if records:
+            checkpoint.setdefault(RECORD_KEY, {}).update(records)
+
+    object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)
+    try:
+        yield
+    finally:
+        if had_own:
+            object.__setattr__(pl_module, "on_save_checkpoint", hook)
+        else:
+            object.__delattr__(pl_module, "on_save_checkpoint")
+
+
+__all__ = ["INPUTS", "MARKER_DECODERS", "CheckpointError", "UnknownTrickError", "apply_recorded_tricks",
+           "apply_tricks_recorded_in", "check_checkpoint_path", "input_records", "load_from_checkpoint",
+           "read_checkpoint_file", "recorded_input_statistics", "recorded_tricks", "records_on_save",
+           "tricks_applied_on_load"]

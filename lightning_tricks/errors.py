@@ -117,6 +117,10 @@ class InitialLossError(TrainingCheckError):
     """Raised by ``InitialLossCheck(fail=True)`` when the first loss is far from its expected value."""
 
 
+class RecipeStopped(TrainingCheckError):
+    """The recipe stopped on purpose (a failed babysit check without ``--keep-going``): exit status 1."""
+
+
 def user_error_in(error: BaseException) -> LightningTricksError | None:
     """The first :class:`LightningTricksError` in ``error``'s chain of causes (jsonargparse and Lightning wrap ours).
 
@@ -156,6 +160,7 @@ __all__ = [
     "ModelNotSupportedError",
     "MonitorNotFoundError",
     "NothingToMonitorError",
+    "RecipeStopped",
     "StoppingArgumentError",
     "TaskNotSupportedError",
     "TrainingCheckError",

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
+from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
 from lightning_tricks.transfer import (
     FreezePlan,
     apply_freeze,
@@ -75,6 +76,9 @@ def check_finetune_args(train: str, num_classes: int | None, backbone_lr_factor:
     return stages
 
 
+_FIX = "Apply it to a classifier, or fine-tune the part you mean by hand (requires_grad_, param groups)."
+
+
 class Finetune(Callback):
     """Transfer learning: start from local weights, replace the head, train the head, the last blocks or all.
 
@@ -100,6 +104,8 @@ class Finetune(Callback):
     Raises:
         InvalidArgumentError: a bad argument (at construction), a ``head`` that does not exist or
             ``last:K`` beyond the model's units (at setup).
+        ModelNotSupportedError: a module with several optimizers (manual optimization: a GAN), at setup when its
+            ``configure_optimizers`` tells, else when fit starts, before any step.
         WeightsMismatchError: the weights file does not fit the backbone (at setup).
 
     Examples:
@@ -170,6 +176,8 @@ class Finetune(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._missing_weights = False
+        if stage == "fit" and not pl_module.automatic_optimization:  # before any surgery on a GAN
+            refuse_several_optimizers("Finetune", pl_module, count_optimizers(pl_module), _FIX)
         self._prepare(pl_module, stage)
         if stage != "fit":
             return
@@ -194,6 +202,7 @@ class Finetune(Callback):
     # -------------------------------------------------------------------------------- optimizers
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_several_optimizers("Finetune", pl_module, len(trainer.optimizers), _FIX)
         if self._missing_weights:
             read_state_dict(self.weights)  # type: ignore[arg-type]  # raises DataNotFoundError, naming the file
         final = self.plans[-1]

@@ -102,3 +102,33 @@ def test_range_test_picks_candidates_from_lightnings_lr_find(tmp_path, monkeypat
     tried = [t["lr"] for t in result.details["tried"]]
     assert len(tried) >= 2 and tried == sorted(tried, reverse=True)  # suggestion, lowest-loss rate, a tenth of it
     assert result.passed and result.details["best_lr"] in tried and result.details["best_lr"] > 1e-4
+
+
+def test_overfit_step_serves_dict_batches_with_the_usual_or_named_keys(tmp_path, monkeypatch):
+    from lightning_tricks.monitoring import overfit_check
+    from lightning_tricks.regularization import BatchFormatError
+    from lightning_tricks.tuning.babysit import overfit_step
+    from tests.training_style_modules import DictBatchNet, dict_loader, synthetic
+
+    torch.manual_seed(0)
+    model = DictBatchNet(lr=0.1, image_key="pixels", label_key="digit")
+    x, y = synthetic(96, 0)
+    with torch.no_grad():
+        start = torch.nn.functional.cross_entropy(model((x[:32] - 5) / 3), y[:32]).item()  # the first batch, untrained
+    odd = dict_loader(seed=0, image_key="pixels", label_key="digit")
+    with pytest.raises(BatchFormatError, match="overfit_check looked for the images under 'image', .*set `input_key`"):
+        overfit_check(model, train_dataloader=odd, num_batches=1, max_epochs=1, default_root_dir=str(tmp_path))
+    report = overfit_check(model, train_dataloader=odd, num_batches=1, max_epochs=30, input_key="pixels",
+                           target_key="digit", default_root_dir=str(tmp_path), accelerator="cpu")
+    assert report.num_samples == 32 and report.initial_loss == pytest.approx(start, rel=1e-5)
+    assert report.passed and report.final_loss < report.initial_loss
+    monkeypatch.chdir(tmp_path)
+    config = check_config(load_config(["--model=tests.training_style_modules.DictBatchNet",
+                                       "--data=tests.training_style_modules.DictData", "--trainer.accelerator=cpu"]))
+    result = overfit_step(config, tmp_path, num_batches=1, max_epochs=30, target=0.99)
+    assert result.passed and result.details["accuracy"] == 1.0
+    config["data"]["init_args"].update(image_key="pixels", label_key="digit")
+    config["model"]["init_args"].update(image_key="pixels", label_key="digit")
+    named = overfit_step(config, tmp_path, num_batches=1, max_epochs=30, target=0.99, input_key="pixels",
+                         target_key="digit")
+    assert named.passed

@@ -428,9 +428,8 @@ def test_missing_path_fails_at_construction_in_one_line(tmp_path):
 def test_a_file_that_is_not_a_checkpoint_says_so(content, tmp_path):
     path = tmp_path / "member.ckpt"
     path.write_bytes(content)
-    ensemble = Ensemble(checkpoints=[str(path)], member_class=PlainNet)
-    with pytest.raises(CheckpointError) as err:
-        ensemble.load_members()
+    with pytest.raises(CheckpointError) as err:  # when the Ensemble is built, not at test time
+        Ensemble(checkpoints=[str(path)], member_class=PlainNet)
     assert not isinstance(err.value, UnsafeCheckpointError)
     assert "is not a PyTorch checkpoint" in str(err.value) and "trust_checkpoints" not in str(err.value)
     assert str(path) in str(err.value)
@@ -463,8 +462,8 @@ def test_every_member_gets_the_tricks_its_checkpoint_records_before_its_weights_
 
 
 def test_undeclared_class_counts_fail_at_the_first_batch_before_any_metric(tmp_path):
-    members = [nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), nn.Sequential(nn.Flatten(), nn.Linear(64, 7))]
-    ensemble = Ensemble(members=members)
+    members = [nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten()), nn.Sequential(nn.Conv2d(1, 7, 8), nn.Flatten())]
+    ensemble = Ensemble(members=members)  # a convolution head: the class count shows at the first output
     with pytest.raises(InvalidArgumentError, match=r"output different numbers of classes \(members\[0\]"):
         cpu_trainer(tmp_path).test(ensemble, datamodule=digits())
     assert ensemble._metrics == {}

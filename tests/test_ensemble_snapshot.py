@@ -199,3 +199,82 @@ def test_snapshot_ddp_ranks_share_the_schedule_and_snapshots(tmp_path):
     assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
     members = Ensemble(checkpoints=ranks[0]["paths"], member_class=PlainNet).load_members()
     assert torch.equal(members[1].net[1].weight, ranks[0]["weight"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training styles: manual optimization with two optimizers (a GAN), OneCycleLR's peak
+
+
+class BatchLrRecorder(pl.Callback):
+    """Every optimizer's first-group learning rate at each training batch, in batch order."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append([o.param_groups[0]["lr"] for o in trainer.optimizers])
+
+
+def test_gan_with_two_optimizers_counts_training_batches_not_every_optimizers_steps(tmp_path):
+    from tests.training_style_modules import ToyGAN
+
+    snapshots, recorder = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "s")), BatchLrRecorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[snapshots, recorder])
+    trainer.fit(ToyGAN(lr=0.0002, batches=8))
+    batches = 16  # 2 epochs x 8 batches; global_step counts both optimizers: 32
+    assert trainer.global_step == 32 and snapshots.total_steps == batches and snapshots.batches_done == batches
+    assert snapshots.snapshot_steps == [8, 16] and len(snapshots.snapshot_paths) == 2
+    expected = [[pytest.approx(snapshot_lr(t, batches, 2, 0.0002), abs=1e-15)] * 2 for t in range(1, batches + 1)]
+    assert recorder.lrs == expected
+    assert recorder.lrs[8][0] == pytest.approx(0.0002)  # the second cycle restarts at the peak
+    # a budget in max_steps counts every optimizer's steps: refused in one line
+    trainer = cpu_trainer(tmp_path, max_epochs=-1, max_steps=20, callbacks=[SnapshotEnsemble(cycles=2)])
+    with pytest.raises(InvalidArgumentError) as err:
+        trainer.fit(ToyGAN())
+    assert str(err.value) == ("SnapshotEnsemble with manual optimization and 2 optimizers places its cycles in "
+                              "training batches, but trainer.max_steps=20 counts every optimizer's steps: bound the "
+                              "run with max_epochs (and limit_train_batches) instead.")
+
+
+def test_gan_snapshot_schedule_resumes_mid_cycle_from_the_batch_count(tmp_path):
+    from tests.training_style_modules import ToyGAN
+
+    pl.seed_everything(0)
+    ckpts, recorder = tmp_path / "ckpts", BatchLrRecorder()
+    every_epoch = ModelCheckpoint(dirpath=ckpts, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    snapshots = SnapshotEnsemble(cycles=3, dirpath=str(tmp_path / "s"))
+    cpu_trainer(tmp_path, max_epochs=3, callbacks=[snapshots, recorder, every_epoch],
+                enable_checkpointing=True).fit(ToyGAN(batches=4))
+    resumed, recorder2 = SnapshotEnsemble(cycles=3, dirpath=str(tmp_path / "s")), BatchLrRecorder()
+    cpu_trainer(tmp_path, max_epochs=3, callbacks=[resumed, recorder2]).fit(
+        ToyGAN(batches=4), ckpt_path=str(ckpts / "epoch=0.ckpt"))
+    assert recorder2.lrs == recorder.lrs[4:] and resumed.snapshot_steps == snapshots.snapshot_steps == [4, 8, 12]
+
+
+def test_one_cycle_lr_cycles_restart_at_the_optimizers_own_lr_not_max_lr(tmp_path):
+    from tests.step_style_modules import LitResnetStyle  # SGD lr=0.05, OneCycleLR max_lr=0.1
+
+    snapshots, recorder = SnapshotEnsemble(cycles=2, dirpath=str(tmp_path / "s")), LrRecorder()
+    trainer = cpu_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0,
+                          callbacks=[snapshots, recorder])
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(LitResnetStyle(lr=0.05), train_dataloaders=_four_class_loader())
+    lines = [str(w.message) for w in caught if "OneCycleLR reaches" in str(w.message)]
+    assert lines == ["SnapshotEnsemble: OneCycleLR reaches max_lr only after its warm-up and a snapshot cycle "
+                     "restarts without one, so each cycle starts at the optimizer's own lr (max_lr=0.1 -> 0.05); "
+                     "pass lr= to choose the peak."]
+    assert snapshots.base_lrs == [[0.05]]
+    assert recorder.lrs == {t: pytest.approx(snapshot_lr(t, 8, 2, 0.05), abs=1e-15) for t in range(1, 9)}
+    chosen = SnapshotEnsemble(cycles=2, lr=0.1, dirpath=str(tmp_path / "s2"))  # an explicit peak is kept, silently
+    cpu_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[chosen]).fit(
+        LitResnetStyle(lr=0.05), train_dataloaders=_four_class_loader())
+    assert chosen.base_lrs == [[0.1]]
+
+
+def _four_class_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.training_style_modules import synthetic
+
+    x, y = synthetic(64)
+    return DataLoader(TensorDataset(x, y), batch_size=16)

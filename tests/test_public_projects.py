@@ -103,17 +103,6 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
     ("Ensemble", "pl_package"): "owned by training-styles/cli-names: Ensemble is a lightning.pytorch module, so the "
                                 "project's pytorch_lightning.Trainer rejects it (TypeError: `model` must be a "
                                 "`LightningModule`)",
-    ("SnapshotEnsemble", "gan"): "owned by training-styles: counts both optimizers' steps: cycles=2 over 4 batches "
-                                 "writes 4 snapshots, not 2",
-    ("DivergenceStop", "gan"): "owned by training-styles: under manual optimization the logged g_loss/d_loss jump to "
-                               "~100 (BCE's clamp, > 3x the first loss) and training never stops",
-    ("Finetune", "gan"): "owned by training-styles: fails inside autograd ('element 0 of tensors does not require "
-                         "grad') instead of refusing two optimizers in one line",
-    ("Ensemble", "multilabel"): "owned by training-styles: votes multi-label members with a softmax across labels",
-    ("Ensemble", "gan"): "owned by training-styles: a GAN member fails with a raw RuntimeError, not a one-line refusal",
-    ("Ensemble", "dict"): "owned by training-styles: predict on dict batches fails with AttributeError "
-                          "\"'dict' object has no attribute 'device'\" (no input_key/target_key)",
-    ("Ensemble", "softmax"): "owned by training-styles: applies a softmax to members that already return probabilities",
 }
 """Cells other branches own that are wrong today: strict xfail with what is wrong."""
 

@@ -383,3 +383,33 @@ def test_timm_safetensors_and_ddp_prefixed_files_load(tmp_path):
         for key, value in source.state_dict().items():
             if not key.startswith("fc."):
                 assert torch.equal(target.model.state_dict()[key], value), (name, key)
+
+
+def test_a_gan_with_two_optimizers_is_refused_in_one_line_before_any_surgery(tmp_path):
+    from lightning_tricks._validation import ConfigError
+    from tests.training_style_modules import ToyGAN
+
+    gan = ToyGAN()
+    before = {k: v.clone() for k, v in gan.state_dict().items()}
+    with pytest.raises(ConfigError) as err:
+        cpu_trainer(tmp_path, callbacks=[Finetune(train="head", num_classes=3)]).fit(gan)
+    assert str(err.value) == (
+        "Finetune serves a classifier trained with one optimizer, but ToyGAN uses 2 (manual optimization, e.g. a GAN's "
+        "generator and discriminator): it has no classifier head. Apply it to a classifier, or fine-tune "
+        "the part you mean by hand (requires_grad_, param groups).")
+    after = gan.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in gan.parameters())  # nothing frozen, no head replaced
+
+    class LateOptimizers(ToyGAN):  # configure_optimizers needs what configure_model builds: counted at fit start
+        def configure_model(self):
+            self.ready = True
+
+        def configure_optimizers(self):
+            assert getattr(self, "ready", False)
+            return super().configure_optimizers()
+
+    late = LateOptimizers()
+    with pytest.raises(ConfigError, match="but LateOptimizers uses 2 "):
+        cpu_trainer(tmp_path, callbacks=[Finetune(train="head")]).fit(late)
+    assert late.batches_seen == 0  # refused before any training step

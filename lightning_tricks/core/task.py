@@ -95,7 +95,7 @@ def _is_binary(values: Tensor) -> bool:
     return bool(((values == 0) | (values == 1)).all())
 
 
-def _output_form(output: Tensor, sigmoid: bool) -> str:
+def output_form(output: Tensor, sigmoid: bool) -> str:
     """``probs`` when the class dimension already holds probabilities, ``log_probs`` for log-softmax rows."""
     x = output.detach().float()
     if not torch.isfinite(x).all():
@@ -154,7 +154,7 @@ def infer_task(output: Any, targets: Any = None, kind: str | None = None) -> Tas
         raise TaskNotSupportedError(f"task='dense' needs outputs of shape [B, C, *spatial], got {tuple(output.shape)}.")
     sigmoid = kind == "multilabel" or (kind == "dense" and isinstance(targets, Tensor)
                                        and targets.shape == output.shape and targets.is_floating_point())
-    return Task(kind, _output_form(output, sigmoid), int(output.shape[1]), spatial, sigmoid)
+    return Task(kind, output_form(output, sigmoid), int(output.shape[1]), spatial, sigmoid)
 
 
 def _binary_output(output: Any, targets: Any, kind: str | None) -> Task | None:
@@ -173,7 +173,7 @@ def _binary_output(output: Any, targets: Any, kind: str | None) -> Task | None:
     spatial = max(output.ndim - 2, 0)
     if kind == "dense" and not spatial or kind == "multilabel" and spatial:
         return None  # refused below with the usual message
-    return Task("dense" if spatial else "multilabel", _output_form(output.reshape(output.shape[0], 1, -1), True), 1,
+    return Task("dense" if spatial else "multilabel", output_form(output.reshape(output.shape[0], 1, -1), True), 1,
                 spatial, True)
 
 
@@ -284,5 +284,5 @@ def require_task(owner: str, task: Task, supported: Collection[str], fix: str) -
     raise TaskNotSupportedError(f"{owner} serves {served} models, not {task.describe()}; {fix}".rstrip("; "))
 
 
-__all__ = ["OUTPUT_FORMS", "TASK_KINDS", "Task", "TaskNotSupportedError", "aligned_with_inputs", "check_task_kind",
+__all__ = ["OUTPUT_FORMS", "output_form", "TASK_KINDS", "Task", "TaskNotSupportedError", "aligned_with_inputs", "check_task_kind",
            "infer_target_task", "infer_task", "require_task"]

@@ -27,7 +27,11 @@ import torch
 from torch import nn
 
 from lightning_tricks._validation import ConfigError, DataNotFoundError, InvalidArgumentError, check_choice
-from lightning_tricks.checkpoint import apply_recorded_tricks, tricks_applied_on_load
+from lightning_tricks.checkpoint import (
+    apply_recorded_tricks,
+    recorded_input_statistics,
+    tricks_applied_on_load,
+)
 from lightning_tricks.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
 
 ClassSpec = str | type[pl.LightningModule]
@@ -242,16 +246,28 @@ def load_member(path: str | os.PathLike, member_class: ClassSpec | None = None, 
     return build_members(path, checkpoint, member_class, trust_checkpoints, (weights,), label, member_kwargs)[0]
 
 
+def check_one_optimizer(checkpoint: dict[str, Any], label: str) -> None:
+    """A classifier's checkpoint: trained with one optimizer (a GAN's has two: no classifier to vote)."""
+    states = checkpoint.get("optimizer_states")
+    if isinstance(states, (list, tuple)) and len(states) > 1:
+        raise CheckpointError(
+            f"{label} was trained with {len(states)} optimizers (manual optimization, e.g. a GAN's generator and "
+            "discriminator): an Ensemble votes the class scores of classifiers; give it classifier checkpoints.")
+
+
 def checkpoint_members(checkpoints: Sequence[str], class_specs: Sequence[ClassSpec | None], ema_members: str,
                        trust_checkpoints: bool, member_kwargs: dict[str, Any] | None = None
-                       ) -> list[tuple[str, pl.LightningModule]]:
-    """``(name, module)`` for every member the checkpoints make: one each, two with ``ema_members='both'``."""
-    loaded: list[tuple[str, pl.LightningModule]] = []
+                       ) -> list[tuple[str, pl.LightningModule, tuple[Any, ...]]]:
+    """``(name, module, input statistics)`` for every member the checkpoints make: one each, two with
+    ``ema_members='both'``; the statistics are the ``Standardize`` ones the checkpoint records (`()`: none)."""
+    loaded: list[tuple[str, pl.LightningModule, tuple[Any, ...]]] = []
     variants = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}[ema_members]
     names = short_names(checkpoints)
     for i, (path, spec) in enumerate(zip(checkpoints, class_specs, strict=True)):
         label = f"`checkpoints`[{i}]={path!r}"
         checkpoint = read_checkpoint(path, trust_checkpoints, label)
+        check_one_optimizer(checkpoint, label)
+        inputs = tuple(recorded_input_statistics(checkpoint))
         if ema_members == "both" and not isinstance(checkpoint.get("current_model_state"), dict):
             raise CheckpointError(
                 f"{label} holds one set of weights (no 'current_model_state'), so `ema_members`='both' cannot "
@@ -259,7 +275,7 @@ def checkpoint_members(checkpoints: Sequence[str], class_specs: Sequence[ClassSp
                 "(or lightning_tricks.EMAMembers), or set ema_members='ema'.")
         modules = build_members(path, checkpoint, spec, trust_checkpoints, variants, label, member_kwargs)
         for variant, module in zip(variants, modules, strict=True):
-            loaded.append((f"{names[i]}[{variant}]" if ema_members == "both" else names[i], module))
+            loaded.append((f"{names[i]}[{variant}]" if ema_members == "both" else names[i], module, inputs))
     return loaded
 
 
@@ -274,4 +290,5 @@ def short_names(paths: Sequence[str]) -> list[str]:
 
 
 __all__ = ["CheckpointError", "ClassSpec", "UnsafeCheckpointError", "build_members", "check_checkpoint_files",
+           "check_one_optimizer",
            "checkpoint_members", "copy_with_weights", "load_member", "read_checkpoint"]

@@ -8,12 +8,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torch.utils.data import DistributedSampler
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from lightning_tricks._validation import (
     ConfigError,
@@ -21,21 +18,34 @@ from lightning_tricks._validation import (
     check_choice,
     check_optional_int,
 )
-from lightning_tricks.ensemble import _vmap
+from lightning_tricks.core.task import Task, TaskNotSupportedError, check_task_kind, infer_task, require_task
+from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
+from lightning_tricks.ensemble import _vmap, screening, stages
+from lightning_tricks.ensemble.inputs import (
+    MemberInputs,
+    adopt_trainer_standardize,
+    batch_inputs,
+    batch_targets,
+    split_batch,
+)
 from lightning_tricks.ensemble.loading import (
     ClassSpec,
     check_checkpoint_files,
     checkpoint_members,
     class_path,
 )
+from lightning_tricks.ensemble.metrics import epoch_values, stage_metrics, update_metrics, warn_padding
 from lightning_tricks.ensemble.voting import (
+    as_logits,
     check_vote_weights,
     fit_vote_weights,
     hard_vote,
+    multilabel_vote,
     soft_vote,
     vote_shares,
 )
 from lightning_tricks.evaluation import install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.regularization._batch import Key, check_key
 
 VOTING = ("soft", "hard", "weighted")
 FAST_PATHS = ("auto", "probe", "vmap", "loop")
@@ -100,9 +110,14 @@ def check_ensemble_arguments(checkpoints: Any, members: Any, member_class: Any, 
 
 
 def _declared_num_classes(module: nn.Module) -> int | None:
+    """The member's class count: its ``num_classes`` hyper-parameter, else the outputs of its last layer with
+    weights when that is an ``nn.Linear`` (None: unknown until its first output)."""
     hparams = getattr(module, "hparams", None)
     value = hparams.get("num_classes") if hasattr(hparams, "get") else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    weighted = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    return weighted[-1].out_features if weighted and isinstance(weighted[-1], nn.Linear) else None
 
 
 def _check_class_counts(names: Sequence[str], counts: Sequence[int | None], expected: int | None,
@@ -126,48 +141,6 @@ def _check_outputs(names: Sequence[str], outputs: Sequence[Any], batch: int, exp
         _check_class_counts(names, widths, expected, "output")
 
 
-def warn_padding(loaders: Any, world_size: int) -> None:
-    """Say so when DistributedSampler pads the evaluation set with duplicates, which the counts include."""
-    if world_size < 2:
-        return
-    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-            extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
-            if extra > 0:
-                rank_zero_warn(f"Ensemble: DistributedSampler pads the {len(sampler.dataset)} evaluation "  # type: ignore[arg-type]
-                               f"samples with {extra} duplicates, which the metrics count; use a set size "
-                               f"divisible by {world_size} processes for exact metrics.")
-
-
-def _stage_metrics(members: int, num_classes: int, with_loss: bool, device: torch.device) -> dict[str, Metric]:
-    metrics: dict[str, Metric] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
-    if with_loss:
-        metrics["loss"] = MeanMetric()
-    for i in range(members):
-        metrics[f"acc_member_{i}"] = MulticlassAccuracy(num_classes, average="micro")
-        metrics[f"loss_member_{i}"] = MeanMetric()
-    return {k: m.to(device) for k, m in metrics.items()}
-
-
-def _update_metrics(metrics: dict[str, Metric], logits: torch.Tensor, scores: torch.Tensor, preds: torch.Tensor,
-                    y: torch.Tensor) -> None:
-    metrics["acc"].update(preds, y)
-    if "loss" in metrics:
-        metrics["loss"].update(F.nll_loss(scores.clamp_min(1e-12).log(), y, reduction="none"))
-    for i in range(logits.shape[0]):
-        metrics[f"acc_member_{i}"].update(logits[i].argmax(dim=-1), y)
-        metrics[f"loss_member_{i}"].update(F.cross_entropy(logits[i].float(), y, reduction="none"))
-
-
-def _epoch_values(metrics: dict[str, Metric]) -> dict[str, torch.Tensor]:
-    values = {name: metric.compute() for name, metric in metrics.items()}  # synced over ranks
-    members = sum(name.startswith("acc_member_") for name in values)
-    for kind in ("acc", "loss"):
-        values[f"{kind}_member_mean"] = torch.stack([values[f"{kind}_member_{i}"] for i in range(members)]).mean()
-    return {name: value.float() for name, value in values.items()}
-
-
 def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
     try:
         return module.trainer
@@ -175,21 +148,22 @@ def _attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
         return None
 
 
-def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise InvalidArgumentError(f"An Ensemble evaluates (inputs, targets) batches; got {type(batch).__name__}.")
-
-
 class Ensemble(pl.LightningModule):
     """Evaluate several trained models as one: ``trainer.validate/test/predict(Ensemble(...))``.
 
     Members come from checkpoint paths (each built with its own LightningModule class, recorded by
     LightningCLI or given as ``member_class``), from modules passed in Python, or both, and may differ
-    in architecture. Every checkpoint path must exist when the Ensemble is built; the files load lazily,
-    at ``setup`` (or the first forward in plain Python), through Lightning's ``load_from_checkpoint``
-    with ``weights_only=True`` unless ``trust_checkpoints``, and get back the structural tricks they
-    record (`lightning_tricks.checkpoint.apply_recorded_tricks`).
+    in architecture. Every member is loaded and checked when the Ensemble is built, so a missing, empty
+    or corrupt file, weights of another class, another number of classes or a checkpoint trained with
+    several optimizers (a GAN) fails there, in one line naming the file. The files load through
+    Lightning's ``load_from_checkpoint`` with ``weights_only=True`` unless ``trust_checkpoints``, and get
+    back the structural tricks they record (`lightning_tricks.checkpoint.apply_recorded_tricks`).
+
+    Each member gets its inputs normalized as it was trained: the ``Standardize`` statistics its
+    checkpoint records (`lightning_tricks.checkpoint.recorded_input_statistics`; `set_member_inputs` for
+    modules given in Python), else those of the evaluating trainer's ``Standardize``; a trainer's
+    ``Standardize`` never normalizes an Ensemble's batches itself. Batches may be tuples, lists or dicts
+    (``input_key``/``target_key``).
 
     Voting: ``soft`` averages the members' softmax probabilities and takes the argmax (the lectures'
     recipe), ``hard`` takes the per-sample majority of the members' argmax classes (ties go to the tied
@@ -228,6 +202,20 @@ class Ensemble(pl.LightningModule):
         member_kwargs: constructor arguments passed to every checkpoint member's class, as
             ``load_from_checkpoint(**kwargs)`` takes them: those its hyper-parameters lack (a module that
             needs ``data_path`` but does not save it) or override.
+        input_key: where a batch holds the inputs: a dict key or a position (default: a dict's ``image``,
+            ``x``, ... or a sequence's first tensor, as every trick finds them).
+        target_key: where a batch holds the targets (default: a dict's ``label``, ``y``, ... or the item after
+            the inputs).
+        max_loss_ratio: before each validate/test/predict, a member whose mean cross-entropy on the labelled
+            data (the datamodule's validation set, else the evaluated data) is not finite, above
+            ``max_loss_ratio`` x the median of the other members' or above ``max_loss_ratio`` x log(C) is left
+            out of the vote, with one warning line naming it and its loss (no member left: refused); > 1, or
+            None to let every member vote.
+        task: ``classification`` (softmax over classes) or ``multilabel`` (a sigmoid per label: soft voting
+            averages the members' sigmoid probabilities, hard voting takes each label's majority, ``preds``
+            are multi-hot at 0.5; predict only, since the logged metrics are single-label); None reads it
+            from the first batch's targets (`lightning_tricks.core.task`), single-label when a predict batch
+            has none. Members may return logits, log-probabilities or probabilities.
 
     Raises:
         InvalidArgumentError: an empty or malformed checkpoint list, an unknown choice, weights of the
@@ -253,8 +241,20 @@ class Ensemble(pl.LightningModule):
         trust_checkpoints: bool = False,
         num_classes: int | None = None,
         member_kwargs: dict[str, Any] | None = None,
+        input_key: Key = None,
+        target_key: Key = None,
+        max_loss_ratio: float | None = 10.0,
+        task: str | None = None,
     ) -> None:
         super().__init__()
+        self.task_override = check_task_kind("task", task)
+        # until the first batch shows the targets, a member's (N, C) output is read as single-label
+        self.task, self._task_read = (task or "classification"), task is not None
+        if task is not None:
+            require_task("Ensemble", Task(task), ("classification", "multilabel"),
+                         "evaluate the members yourself.")
+        self.input_key, self.target_key = check_key("input_key", input_key), check_key("target_key", target_key)
+        self.max_loss_ratio = screening.check_max_loss_ratio(max_loss_ratio)
         checkpoints, modules, self._class_specs, member_count, weights = check_ensemble_arguments(
             checkpoints, members, member_class, voting, weights, fast_path, ema_members, num_classes, member_kwargs)
         check_checkpoint_files(checkpoints)
@@ -274,6 +274,12 @@ class Ensemble(pl.LightningModule):
         self._plans: dict[int, str] = {}
         self._stacks: dict[int, _vmap.StackedGroup] = {}
         self._metrics: dict[str, dict[str, Metric]] = {}
+        self.member_inputs = MemberInputs()
+        self.voters: list[int] | None = None  # None: every member votes
+        self.load_members()  # every member checked now: a bad file fails here, in one line naming it
+
+    applies_member_preprocessing = True
+    """Each member's inputs are normalized here as that member was trained (a trainer's ``Standardize`` skips)."""
 
     # -- members ---------------------------------------------------------------------------------------------
 
@@ -288,19 +294,36 @@ class Ensemble(pl.LightningModule):
         """
         if len(self.members):
             return self.members
-        loaded: list[tuple[str, nn.Module]] = list(checkpoint_members(
+        loaded: list[tuple[str, nn.Module, tuple]] = list(checkpoint_members(
             self.checkpoints, self._class_specs, self.ema_members, self.trust_checkpoints, self.member_kwargs))
-        loaded += [(f"members[{i}]:{type(m).__name__}", m) for i, m in enumerate(self._python_members)]
-        self._declared_classes = [_declared_num_classes(m) for _, m in loaded]
-        _check_class_counts([name for name, _ in loaded], self._declared_classes, self.num_classes, "predict")
-        for name, module in loaded:
+        loaded += [(f"members[{i}]:{type(m).__name__}", m, ()) for i, m in enumerate(self._python_members)]
+        for name, module, _ in loaded:
+            if not getattr(module, "automatic_optimization", True):  # a GAN's LightningModule: no class scores
+                refuse_several_optimizers(f"Ensemble (member {name})", module, count_optimizers(module),
+                                          "Give the Ensemble classifiers.")
+        self._declared_classes = [_declared_num_classes(m) for _, m, _ in loaded]
+        _check_class_counts([name for name, _, _ in loaded], self._declared_classes, self.num_classes, "predict")
+        for name, module, inputs in loaded:
             self.members.append(module.eval())
             self.member_names.append(name)
-        keys: dict[tuple, list[int]] = {}
-        for i, module in enumerate(self.members):
-            keys.setdefault(_vmap.architecture_key(module), []).append(i)
-        self._groups = list(keys.values())
+            self.member_inputs.add(inputs)
+        self._group_members()
         return self.members
+
+    def _group_members(self) -> None:
+        """Members of one architecture given the same inputs run together (one vectorized call on the fast path)."""
+        keys: dict[tuple, list[int]] = {}
+        self._plans, self._stacks = {}, {}
+        for i, module in enumerate(self.members):
+            keys.setdefault((_vmap.architecture_key(module), self.member_inputs.key(i)), []).append(i)
+        self._groups = list(keys.values())
+
+    def set_member_inputs(self, index: int, statistics: Sequence[Any]) -> None:
+        """Give member ``index`` the input statistics it was trained with (``Standardize``'s
+        :class:`~lightning_tricks.setup.preprocessing.InputStatistics`, applied in order); checkpoint members get
+        theirs from their checkpoint."""
+        self.member_inputs.set(index, statistics)
+        self._group_members()
 
     def expected_num_classes(self) -> int | None:
         """The class count given or declared by the members' hyper-parameters (``None`` if unknown)."""
@@ -316,8 +339,8 @@ class Ensemble(pl.LightningModule):
 
     # -- forward ---------------------------------------------------------------------------------------------
 
-    def member_logits(self, x: torch.Tensor, sync: bool = False) -> torch.Tensor:
-        """Every member's logits for ``x``: ``(members, batch, classes)``, without gradients.
+    def member_outputs(self, x: torch.Tensor, sync: bool = False) -> torch.Tensor:
+        """Every member's output for ``x`` as it returns it: ``(members, batch, classes)``, without gradients.
 
         Args:
             x: a batch of inputs.
@@ -328,15 +351,29 @@ class Ensemble(pl.LightningModule):
         outputs: list[torch.Tensor | None] = [None] * len(self.members)
         with torch.no_grad():
             for gi, group in enumerate(self._groups):
-                if len(group) > 1 and self._plan(gi, x, sync) == "vmap":
-                    stacked = self._stacks[gi](x)
+                inputs = self.member_inputs.apply(group[0], x)  # the group shares its statistics
+                if len(group) > 1 and self._plan(gi, inputs, sync) == "vmap":
+                    stacked = self._stacks[gi](inputs)
                     for k, i in enumerate(group):
                         outputs[i] = stacked[k]
                 else:
                     for i in group:
-                        outputs[i] = self.members[i](x)
+                        outputs[i] = self.members[i](inputs)
         _check_outputs(self.member_names, outputs, x.shape[0], self.expected_num_classes())
         return torch.stack(outputs)  # type: ignore[arg-type]
+
+    def member_logits(self, x: torch.Tensor, sync: bool = False) -> torch.Tensor:
+        """Every member's logits for ``x``: ``(members, batch, classes)``, without gradients; members that
+        return probabilities or log-probabilities are brought to logits (`as_logits`).
+
+        Args:
+            x: a batch of inputs.
+            sync: see `member_outputs`.
+        """
+        return self._as_logits(self.member_outputs(x, sync))
+
+    def _as_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([as_logits(out, self.task == "multilabel") for out in outputs])
 
     def _plan(self, gi: int, x: torch.Tensor, sync: bool) -> str:
         if gi not in self._plans:
@@ -365,13 +402,28 @@ class Ensemble(pl.LightningModule):
     def vote(self, member_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, preds)`` of this ensemble's voting: probabilities (vote shares for hard) and classes."""
         weights = self.vote_weights
+        if self.voters is not None:  # members excluded by screening do not vote
+            member_logits = member_logits[self.voters]
+            weights = None if weights is None else weights[self.voters]
         if self.voting == "weighted" and weights is None:
             raise ConfigError("voting='weighted' without weights needs fitted weights: call fit_weights(dataloader) "
                               "or evaluate through a Trainer with a datamodule that has a validation set.")
+        if self.task == "multilabel":
+            return multilabel_vote(member_logits, self.voting, weights)
         if self.voting == "hard":
             return vote_shares(member_logits, weights), hard_vote(member_logits, weights)
         probs = soft_vote(member_logits, weights)
         return probs, probs.argmax(dim=-1)
+
+    def _read_task(self, member_outputs: torch.Tensor, targets: Any) -> None:
+        """The task, read once from the first member's output and the targets (`lightning_tricks.core.task`)."""
+        if self._task_read:
+            return
+        kind = infer_task(member_outputs[0], targets, self.task_override).kind
+        require_task("Ensemble", Task(kind), ("classification", "multilabel"),
+                     "evaluate the members yourself, or pass task='classification' or 'multilabel' if the "
+                     "targets misled the probe.")
+        self.task, self._task_read = kind, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ensemble's class probabilities (vote shares for hard voting): ``(batch, classes)``."""
@@ -391,14 +443,24 @@ class Ensemble(pl.LightningModule):
         """
         logits, targets = [], []
         for batch in dataloader:
-            x, y = _split(batch)
+            x, y = split_batch(batch, self.input_key, self.target_key)
             logits.append(self.member_logits(x.to(self.device), sync=sync).float())
             targets.append(y.to(self.device))
         if not logits:
             raise ConfigError("fit_weights got an empty dataloader: expected labelled validation batches.")
-        weights = fit_vote_weights(torch.cat(logits, dim=1), torch.cat(targets))
-        self.vote_weights = weights.float().to(self.device)
+        voters = self.voters if self.voters is not None else list(range(len(self.members)))
+        fitted = fit_vote_weights(torch.cat(logits, dim=1)[voters], torch.cat(targets))
+        weights = torch.zeros(len(self.members), device=self.device)  # excluded members: weight 0
+        weights[voters] = fitted.float().to(self.device)
+        self.vote_weights = weights
         return self.vote_weights
+
+    def screen_members(self, dataloader: Any, what: str = "validation") -> list[int]:
+        """Leave out of the vote the members whose mean loss on ``dataloader``'s labelled batches is not finite or
+        far above the others' (`lightning_tricks.ensemble.screening`); returns the indices of those that vote.
+        Run before every validate/test/predict through a Trainer (``max_loss_ratio=None`` switches it off)."""
+        self.voters = None if self.max_loss_ratio is None else screening.screen(self, [dataloader], what)
+        return self.voters if self.voters is not None else list(range(len(self.members)))
 
     # -- Lightning hooks -------------------------------------------------------------------------------------
 
@@ -414,6 +476,8 @@ class Ensemble(pl.LightningModule):
         if isinstance(theirs, int) and mine is not None and theirs != mine:
             raise InvalidArgumentError(f"The ensemble's members predict {mine} classes but the datamodule has "
                                        f"num_classes={theirs}.")
+        if trainer is not None:
+            adopt_trainer_standardize(self, trainer)
         rank_zero_info("Ensemble members: " + ", ".join(f"{i}: {n}" for i, n in enumerate(self.member_names)))
         if trainer is not None and stage in ("validate", "test"):
             # no DistributedSampler padding: DDP metrics equal the single-process ones (lightning_tricks.evaluation)
@@ -425,17 +489,22 @@ class Ensemble(pl.LightningModule):
             uninstall_exact_evaluation(trainer, self)
 
     def _evaluate(self, batch: Any, stage: str) -> None:
-        x, y = _split(batch)
-        logits = self.member_logits(x, sync=True)
+        x, y = split_batch(batch, self.input_key, self.target_key)
+        outputs = self.member_outputs(x, sync=True)
+        self._read_task(outputs, y)
+        logits = self._as_logits(outputs)
+        if self.task == "multilabel":
+            raise TaskNotSupportedError("Ensemble logs single-label metrics only; for a multi-label model use "
+                                        "trainer.predict(ensemble) (mean sigmoid probabilities) and your own metric.")
         scores, preds = self.vote(logits)
         if stage not in self._metrics:
-            self._metrics[stage] = _stage_metrics(len(self.members), logits.shape[-1], self.voting != "hard",
+            self._metrics[stage] = stage_metrics(len(self.members), logits.shape[-1], self.voting != "hard",
                                                   logits.device)
-        _update_metrics(self._metrics[stage], logits, scores, preds, y)
+        update_metrics(self._metrics[stage], logits, scores, preds, y)
 
     def _log_epoch(self, stage: str) -> None:
         metrics = self._metrics.pop(stage, None)
-        for name, value in (_epoch_values(metrics) if metrics is not None else {}).items():
+        for name, value in (epoch_values(metrics) if metrics is not None else {}).items():
             self.log(f"{stage}_{name}", value, sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -445,8 +514,11 @@ class Ensemble(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        scores, preds = self.vote(self.member_logits(x, sync=True))
+        x = batch_inputs(batch, self.input_key)
+        outputs = self.member_outputs(x, sync=True)
+        self._read_task(outputs, batch_targets(batch, self.input_key, self.target_key))
+        logits = self._as_logits(outputs)
+        scores, preds = self.vote(logits)
         return {"probs": scores, "preds": preds}
 
     def _warn_padding(self, loaders: Any) -> None:
@@ -454,36 +526,20 @@ class Ensemble(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._warn_padding(self.trainer.val_dataloaders)
-        _fit_weights_on_validation_set(self, "validate")
+        stages.screen_before(self, "validate")
+        stages.fit_weights_on_validation_set(self, "validate")
 
     def on_test_start(self) -> None:
         self._warn_padding(self.trainer.test_dataloaders)
-        _fit_weights_on_validation_set(self, "test")
+        stages.screen_before(self, "test")
+        stages.fit_weights_on_validation_set(self, "test")
 
     def on_predict_start(self) -> None:
-        _fit_weights_on_validation_set(self, "predict")
+        stages.screen_before(self, "predict")
+        stages.fit_weights_on_validation_set(self, "predict")
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
-
-
-def _fit_weights_on_validation_set(ensemble: Ensemble, stage: str) -> None:
-    """Weighted voting without weights: fit them on the datamodule's validation set, the same on every rank."""
-    if ensemble.voting != "weighted" or ensemble.vote_weights is not None:
-        return
-    datamodule = ensemble.trainer.datamodule
-    loader = getattr(datamodule, "val_dataloader", None) if datamodule is not None else None
-    if loader is None:
-        raise ConfigError("voting='weighted' without weights fits them on the datamodule's validation set, "
-                          "but this run has no datamodule with val_dataloader(): pass weights=[...] or a datamodule.")
-    if stage == "validate":
-        rank_zero_warn("Ensemble: the voting weights are fitted on the validation set that is being evaluated, "
-                       "so the validation metrics are optimistic; report test metrics.")
-    # every rank fits on the whole validation set (no sampler, no padding), then rank 0's result is used
-    weights = ensemble.fit_weights(loader(), sync=True)
-    ensemble.vote_weights = ensemble.trainer.strategy.broadcast(weights.cpu(), src=0).to(ensemble.device)
-    rank_zero_info("Ensemble: fitted voting weights " + ", ".join(
-        f"{name}={w:.3f}" for name, w in zip(ensemble.member_names, ensemble.vote_weights.tolist(), strict=True)))

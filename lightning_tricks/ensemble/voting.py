@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks.core.task import output_form
 
 
 def _check_member_logits(member_logits: torch.Tensor) -> None:
@@ -38,6 +39,47 @@ def _normalized(weights: Sequence[float] | torch.Tensor | None, members: int, li
         return torch.full((members,), 1.0 / members, dtype=like.dtype, device=like.device)
     w = torch.as_tensor(check_vote_weights(weights, members), dtype=like.dtype, device=like.device)
     return w / w.sum()
+
+
+def as_logits(output: torch.Tensor, sigmoid: bool = False) -> torch.Tensor:
+    """A member's output as logits, whatever its form (`lightning_tricks.core.task.output_form`).
+
+    Log-probabilities are logits already (``softmax(log p) = p``); probabilities become their log
+    (softmax) or logit (sigmoid), so every vote below averages the same probabilities the member meant.
+
+    Examples:
+        >>> probs = torch.tensor([[0.2, 0.8]])
+        >>> as_logits(probs).softmax(-1)
+        tensor([[0.2000, 0.8000]])
+    """
+    if output_form(output, sigmoid) != "probs":
+        return output
+    clamped = output.clamp(1e-12, 1.0)
+    return torch.logit(output, eps=1e-12) if sigmoid else clamped.log()
+
+
+def multilabel_vote(member_logits: torch.Tensor, voting: str = "soft",
+                    weights: Sequence[float] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, multi-hot predictions)`` of multi-label members: a sigmoid per label, never a softmax.
+
+    ``soft`` (and ``weighted``) average the members' sigmoid probabilities and predict the labels above 0.5;
+    ``hard`` takes each label's (weighted) majority of the members' 0.5 decisions (a tie predicts the label
+    when the mean probability is above 0.5), and returns the vote shares.
+
+    Examples:
+        >>> logits = torch.tensor([[[3.0, -3.0]], [[-1.0, -3.0]]])
+        >>> multilabel_vote(logits)[1]
+        tensor([[1, 0]])
+    """
+    _check_member_logits(member_logits)
+    probs = member_logits.float().sigmoid()
+    w = _normalized(weights, probs.shape[0], probs)
+    mean = torch.einsum("m,mnc->nc", w, probs)
+    if voting != "hard":
+        return mean, (mean > 0.5).long()
+    shares = torch.einsum("m,mnc->nc", w, (probs > 0.5).float())
+    preds = (shares > 0.5) | ((shares == 0.5) & (mean > 0.5))
+    return shares, preds.long()
 
 
 def soft_vote(member_logits: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
@@ -136,4 +178,4 @@ def fit_vote_weights(member_logits: torch.Tensor, targets: torch.Tensor, max_ite
     return weights / weights.sum()
 
 
-__all__ = ["check_vote_weights", "fit_vote_weights", "hard_vote", "soft_vote", "vote_shares"]
+__all__ = ["check_vote_weights", "fit_vote_weights", "hard_vote", "as_logits", "multilabel_vote", "soft_vote", "vote_shares"]

@@ -262,23 +262,27 @@ class OverfitReport:
         return self.accuracy >= self.target_accuracy
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor) \
-            and isinstance(batch[1], Tensor):
-        return batch[0], batch[1]
-    raise ConfigError(
-        f"overfit_check needs (inputs, targets) batches, got {type(batch).__name__}; for other batches use "
-        "the recipe directly: Trainer(overfit_batches=1, max_epochs=100) and watch your training accuracy."
-    )
+def _split_batch(batch: Any, input_key: Any = None, target_key: Any = None) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` of a tuple, list or dict batch, through the shared batch accessor."""
+    from lightning_tricks.regularization._batch import find_slot, get_item
+
+    slot = find_slot(batch, input_key, "images", "overfit_check")
+    targets = get_item(batch, find_slot(batch, target_key, "targets", "overfit_check",
+                                        after=slot if isinstance(slot, int) else None))
+    inputs = get_item(batch, slot)
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise ConfigError("overfit_check needs tensors for the inputs and the targets; set input_key/target_key.")
+    return inputs, targets
 
 
 @torch.no_grad()
-def _evaluate(model: pl.LightningModule, batches: list[Any]) -> tuple[float, float, int]:
+def _evaluate(model: pl.LightningModule, batches: list[Any], input_key: Any = None,
+              target_key: Any = None) -> tuple[float, float, int]:
     model.eval()
     device = next(model.parameters()).device
     correct, total, loss_sum = 0, 0, 0.0
     for batch in batches:
-        x, y = _split_batch(batch)
+        x, y = _split_batch(batch, input_key, target_key)
         x, y = x.to(device), y.to(device)
         logits = _logits(model(x))
         if logits is None:
@@ -297,6 +301,8 @@ def overfit_check(
     num_batches: int = 1,
     max_epochs: int = 100,
     target_accuracy: float = 0.99,
+    input_key: str | int | None = None,
+    target_key: str | int | None = None,
     **trainer_kwargs: Any,
 ) -> OverfitReport:
     """Train a copy of ``model`` on the first ``num_batches`` training batches and report the accuracy reached.
@@ -305,8 +311,9 @@ def overfit_check(
     about 100% (with regularization switched off). It runs Lightning's ``overfit_batches`` (the same
     first batches every epoch, shuffling disabled) on a deep copy, so ``model`` is left untouched,
     with no validation, logger or checkpoints; then it evaluates the copy on those batches in eval
-    mode. Batches must be ``(inputs, targets)`` and the forward must return logits. Run it on one
-    device (the default); it is a debugging step, not a training run.
+    mode. Batches are ``(inputs, targets)`` tuples or lists, or dicts (``batch["image"]``/``batch["label"]``
+    and the other usual names, or ``input_key``/``target_key``), and the forward must return logits. Run it
+    on one device (the default); it is a debugging step, not a training run.
 
     Args:
         model: the LightningModule to check (not modified).
@@ -315,6 +322,8 @@ def overfit_check(
         num_batches: how many batches to overfit; >= 1.
         max_epochs: passes over them; >= 1.
         target_accuracy: the accuracy that counts as a pass; in [0, 1].
+        input_key: where the inputs are in a batch: a dict key or a position (default: the usual names).
+        target_key: where the targets are (default: the usual names, or the item after the inputs).
         **trainer_kwargs: more ``Trainer`` arguments (``accelerator``, ``precision``, ...).
 
     Returns:
@@ -322,7 +331,8 @@ def overfit_check(
 
     Raises:
         InvalidArgumentError: bad arguments, or neither or both of ``datamodule`` and ``train_dataloader``.
-        ConfigError: batches that are not ``(inputs, targets)``, or a forward without logits.
+        ConfigError: batches without findable inputs and targets (the message names the key to set), or a
+            forward without logits.
 
     Examples:
         >>> report = overfit_check(MyModule(), datamodule=MyData(), num_batches=1)  # doctest: +SKIP
@@ -349,9 +359,9 @@ def overfit_check(
         batches.append(batch)
         if len(batches) == num_batches:
             break
-    _, initial_loss, num_samples = _evaluate(copy.deepcopy(model), batches)
+    _, initial_loss, num_samples = _evaluate(copy.deepcopy(model), batches, input_key, target_key)
     trainer.fit(trained, train_dataloaders=train_dataloader)
-    accuracy, final_loss, _ = _evaluate(trained, batches)
+    accuracy, final_loss, _ = _evaluate(trained, batches, input_key, target_key)
     return OverfitReport(accuracy, initial_loss, final_loss, num_samples, trainer.current_epoch, target_accuracy)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_tricks._validation import ConfigError
+from lightning_tricks.errors import RecipeStopped, user_error_in
 from lightning_tricks.recipe.steps import ENSEMBLES, STEPS, TTA_CHOICES, RecipeContext
 
 DESCRIPTION = __doc__.split("\n\n")[0] + " " + " ".join(__doc__.split("\n\n")[1].split())
@@ -221,10 +222,6 @@ def run_steps(ctx: RecipeContext, argv: Sequence[str]) -> dict[str, dict[str, An
     return results
 
 
-class RecipeStopped(ConfigError):
-    """The recipe stopped on purpose (a failed babysit check without ``--keep-going``): exit status 1."""
-
-
 class BabysitFailed(Exception):
     """A babysit check failed and ``--keep-going`` was not given: the recipe stops with the diagnosis."""
 
@@ -287,9 +284,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         code = recipe_main(argv)
     except Exception as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__ or cause.__context__
+        cause = user_error_in(err)
         if cause is None or os.environ.get("LIGHTNING_TRICKS_DEBUG"):
             raise
         stopped = isinstance(cause, RecipeStopped)

@@ -11,7 +11,8 @@ data. Statistics come from the **training split only** and are applied to every 
 * :class:`Standardize` is the callback: at fit start it streams the training loader once (each rank its
   shard; the duplicates ``DistributedSampler`` pads a shard with are not counted, so the statistics under
   DDP equal the single-process ones), keeps the statistics in the checkpoint, and normalizes the inputs of
-  every training, validation, test and predict batch on the device.
+  every training, validation, test and predict batch on the device. An `Ensemble` applies each member's
+  recorded statistics to that member's inputs itself (the callback leaves its batches alone).
 
 Modes (``x`` is one sample; flat modes flatten it to ``D`` features):
 
@@ -428,8 +429,9 @@ class Standardize(Callback):
     def _stats_for(self, images: torch.Tensor) -> InputStatistics:
         if self.statistics is None:
             raise ConfigError("Standardize has no statistics yet: they are computed when fit starts; for validate/test/"
-                              "predict alone, pass ckpt_path of a checkpoint saved with Standardize (for an Ensemble: "
-                              "Standardize(statistics_from=<that checkpoint>)).")
+                              "predict alone, pass ckpt_path of a checkpoint saved with Standardize, or "
+                              "Standardize(statistics_from=<that checkpoint>) (an Ensemble needs neither: it applies "
+                              "each member's recorded statistics itself).")
         key = (images.device, images.dtype)
         if key not in self._on_device:
             self._on_device[key] = self.statistics.to(images.device, images.dtype)
@@ -448,21 +450,26 @@ class Standardize(Callback):
         stats.apply(images, out=images)
         return batch
 
+    def _normalize(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        # an Ensemble normalizes each member's inputs with the statistics that member was trained with
+        if not getattr(pl_module, "applies_member_preprocessing", False):
+            self.normalize_batch(batch)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self.normalize_batch(batch)
+        self._normalize(pl_module, batch)
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.normalize_batch(batch)
+        self._normalize(pl_module, batch)
 
     def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
                             dataloader_idx: int = 0) -> None:
-        self.normalize_batch(batch)
+        self._normalize(pl_module, batch)
 
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.normalize_batch(batch)
+        self._normalize(pl_module, batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"statistics": None if self.statistics is None else self.statistics.state_dict()}

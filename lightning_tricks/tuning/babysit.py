@@ -112,8 +112,9 @@ def initial_loss_step(config: dict[str, Any], folder: Path, tolerance: float) ->
 
 # -- step 2 ---------------------------------------------------------------------------------------
 def overfit_step(config: dict[str, Any], folder: Path, num_batches: int, max_epochs: int,
-                 target: float) -> StepResult:
-    """Step 2: train a copy on ``num_batches`` minibatches (weight decay 0) and read the accuracy on them."""
+                 target: float, input_key: str | int | None = None, target_key: str | int | None = None) -> StepResult:
+    """Step 2: train a copy on ``num_batches`` minibatches (weight decay 0) and read the accuracy on them
+    (tuple, list or dict batches; ``input_key``/``target_key`` as :func:`~lightning_tricks.monitoring.overfit_check`)."""
     from lightning_tricks.monitoring import overfit_check
     from lightning_tricks.tuning.pruning import CurveRecorder
 
@@ -122,7 +123,8 @@ def overfit_step(config: dict[str, Any], folder: Path, num_batches: int, max_epo
     cli = _build(config, folder, "step2")
     recorder = CurveRecorder("train_loss")
     report = overfit_check(cli.model, datamodule=cli.datamodule, num_batches=num_batches, max_epochs=max_epochs,
-                           target_accuracy=target, callbacks=[*_user_callbacks(cli), recorder],
+                           target_accuracy=target, input_key=input_key, target_key=target_key,
+                           callbacks=[*_user_callbacks(cli), recorder],
                            accelerator=config["trainer"].get("accelerator") or "auto", default_root_dir=str(folder))
     measured = (f"training accuracy {report.accuracy:.3f} on {report.num_samples} samples ({num_batches} batches) "
                 f"after {report.epochs} epochs; loss {report.initial_loss:.4f} -> {report.final_loss:.4f}")
@@ -282,6 +284,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overfit-batches", type=int, default=5, help="step 2: minibatches to overfit (default 5)")
     p.add_argument("--overfit-epochs", type=int, default=60, help="step 2: passes over them (default 60)")
     p.add_argument("--overfit-target", type=float, default=0.99, help="step 2: accuracy that passes (default 0.99)")
+    p.add_argument("--input-key", type=_key, default=None,
+                   help="step 2: where a batch holds the inputs (a dict key or a position; default: image, x, ...)")
+    p.add_argument("--target-key", type=_key, default=None,
+                   help="step 2: where a batch holds the targets (default: label, y, ..., or the item after the inputs)")
     p.add_argument("--lr-search", choices=("grid", "range_test"), default="grid",
                    help="step 3: the lectures' grid (default) or Lightning's range test (Tuner.lr_find)")
     p.add_argument("--lrs", type=float, nargs="+", default=list(LECTURE_GRID), help="step 3: the grid")
@@ -293,6 +299,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/babysit", help="where the step configs and the search file go")
     p.add_argument("--out", default=None, help="the suggested search space (default RUN_DIR/search.yaml)")
     return p
+
+
+def _key(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -314,7 +324,8 @@ def babysit(config: dict[str, Any], args: argparse.Namespace, echo: Any = print)
         checks = check_config(config)
         results = [initial_loss_step(checks, folder, args.tolerance)]
         echo(results[-1].line())
-        results.append(overfit_step(checks, folder, args.overfit_batches, args.overfit_epochs, args.overfit_target))
+        results.append(overfit_step(checks, folder, args.overfit_batches, args.overfit_epochs, args.overfit_target,
+                                    getattr(args, "input_key", None), getattr(args, "target_key", None)))
         echo(results[-1].line())
         results.append(lr_step(checks, folder, args.lrs, args.lr_steps, args.drop, args.factor, args.lr_search,
                                args.small_decay))
