@@ -4,7 +4,8 @@
 included. The zoo's ``ImageClassifier`` is the default model; the digits datamodule is the default
 data of our own models only (``ImageClassifier``, ``Ensemble``): a model of your own with its own
 ``*_dataloader`` methods trains on them (``--data null`` says so explicitly). Our callbacks are imported here, so ``--trainer.callbacks+=Cutout``
-resolves short names, and ``EarlyStopping`` (a name Lightning exports too) means ours.
+resolves short names, and ``EarlyStopping`` (a name Lightning exports too) means ours. A class you name
+starts from its own constructor defaults: the zoo's defaults belong to the zoo's classes only.
 
 What the command adds to a plain LightningCLI, each for a newcomer's first hour:
 
@@ -183,14 +184,25 @@ def _data_given(argv: list[str], subcommand: str | None) -> bool:
     return False
 
 
-def _is_our_model(class_path: str | None) -> bool:
-    """Whether the model class is one of this package's (the zoo's ImageClassifier, Ensemble), not the user's."""
+def _import_class(class_path: str | None) -> Any:
     module, _, name = (class_path or "").rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False
-    return getattr(cls, "__module__", "").split(".")[0] == "lightning_tricks"
+        return None
+
+
+_ZOO_DEFAULTS = {"model": ZOO_MODEL, "data": ZOO_DATA}
+
+
+def _without_print_config(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--print_config" and not a.startswith("--print_config=")]
+
+
+def _is_our_model(class_path: str | None) -> bool:
+    """Whether the model class is one of this package's (the zoo's ImageClassifier, Ensemble), not the user's."""
+    cls = _import_class(class_path)
+    return cls is not None and getattr(cls, "__module__", "").split(".")[0] == "lightning_tricks"
 
 
 class TricksCLI(LightningCLI):
@@ -198,7 +210,8 @@ class TricksCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": ZOO_MODEL}, "data": {"class_path": ZOO_DATA}})
+        parser.set_defaults({key: {"class_path": path} for key, path in _ZOO_DEFAULTS.items()})
+        self._zoo_default_parsers = [*getattr(self, "_zoo_default_parsers", []), parser]
         parser.add_argument(
             "--divergence_stop", type=bool, default=True,
             help="fit: stop at the first NaN/inf training loss with one line saying so (adds "
@@ -209,15 +222,39 @@ class TricksCLI(LightningCLI):
         argv = None
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
+            if self._start_from_chosen_classes():
+                super().parse_arguments(parser, args)
         else:
             argv = prefer_our_callbacks(list(sys.argv[1:] if args is None else args))
-            self.config = parser.parse_args(argv)
+            first = _without_print_config(argv)  # --print_config prints (and exits) in the final parse only
+            self.config = parser.parse_args(first)
+            if self._start_from_chosen_classes() or first != argv:
+                self.config = parser.parse_args(argv)
         self._check_ckpt_path()
         self._default_data(argv)
 
     def _node(self) -> Namespace:
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config
+
+    def _start_from_chosen_classes(self) -> bool:
+        """Make the chosen ``--model``/``--data`` class the parser's default; True when it was another (parse again).
+
+        The zoo's classes are the parser's defaults, and jsonargparse keeps every default value whose name and
+        type the newly chosen class accepts: ``--model my_pkg.MyNet`` would train MyNet with the zoo's ``lr``,
+        ``num_classes``, ``in_channels``... (and ``--data`` a datamodule with the digits' ``batch_size``). Parsed
+        again from the chosen class as default, a class starts from its own signature; what the command line
+        and the config files set applies on top, as before.
+        """
+        node, chosen = self._node(), {}
+        for key, zoo_path in _ZOO_DEFAULTS.items():
+            spec = node.get(key)
+            class_path = spec.get("class_path") if isinstance(spec, (Namespace, dict)) else None
+            if class_path and _import_class(class_path) is not _import_class(zoo_path):
+                chosen[key] = {"class_path": class_path}
+        for parser in getattr(self, "_zoo_default_parsers", []) if chosen else []:
+            parser.set_defaults(chosen)
+        return bool(chosen)
 
     def _check_ckpt_path(self) -> None:
         path = self._node().get("ckpt_path")
