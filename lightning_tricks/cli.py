@@ -33,14 +33,21 @@ import lightning.pytorch.callbacks as pl_callbacks
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 import lightning_tricks
 from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
 from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.lightning_classes import (
+    LEGACY,
+    datamodule_types,
+    is_overridden,
+    lightning_module_types,
+    lightning_types,
+    package_of,
+)
 from lightning_tricks.monitoring.divergence import DivergenceStop
 
 PROG = "lightning-tricks"
@@ -66,6 +73,15 @@ class TricksArgumentParser(LightningArgumentParser):
     against each type of a Union); those are left to it. Only the final report is shortened.
     ``--help`` is not an error and prints everything. ``LIGHTNING_TRICKS_DEBUG=1`` restores the full text.
     """
+
+    @override
+    def add_lightning_class_args(self, lightning_class: Any, nested_key: str, subclass_mode: bool = False,
+                                 required: bool = True) -> list[str]:
+        """``--model``/``--data`` take a subclass of either package's LightningModule/LightningDataModule."""
+        bases = {"model": lightning_module_types(load=True), "data": datamodule_types(load=True)}.get(nested_key)
+        if subclass_mode and bases and lightning_class in bases:
+            return self.add_subclass_arguments(bases, nested_key, fail_untyped=False, required=required)
+        return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> Any:
@@ -277,13 +293,37 @@ class TricksCLI(LightningCLI):
         if not _data_given(argv, self.config.get("subcommand")):
             node.data = None
 
+    def _use_the_models_package(self) -> None:
+        """A ``pytorch_lightning`` module trains in ``pytorch_lightning.Trainer`` (Lightning refuses to mix the two).
+
+        Lightning's own callbacks named in the config (``lightning.pytorch.callbacks.ModelCheckpoint``...) are built
+        as their ``pytorch_lightning`` twins with the same arguments, so that this Trainer recognizes them; our
+        callbacks serve either Trainer. A datamodule of the other package cannot be mixed: one line says so.
+        """
+        package = package_of(self.model)
+        if self.datamodule is not None and package_of(self.datamodule) not in (package, None):
+            _fail(f"--data: {type(self.datamodule).__name__} is a {package_of(self.datamodule)} LightningDataModule "
+                  f"and {type(self.model).__name__} a {package} LightningModule; Lightning runs one package per "
+                  f"Trainer: give a datamodule that imports {package} (or the model's own *_dataloader methods, "
+                  "--data null), or import one package in both.")
+        if package != LEGACY:
+            return
+        self.trainer_class = importlib.import_module(LEGACY).Trainer
+        init = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        trainer = init.get("trainer") or {}
+        specs = self._node().get("trainer", Namespace()).get("callbacks") or []
+        callbacks = trainer.get("callbacks")
+        if isinstance(callbacks, list) and isinstance(specs, list) and len(specs) == len(callbacks):
+            trainer["callbacks"] = [_legacy_twin(cb, spec) for cb, spec in zip(callbacks, specs, strict=True)]
+
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        self._use_the_models_package()
         node = self._node()
         trainer_node = node.get("trainer", Namespace())
         configured = self._configured_callbacks()
         plain_output = not sys.stdout.isatty() and trainer_node.get("enable_progress_bar") is None \
-            and not any(isinstance(c, ProgressBar) for c in configured)
+            and not any(isinstance(c, lightning_types("callbacks.ProgressBar")) for c in configured)
         if plain_output:
             kwargs.setdefault("enable_progress_bar", False)
         trainer = super().instantiate_trainer(**kwargs)
@@ -340,6 +380,22 @@ class TricksCLI(LightningCLI):
     @override
     def after_test(self) -> None:
         self._report("test_", "Test")
+
+
+def _legacy_twin(callback: Any, spec: Any) -> Any:
+    """Lightning's own ``lightning.pytorch`` callback rebuilt as its ``pytorch_lightning`` twin (same arguments)."""
+    module = type(callback).__module__
+    if not module.startswith("lightning.pytorch."):
+        return callback
+    twin = getattr(importlib.import_module(LEGACY + module[len("lightning.pytorch"):]), type(callback).__name__, None)
+    init_args = spec.get("init_args") if isinstance(spec, (Namespace, dict)) else None
+    try:
+        kwargs = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+        return twin(**kwargs)
+    except Exception as err:  # no twin, or arguments it does not take: say what to do
+        _fail(f"--trainer.callbacks: {type(callback).__name__} is lightning.pytorch's and the model a {LEGACY} "
+              f"module, and it could not be rebuilt as {LEGACY}'s ({type(err).__name__}: {err}); "
+              "leave it out or import lightning.pytorch in the model.")
 
 
 def _apply_recorded_tricks(cli: TricksCLI) -> None:

@@ -144,9 +144,10 @@ def overfit_step(config: dict[str, Any], folder: Path, num_batches: int, max_epo
 
 def _user_callbacks(cli: Any) -> list[Any]:
     """The config's own callbacks (init schemes etc.), without the ones Lightning adds by default."""
-    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+    from lightning_tricks.core.lightning_classes import lightning_types
 
-    return [c for c in cli.trainer.callbacks if not isinstance(c, (ProgressBar, ModelSummary))]
+    defaults = lightning_types("callbacks.ProgressBar") + lightning_types("callbacks.ModelSummary")
+    return [c for c in cli.trainer.callbacks if not isinstance(c, defaults)]
 
 
 def _copy(config: dict[str, Any]) -> dict[str, Any]:
