@@ -293,6 +293,12 @@ class TricksCLI(LightningCLI):
         if not _data_given(argv, self.config.get("subcommand")):
             node.data = None
 
+    @override
+    def before_instantiate_classes(self) -> None:
+        from lightning_tricks._lightning_internals import add_legacy_instantiators
+
+        add_legacy_instantiators(self)  # a pytorch_lightning module's checkpoint records its class too
+
     def _use_the_models_package(self) -> None:
         """A ``pytorch_lightning`` module trains in ``pytorch_lightning.Trainer`` (Lightning refuses to mix the two).
 
