@@ -60,14 +60,17 @@ def lightning_module_types(load: bool = False) -> tuple[type, ...]:
 
 
 def datamodule_types(load: bool = False) -> tuple[type, ...]:
+    """``LightningDataModule`` of both packages."""
     return lightning_types("LightningDataModule", load)
 
 
 def callback_types(load: bool = False) -> tuple[type, ...]:
+    """``Callback`` of both packages."""
     return lightning_types("Callback", load)
 
 
 def trainer_types(load: bool = False) -> tuple[type, ...]:
+    """``Trainer`` of both packages."""
     return lightning_types("Trainer", load)
 
 
@@ -83,6 +86,7 @@ def sharding_strategy_types() -> tuple[type, ...]:
 
 
 def is_lightning_module(obj: Any) -> bool:
+    """Whether ``obj`` is a LightningModule of either package."""
     return isinstance(obj, lightning_module_types())
 
 
