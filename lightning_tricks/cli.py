@@ -131,12 +131,13 @@ def quiet_lightning_noise() -> None:
     * torch's ``isinstance(treespec, LeafSpec)`` deprecation, raised from inside Lightning's
       ``utilities/_pytree.py`` (a Lightning matter, not the user's).
     """
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            module=r"lightning\.pytorch\.utilities\._pytree")
+                            module=r"(lightning\.pytorch|pytorch_lightning)\.utilities\._pytree")
 
 
 def _shadowed_callbacks() -> list[str]:
