@@ -102,6 +102,11 @@ def package_of(obj: Any) -> str | None:
     return None
 
 
+def trainer_class_for(obj: Any) -> type:
+    """The ``Trainer`` of ``obj``'s package (Lightning runs a module only in its own package's Trainer)."""
+    return importlib.import_module(package_of(obj) or "lightning.pytorch").Trainer
+
+
 def is_overridden(method_name: str, instance: Any) -> bool:
     """Lightning's ``is_overridden`` for a module, datamodule or callback of either package.
 
@@ -119,5 +124,5 @@ def is_overridden(method_name: str, instance: Any) -> bool:
 
 
 __all__ = ["LEGACY", "PACKAGES", "callback_types", "datamodule_types", "is_lightning_module", "is_overridden",
-           "lightning_module_types", "lightning_types", "package_of", "sharding_strategy_types", "trainer_types",
+           "lightning_module_types", "lightning_types", "package_of", "sharding_strategy_types", "trainer_class_for", "trainer_types",
            "weight_averaging_types"]
