@@ -186,3 +186,12 @@ def test_batch_transform_mixin_on_a_pytorch_lightning_module(tmp_path):
     trainer.fit(TupleLegacyNet())
     assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2
     assert mixup.state_dict()["batches_seen"] == 2
+
+
+def test_overfit_check_trains_a_pytorch_lightning_module_in_its_own_trainer(tmp_path):
+    from lightning_tricks.monitoring import overfit_check
+
+    report = overfit_check(LegacyNet(lr=0.1), datamodule=LegacyDigits(batch_size=32), num_batches=1, max_epochs=25,
+                           accelerator="cpu", default_root_dir=str(tmp_path))
+    assert report.num_samples == 32 and report.epochs == 25
+    assert report.final_loss < 0.5 * report.initial_loss and report.accuracy > 0.9  # babysit's step 2 works
