@@ -3,6 +3,7 @@
 Every public callback and mixin is re-exported here, so configs can say ``lightning_tricks.<Name>``.
 """
 
+from lightning_tricks import errors
 from lightning_tricks._model_probe import infer_num_classes
 from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
 from lightning_tricks.ensemble import (
@@ -127,6 +128,7 @@ __all__ = [
     "WeightPenalty",
     "__version__",
     "apply_recorded_tricks",
+    "errors",
     "fold_batch_norm",
     "infer_num_classes",
     "load_from_checkpoint",

@@ -17,15 +17,11 @@ import lightning
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.errors import UnverifiedLightningError  # noqa: F401  (re-exported)
 
 VERIFIED_LIGHTNING: tuple[str, ...] = ("2.6",)
 """Lightning minor versions these accesses were checked against (the test suite runs on them)."""
 ALLOW_ENV = "LIGHTNING_TRICKS_ALLOW_UNVERIFIED_LIGHTNING"
-
-
-class UnverifiedLightningError(ConfigError, RuntimeError):
-    """A feature that relies on Lightning's private state is used on a Lightning version it was not checked on."""
 
 
 def lightning_minor(version: str = lightning.__version__) -> str:

@@ -10,17 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-
-class ConfigError(Exception):
-    """A problem the user fixes in their arguments or files; the CLI prints it as one line, no traceback."""
-
-
-class InvalidArgumentError(ConfigError, ValueError):
-    """An argument outside its allowed values."""
-
-
-class DataNotFoundError(ConfigError, FileNotFoundError):
-    """A data folder or file that is not where the user said."""
+from lightning_tricks.errors import ConfigError, DataNotFoundError, InvalidArgumentError  # noqa: F401  (re-exported)
 
 
 def _fail(name: str, value: Any, allowed: str) -> InvalidArgumentError:

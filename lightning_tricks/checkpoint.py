@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_tricks.errors import UnknownTrickError  # noqa: F401  (re-exported)
 from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCallback
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
 from lightning_tricks.regularization.stochastic_depth import StochasticDepth
@@ -36,10 +37,6 @@ from lightning_tricks.setup.activation_swap import ActivationSwap
 from lightning_tricks.surgery import MARKER_PREFIX, is_marker, marker_values
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
-
-
-class UnknownTrickError(ValueError):
-    """A checkpoint records a trick that is not one of lightning_tricks' structural tricks."""
 
 
 def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:

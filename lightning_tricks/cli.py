@@ -39,7 +39,6 @@ from typing_extensions import override
 
 import lightning_tricks
 from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
-from lightning_tricks._validation import ConfigError
 from lightning_tricks.core.lightning_classes import (
     LEGACY,
     datamodule_types,
@@ -48,6 +47,7 @@ from lightning_tricks.core.lightning_classes import (
     lightning_types,
     package_of,
 )
+from lightning_tricks.errors import user_error_in
 from lightning_tricks.monitoring.divergence import DivergenceStop
 
 PROG = "lightning-tricks"
@@ -435,7 +435,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-tricks`` script (also ``python -m lightning_tricks``).
 
-    A ``ConfigError`` (a bad argument value, a missing data folder)
+    A ``lightning_tricks.errors`` error (a bad argument value, a missing data folder)
     is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
     """
     argv = sys.argv[1:] if args is None else list(args)
@@ -447,9 +447,7 @@ def main(args: list[str] | None = None) -> None:
         build_cli(args)
     except Exception as err:
         # jsonargparse wraps errors raised in __init__: look down the chain for ours
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__ or cause.__context__
+        cause = user_error_in(err)
         if cause is None or _debugging():
             raise
         _fail(str(cause))

@@ -45,15 +45,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.errors import ModelNotSupportedError  # noqa: F401  (re-exported)
 
 CanWrap = Callable[[nn.Module], "str | None"]
 """Returns ``None`` when a trick can convert the module, else the reason it cannot (shown to the user)."""
 Predicate = Callable[[str, nn.Module], bool]
-
-
-class ModelNotSupportedError(ConfigError, TypeError):
-    """The model has nothing a trick can act on, or a module the trick was asked to change cannot be changed."""
 
 
 def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:

@@ -34,15 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks._validation import ConfigError, DataNotFoundError, InvalidArgumentError, check_int
+from lightning_tricks._validation import DataNotFoundError, InvalidArgumentError, check_int
+from lightning_tricks.errors import WeightsMismatchError  # noqa: F401  (re-exported)
 from lightning_tricks.surgery import ModelNotSupportedError
 
 HEAD_TYPES = (nn.Linear, nn.Conv2d)
 _LAST_K = re.compile(r"^last:(\d+)$")
-
-
-class WeightsMismatchError(ConfigError, RuntimeError):
-    """A weights file whose keys or shapes do not fit the model's backbone."""
 
 
 def parse_train(name: str, value: Any) -> int | None:

@@ -34,15 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._validation import ConfigError, check_choice
+from lightning_tricks._validation import check_choice
+from lightning_tricks.errors import TaskNotSupportedError  # noqa: F401  (re-exported)
 
 TASK_KINDS = ("classification", "multilabel", "dense", "regression")
 """The values of every trick's ``task`` argument (``None`` lets the probe decide)."""
 OUTPUT_FORMS = ("logits", "log_probs", "probs", "values")
-
-
-class TaskNotSupportedError(ConfigError, TypeError):
-    """A trick was given a task (multi-label, dense, regression ...) it does not serve; the message says what to do."""
 
 
 @dataclass(frozen=True)

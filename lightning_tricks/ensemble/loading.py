@@ -29,19 +29,12 @@ from torch import nn
 from lightning_tricks._validation import ConfigError, DataNotFoundError, InvalidArgumentError, check_choice
 from lightning_tricks.checkpoint import apply_recorded_tricks, tricks_applied_on_load
 from lightning_tricks.core.lightning_classes import lightning_module_types
+from lightning_tricks.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
 
 ClassSpec = str | type[pl.LightningModule]
 
 # torch.save's legacy (pre-zip) format starts with a pickled magic number: PROTO n, LONG1 of 10 bytes
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot serve as an ensemble member: not a Lightning checkpoint, unknown class, bad weights."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint that ``torch.load(weights_only=True)`` refuses because it holds arbitrary Python objects."""
 
 
 def class_path(cls: type) -> str:

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from lightning_tricks._validation import (
-    ConfigError,
     InvalidArgumentError,
     check_choice,
     check_non_negative,
     check_range,
 )
 from lightning_tricks.distributed import all_reduce, is_distributed
+from lightning_tricks.errors import NothingToMonitorError  # noqa: F401  (re-exported)
 
 # Activation kinds and the modules that implement them. Classes are matched with isinstance, and also by
 # class name so that timm's own GELU/Sigmoid/Tanh/Swish classes are found.
@@ -66,10 +66,6 @@ UNIT_DIMS = ("auto", "channel", "last")
 _LAST_DIM_LAYERS = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 _CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
 _PRE_ACTIVATION_LAYERS = _LAST_DIM_LAYERS + _CHANNEL_LAYERS
-
-
-class NothingToMonitorError(ConfigError, ValueError):
-    """The model has no module the monitor can watch (raised at setup, with what was looked for)."""
 
 
 @dataclass(frozen=True)

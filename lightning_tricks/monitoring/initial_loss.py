@@ -39,11 +39,8 @@ from lightning_tricks._validation import (
 )
 from lightning_tricks.core.lightning_classes import trainer_class_for
 from lightning_tricks.distributed import all_reduce
+from lightning_tricks.errors import InitialLossError  # noqa: F401  (re-exported)
 from lightning_tricks.monitoring.dead_units import NothingToMonitorError
-
-
-class InitialLossError(RuntimeError):
-    """Raised by ``InitialLossCheck(fail=True)`` when the first loss is far from log(C)."""
 
 
 def expected_initial_loss(num_classes: int) -> float:

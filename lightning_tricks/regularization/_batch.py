@@ -25,8 +25,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
+from lightning_tricks._validation import InvalidArgumentError, check_int
 from lightning_tricks.core.lightning_classes import lightning_module_types
+from lightning_tricks.errors import BatchFormatError  # noqa: F401  (re-exported)
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
 """Dict keys tried, in order, for the images when ``input_key`` is not given."""
@@ -35,10 +36,6 @@ TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes")
 
 Key = str | int | None
 Slot = str | int | None  # a position, a dict key, or None for "the batch itself"
-
-
-class BatchFormatError(ConfigError, TypeError):
-    """The training batch does not have the shape a batch-transform callback needs; the message says how to fix it."""
 
 
 def check_key(name: str, value: Key) -> Key:

@@ -26,7 +26,6 @@ from torch import nn
 
 from lightning_tricks._model_probe import infer_num_classes
 from lightning_tricks._validation import (
-    ConfigError,
     InvalidArgumentError,
     check_choice,
     check_int,
@@ -35,6 +34,7 @@ from lightning_tricks._validation import (
     check_probability,
     check_range,
 )
+from lightning_tricks.errors import MixupTargetsUnusedError  # noqa: F401  (re-exported)
 from lightning_tricks.regularization._batch import (
     BatchFormatError,
     BatchTransformCallback,
@@ -280,10 +280,6 @@ def mixup(
     plan = sample_mix_plan(images.shape[0], image_size, alpha=alpha, cutmix_alpha=cutmix_alpha,  # type: ignore[arg-type]
                            switch_prob=switch_prob, p=p, mode=mode, generator=generator, device=images.device)
     return apply_mix(images, plan), mix_targets(targets, plan, num_classes, label_smoothing)
-
-
-class MixupTargetsUnusedError(ConfigError, RuntimeError):
-    """Mixup mixed the images, but the training step did not give its targets to a label loss it serves."""
 
 
 class _MixState:

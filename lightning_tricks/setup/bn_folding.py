@@ -32,16 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.errors import MissingExampleInputError  # noqa: F401  (re-exported)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLDABLE_LAYERS = (*_CONV, *_CONV_TRANSPOSE, nn.Linear)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d included
-
-
-class MissingExampleInputError(ConfigError, ValueError):
-    """:func:`fold_batch_norm` needs an input to trace, and the model has no ``example_input_array``."""
 
 
 @dataclass

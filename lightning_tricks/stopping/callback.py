@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_tricks._validation import ConfigError, InvalidArgumentError
 from lightning_tricks.core.lightning_classes import sharding_strategy_types, weight_averaging_types
 from lightning_tricks.distributed import broadcast_module
+from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
 from lightning_tricks.stopping.agreement import agree_across_ranks
 from lightning_tricks.stopping.rules import (
     LIGHTNING_REASON,
@@ -27,10 +28,6 @@ from lightning_tricks.stopping.snapshot import WeightSnapshot
 
 BEST_WEIGHTS_KEY = "early_stopping_best_weights"
 """Top-level checkpoint key holding ``{state_key: best weights}`` (kept out of the callback's small state)."""
-
-
-class MonitorNotFoundError(ConfigError, RuntimeError):
-    """The monitored key is not among the logged metrics (a ``RuntimeError``, as Lightning raises)."""
 
 
 class EarlyStopping(StoppingLogic, LightningEarlyStopping):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch import Tensor
 
@@ -30,6 +29,7 @@ from lightning_tricks._validation import (
     check_optional_int,
     check_optional_number,
 )
+from lightning_tricks.errors import StoppingArgumentError  # noqa: F401  (re-exported)
 
 MODES = ("min", "max")
 THRESHOLD_MODES = ("abs", "rel")
@@ -55,14 +55,6 @@ TRIGGER_OF_REASON = {
     EarlyStoppingReason.DIVERGENCE_THRESHOLD: "divergence_threshold",
     EarlyStoppingReason.PATIENCE_EXHAUSTED: "patience",
 }
-
-
-class StoppingArgumentError(InvalidArgumentError, MisconfigurationException):
-    """An invalid early-stopping argument.
-
-    Also a ``MisconfigurationException``, the type Lightning's ``EarlyStopping`` raises for a bad
-    ``mode``, so ``except`` clauses written for Lightning's callback keep working with ours.
-    """
 
 
 def resolve_mode(mode: str | None, monitor: str) -> str:

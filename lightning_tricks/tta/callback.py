@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
 from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_bool
+from lightning_tricks._validation import InvalidArgumentError, check_bool
+from lightning_tricks.errors import ForwardNotCalledError  # noqa: F401  (re-exported)
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
@@ -20,10 +21,6 @@ from lightning_tricks.tta.wrapper import _has_randomness, _no_stochastic_layers
 
 TTA_STAGES = ("validate", "test", "predict")
 _STAGE_IDS = {"validate": 0, "test": 1, "predict": 2}
-
-
-class ForwardNotCalledError(ConfigError, RuntimeError):
-    """The step of the evaluated stage called no model with its input, so TTA could not act."""
 
 
 class TestTimeAugmentation(Callback):

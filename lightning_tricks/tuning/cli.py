@@ -23,6 +23,7 @@ import yaml
 
 from lightning_tricks._monitor import infer_mode
 from lightning_tricks._validation import ConfigError
+from lightning_tricks.errors import user_error_in
 
 TUNE_DESCRIPTION = """Hyperparameter search on Optuna: random, coarse to fine. Takes the same config as `fit`
 plus a search space (--search FILE.yaml mapping config keys to distributions), runs --trials trials
@@ -207,9 +208,7 @@ def main(argv: Sequence[str]) -> None:
 
             code = babysit_main(rest)
     except Exception as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__ or cause.__context__
+        cause = user_error_in(err)
         if cause is None or os.environ.get("LIGHTNING_TRICKS_DEBUG"):
             raise
         print(f"lightning-tricks {command}: error: {cause}", file=sys.stderr)
