@@ -9,8 +9,6 @@ probabilities computed here, the frozen backbone against the checkpoint it was l
 
 from __future__ import annotations
 
-import logging
-
 import lightning.pytorch as lp
 import pytest
 import torch
@@ -34,12 +32,6 @@ from tests.pl_legacy_module import LegacyDigits, LegacyNet, digits_split  # noqa
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.accelerator=cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    for name in ("pytorch_lightning", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def legacy_trainer(tmp_path, **kwargs) -> ptl.Trainer:
