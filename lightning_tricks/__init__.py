@@ -56,6 +56,7 @@ from lightning_tricks.zoo import (
     CIFAR10DataModule,
     DigitsDataModule,
     ImageClassifier,
+    MNIST1DDataModule,
     SyntheticDataModule,
 )
 
@@ -112,6 +113,7 @@ __all__ = [
     "ImageClassifier",
     "InitialLossCheck",
     "LargeBatchScaling",
+    "MNIST1DDataModule",
     "Maxout",
     "MaxoutConv2d",
     "Mixup",

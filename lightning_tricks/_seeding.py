@@ -28,6 +28,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -59,22 +61,41 @@ def resolve_seed(seed: int | None, trainer: pl.Trainer | None = None) -> int:
     return value
 
 
+_EVAL_SCOPE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("lt_eval_scope", default=None)
+_scopes = itertools.count()
+
+
+def eval_scope() -> tuple[int, int] | None:
+    """``(seed, entry)`` of the innermost :func:`seeded_global_rng` block, ``None`` outside one.
+
+    The structural tricks' eval-time draws (test-time sampling of DropConnect, fractional pooling, stochastic
+    depth) restart from ``seed`` at each new ``entry``, as torch's global generators do, so a seeded block draws
+    the same whatever ran before it (a resumed run's validation equals the uninterrupted one's).
+    """
+    return _EVAL_SCOPE.get()
+
+
 @contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device | str) -> Iterator[None]:
     """Inside the block torch's global generators (CPU, and ``device``'s if CUDA) are seeded with ``seed``.
 
     For layers that cannot take a generator (``torch.nn`` dropout): their state is restored on exit, so
-    the draws inside leave the rest of the run's randomness untouched.
+    the draws inside leave the rest of the run's randomness untouched. The tricks' own eval-time streams
+    restart from ``seed`` inside the block too (:func:`eval_scope`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
+    token = _EVAL_SCOPE.set((int(seed), next(_scopes)))
+    try:
+        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        _EVAL_SCOPE.reset(token)
 
 
 class RandomStream:
@@ -153,4 +174,4 @@ class RandomStream:
         return state
 
 
-__all__ = ["RandomStream", "resolve_seed", "run_seed", "seeded_global_rng"]
+__all__ = ["RandomStream", "eval_scope", "resolve_seed", "run_seed", "seeded_global_rng"]

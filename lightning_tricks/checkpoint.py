@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_tricks._checkpoint_io import CheckpointError, check_fits, checkpoint_error
 from lightning_tricks.errors import UnknownTrickError  # noqa: F401  (re-exported)
 from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCallback
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
@@ -64,7 +66,7 @@ def recorded_tricks(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _pooling_records(markers: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
     pools: dict[tuple, list[str]] = {}
     for module, value in markers:
-        ratio, kernel, seed, _ = marker_values(value, "fiii")
+        ratio, kernel, seed, _ = marker_values(value, "fiui")
         pools.setdefault((ratio, kernel, seed), []).append(module)
     return [{"class_path": f"{FractionalMaxPooling.__module__}.FractionalMaxPooling",
              "init_args": {"output_ratio": ratio, "kernel_size": kernel, "seed": seed}, "modules": modules}
@@ -183,6 +185,55 @@ def apply_tricks_recorded_in(model: nn.Module, checkpoint_path: str | Path | Non
     return apply_recorded_tricks(model, checkpoint)
 
 
+_LIGHTNING_PATHS = ("best", "last", "hpc", "registry")
+
+
+def read_checkpoint_file(checkpoint_path: str | Path | None, what: str = "--ckpt_path") -> Mapping[str, Any] | None:
+    """The checkpoint at ``checkpoint_path`` (memory-mapped, ``weights_only``), or one :class:`CheckpointError` line
+    for a file that is empty, truncated, corrupt or not a Lightning checkpoint.
+
+    ``None`` for what is left to Lightning: its names (``"best"``, ``"last"``, URLs), a missing file (the CLI names
+    the checkpoints beside it), a file that needs more than ``weights_only`` loading.
+    """
+    path = str(checkpoint_path) if checkpoint_path is not None else None
+    if path is None or path in _LIGHTNING_PATHS or path.startswith("registry:") or "://" in path or not Path(
+            path).expanduser().exists():
+        return None
+    try:
+        content = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        translated = checkpoint_error(path, err, what)
+        if translated is None or (isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+                                  and "is not a PyTorch checkpoint" not in str(translated)):
+            return None  # Lightning decides how to load a file of Python objects
+        raise translated from None
+    if not isinstance(content, Mapping) or not isinstance(content.get("state_dict"), Mapping):
+        raise CheckpointError(f"{what} {path!r} is not a Lightning checkpoint (it has no 'state_dict'): pass a .ckpt "
+                              "file saved by a Trainer.")
+    return content
+
+
+def check_checkpoint_path(model: nn.Module, checkpoint_path: str | Path | None, what: str = "--ckpt_path") -> None:
+    """Before a ``fit``/``validate``/``test``/``predict`` from ``checkpoint_path``: one line, nothing run or written,
+    for a file that is empty, truncated, corrupt, not a Lightning checkpoint, or clearly of another model.
+
+    See :func:`read_checkpoint_file` for what is left to Lightning. Checkpoints that record structural tricks
+    (which may change the model's tensors) are only read, not compared.
+
+    Raises:
+        CheckpointError: what is wrong with the file, in one line.
+    """
+    content = read_checkpoint_file(checkpoint_path, what)
+    if content is None:
+        return
+    try:
+        if recorded_tricks(content):
+            return
+    except UnknownTrickError:
+        return  # Lightning's load reports the unknown marker
+    check_fits(str(checkpoint_path), model, content["state_dict"], what, ignore=is_marker)
+
+
 @contextlib.contextmanager
 def tricks_applied_on_load(cls: type[pl.LightningModule], apply: Callable[[nn.Module, dict[str, Any]], Any] | None = None
                            ) -> Iterator[list[nn.Module]]:
@@ -244,9 +295,15 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
         >>> import lightning_tricks
         >>> model = lightning_tricks.load_from_checkpoint(MyModule, "best.ckpt")  # doctest: +SKIP
     """
-    with tricks_applied_on_load(cls) as served:
-        model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
-                                         weights_only=weights_only, **kwargs)
+    try:
+        with tricks_applied_on_load(cls) as served:
+            model = cls.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
+                                             weights_only=weights_only, **kwargs)
+    except Exception as err:  # a missing, empty, truncated or corrupt file, or another model's: one line
+        translated = checkpoint_error(checkpoint_path, err)
+        if translated is None:
+            raise
+        raise translated from None
     if not any(m is model for m in served):
         # Built as a subclass (LightningCLI's instantiator) whose own hook skips ours: with recorded tricks only a
         # non-strict load gets here (markers are unexpected keys), so convert now and load the rest of the weights.
@@ -256,5 +313,5 @@ def load_from_checkpoint(cls: type[ModuleT], checkpoint_path: str | Path, *, wei
     return model
 
 
-__all__ = ["MARKER_DECODERS", "UnknownTrickError", "apply_recorded_tricks", "apply_tricks_recorded_in",
-           "load_from_checkpoint", "recorded_tricks", "tricks_applied_on_load"]
+__all__ = ["MARKER_DECODERS", "CheckpointError", "UnknownTrickError", "apply_recorded_tricks",
+           "apply_tricks_recorded_in", "check_checkpoint_path", "load_from_checkpoint", "read_checkpoint_file", "recorded_tricks", "tricks_applied_on_load"]

@@ -39,6 +39,7 @@ from typing_extensions import override
 
 import lightning_tricks
 from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
+from lightning_tricks._runtime_errors import explain_runtime_error
 from lightning_tricks.core.lightning_classes import (
     LEGACY,
     datamodule_types,
@@ -405,12 +406,20 @@ def _legacy_twin(callback: Any, spec: Any) -> Any:
               "leave it out or import lightning.pytorch in the model.")
 
 
+def _check_ckpt_path(cli: TricksCLI) -> None:
+    """``--ckpt_path``: a missing, empty, truncated or corrupt file, or another model's, is one line before anything
+    runs or is written (Lightning would fail later, with a traceback, after writing the run's config)."""
+    lightning_tricks.checkpoint.check_checkpoint_path(cli.model, cli.config_init[cli.subcommand].get("ckpt_path"))
+
+
 def _apply_recorded_tricks(cli: TricksCLI) -> None:
     """``validate/test/predict --ckpt_path``: re-apply the structural tricks the checkpoint records (e.g. fractional
     pooling) to the model before Lightning restores its weights, so it evaluates as it was trained."""
+    _check_ckpt_path(cli)
     lightning_tricks.checkpoint.apply_tricks_recorded_in(cli.model, cli.config_init[cli.subcommand].get("ckpt_path"))
 
 
+TricksCLI.before_fit = _check_ckpt_path  # type: ignore[method-assign]
 TricksCLI.before_validate = TricksCLI.before_test = TricksCLI.before_predict = _apply_recorded_tricks  # type: ignore[method-assign]
 
 
@@ -432,6 +441,16 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TricksCLI:
     )
 
 
+def _check_ckpt_file(argv: list[str]) -> None:
+    """``--ckpt_path FILE`` that is empty, truncated, corrupt or not a checkpoint: one line before LightningCLI reads
+    its hyperparameters (which it does first, failing with a traceback)."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else (
+            argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None)
+        if value is not None:
+            lightning_tricks.checkpoint.read_checkpoint_file(value)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-tricks`` script (also ``python -m lightning_tricks``).
 
@@ -444,13 +463,15 @@ def main(args: list[str] | None = None) -> None:
 
         tuning_main(argv)
     try:
+        _check_ckpt_file(argv)
         build_cli(args)
     except Exception as err:
         # jsonargparse wraps errors raised in __init__: look down the chain for ours
         cause = user_error_in(err)
-        if cause is None or _debugging():
+        known = explain_runtime_error(err) if cause is None else None
+        if (cause is None and known is None) or _debugging():
             raise
-        _fail(str(cause))
+        _fail(known or str(cause))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,6 +77,14 @@ class ForwardNotCalledError(ConfigError, RuntimeError):
     """The step of the evaluated stage called no model with its input, so test-time augmentation could not act."""
 
 
+class ForwardOnBatchError(ConfigError, RuntimeError):
+    """The model's forward could not run on the batch's input (a GAN's ``forward(z)``, a forward taking a dict ...)."""
+
+
+class LayoutError(ConfigError, ValueError):
+    """An input whose layout (images, sequences, flat features) cannot be told, or that the trick does not serve."""
+
+
 class MixupTargetsUnusedError(ConfigError, RuntimeError):
     """Mixup mixed the images, but the training step did not give its targets to a label loss it serves."""
 
@@ -138,8 +146,10 @@ __all__ = [
     "ConfigError",
     "DataNotFoundError",
     "ForwardNotCalledError",
+    "ForwardOnBatchError",
     "InitialLossError",
     "InvalidArgumentError",
+    "LayoutError",
     "LightningTricksError",
     "MissingExampleInputError",
     "MixupTargetsUnusedError",

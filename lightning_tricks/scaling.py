@@ -15,7 +15,9 @@ optimizer step through torch's optimizer step hooks (``register_step_pre_hook`` 
 runs unchanged on its own values, whatever it is (cosine, OneCycleLR, ReduceLROnPlateau,
 ``SnapshotEnsemble``'s cycles, ``Finetune``'s per-group rates), the checkpointed optimizer state holds
 the unscaled values, and a resumed run, even on another number of devices, recomputes \\(k\\) and
-continues the formula from ``trainer.global_step``.
+continues the formula from ``trainer.global_step``. Under manual optimization, where ``global_step`` counts
+every optimizer's steps (a GAN's generator and discriminator make two per batch), \\(t\\) counts each
+optimizer's own steps, so the warm-up lasts as long in batches as with one optimizer.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class LargeBatchScaling(Callback):
         self._trainer: pl.Trainer | None = None
         self._handles: list[Any] = []
         self._saved: list[list[float]] = []
+        self._own_steps: dict[int, int] | None = None  # manual optimization: steps taken by each optimizer
 
     @property
     def state_key(self) -> str:
@@ -153,6 +156,11 @@ class LargeBatchScaling(Callback):
         self.total_warmup_steps = self._warmup_length(trainer)
         self._trainer = trainer
         self._remove_hooks()
+        if pl_module.automatic_optimization:
+            self._own_steps = None
+        else:  # global_step counts every optimizer's steps; a resumed run took as many with each
+            start = trainer.global_step // max(1, len(trainer.optimizers))
+            self._own_steps = {id(optimizer): start for optimizer in trainer.optimizers}
         for optimizer in trainer.optimizers:
             self._handles += [optimizer.register_step_pre_hook(self._scale),
                               optimizer.register_step_post_hook(self._restore)]
@@ -165,9 +173,15 @@ class LargeBatchScaling(Callback):
         assert self.factor is not None and self.total_warmup_steps is not None, "called before on_train_start"
         return lr_multiplier(step, self.factor, self.total_warmup_steps)
 
-    def _scale(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _step_index(self, optimizer: torch.optim.Optimizer) -> int:
+        """``t``: ``trainer.global_step``, or under manual optimization the steps ``optimizer`` itself has taken."""
         assert self._trainer is not None
-        self.last_multiplier = self.multiplier(self._trainer.global_step)
+        if self._own_steps is None:
+            return self._trainer.global_step
+        return self._own_steps.setdefault(id(optimizer), self._trainer.global_step // max(1, len(self._own_steps)))
+
+    def _scale(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.last_multiplier = self.multiplier(self._step_index(optimizer))
         self._saved.append([group["lr"] for group in optimizer.param_groups])
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * self.last_multiplier
@@ -175,6 +189,8 @@ class LargeBatchScaling(Callback):
     def _restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group, lr in zip(optimizer.param_groups, self._saved.pop(), strict=True):
             group["lr"] = lr
+        if self._own_steps is not None:
+            self._own_steps[id(optimizer)] = self._step_index(optimizer) + 1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

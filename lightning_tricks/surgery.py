@@ -228,17 +228,29 @@ def _keep_missing_marker(module: nn.Module, state_dict: dict, prefix: str, *args
             state_dict[prefix + name] = buffer
 
 
+_U64 = 1 << 64
+
+
 def _encode(value: int | float) -> int:
     if isinstance(value, float):  # the float64 bit pattern: exact, and an integer buffer survives model.half()
         return int(torch.tensor(value, dtype=torch.float64).view(torch.int64))
-    return int(value)
+    value = int(value)
+    if not -(1 << 63) <= value < _U64:
+        raise ValueError(f"mark: {value} does not fit in 64 bits.")
+    # an unsigned 64-bit value (a run's seed, torch.initial_seed() of an unseeded run, is one half the time)
+    # is stored as its two's complement int64 code; marker_values(..., "u") reads it back
+    return value - _U64 if value >= 1 << 63 else value
 
 
 def marker_values(marker: torch.Tensor, kinds: str) -> list[int | float]:
-    """Decode a marker buffer written by :func:`mark`; ``kinds`` has ``f`` (float) or ``i`` (int) per value."""
+    """Decode a marker buffer written by :func:`mark`.
+
+    ``kinds`` has one letter per value: ``f`` (float), ``i`` (signed int) or ``u`` (unsigned 64-bit int, a seed).
+    """
     codes = marker.detach().cpu().to(torch.int64)
-    return [float(code.view(torch.float64)) if kind == "f" else int(code) for code, kind in zip(codes, kinds,
-                                                                                              strict=True)]
+    decode = {"f": lambda code: float(code.view(torch.float64)), "i": lambda code: int(code),
+              "u": lambda code: int(code) % _U64}
+    return [decode[kind](code) for code, kind in zip(codes, kinds, strict=True)]
 
 
 def mark(module: nn.Module, trick: str, values: Sequence[int | float]) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_tricks._checkpoint_io import checkpoint_error
 from lightning_tricks._validation import DataNotFoundError, InvalidArgumentError, check_int
 from lightning_tricks.errors import WeightsMismatchError  # noqa: F401  (re-exported)
 from lightning_tricks.surgery import ModelNotSupportedError
@@ -325,8 +326,16 @@ def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, t
     try:
         content = torch.load(file, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
+        translated = checkpoint_error(path, err, "`weights`")
+        if "Weights only load failed" not in str(err) or "not a PyTorch checkpoint" in str(translated):
+            raise translated or err from None  # a damaged file, not a pickle of objects
         raise WeightsMismatchError(f"`weights`={str(path)!r} holds Python objects beyond tensors ({str(err)[:120]}...);"
                                    " if you trust the file, set trust_checkpoints=True.") from None
+    except Exception as err:  # empty, truncated, corrupt: one line naming the file
+        translated = checkpoint_error(path, err, "`weights`")
+        if translated is None:
+            raise
+        raise translated from None
     for key in ("state_dict", "model", "module"):
         if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
             content = content[key]

@@ -5,6 +5,22 @@ import numpy as np
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _mnist1d_cache(tmp_path_factory):
+    """MNIST-1D is generated once per test session into a temporary cache, never into the user's cache folder."""
+    import os
+
+    folder = tmp_path_factory.mktemp("lightning-tricks-cache")
+    old = os.environ.get("LIGHTNING_TRICKS_CACHE")
+    os.environ["LIGHTNING_TRICKS_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("LIGHTNING_TRICKS_CACHE", None)
+    else:
+        os.environ["LIGHTNING_TRICKS_CACHE"] = old
+
+
 # tiny models: one intra-op thread is faster, and 2-process DDP tests do not oversubscribe the cores
 torch.set_num_threads(1)
 

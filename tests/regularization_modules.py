@@ -141,3 +141,53 @@ class Recorder(Callback):
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
         self.val.append(self._split(batch)[0].detach().clone())
+
+
+class SegModule(pl.LightningModule):
+    """A segmentation module as public projects write it: ``[B, C, H, W]`` logits, masks, per-pixel cross-entropy.
+
+    ``kind`` is the batch: ``"list"`` ``[images, masks]``, ``"tuple"``, or ``"dict"`` ``{"image", "mask"}``.
+    Every training batch the step receives is kept in ``seen`` (images, targets).
+    """
+
+    def __init__(self, classes: int = 3, channels: int = 2, loss: str = "ce") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Conv2d(channels, classes, 3, padding=1)
+        self.loss_kind = loss
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.losses: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch
+        self.seen.append((x.detach().clone(), y.detach().as_subclass(torch.Tensor).clone()))
+        logits = self(x)
+        if self.loss_kind == "bce":
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+        elif self.loss_kind == "nll":
+            loss = F.nll_loss(F.log_softmax(logits, dim=1), y)
+        else:
+            loss = F.cross_entropy(logits, y)
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: the losses of the same weights
+
+
+def seg_loader(n: int = 8, size: int = 8, classes: int = 3, kind: str = "list", batch_size: int = 4,
+               targets: torch.Tensor | None = None) -> DataLoader:
+    """Images whose channel 0 is ``mask + 1`` (so any geometric change shows in both), and their masks."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, classes, (n, size, size), generator=g) if targets is None else targets
+    base = masks if masks.ndim == 3 else masks[:, 0]
+    images = torch.stack((base.float() + 1, torch.randn(n, size, size, generator=g)), dim=1)
+    if kind == "dict":
+        items: Any = [{"image": images[i], "mask": masks[i]} for i in range(n)]
+        return DataLoader(items, batch_size=batch_size)
+    pairs = [(images[i], masks[i]) for i in range(n)]
+    collate = (lambda b: tuple(torch.stack(t) for t in zip(*b, strict=True))) if kind == "tuple" else None  # noqa: E731
+    return DataLoader(pairs, batch_size=batch_size, collate_fn=collate)

@@ -172,3 +172,77 @@ def test_ddp_ranks_draw_differently_and_share_the_pca_basis(tmp_path):
                       callbacks=[BatchAugment(padding=2, pca_std=0.1, seed=0), Recorder()])
     assert torch.equal(results[0]["basis"], results[1]["basis"])
     assert not torch.equal(results[0]["first"], results[1]["first"])  # same (all-ones) images, other draws
+
+
+# -- tasks (issue 20): dense targets move with their images --------------------------------------------------
+
+from lightning_tricks.core.task import TaskNotSupportedError  # noqa: E402
+from lightning_tricks.setup.augment import crop_flip_targets  # noqa: E402
+from tests.regularization_modules import SegModule, seg_loader  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_masks_get_the_crop_and_flip_of_their_images(tmp_path, kind, padding_mode):
+    module = SegModule()
+    cpu_trainer(tmp_path, max_epochs=2, callbacks=[BatchAugment(padding=2, flip=0.5, padding_mode=padding_mode,
+                                                                seed=3)]).fit(module, seg_loader(kind=kind))
+    images = torch.cat([x for x, _ in module.seen])
+    masks = torch.cat([y for _, y in module.seen])
+    label = images[:, 0] - 1  # channel 0 was mask + 1: wherever the image pixel came from, its label came too
+    expected = torch.where(images[:, 0] == 0, -100, label.round().long()) if padding_mode == "zeros" else label.long()
+    assert torch.equal(masks, expected)
+    assert (masks == -100).any() == (padding_mode == "zeros")  # crops brought in padding, labelled ignore
+    raw = torch.cat([y for _, y in seg_loader(kind="list")]).repeat(2, 1, 1)
+    assert not torch.equal(masks, raw)  # the masks did move
+
+
+def test_flip_only_masks_equal_torch_flip_and_other_targets_stay():
+    from lightning_tricks.setup.augment import sample_augment_params
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 4, (6, 5, 7), generator=g)
+    params = sample_augment_params(6, 1, padding=0, flip=0.5, generator=g)
+    moved = crop_flip_targets(masks, None, params.flip, 0)
+    reference = torch.stack([m.flip(-1) if f else m for m, f in zip(masks, params.flip.tolist(), strict=True)])
+    assert torch.equal(moved, reference) and params.flip.any() and not params.flip.all()
+
+
+def test_regression_maps_move_and_class_targets_stay(tmp_path):
+    maps = torch.randn(8, 1, 8, 8)  # float maps on the grid (depth): regression, moved too (0 in the padding)
+    module = SegModule(classes=1, loss="bce")
+    cpu_trainer(tmp_path, max_steps=2, callbacks=[BatchAugment(padding=1, flip=0.5, seed=0)]).fit(
+        module, seg_loader(targets=maps))
+    images = torch.cat([x for x, _ in module.seen])
+    moved = torch.cat([y for _, y in module.seen])
+    inside = images[:, 0] != 0
+    assert not torch.equal(moved, maps)
+    assert torch.equal(moved[:, 0][~inside], torch.zeros_like(moved[:, 0][~inside]))
+    # a permutation-free check: every moved pixel inside the image is one of the sample's own map values
+    assert all(torch.isin(moved[i, 0][inside[i]], maps[i]).all() for i in range(8))
+    aug = BatchAugment(padding=1, flip=1.0, seed=0)
+    labels = torch.tensor([0, 1, 2, 1])
+    batch = [torch.randn(4, 3, 8, 8), labels.clone()]
+    aug.randomness.setup()
+    out = aug.transform_batch(cpu_trainer(tmp_path), None, batch)
+    assert torch.equal(out[1], labels) and aug.task.kind == "classification"
+
+
+def test_dense_override_with_targets_off_the_grid_is_refused_in_one_line(tmp_path):
+    aug = BatchAugment(padding=1, task="dense")
+    aug.randomness.setup()
+    with pytest.raises(TaskNotSupportedError, match="task='dense' needs targets on the inputs' grid") as err:
+        aug.transform_batch(cpu_trainer(tmp_path), None, [torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])])
+    assert "\n" not in str(err.value)
+
+
+def test_a_mask_beside_a_label_moves_too(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 3, (4, 8, 8), generator=g)
+    images = torch.stack((masks.float() + 1, torch.randn(4, 8, 8, generator=g)), dim=1)
+    labels = torch.tensor([0, 1, 2, 1])
+    aug = BatchAugment(padding=2, flip=0.5, seed=0)
+    aug.randomness.setup()
+    out = aug.transform_batch(cpu_trainer(tmp_path), None, {"image": images, "label": labels, "mask": masks})
+    assert aug.task.kind == "classification" and torch.equal(out["label"], labels)
+    expected = torch.where(out["image"][:, 0] == 0, -100, (out["image"][:, 0] - 1).round().long())
+    assert torch.equal(out["mask"], expected) and not torch.equal(out["mask"], masks)

@@ -184,3 +184,19 @@ def test_ddp_masks_differ_across_ranks(tmp_path):
     for a, b in zip(results[0]["masks"], results[1]["masks"], strict=True):
         assert a.flatten(1).any(1).all() and b.flatten(1).any(1).all()
         assert not torch.equal(a, b)
+
+
+# -- tasks (issue 20): Cutout changes the images only ----------------------------------------------------
+
+def test_cutout_on_a_segmentation_batch_leaves_the_masks_and_fills_the_holes(tmp_path):
+    """The chosen contract (Albumentations' CoarseDropout and torchvision's RandomErasing do the same): a hole
+    hides the object, it does not remove it, so each pixel keeps its label and the model learns it from context."""
+    from tests.regularization_modules import SegModule, seg_loader
+
+    module = SegModule()
+    cpu_trainer(tmp_path, max_steps=2, callbacks=[Cutout(length=4, fill=0.0, seed=0)]).fit(module, seg_loader(kind="dict"))
+    raw = list(seg_loader())
+    for (x, y), (raw_x, raw_y) in zip(module.seen, raw, strict=True):
+        assert torch.equal(y, raw_y)
+        holes = (x != raw_x).any(dim=1)
+        assert holes.any() and torch.equal(x[:, 0][holes], torch.zeros(int(holes.sum())))

@@ -361,3 +361,140 @@ def test_mixin_on_the_datamodule(tmp_path):
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Mixup(), recorder])
     trainer.fit(ListModule(), datamodule=MixinData(n=16, batch_size=8, kind="tuple", ones=False))
     assert recorder.batch_types == [tuple, tuple] and len(recorder.plans) == 2
+
+
+# -- tasks (issue 20): masks, multi-hot rows, regression -------------------------------------------------------
+
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from lightning_tricks.core.task import TaskNotSupportedError  # noqa: E402
+from lightning_tricks.regularization._mix_tasks import mix_masks  # noqa: E402
+from tests.regularization_modules import SegModule, seg_loader  # noqa: E402
+
+
+class _States(Callback):
+    """Keeps the mixed labels' state of every batch (put it after Mixup)."""
+
+    def __init__(self) -> None:
+        self.states = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        y = batch["mask"] if isinstance(batch, dict) else batch[1]
+        self.states.append(y._mix_state if isinstance(y, MixedLabels) else None)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_mixup_on_masks_mixes_the_per_pixel_loss(tmp_path, mode):
+    module, states = SegModule(), _States()
+    raw = torch.cat([y for _, y in seg_loader()])
+    cpu_trainer(tmp_path, max_steps=2, callbacks=[Mixup(alpha=1.0, mode=mode, seed=0), states]).fit(module, seg_loader())
+    for step, state in enumerate(states.states):
+        x, own = module.seen[step]
+        y = raw[4 * step:4 * step + 4]
+        assert torch.equal(own, y)  # no box: each sample keeps its own mask (pixel accuracy stays meaningful)
+        with torch.no_grad():
+            logits = module(x)
+        lam = state.plan.lam
+        reference = sum(lam[i] * F.cross_entropy(logits[i:i + 1], y[i:i + 1]) * 64
+                        + (1 - lam[i]) * F.cross_entropy(logits[i:i + 1], y[state.plan.perm[i]][None]) * 64
+                        for i in range(4)) / (4 * 64)
+        torch.testing.assert_close(module.losses[step], reference)
+        assert mode == "sample" or torch.unique(lam).numel() == 1
+
+
+def test_mixed_mask_loss_keeps_the_users_weight_and_ignore_index():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    masks = torch.randint(0, 4, (3, 5, 5), generator=g)
+    masks[0, :2] = -100  # ignored pixels in one sample: the two masks have different denominators
+    plan = MixPlan(perm=torch.tensor([2, 0, 1]), lam=torch.full((3,), 0.3))
+    own, partner, weight = mix_masks(masks, plan)
+    mixed = MixedLabels.wrap(own, _MixState(plan, 0.0, None, "Mixup", check_labels=False, partner=partner,
+                                            weight=weight))
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    for fn, inputs in ((F.cross_entropy, logits), (F.nll_loss, logits.log_softmax(1))):
+        for reduction in ("mean", "sum"):
+            got = fn(inputs, mixed, weight=w, reduction=reduction)
+            reference = (0.3 * fn(inputs, masks, weight=w, reduction=reduction)
+                         + 0.7 * fn(inputs, masks[plan.perm], weight=w, reduction=reduction))
+            torch.testing.assert_close(got, reference)
+    torch.testing.assert_close(nn.CrossEntropyLoss(label_smoothing=0.1)(logits, mixed),
+                               0.3 * F.cross_entropy(logits, masks, label_smoothing=0.1)
+                               + 0.7 * F.cross_entropy(logits, masks[plan.perm], label_smoothing=0.1))
+
+
+def test_cutmix_on_masks_pastes_the_mask_box_with_the_image_box(tmp_path):
+    module, states = SegModule(), _States()
+    callback = Mixup(cutmix_alpha=1.0, switch_prob=1.0, mode="sample", seed=1)
+    cpu_trainer(tmp_path, max_steps=2, callbacks=[callback, states]).fit(module, seg_loader(kind="dict"))
+    images = torch.cat([x for x, _ in module.seen])
+    masks = torch.cat([y for _, y in module.seen])
+    # the images' channel 0 is mask + 1: wherever a pixel came from, its label must have come with it
+    assert torch.equal(masks, (images[:, 0] - 1).round().long())
+    raw = torch.cat([y for _, y in seg_loader()])
+    assert not torch.equal(masks, raw) and callback.task.kind == "dense"
+    for step, state in enumerate(states.states):  # CutMix samples' labels are exact: weight 1, plain CE
+        boxes = state.plan.boxes
+        has_box = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        assert has_box.any() and torch.equal(state.weight[has_box], torch.ones(int(has_box.sum())))
+        with torch.no_grad():
+            expected = F.cross_entropy(module(module.seen[step][0]), module.seen[step][1])
+        torch.testing.assert_close(module.losses[step], expected)
+
+
+def test_mixup_mixes_multi_hot_rows_into_soft_bce_targets(tmp_path):
+    class MultiLabel(ListModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.soft = getattr(self, "soft", []) + [y.clone()]
+            return F.binary_cross_entropy_with_logits(self(x)[:, :3], y)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), (torch.rand(8, 3, generator=g) > 0.5).float()
+    y[0] = torch.tensor([1.0, 1.0, 0.0])  # a row with two labels: multi-hot, not one-hot
+    loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8)
+    module = MultiLabel(in_channels=3, classes=4)
+    callback = Mixup(alpha=0.4, label_smoothing=0.2, seed=0)
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, loader)
+    assert callback.task.kind == "multilabel"
+    from lightning_tricks.distributed import derive_seed
+    g2 = torch.Generator().manual_seed(derive_seed(0, 0, 0))  # the callback's first batch's stream
+    plan = sample_mix_plan(8, None, alpha=0.4, generator=g2)
+    smooth = y * 0.8 + 0.1  # toward 1/2 per label, not 1/K
+    reference = plan.lam[:, None] * smooth + (1 - plan.lam[:, None]) * smooth[plan.perm]
+    torch.testing.assert_close(module.soft[0], reference)
+
+
+def test_mixup_refuses_regression_and_soft_masks_in_one_line(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(list(zip(torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, generator=g),
+                                                  strict=True)), batch_size=4)
+    for callback, data, match in ((Mixup(), loader, "Mixup serves classification, multilabel, dense models, not a "
+                                                    "regression model"),
+                                  (Mixup(targets="soft"), seg_loader(), "cannot turn masks into class maps"),
+                                  (Mixup(label_smoothing=0.1), seg_loader(), "pass label_smoothing to F.cross_entropy")):
+        with pytest.raises(TaskNotSupportedError, match=match) as err:
+            cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(SegModule(), data)
+        assert "\n" not in str(err.value)
+
+
+def test_mixup_on_sequence_labels_mixes_the_loss_and_cutmix_is_refused(tmp_path):
+    """[B, C, L] inputs with per-position labels [B, L] (MNIST-1D style): Mixup needs no grid, CutMix does."""
+    class SeqModule(SegModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Conv1d(2, 3, 3, padding=1)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 2, 10, generator=g), torch.randint(0, 3, (4, 10), generator=g)
+    loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=4)
+    module, states = SeqModule(), _States()
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[Mixup(alpha=1.0, seed=0), states]).fit(module, loader)
+    state = states.states[0]
+    with torch.no_grad():
+        logits = module(module.seen[0][0])
+    lam = state.plan.lam[0]
+    reference = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[state.plan.perm])
+    torch.testing.assert_close(module.losses[0], reference)
+    with pytest.raises(TaskNotSupportedError, match="CutMix pastes boxes on a 2-D grid"):
+        cpu_trainer(tmp_path, max_steps=1, callbacks=[Mixup(cutmix_alpha=1.0)]).fit(SeqModule(), loader)

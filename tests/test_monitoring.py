@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import DeadUnitMonitor, InitialLossCheck, UpdateRatioMonitor, overfit_check
 from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.task import TaskNotSupportedError
 from lightning_tricks.monitoring import (
     DeadUnitTracker,
     InitialLossError,
@@ -152,7 +153,7 @@ def test_tracker_equals_brute_force_on_linear_model_over_an_epoch_of_training(th
     recorder = Recorder({"1": model[1], "3": model[3]})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = toy_data(96, classes=3)
-    with DeadUnitTracker(model, threshold=threshold) as tracker:
+    with DeadUnitTracker(model, activations=["relu", "leaky_relu"], threshold=threshold) as tracker:
         for xb, yb in zip(x.split(16), y.split(16), strict=True):  # training: weights change between batches
             optimizer.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
@@ -553,6 +554,74 @@ def test_initial_loss_finds_the_classes_whatever_the_step_calls_or_needs_num_cla
     check = InitialLossCheck(num_classes=4)
     cpu_trainer(tmp_path, callbacks=[check]).fit(Functional(), loader(x, y))
     assert check.expected == pytest.approx(math.log(4)) and check.observed is not None
+
+
+class _TaskModule(pl.LightningModule):
+    """One module for the task cases of issue 20: a per-pixel 1x1 conv (dense), or a linear head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.net = nn.Conv2d(3, 2, 1) if kind == "dense" else nn.Linear(6, 5 if kind != "binary" else 1)
+        with torch.no_grad():  # outputs near zero: the expected initial loss exactly
+            for p in self.net.parameters():
+                p.mul_(1e-3)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def loss(self, batch):
+        x, y = batch
+        out = self(x)
+        if self.kind in ("dense", "classification"):
+            return F.cross_entropy(out, y)
+        if self.kind == "regression":
+            return F.mse_loss(out, y)
+        return F.binary_cross_entropy_with_logits(out, y)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _task_data(kind: str) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    if kind == "dense":  # 8x8 images, 2 classes: the old check took the width (8) for C
+        return loader(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 2, (16, 8, 8), generator=g))
+    x = torch.randn(16, 6, generator=g)
+    targets = {"multilabel": (torch.rand(16, 5, generator=g) > 0.5).float(),
+               "binary": (torch.rand(16, 1, generator=g) > 0.5).float(),
+               "classification": torch.randint(0, 5, (16,), generator=g),
+               "regression": torch.randn(16, 5, generator=g)}
+    return loader(x, targets[kind])
+
+
+@pytest.mark.parametrize("kind,expected", [("dense", math.log(2)), ("multilabel", math.log(2)),
+                                           ("binary", math.log(2)), ("classification", math.log(5))])
+def test_initial_loss_expects_log_c_of_the_class_dimension_and_log_2_for_sigmoid_losses(tmp_path, kind, expected):
+    module, data = _TaskModule(kind), _task_data(kind)
+    with torch.no_grad():
+        first = float(module.loss(next(iter(data))))
+    check = InitialLossCheck(fail=True)
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[check]).fit(module, data)
+    assert check.expected == pytest.approx(expected) and check.observed == pytest.approx(first, rel=1e-6)
+    assert check.passed and abs(first - expected) < 0.01
+    assert check.task.kind == {"binary": "multilabel"}.get(kind, kind)
+
+
+def test_initial_loss_refuses_regression_in_one_line(tmp_path):
+    with pytest.raises(TaskNotSupportedError, match="InitialLossCheck serves .* not a regression model.*remove") as err:
+        cpu_trainer(tmp_path, max_steps=1, callbacks=[InitialLossCheck()]).fit(_TaskModule("regression"),
+                                                                               _task_data("regression"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(TaskNotSupportedError, match="not a regression model"):
+        InitialLossCheck(task="regression")
+    check = InitialLossCheck(task="multilabel")  # the override wins over the float targets
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[check]).fit(_TaskModule("regression"), _task_data("regression"))
+    assert check.expected == pytest.approx(math.log(2))
 
 
 def test_overfit_check_reaches_full_accuracy_and_leaves_the_model_alone(tmp_path):

@@ -625,3 +625,221 @@ def test_resume_under_another_run_seed_validates_as_the_uninterrupted_run(tmp_pa
     fit(1, run_seed=1, save=tmp_path / "one.ckpt")
     assert fit(2, run_seed=2, ckpt_path=str(tmp_path / "one.ckpt")) == straight
     assert fit(2, run_seed=2) != straight  # the run's seed moves the draws: the resumed run used the saved one
+
+
+# -- tasks: multi-label, softmax outputs, dense maps (issue 20) ------------------------------------------
+
+from lightning_tricks.core.task import TaskNotSupportedError  # noqa: E402
+
+
+def test_multilabel_merge_is_the_mean_of_sigmoid_probabilities_per_label():
+    logits = torch.randn(4, 3, 6, dtype=torch.float64) * 3
+    merged = merge_predictions(logits, "mean", "multilabel")
+    torch.testing.assert_close(merged.sigmoid(), logits.sigmoid().mean(0))  # a softmax across labels is wrong
+    torch.testing.assert_close(merge_predictions(logits, "gmean", "multilabel"), logits.mean(0))
+    p = logits.sigmoid()
+    top = p.amax(0) / (p.amax(0) + (1 - p).amax(0))  # the per-class max of the two-class distribution, renormalized
+    torch.testing.assert_close(merge_predictions(logits, "max", "multilabel").sigmoid(), top)
+    votes = (p > 0.5).double().sum(0)
+    torch.testing.assert_close(merge_predictions(logits, "vote", "multilabel").sigmoid(), (votes + p.mean(0)) / 5)
+    from lightning_tricks.core.task import Task
+    probs = merge_predictions(p, "mean", Task("multilabel", "probs", 6, sigmoid=True))
+    torch.testing.assert_close(probs, p.mean(0))
+
+
+def test_softmax_and_log_softmax_outputs_keep_their_form():
+    from lightning_tricks.core.task import Task
+    logits = torch.randn(3, 4, 5, dtype=torch.float64)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(merge_predictions(p, "mean", Task("classification", "probs", 5)), p.mean(0))
+    torch.testing.assert_close(merge_predictions(logits.log_softmax(-1), "mean", Task("classification", "log_probs", 5)),
+                               p.mean(0).log())
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.Softmax(dim=1)).double().eval()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out = TTAWrapper(model, views=["hflip"])(x)  # task read from the output: softmax probabilities
+        reference = (model(x) + model(x.flip(-1))) / 2
+    torch.testing.assert_close(out, reference)
+
+
+class _ML(pl.LightningModule):
+    """A public-project style multi-label module: BCE-with-logits on multi-hot targets, sigmoid > 0.5 accuracy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 6))
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.outputs.append(logits)
+        self.log("test_loss", F.binary_cross_entropy_with_logits(logits, y))
+        self.log("test_acc", ((logits.sigmoid() > 0.5).float() == y).float().mean())
+
+
+def test_callback_on_a_multilabel_module_averages_sigmoids(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 1, 8, 8, generator=g), (torch.rand(12, 6, generator=g) > 0.6).float()
+    model = _ML().eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    cpu_trainer(tmp_path, callbacks=[TTACallback(views=["hflip", "vflip"])]).test(model, loader, verbose=False)
+    merged = torch.cat(model.outputs)
+    with torch.no_grad():
+        views = [model.net(v) for v in (x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2))]
+    reference = torch.stack(views).sigmoid().mean(0)
+    torch.testing.assert_close(merged.sigmoid(), reference, rtol=0, atol=1e-6)
+    # the wrapper sees no targets: it must be told; left to infer, it takes (B, C) for single-label
+    with torch.no_grad():
+        told = TTAWrapper(model.net, views=["hflip", "vflip"], task="multilabel")(x)
+    torch.testing.assert_close(told.sigmoid(), reference, rtol=0, atol=1e-6)
+
+
+def _pixel_model(classes: int = 3, dtype=torch.float64) -> nn.Module:
+    """A fully convolutional per-pixel classifier whose output depends on position (not flip/shift equivariant)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, classes, 3, padding=1)).to(dtype).eval()
+
+
+def test_dense_flip_views_are_flipped_back_before_averaging():
+    model = _pixel_model()
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["hflip", "vflip"])(x)
+        p = [model(x), model(x.flip(-1)).flip(-1), model(x.flip(-2)).flip(-2), model(x.flip(-1).flip(-2)).flip(-1).flip(-2)]
+    reference = torch.stack([o.softmax(1) for o in p]).mean(0)
+    torch.testing.assert_close(merged.exp(), reference, rtol=0, atol=1e-12)
+    wrong = torch.stack([model(v).softmax(1) for v in (x, x.flip(-1))]).mean(0)  # the old, unflipped average
+    assert not torch.allclose(TTAWrapper(model, views=["hflip"])(x).exp(), wrong)
+
+
+def test_dense_translate_views_are_moved_back_and_each_pixel_averages_the_views_that_saw_it():
+    model = _pixel_model()
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    config = TTAConfig(views=["translate"], translate=1)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["translate"], translate=1)(x)
+        outs = {v.shift: model(apply_view(x, v, config)).softmax(1) for v in config.expanded}
+    reference = torch.zeros(1, 3, 5, 6, dtype=torch.float64)
+    for i in range(5):
+        for j in range(6):
+            seen = [o[0, :, i + dy, j + dx] for (dy, dx), o in outs.items() if 0 <= i + dy < 5 and 0 <= j + dx < 6]
+            reference[0, :, i, j] = torch.stack(seen).mean(0)
+    torch.testing.assert_close(merged.exp(), reference, rtol=0, atol=1e-12)
+
+
+def test_dense_five_crops_are_pasted_back_with_coverage_weights():
+    model = _pixel_model()
+    x = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    c = 5
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["five_crop"], crop_size=c)(x)
+        corners = {(0, 0): None, (0, 8 - c): None, (7 - c, 0): None, (7 - c, 8 - c): None,
+                   (int(round((7 - c) / 2)), int(round((8 - c) / 2))): None}
+        for top, left in corners:
+            corners[(top, left)] = model(x[..., top:top + c, left:left + c]).softmax(1)
+    reference = torch.zeros(2, 3, 7, 8, dtype=torch.float64)
+    for i in range(7):
+        for j in range(8):
+            seen = [o[:, :, i - t, j - s] for (t, s), o in corners.items() if t <= i < t + c and s <= j < s + c]
+            reference[:, :, i, j] = torch.stack(seen).mean(0)
+    torch.testing.assert_close(merged.exp(), reference, rtol=0, atol=1e-12)
+
+
+def test_dense_scales_are_resized_back():
+    model = _pixel_model()
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["identity"], scales=[6, 8, 12])(x)
+        outs = [F.interpolate(model(TF.resize(x, [s], antialias=True)), size=(8, 8), mode="bilinear",
+                              align_corners=False).softmax(1) for s in (6, 8, 12)]
+    torch.testing.assert_close(merged.exp(), torch.stack(outs).mean(0), rtol=0, atol=1e-12)
+
+
+def test_regression_maps_are_flipped_back_too():
+    torch.manual_seed(0)
+    model = nn.Conv2d(2, 1, 3, padding=1).double().eval()  # a [B, 1, H, W] map: regression (depth, denoising)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["hflip"], task="regression")(x)
+        reference = (model(x) + model(x.flip(-1)).flip(-1)) / 2
+    torch.testing.assert_close(merged, reference, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"views": ["center_crop"], "crop_size": 4}, "center crop: the border outside it gets no prediction"),
+    ({"views": ["five_crop"], "crop_size": 3}, "leave parts of the \\(8, 8\\) input without a prediction"),
+    ({"views": ["translate"], "scales": [8, 10]}, "not from both"),
+])
+def test_dense_views_that_cannot_be_mapped_back_are_refused_in_one_line(kwargs, match):
+    model = _pixel_model()
+    with pytest.raises(TaskNotSupportedError, match=match) as err:
+        TTAWrapper(model, **kwargs)(torch.randn(1, 2, 8, 8, dtype=torch.float64))
+    assert "\n" not in str(err.value)
+    if "five_crop" not in kwargs["views"]:  # told the task, the config is refused at once
+        with pytest.raises(TaskNotSupportedError, match=match):
+            TTAConfig(task="dense", **kwargs)
+
+
+def test_dense_outputs_at_another_resolution_serve_flips_and_refuse_shifts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1)).double().eval()  # a stride-2 map: 4x4 for 8x8
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["hflip"], task="dense")(x)
+        reference = (model(x).softmax(1) + model(x.flip(-1)).flip(-1).softmax(1)) / 2
+    torch.testing.assert_close(merged.exp(), reference, rtol=0, atol=1e-12)
+    with pytest.raises(TaskNotSupportedError, match="use flip views only"):
+        TTAWrapper(model, views=["translate"], task="dense")(x)
+
+
+class _Seg(pl.LightningModule):
+    """A segmentation module as public projects write it: masks [B, H, W], per-pixel cross-entropy and accuracy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _pixel_model(3, torch.float32)
+        self.outputs: list[torch.Tensor] = []
+
+    def test_step(self, batch, batch_idx):
+        logits = self.model(batch["image"])
+        self.outputs.append(logits)
+        self.log("test_loss", F.cross_entropy(logits, batch["mask"]))
+
+
+def test_callback_on_a_segmentation_module_flips_the_maps_back(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(6, 2, 8, 8, generator=g), torch.randint(0, 3, (6, 8, 8), generator=g)
+    loader = DataLoader([{"image": x[i], "mask": m[i]} for i in range(6)], batch_size=3)
+    module = _Seg()
+    tta = TTACallback(views=["hflip"])
+    cpu_trainer(tmp_path, callbacks=[tta]).test(module, loader, verbose=False)
+    assert tta.task.kind == "dense" and tta.task.num_classes == 3
+    with torch.no_grad():
+        reference = (module.model(x).softmax(1) + module.model(x.flip(-1)).flip(-1).softmax(1)) / 2
+    torch.testing.assert_close(torch.cat(module.outputs).exp(), reference, rtol=0, atol=1e-6)
+
+
+def test_an_inferred_regression_model_refuses_class_merges_in_one_line():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1)).double().eval()  # one output, no targets: regression
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(TaskNotSupportedError, match="merge='vote' needs class scores.*use merge='mean'"):
+        TTAWrapper(model, views=["hflip"], merge="vote")(x)
+    with torch.no_grad():
+        torch.testing.assert_close(TTAWrapper(model, views=["hflip"])(x), (model(x) + model(x.flip(-1))) / 2)
+
+
+def test_single_logit_binary_model_averages_sigmoids():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1)).double().eval()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        merged = TTAWrapper(model, views=["hflip"], task="multilabel")(x)
+        reference = (model(x).sigmoid() + model(x.flip(-1)).sigmoid()) / 2
+    assert merged.shape == (5, 1)
+    torch.testing.assert_close(merged.sigmoid(), reference)

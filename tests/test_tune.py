@@ -9,10 +9,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from sqlalchemy.exc import OperationalError
 
 from lightning_tricks.tuning.cli import main, tune_main
 from tests.helpers import REPO
@@ -211,7 +211,7 @@ def test_killed_study_completes_with_exactly_the_requested_trials(tmp_path):
         if (run_dir / "study.db").exists():
             try:
                 states = _states(_study(run_dir))
-            except (KeyError, OperationalError):  # the file exists before the study (and its tables) are in it
+            except (KeyError, sqlalchemy.exc.OperationalError):  # the file exists before the study is in it
                 continue
             if states.get("COMPLETE", 0) >= 2 and states.get("RUNNING", 0) == 1:
                 break

@@ -133,6 +133,9 @@ def infer_task(output: Any, targets: Any = None, kind: str | None = None) -> Tas
         'regression'
     """
     check_task_kind("task", kind)
+    binary = _binary_output(output, targets, kind)
+    if binary is not None:
+        return binary
     if not isinstance(output, Tensor) or not output.is_floating_point() or output.ndim < 2 or output.shape[1] < 2:
         if kind not in (None, "regression"):
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
@@ -152,6 +155,26 @@ def infer_task(output: Any, targets: Any = None, kind: str | None = None) -> Tas
     sigmoid = kind == "multilabel" or (kind == "dense" and isinstance(targets, Tensor)
                                        and targets.shape == output.shape and targets.is_floating_point())
     return Task(kind, _output_form(output, sigmoid), int(output.shape[1]), spatial, sigmoid)
+
+
+def _binary_output(output: Any, targets: Any, kind: str | None) -> Task | None:
+    """A single-logit binary model (``[B]``/``[B, 1]`` scores, or a ``[B, 1, *spatial]`` map) with 0/1 targets.
+
+    It is a one-label multi-label model (a one-class map for dense outputs): BCE-with-logits, sigmoid
+    probabilities. Without targets (or with other targets) such an output is a regression output.
+    """
+    if kind not in (None, "multilabel", "dense") or not isinstance(output, Tensor) or not output.is_floating_point():
+        return None
+    if output.ndim == 0 or (output.ndim >= 2 and output.shape[1] != 1):
+        return None
+    if kind is None and not (isinstance(targets, Tensor) and targets.numel() == output.numel() and targets.numel()
+                             and _is_binary(targets)):
+        return None
+    spatial = max(output.ndim - 2, 0)
+    if kind == "dense" and not spatial or kind == "multilabel" and spatial:
+        return None  # refused below with the usual message
+    return Task("dense" if spatial else "multilabel", _output_form(output.reshape(output.shape[0], 1, -1), True), 1,
+                spatial, True)
 
 
 def _kind_from_targets(output: Tensor, targets: Any) -> str:
@@ -174,6 +197,65 @@ def _kind_from_targets(output: Tensor, targets: Any) -> str:
     if targets.is_floating_point():
         return "regression"
     return "classification"
+
+
+def aligned_with_inputs(targets: Any, inputs: Any) -> bool:
+    """Whether ``targets`` is a map on the inputs' grid: ``[B, *spatial]`` or ``[B, C, *spatial]`` for inputs
+    ``[B, C, *spatial]`` (the trailing dimensions agree; ``[B, H, W]`` inputs count ``W`` as their grid)."""
+    if not isinstance(targets, Tensor) or not isinstance(inputs, Tensor) or inputs.ndim < 3 or targets.ndim < 2:
+        return False
+    spatial = inputs.ndim - 2
+    return (targets.shape[0] == inputs.shape[0] and targets.ndim - 1 >= spatial
+            and tuple(targets.shape[-spatial:]) == tuple(inputs.shape[-spatial:]) and targets.ndim <= inputs.ndim)
+
+
+def infer_target_task(targets: Any, inputs: Any = None, kind: str | None = None) -> Task:
+    """The task read from a batch's targets alone (and its inputs): what a batch trick sees before the forward.
+
+    The batch-side half of :func:`infer_task`, for tricks that change training batches (Mixup, BatchAugment):
+    ``[B]`` class indices are classification; ``[B, C]`` rows summing to 1 are classification, 0/1 rows
+    multi-label, other floats regression; a map on the inputs' grid (:func:`aligned_with_inputs`) is dense
+    (integer masks ``[B, *spatial]``, 0/1 float maps ``[B, C, *spatial]``) or regression (other float maps).
+    The output's form is unknown here (``logits``).
+
+    Examples:
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> infer_target_task(torch.randint(0, 4, (2, 8, 8)), images).kind
+        'dense'
+        >>> infer_target_task(torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]), images).kind
+        'multilabel'
+        >>> infer_target_task(torch.tensor([3, 1]), images).kind
+        'classification'
+    """
+    check_task_kind("task", kind)
+    if not isinstance(targets, Tensor) or targets.ndim == 0:
+        if kind is not None:
+            return Task(kind, "logits" if kind != "regression" else "values")
+        raise TaskNotSupportedError(f"the targets ({type(targets).__name__}) are not a tensor with a row per sample; "
+                                    "pass `task` or yield (inputs, targets) tensors.")
+    aligned = aligned_with_inputs(targets, inputs)
+    floating = targets.is_floating_point()
+    if kind is None:
+        if aligned and (not floating or targets.ndim == inputs.ndim):
+            kind = "dense" if not floating or _is_binary(targets) else "regression"
+        elif targets.ndim == 1:
+            kind = "regression" if floating and not _is_binary(targets) else "classification"
+        elif targets.ndim == 2:
+            kind = _kind_from_targets(targets.float(), targets)
+        else:
+            kind = "regression"
+    if kind == "regression":
+        return Task("regression", "values")
+    if kind == "dense":
+        if not aligned:
+            raise TaskNotSupportedError(f"task='dense' needs targets on the inputs' grid ([B, *spatial] masks or "
+                                        f"[B, C, *spatial] maps), got {tuple(targets.shape)} for inputs "
+                                        f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else None}.")
+        channels = floating and targets.ndim == inputs.ndim
+        return Task("dense", "logits", int(targets.shape[1]) if channels else None,
+                    targets.ndim - (2 if channels else 1), sigmoid=floating)
+    classes = int(targets.shape[1]) if targets.ndim == 2 else None
+    return Task(kind, "logits", classes, 0, sigmoid=kind == "multilabel")
 
 
 def require_task(owner: str, task: Task, supported: Collection[str], fix: str) -> None:
@@ -202,5 +284,5 @@ def require_task(owner: str, task: Task, supported: Collection[str], fix: str) -
     raise TaskNotSupportedError(f"{owner} serves {served} models, not {task.describe()}; {fix}".rstrip("; "))
 
 
-__all__ = ["OUTPUT_FORMS", "TASK_KINDS", "Task", "TaskNotSupportedError", "check_task_kind", "infer_task",
-           "require_task"]
+__all__ = ["OUTPUT_FORMS", "TASK_KINDS", "Task", "TaskNotSupportedError", "aligned_with_inputs", "check_task_kind",
+           "infer_target_task", "infer_task", "require_task"]

@@ -10,7 +10,30 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.errors import ForwardOnBatchError
+
+
+@contextmanager
+def forward_on_batch_input(owner: str, model: nn.Module, inputs: torch.Tensor, fix: str) -> Iterator[None]:
+    """Turn a failure of ``model(inputs)`` inside the block into a one-line :class:`ForwardOnBatchError`.
+
+    LSUV and the activation statistics run the model's own forward on the training batch's input. A
+    model whose forward takes something else (a GAN's generator ``forward(z)``) fails deep inside torch
+    with a message about matrix shapes; this says what was tried and what to do (``fix``).
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else ""
+        shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ForwardOnBatchError(
+            f"{owner} runs {type(model).__name__}'s forward on the training batch's input (shape {shape}) and it "
+            f"failed ({type(err).__name__}: {first[:200]}): the forward takes something else (a GAN's forward(z)?); "
+            f"{fix}") from err
 
 
 @contextmanager
@@ -54,8 +77,9 @@ def _find_tensor(batch: Any) -> torch.Tensor | None:
 def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
     """The model input of a batch: the batch itself, ``batch[batch_key]``, or its first tensor.
 
-    Without ``batch_key``, a list/tuple gives its first tensor (``x`` of ``(x, y)``) and a dict its
-    first tensor value, searched depth-first.
+    Without ``batch_key``, a list/tuple gives its first tensor (``x`` of ``(x, y)``) and a dict the value
+    of its first usual input key (``image``, ``x``, ``input``, ... as the batch tricks look for them), else
+    its first tensor value, searched depth-first.
 
     Raises:
         InvalidArgumentError: ``batch_key`` not in the batch, or no tensor found.
@@ -69,11 +93,16 @@ def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise InvalidArgumentError(f"`batch_key`={batch_key!r} selects a {type(value).__name__}, not a tensor.")
         return value
-    found = _find_tensor(batch)
+    found = None
+    if isinstance(batch, Mapping):  # a dict's input is under a usual input key ("image", "x", ...) when it has one
+        from lightning_tricks.regularization._batch import IMAGE_KEYS  # here: that package imports this one
+
+        found = next((batch[k] for k in IMAGE_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+    found = _find_tensor(batch) if found is None else found
     if found is None:
         raise InvalidArgumentError(f"the training batch ({type(batch).__name__}) holds no tensor: set `batch_key` to the "
                                    "key or index of the model input.")
     return found
 
 
-__all__ = ["batch_input", "measurement_mode"]
+__all__ = ["ForwardOnBatchError", "batch_input", "forward_on_batch_input", "measurement_mode"]

@@ -16,9 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tricks._lightning_internals import fit_train_dataloader
 from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
 from lightning_tricks.distributed import broadcast_module
-from lightning_tricks.init._measure import batch_input
+from lightning_tricks.init._measure import batch_input, forward_on_batch_input
 from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
 from lightning_tricks.init.statistics import (
@@ -193,10 +193,13 @@ class WeightInit(Callback):
         device = trainer.strategy.root_device
         home = next(pl_module.parameters()).device
         pl_module.to(device)
+        x = torch.cat(inputs).to(device)
+        fix = "pass `batch_key` to pick the model input from the batch, or use a fixed scheme (scheme='kaiming_normal')."
         try:
-            return lsuv(pl_module, torch.cat(inputs).to(device), tol=self.tol, max_iters=self.max_iters, bias=None,
-                        layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-                        orthogonal_init=False)
+            with forward_on_batch_input("WeightInit(scheme='lsuv')", pl_module, x, fix):
+                return lsuv(pl_module, x, tol=self.tol, max_iters=self.max_iters, bias=None,
+                            layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+                            orthogonal_init=False)
         finally:
             pl_module.to(home)
 
@@ -283,15 +286,22 @@ class ActivationStatistics(Callback):
                              batch_idx: int) -> None:
         if self._inputs is None:
             self._inputs = batch_input(batch, self.batch_key)[: self.max_samples].detach().clone()
-            self._measure(trainer, pl_module)
+            if self._inputs.is_floating_point() and not bool(torch.isfinite(self._inputs).all()):
+                raise ConfigError("ActivationStatistics: the first training batch has NaN or infinite inputs, so no "
+                                  "activation statistics can be measured: clean the data (e.g. torch.nan_to_num).")
+            if not self.__dict__.pop("_resumed_without_inputs", False):  # a resumed run measured at its start
+                self._measure(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._inputs is not None and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._measure(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stats = activation_statistics(pl_module, self._inputs, layer_types=self.layer_types, include=self.include,
-                                      exclude=self.exclude, bins=self.bins)
+        self._inputs = self._inputs.to(pl_module.device)  # a resumed run's come from the checkpoint, on the CPU
+        fix = "pass `batch_key` to pick the model input from the batch, or remove ActivationStatistics for this model."
+        with forward_on_batch_input("ActivationStatistics", pl_module, self._inputs, fix):
+            stats = activation_statistics(pl_module, self._inputs, layer_types=self.layer_types,
+                                          include=self.include, exclude=self.exclude, bins=self.bins)
         epoch, step = trainer.current_epoch, trainer.global_step
         self.history.append((epoch, step, stats))
         metrics = {f"activations/{s.name}/{key}": value for s in stats
@@ -308,6 +318,23 @@ class ActivationStatistics(Callback):
         # trainer.log_dir is a collective under DDP: resolve it here, where every rank calls it
         self._folder = Path(self.figure_dir) if self.figure_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "activation_statistics"
+
+    # the fixed probe batch travels in the checkpoint (up to this size), so a resumed run measures the same inputs
+    _STATE_BYTES = 16 * 2**20
+
+    def state_dict(self) -> dict[str, Any]:
+        inputs = self._inputs
+        if inputs is None or inputs.numel() * inputs.element_size() > self._STATE_BYTES:
+            return {"measured": inputs is not None}
+        return {"measured": True, "inputs": inputs.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inputs = state_dict.get("inputs")
+        self._inputs = inputs.clone() if isinstance(inputs, torch.Tensor) else None
+        if state_dict.get("measured") and self._inputs is None:
+            rank_zero_info(f"ActivationStatistics: the checkpoint's probe batch was over {self._STATE_BYTES >> 20} MiB "
+                           "and not saved; the resumed run measures its first batch from now on.")
+            self._resumed_without_inputs = True
 
     def figure_path(self, epoch: int, step: int) -> Path:
         """Where the figure of a measurement at ``epoch``/``step`` is written (known from ``setup`` on)."""

@@ -118,6 +118,9 @@ def lsuv(
         [('0', True), ('2', True)]
     """
     check_lsuv_arguments(tol, max_iters)
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise InvalidArgumentError("LSUV: the input batch has NaN or infinite values, so no output variance can be "
+                                   "measured: clean the data (e.g. torch.nan_to_num) or drop those samples.")
     try:
         layers = select_modules(module, layer_types, include, exclude)
     except InvalidArgumentError as err:

@@ -400,8 +400,9 @@ def _known_residual_norms() -> list[tuple[type, str]]:
     torchvision and timm are only looked at when already imported: a model built by them has imported them.
     """
     from lightning_tricks.zoo.backbones import BasicBlock
+    from lightning_tricks.zoo.sequence import BasicBlock1d
 
-    known: list[tuple[type, str]] = [(BasicBlock, "bn2")]
+    known: list[tuple[type, str]] = [(BasicBlock, "bn2"), (BasicBlock1d, "bn2")]
     if "torchvision.models.resnet" in sys.modules:
         tv = sys.modules["torchvision.models.resnet"]
         known += [(tv.BasicBlock, "bn2"), (tv.Bottleneck, "bn3")]
@@ -413,6 +414,7 @@ def _known_residual_norms() -> list[tuple[type, str]]:
 
 KNOWN_RESIDUAL_BLOCKS = (
     "lightning_tricks.zoo.BasicBlock.bn2",
+    "lightning_tricks.zoo.BasicBlock1d.bn2",
     "torchvision.models.resnet.BasicBlock.bn2",
     "torchvision.models.resnet.Bottleneck.bn3",
     "timm.models.resnet.BasicBlock.bn2",

@@ -52,7 +52,7 @@ class DeadUnitMonitor(Callback):
 
     Args:
         activations: activation kinds to find: ``relu``, ``relu6``, ``leaky_relu``, ``prelu``, ``rrelu``,
-            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, leaky_relu, sigmoid, tanh.
+            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, sigmoid, tanh (a Leaky ReLU unit cannot die: opt-in).
             ``[]`` watches only ``layers``.
         layers: names or ``fnmatch`` patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
             functional activation (pre-activation mode).
@@ -110,6 +110,7 @@ class DeadUnitMonitor(Callback):
         self.last_report: dict[str, DeadUnitReport] = {}
         self.heatmap_paths: list[Path] = []
         self._train_epoch_closed = False
+        self._open_epoch: dict[str, Any] | None = None
         self._warned: dict[str, bool] = {}
         self._plot_folder: Path | None = None
 
@@ -182,8 +183,17 @@ class DeadUnitMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if "train" in self.trackers:
-            self.trackers["train"].new_pass()
+        tracker = self.trackers.get("train")
+        if tracker is None:
+            return
+        if not tracker.enabled and not self._train_epoch_closed:
+            # resumed in the middle of an epoch: Lightning skips on_train_epoch_start; continue the saved tally
+            tracker.reset()
+            if self._open_epoch is not None:
+                tracker.load_state_dict(self._open_epoch)
+            tracker.enabled = True
+        self._open_epoch = None
+        tracker.new_pass()
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,11 +324,17 @@ class DeadUnitMonitor(Callback):
     # -- checkpoint --------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        state: dict[str, Any] = {"history": self.history}
+        if "train" in self.trackers and not self._train_epoch_closed:
+            # saved mid-epoch: the units seen so far this epoch, so a resumed run reports the whole epoch.
+            # Under DDP this is rank 0's tally (the checkpoint's); the other ranks' part of it is not kept.
+            state["train_epoch"] = self.trackers["train"].state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {"train": [], "validation": [], **state_dict.get("history", {})}
+        self._open_epoch = state_dict.get("train_epoch")
 
 
 __all__ = ["STAGES", "DeadUnitMonitor"]

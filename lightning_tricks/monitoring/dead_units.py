@@ -58,8 +58,10 @@ ACTIVATION_TYPES: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] 
 SATURATING = frozenset({"sigmoid", "tanh"})
 """Kinds checked for saturation instead of death."""
 
-DEFAULT_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "sigmoid", "tanh")
-"""Monitored unless ``activations`` says otherwise (GELU/SiLU/ELU are opt-in: they are never exactly zero)."""
+DEFAULT_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh")
+"""Monitored unless ``activations`` says otherwise. Leaky ReLU, PReLU, GELU, SiLU and ELU are opt-in: a unit whose
+outputs are all negative still passes a gradient (slope 0.01 or 0.2 for Leaky ReLU), so it cannot die; counting it
+would report a GAN's healthy Leaky ReLU discriminator as dead."""
 
 UNIT_DIMS = ("auto", "channel", "last")
 
@@ -401,6 +403,22 @@ class DeadUnitTracker:
         self._fired.clear()
         self._saturated.clear()
         self._positions.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was seen since the last :meth:`reset` (CPU tensors): a run resumed mid-epoch continues the tally."""
+        return {"site_module": dict(self._site_module), "site_kind": dict(self._site_kind),
+                "fired": {k: v.cpu() for k, v in self._fired.items()},
+                "saturated": {k: v.cpu() for k, v in self._saturated.items()}, "positions": dict(self._positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the tally of :meth:`state_dict` (the tensors go to the model's device)."""
+        self.reset()
+        device = next(self.model.parameters(), torch.empty(0)).device
+        self._site_module.update(state.get("site_module", {}))
+        self._site_kind.update(state.get("site_kind", {}))
+        self._fired.update({k: v.to(device) for k, v in state.get("fired", {}).items()})
+        self._saturated.update({k: v.to(device) for k, v in state.get("saturated", {}).items()})
+        self._positions.update(state.get("positions", {}))
 
     def _make_hook(self, watched: WatchedModule) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:

@@ -38,9 +38,15 @@ from lightning_tricks._validation import (
     check_probability,
 )
 from lightning_tricks.core.lightning_classes import trainer_class_for
+from lightning_tricks.core.task import Task, check_task_kind, infer_task, require_task
 from lightning_tricks.distributed import all_reduce
 from lightning_tricks.errors import InitialLossError  # noqa: F401  (re-exported)
 from lightning_tricks.monitoring.dead_units import NothingToMonitorError
+from lightning_tricks.regularization._batch import find_targets
+
+_SERVED = ("classification", "multilabel", "dense")
+_REGRESSION_FIX = ("a regression loss has no expected initial value (log C is for class scores); remove "
+                   "InitialLossCheck, or pass task= if the model is a classifier.")
 
 
 def expected_initial_loss(num_classes: int) -> float:
@@ -62,6 +68,13 @@ def _logits(output: Any) -> Tensor | None:
     return output if isinstance(output, Tensor) and output.ndim >= 2 else None
 
 
+def _scores(output: Any) -> Tensor | None:
+    """The model's scores for the task probe: like :func:`_logits`, also a single-logit ``[B]`` output."""
+    if isinstance(output, Tensor) and output.ndim == 1 and output.is_floating_point():
+        return output
+    return _logits(output)
+
+
 def _loss(outputs: Any) -> Tensor | None:
     if isinstance(outputs, dict):
         outputs = outputs.get("loss")
@@ -74,29 +87,46 @@ class InitialLossCheck(Callback):
     The loss is the one your ``training_step`` returned for the first batch (Lightning passes it to
     ``on_train_batch_end``); it was computed before the first optimizer step, so it is the loss of the
     initial weights, in training mode, and costs nothing extra. Under DDP it is averaged over ranks
-    and every rank takes the same decision. ``C`` is ``num_classes`` when given, else found by
-    :func:`~lightning_tricks.infer_num_classes`: the datamodule's ``num_classes``, else the width of the
-    logits, else the model's last ``nn.Linear``. The logits are those of the outermost module the first
+    and every rank takes the same decision. The logits are those of the outermost module the first
     step calls with the batch's input (hooks for that one step, see
     :class:`~lightning_tricks._model_probe.InputModuleProbe`), so ``self(x)``, ``self.forward(x)`` and
     ``self.model(x)`` in ``training_step`` all work. The check is skipped when fit resumes from a
     checkpoint past step 0.
 
-    It is off when ``|loss - log C| > tolerance * log C``; the warning gives both numbers. The check
-    assumes a softmax cross-entropy averaged over the batch; a regularization term added to the loss
-    raises it (switch it off for this check, as the lectures say).
+    What the loss should be depends on the task, read once from those logits and the batch's targets
+    (:func:`~lightning_tricks.core.task.infer_task`, or ``task``):
+
+    * classification (``[B, C]`` scores, class-index or probability targets): ``log C``;
+    * dense (``[B, C, *spatial]`` maps, masks ``[B, *spatial]``): ``log C`` with ``C`` the class
+      dimension (dim 1), for a per-pixel cross-entropy averaged over pixels;
+    * multi-label (``[B, C]`` scores, multi-hot targets; also a single-logit binary model and 0/1 float
+      maps): ``log 2``, the binary cross-entropy of ``p = 0.5`` averaged over labels (BCE-with-logits'
+      default ``mean``; a loss summed over labels starts at ``C log 2``);
+    * regression: refused in one line (there is no expected value).
+
+    ``C`` is ``num_classes`` when given, else found by :func:`~lightning_tricks.infer_num_classes`: the
+    datamodule's ``num_classes``, else the size of the logits' class dimension, else the model's last
+    ``nn.Linear``.
+
+    It is off when ``|loss - expected| > tolerance * expected``; the warning gives both numbers. The check
+    assumes a loss averaged over the batch; a regularization term added to the loss raises it (switch it
+    off for this check, as the lectures say).
 
     Args:
         num_classes: C; None infers it (datamodule, logits, last ``nn.Linear``).
         tolerance: allowed relative deviation from ``log C``; > 0.
         fail: raise :class:`InitialLossError` instead of warning.
+        task: ``classification``, ``multilabel``, ``dense``, ``regression`` (refused) or None (default):
+            read from the first step's logits and targets.
 
     Attributes:
         observed: the first loss (mean over ranks), or None before the check.
         expected: ``log C``, or None before the check.
         passed: whether the loss was within the tolerance, or None before the check.
+        task: the task the check read (or was given), or None before the check.
 
     Raises:
+        TaskNotSupportedError: a regression model (``task="regression"`` at construction, else after the first step).
         InvalidArgumentError: an argument out of range; after the first step, no number of classes found
             (or the datamodule's disagrees with the logits).
 
@@ -108,10 +138,16 @@ class InitialLossCheck(Callback):
         (2.31, 2.302585092994046)
     """
 
-    def __init__(self, num_classes: int | None = None, tolerance: float = 0.25, fail: bool = False) -> None:
+    def __init__(self, num_classes: int | None = None, tolerance: float = 0.25, fail: bool = False,
+                 task: str | None = None) -> None:
         check_optional_int("num_classes", num_classes, 2)
         check_positive("tolerance", tolerance)
         self.num_classes, self.tolerance, self.fail = num_classes, tolerance, fail
+        self.task_kind = check_task_kind("task", task)
+        if task == "regression":
+            require_task("InitialLossCheck", Task("regression", "values"), _SERVED, _REGRESSION_FIX)
+        self.task: Task | None = None
+        self._targets: Any = None
         self.observed: float | None = None
         self.expected: float | None = None
         self.passed: bool | None = None
@@ -128,8 +164,9 @@ class InitialLossCheck(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._pending and self.num_classes is None and self._probe is None:
-            self._probe = InputModuleProbe(pl_module, batch, accept=lambda output: _logits(output) is not None)
+        if self._pending and self._probe is None:
+            self._targets = find_targets(batch)
+            self._probe = InputModuleProbe(pl_module, batch, accept=lambda output: _scores(output) is not None)
             self._probe.__enter__()
 
     def _remove_hook(self) -> FoundModule | None:
@@ -154,9 +191,18 @@ class InitialLossCheck(Callback):
                 f"({type(outputs).__name__}): return the loss tensor (or a dict with a 'loss' tensor), which "
                 "automatic optimization needs anyway and manual optimization allows."
             )
+        scores = _scores(found.output) if found is not None else None
+        targets, self._targets = self._targets, None
+        if scores is not None:
+            self.task = infer_task(scores, targets, self.task_kind)
+        else:  # no model call seen: what the user said, else a classifier (the last nn.Linear gives C)
+            self.task = Task(self.task_kind or "classification", "logits", sigmoid=self.task_kind == "multilabel")
+        require_task("InitialLossCheck", self.task, _SERVED, _REGRESSION_FIX)
         num_classes = self.num_classes
-        if num_classes is None:
-            logits = _logits(found.output) if found is not None else None
+        if self.task.sigmoid:
+            num_classes = 2  # each label is a two-class problem: BCE of p = 1/2
+        elif num_classes is None:
+            logits = scores.movedim(1, -1) if scores is not None and scores.ndim >= 2 else None  # classes last
             num_classes = infer_num_classes(trainer, pl_module, "InitialLossCheck", logits=logits)
         if num_classes is None or num_classes < 2:
             raise NothingToMonitorError(f"InitialLossCheck found {num_classes} class(es): the check needs a "
@@ -170,8 +216,10 @@ class InitialLossCheck(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({"initial_loss/observed": observed, "initial_loss/expected": self.expected}, step=0)
+        what = ("a per-label sigmoid (binary cross-entropy, mean over labels)" if self.task.sigmoid else
+                f"a {num_classes}-class softmax" + (" per position" if self.task.kind == "dense" else ""))
         message = (f"InitialLossCheck: the first training loss is {observed:.4f}, expected about log({num_classes}) = "
-                   f"{self.expected:.4f} for a {num_classes}-class softmax at initialization")
+                   f"{self.expected:.4f} for {what} at initialization")
         if self.passed:
             rank_zero_info(f"{message}: ok (within {self.tolerance:.0%}).")
             return

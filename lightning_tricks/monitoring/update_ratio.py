@@ -109,7 +109,9 @@ class UpdateRatioMonitor(Callback):
 
     Args:
         every_n_steps: measure the steps whose index (``trainer.global_step`` before the step) is a multiple
-            of this; >= 1.
+            of this; >= 1. With manual optimization, ``global_step`` counts every optimizer's steps (a GAN's
+            two optimizers make two per batch): a training batch whose optimizer steps include such an index
+            is measured as a whole, every optimizer's update, and recorded at the batch's first step.
         warn_below: warn when the median ratio is below this; > 0.
         warn_above: warn when it is above this; > ``warn_below``.
         log_per_tensor: log one metric per parameter tensor besides the median.
@@ -156,6 +158,7 @@ class UpdateRatioMonitor(Callback):
         self._params: list[Tensor] = []
         self._before: list[Tensor] = []
         self._step: int | None = None
+        self._batch_measured: bool | None = None
         self._zone = "inside"
         self._hist_values: dict[str, Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -169,13 +172,22 @@ class UpdateRatioMonitor(Callback):
     def _measured(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 
+    def _batch_is_measured(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether the optimizer steps this batch will take include a measured index.
+
+        Automatic optimization takes one step per batch (or per accumulated batches); manual optimization
+        takes, as a rule, one step per optimizer, each advancing ``global_step``.
+        """
+        steps = 1 if pl_module.automatic_optimization else max(1, len(trainer.optimizers))
+        return any(self._measured(trainer.global_step + k) for k in range(steps))
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         if self.histograms:
             try:
                 self._activation_modules = [(w.name, w.module) for w in
-                                            find_watched_modules(pl_module, DEFAULT_ACTIVATIONS)]
+                                            find_watched_modules(pl_module, (*DEFAULT_ACTIVATIONS, "leaky_relu"))]
             except NothingToMonitorError:
                 self._activation_modules = []  # weights and gradients only
             if trainer.is_global_zero and not self._histogram_loggers(trainer):
@@ -191,7 +203,8 @@ class UpdateRatioMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
-        if self.histograms and self._measured(step) and not self._hooks and f"step{step}" not in self._hist_values:
+        self._batch_measured = self._batch_is_measured(trainer, pl_module)
+        if self.histograms and self._batch_measured and not self._hooks and f"step{step}" not in self._hist_values:
             self._hist_values[f"step{step}"] = torch.empty(0)  # marks the step: one micro-batch only
             for name, module in self._activation_modules:
                 self._hooks.append(module.register_forward_hook(self._activation_hook(name)))
@@ -208,9 +221,10 @@ class UpdateRatioMonitor(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
-        if not self._measured(step):
+        if not (self._measured(step) if self._batch_measured is None else self._batch_measured):
             return
-        self._step = step
+        if self._step is None:  # the batch's first measured optimizer step; later ones join its measurement
+            self._step = step
         seen = {id(p) for p in self._params}
         params = [p for group in optimizer.param_groups for p in group["params"]
                   if p.requires_grad and id(p) not in seen]
@@ -283,7 +297,7 @@ class UpdateRatioMonitor(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._params, self._before, self._step = [], [], None
+        self._params, self._before, self._step, self._batch_measured = [], [], None, None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -31,7 +31,7 @@ from lightning_tricks.errors import BatchFormatError  # noqa: F401  (re-exported
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
 """Dict keys tried, in order, for the images when ``input_key`` is not given."""
-TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes")
+TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes", "mask", "masks")
 """Dict keys tried, in order, for the targets when ``target_key`` is not given."""
 
 Key = str | int | None
@@ -117,6 +117,15 @@ def find_slot(batch: Any, key: Key, role: str, owner: str, after: Slot = None) -
                                "set `target_key` to their position.")
     raise BatchFormatError(f"{owner} cannot read {role} from {_describe(batch)}: expected a tensor, a list, a tuple "
                            "or a dict.")
+
+
+def find_targets(batch: Any, target_key: Key = None) -> Any:
+    """The batch's targets where it has them (:func:`find_slot`'s rules), else None: for tricks that only read them."""
+    try:
+        images = find_slot(batch, None, "images", "lightning-tricks")
+        return get_item(batch, find_slot(batch, target_key, "targets", "lightning-tricks", after=images))
+    except BatchFormatError:
+        return None
 
 
 def get_item(batch: Any, slot: Slot) -> Any:

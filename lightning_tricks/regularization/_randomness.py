@@ -4,7 +4,9 @@ In training, a draw is keyed by ``(seed, [rank], step, layer)``: the same step a
 same numbers, so a block recomputed under activation checkpointing sees the same mask, the draws of one
 layer do not depend on the order layers run in, and a run resumed at step ``s`` continues exactly. The
 step is set by the trick's callback once per training batch. Without a callback (``step`` is ``None``,
-plain torch use) and in eval mode (test-time sampling), draws come from a free-running generator.
+plain torch use) and in eval mode (test-time sampling), draws come from a free-running generator, which
+restarts from the block's seed inside a seeded block (:func:`~lightning_tricks._seeding.eval_scope`: test-time
+augmentation's stochastic passes), so those draws do not depend on what ran before.
 The seed, the rank and the keys follow the package's one seed rule, :class:`~lightning_tricks._seeding.RandomStream`.
 """
 
@@ -14,7 +16,8 @@ from typing import Any
 
 import torch
 
-from lightning_tricks._seeding import RandomStream
+from lightning_tricks._seeding import RandomStream, eval_scope
+from lightning_tricks.distributed import derive_seed
 
 _EVAL_STREAM = 0x5EED_E7A1  # keeps eval-time draws apart from the training keys
 
@@ -36,6 +39,7 @@ class LayerRandomness(RandomStream):
         super().__init__(seed, shared=not per_rank)
         self.step: int | None = None
         self._free: dict[torch.device, torch.Generator] = {}
+        self._free_scope: tuple[int, int] | None = None
 
     @property
     def per_rank(self) -> bool:
@@ -46,10 +50,14 @@ class LayerRandomness(RandomStream):
         device = torch.device(device)
         if training and self.step is not None:
             return self.seeded(device, self.step, layer)
+        scope = eval_scope()
+        if scope != self._free_scope:  # entered or left a seeded block (test-time augmentation's passes)
+            self._free.clear()
+            self._free_scope = scope
         gen = self._free.get(device)
         if gen is None:
             gen = self._free[device] = torch.Generator(device=device)
-            gen.manual_seed(self.key(_EVAL_STREAM))
+            gen.manual_seed(self.key(_EVAL_STREAM) if scope is None else derive_seed(self.key(_EVAL_STREAM), scope[0]))
         return gen
 
     def uniform(self, layer: int, training: bool = True) -> float:
@@ -61,8 +69,9 @@ class LayerRandomness(RandomStream):
     def reset_eval(self) -> None:
         """Restart the free-running stream (so test-time sampling is reproducible run to run)."""
         self._free.clear()
+        self._free_scope = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_free"] = {}  # generators are recreated from the seed
+        state["_free"], state["_free_scope"] = {}, None  # generators are recreated from the seed
         return state

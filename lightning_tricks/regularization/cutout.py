@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
+from lightning_tricks.core.layout import check_layout, input_layout
 from lightning_tricks.regularization._batch import (
     BatchTransformCallback,
     Key,
@@ -156,6 +157,48 @@ def cutout(
     return torch.where(mask, fill, images)  # keeps the memory format (masked_fill does not)
 
 
+def cutout_span(
+    sequences: torch.Tensor,
+    length: int | float,
+    n_holes: int = 1,
+    *,
+    p: float = 1.0,
+    fill: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Cutout for sequences ``(N, C, L)`` or ``(N, L)``: ``n_holes`` spans of ``length`` steps per sample, all channels.
+
+    A span's centre is uniform over the ``L`` steps and the span ``[c - length // 2, c - length // 2 + length)``
+    is clipped by the ends (the paper's square holes, in one dimension). Draw order: the skip decisions
+    (only when ``p < 1``), then the centres.
+
+    Examples:
+        >>> out = cutout_span(torch.ones(2, 1, 40), 8, generator=torch.Generator().manual_seed(0))
+        >>> out.shape, int((out == 0).sum()) <= 16
+        (torch.Size([2, 1, 40]), True)
+    """
+    check_float_images(sequences, "cutout_span", 2)
+    check_int("n_holes", n_holes, 1)
+    check_probability("p", p)
+    if sequences.ndim > 3:
+        raise InvalidArgumentError(f"cutout_span: sequences of shape {tuple(sequences.shape)} are invalid: expected "
+                                   "(N, C, L) or (N, L); use cutout for images.")
+    if p == 0.0:
+        return sequences
+    steps = sequences.shape[-1]
+    pixels = resolve_length(length, steps, steps)
+    n = sequences.shape[0]
+    applied = torch.rand(n, generator=generator, device=sequences.device) < p if p < 1.0 else None
+    centers = torch.randint(0, steps, (n, n_holes), generator=generator, device=sequences.device)
+    start = centers - pixels // 2
+    positions = torch.arange(steps, device=sequences.device)
+    mask = ((positions >= start[..., None]) & (positions < start[..., None] + pixels)).any(dim=1)  # (N, L)
+    if applied is not None:
+        mask &= applied[:, None]
+    mask = mask.view(n, *([1] * (sequences.ndim - 2)), steps)
+    return torch.where(mask, fill, sequences)
+
+
 class Cutout(BatchTransformCallback):
     """Cutout on training batches: random square holes per image; validation, test and predict untouched.
 
@@ -176,10 +219,15 @@ class Cutout(BatchTransformCallback):
             :mod:`lightning_tricks.regularization._batch`).
         seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        layout: ``auto`` (4D inputs are images; 3D inputs are sequences ``(N, C, L)`` when the model has 1D
+            conv/pool/recurrent layers, images ``(N, H, W)`` when it has 2D ones), ``image`` or ``sequence``.
+            On sequences each hole is a span of ``length`` steps (a float: a fraction of ``L``) across all
+            channels (:func:`cutout_span`); ``sequence`` also takes flat ``(N, L)`` inputs.
 
     Raises:
         InvalidArgumentError: an argument out of range, at construction; at the first batch, a ``length``
-            larger than the images or non-floating-point images.
+            larger than the images or non-floating-point images; a 3D input whose layout the model does not
+            tell (set ``layout``).
         BatchFormatError: at the first batch, images that cannot be found or written.
 
     Examples:
@@ -188,8 +236,9 @@ class Cutout(BatchTransformCallback):
     """
 
     def __init__(self, length: int | float = 0.5, n_holes: int = 1, p: float = 1.0, fill: float = 0.0,
-                 input_key: Key = None, seed: int | None = None) -> None:
+                 input_key: Key = None, seed: int | None = None, layout: str = "auto") -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.layout = check_layout(layout)
         self.length = check_length(length)
         self.n_holes = check_int("n_holes", n_holes, 1)
         self.p = check_probability("p", p)
@@ -202,12 +251,15 @@ class Cutout(BatchTransformCallback):
         return self._generate_state_key(length=self.length, n_holes=self.n_holes, p=self.p, input_key=self.input_key)
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
-        slot, images = read_images(batch, self.input_key, self.name, 3)
+        slot, images = read_images(batch, self.input_key, self.name, 2 if self.layout == "sequence" else 3)
         generator = self._next_generator(trainer, images.device)
-        out = cutout(images, self.length, self.n_holes, p=self.p, fill=self.fill, generator=generator)
+        if input_layout(images, pl_module, self.layout, self.name) == "sequence":
+            out = cutout_span(images, self.length, self.n_holes, p=self.p, fill=self.fill, generator=generator)
+        else:
+            out = cutout(images, self.length, self.n_holes, p=self.p, fill=self.fill, generator=generator)
         return self._write_images(batch, slot, images, out, in_place,
                                   "write holes into images that are a view of another tensor (your Dataset may yield "
                                   "slices of its storage, which in-place holes would change)")
 
 
-__all__ = ["NO_HOLE", "Cutout", "cutout", "cutout_mask", "rectangle_mask", "sample_cutout_centers"]
+__all__ = ["NO_HOLE", "Cutout", "cutout", "cutout_mask", "cutout_span", "rectangle_mask", "sample_cutout_centers"]

@@ -270,10 +270,11 @@ def apply_dropconnect(
     chosen = select_modules(model, layers, can_wrap=_can_wrap(types), arg_name="layers", trick="DropConnect",
                             default=default, predicate=predicate)
     if not chosen:
+        where = f"besides the classifier head {head!r}" if head is not None else "(it has no Linear classifier head)"
+        add_conv = "" if "Conv2d" in layer_types else ", or add 'Conv2d' to `layer_types`"
         raise ModelNotSupportedError(
-            f"DropConnect found no {'/'.join(layer_types)} layer in {type(model).__name__} besides the classifier "
-            f"head {head!r}: pass `layers` (glob patterns on module names, e.g. ['*fc*']) to choose layers, "
-            "the head included, or add 'Conv2d' to `layer_types`."
+            f"DropConnect found no {'/'.join(layer_types)} layer in {type(model).__name__} {where}: pass `layers` "
+            f"(glob patterns on module names, e.g. ['*fc*']) to choose layers, the head included{add_conv}."
         )
     if mode == "sample":
         convs = [n for n, m in chosen if not isinstance(m, nn.Linear)]

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_tricks._validation import check_int, check_range
+from lightning_tricks.core.layout import model_layout
 from lightning_tricks.core.lightning_classes import lightning_module_types
 from lightning_tricks.distributed import derive_seed
 from lightning_tricks.regularization._callback import StructuralCallback
@@ -176,6 +177,11 @@ def apply_fractional_pooling(
     chosen = select_modules(model, layers, can_wrap=_can_wrap, arg_name="layers", trick="FractionalMaxPooling",
                             predicate=predicate)
     if not chosen:
+        if any(isinstance(m, nn.MaxPool1d) for m in model.modules()) or model_layout(model) == "sequence":
+            raise ModelNotSupportedError(
+                f"FractionalMaxPooling needs images: {type(model).__name__} is a 1D (sequence) model, and torch's "
+                "fractional max pooling exists only in 2D and 3D (nn.FractionalMaxPool2d/3d); pick another regularizer."
+            )
         raise ModelNotSupportedError(
             f"FractionalMaxPooling found no nn.MaxPool2d in {type(model).__name__}: it replaces max-pooling layers "
             "(modules, not F.max_pool2d calls in forward); add nn.MaxPool2d layers or pick another regularizer."

@@ -34,6 +34,14 @@ from lightning_tricks._validation import (
     check_probability,
     check_range,
 )
+from lightning_tricks.core.layout import check_layout, input_layout
+from lightning_tricks.core.task import (
+    Task,
+    TaskNotSupportedError,
+    check_task_kind,
+    infer_target_task,
+    require_task,
+)
 from lightning_tricks.errors import MixupTargetsUnusedError  # noqa: F401  (re-exported)
 from lightning_tricks.regularization._batch import (
     BatchFormatError,
@@ -47,6 +55,7 @@ from lightning_tricks.regularization._batch import (
     read_images,
     replace_item,
 )
+from lightning_tricks.regularization._mix_tasks import dense_mixed_loss, mix_masks
 from lightning_tricks.regularization.cutout import rectangle_mask
 
 MODES = ("batch", "sample")
@@ -110,6 +119,7 @@ def sample_mix_plan(
     mode: str = "batch",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    sequence: bool = False,
 ) -> MixPlan:
     """Draw a :class:`MixPlan` on ``device``, without host synchronization.
 
@@ -125,6 +135,8 @@ def sample_mix_plan(
             ``"sample"``: each sample its own.
         generator: random generator on ``device``; None uses torch's global one.
         device: where to draw (the images' device).
+        sequence: CutMix on sequences ``(N, C, L)`` (``image_size=(C, L)``): the pasted box is a span of
+            ``floor(L * (1 - lam))`` steps across every channel (``lam`` then area-corrected as for images).
 
     Draw order (a seeded generator reproduces it): permutation, then Mixup/CutMix choice, Beta draws,
     skip decisions, box centers.
@@ -154,12 +166,12 @@ def sample_mix_plan(
         if image_size is None:
             raise InvalidArgumentError("`image_size`=None is invalid with CutMix: expected (height, width).")
         height, width = image_size
-        ratio = torch.sqrt(1.0 - lam)
-        cut_h = (height * ratio).floor().long() * use_cutmix
+        ratio = (1.0 - lam) if sequence else torch.sqrt(1.0 - lam)
+        cut_h = (height * (torch.ones_like(ratio) if sequence else ratio)).floor().long() * use_cutmix
         cut_w = (width * ratio).floor().long() * use_cutmix
         rows = torch.randint(0, height, (draws,), generator=generator, device=device)
         cols = torch.randint(0, width, (draws,), generator=generator, device=device)
-        top, left = rows - cut_h // 2, cols - cut_w // 2
+        top, left = (torch.zeros_like(rows) if sequence else rows - cut_h // 2), cols - cut_w // 2
         boxes = torch.stack((top.clamp(0, height), left.clamp(0, width),
                              (top + cut_h).clamp(0, height), (left + cut_w).clamp(0, width)), dim=1)
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -286,8 +298,11 @@ class _MixState:
     """Shared by a batch's :class:`MixedLabels` and its derived copies: what the loss did with them."""
 
     def __init__(self, plan: MixPlan, label_smoothing: float, num_classes: int | None, owner: str,
-                 warn_double_smoothing: bool = True, check_labels: bool = True) -> None:
+                 warn_double_smoothing: bool = True, check_labels: bool = True, partner: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> None:
         self.plan, self.label_smoothing, self.num_classes, self.owner = plan, label_smoothing, num_classes, owner
+        # dense masks: the partner's masks and the weight of each sample's own (CutMix-pasted) mask in the loss
+        self.partner, self.weight = partner, weight
         self.warn_double_smoothing = warn_double_smoothing
         self.check_labels = check_labels  # one host synchronization: the callback asks for it on its first batch
         self.consumed = False
@@ -411,6 +426,9 @@ def _mixed_loss(loss: _LabelLoss, args: Any, kwargs: Any) -> torch.Tensor:
     if not isinstance(target, MixedLabels):  # the mixed labels are in another argument: nothing to mix
         return loss.function(**arguments)
     state, scores = target._mix_state, arguments["input"]
+    if state.partner is not None and scores.ndim == target.ndim + 1 and scores.shape[0] == target.shape[0]:
+        state.consumed = True
+        return dense_mixed_loss(loss.function, arguments, _reduction(arguments), state.partner, state.weight)
     if scores.ndim != 2 or scores.shape[0] != target.shape[0]:
         raise BatchFormatError(f"{state.owner}: {loss.name} got an input of shape {tuple(scores.shape)} for "
                                f"{target.shape[0]} mixed labels: expected (N, num_classes).")
@@ -451,6 +469,20 @@ class Mixup(BatchTransformCallback):
     * ``targets="soft"``: ``y`` becomes the ``(N, K)`` class probabilities, for soft-target losses (timm's
       ``SoftTargetCrossEntropy``, a BCE); accuracy must then use ``y.argmax(1)``.
 
+    Tasks (read once, at the first batch, from the targets: :func:`~lightning_tricks.core.task.infer_target_task`,
+    or ``task``):
+
+    * classification (``(N,)`` labels or ``(N, K)`` class probabilities): as above;
+    * multi-label (``(N, K)`` multi-hot rows): the rows are mixed like the images (``lam * t_i + (1 - lam) * t_j``,
+      CutMix's area-corrected ``lam``) into soft targets for ``BCEWithLogits``; ``label_smoothing`` moves
+      each label toward 1/2;
+    * dense (masks ``(N, H, W)`` on the images' grid): CutMix pastes the partner's mask box with its image
+      box (exact labels); Mixup keeps ``y`` as each sample's own mask (a :class:`MixedLabels`) and the
+      per-pixel ``F.cross_entropy``/``F.nll_loss`` becomes ``lam * loss(y_i) + (1 - lam) * loss(y_j)``, with
+      the loss's own ``weight``, ``ignore_index`` and ``label_smoothing`` (see :func:`mix_masks`); 0/1 float
+      maps ``(N, C, H, W)`` are blended (or pasted) like the images;
+    * regression: refused in one line.
+
     List and dict batches are changed in ``on_train_batch_start``; tuple batches need
     :class:`~lightning_tricks.BatchTransformMixin` on the module (the first tuple batch raises an error
     saying so).
@@ -472,8 +504,15 @@ class Mixup(BatchTransformCallback):
         target_key: where the targets are; None: the element after the images, or a dict's ``label``/``y``/...
         seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        task: ``classification``, ``multilabel``, ``dense``, ``regression`` (refused) or None (read from the
+            first batch's targets).
+        layout: for CutMix: ``auto`` (4D inputs are images; 3D inputs are sequences ``(N, C, L)`` when the model
+            has 1D conv/pool/recurrent layers, images ``(N, H, W)`` when it has 2D ones), ``image`` or
+            ``sequence``. On sequences CutMix pastes a span of the partner's steps across all channels.
 
     Raises:
+        TaskNotSupportedError: at the first batch, regression targets; masks with ``targets="soft"``,
+            ``label_smoothing`` or CutMix off their images' grid.
         InvalidArgumentError: an argument out of range; at setup, ``num_classes`` that cannot be inferred
             (``targets="soft"``); at the first batch, non-floating-point images or labels out of range.
         BatchFormatError: at the first batch, a batch whose targets cannot be found or replaced.
@@ -487,8 +526,11 @@ class Mixup(BatchTransformCallback):
     def __init__(self, alpha: float = 1.0, cutmix_alpha: float | None = None, switch_prob: float | None = None,
                  p: float = 1.0, mode: str = "batch", label_smoothing: float = 0.0, num_classes: int | None = None,
                  targets: str = "labels", input_key: Key = None, target_key: Key = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, task: str | None = None, layout: str = "auto") -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.layout = check_layout(layout)
+        self.task_kind = check_task_kind("task", task)
+        self.task: Task | None = None  # read at the first batch from its targets
         self.switch = check_mix_args(alpha, cutmix_alpha, switch_prob, p, mode, label_smoothing)
         self.alpha, self.cutmix_alpha, self.switch_prob = float(alpha), cutmix_alpha, switch_prob
         self.p, self.mode, self.label_smoothing = p, mode, float(label_smoothing)
@@ -509,8 +551,6 @@ class Mixup(BatchTransformCallback):
         # after configure_model, so a head built there is seen
         if not self.active:
             return
-        if self.targets == "soft" and self._num_classes is None:
-            self._num_classes = infer_num_classes(trainer, pl_module, self.name)
         smoothing = _smoothing_losses(pl_module)
         if smoothing and self.label_smoothing:
             self._warned_smoothing = True
@@ -527,16 +567,33 @@ class Mixup(BatchTransformCallback):
             shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise BatchFormatError(f"{self.name}: the targets ({shape}) do not match the {images.shape[0]} images; "
                                    "set `target_key`.")
+        if self.task is None:
+            self.task = self._read_task(targets, images)
+        sequence = bool(self.cutmix_alpha) and input_layout(images, pl_module, self.layout, self.name) == "sequence"
         generator = self._next_generator(trainer, images.device)
         plan = sample_mix_plan(images.shape[0], tuple(images.shape[-2:]) if self.cutmix_alpha else None,  # type: ignore[arg-type]
                                alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, switch_prob=self.switch_prob,
-                               p=self.p, mode=self.mode, generator=generator, device=images.device)
+                               p=self.p, mode=self.mode, generator=generator, device=images.device,
+                               sequence=sequence)
         check = not self._labels_checked
         self._labels_checked = True
-        if self.targets == "labels" and not targets.is_floating_point() and targets.ndim == 1:
+        if self.task.kind == "dense":
+            if targets.is_floating_point():  # 0/1 maps: blended like the images, or the box pasted
+                new_targets: torch.Tensor = apply_mix(targets, plan)
+            else:
+                own, partner, weight = mix_masks(targets, plan)
+                self._pending = _MixState(plan, 0.0, None, self.name, check_labels=False, partner=partner,
+                                          weight=weight)
+                new_targets = MixedLabels.wrap(own, self._pending)
+        elif self.task.kind == "multilabel":  # multi-hot rows: soft targets for BCE, smoothed toward 1/2
+            multi_hot = targets.float() if not targets.is_floating_point() else targets
+            if self.label_smoothing:
+                multi_hot = multi_hot * (1.0 - self.label_smoothing) + self.label_smoothing / 2
+            new_targets = mix_targets(multi_hot, plan, None, 0.0)
+        elif self.targets == "labels" and not targets.is_floating_point() and targets.ndim == 1:
             state = _MixState(plan, self.label_smoothing, self.num_classes, self.name,
                               warn_double_smoothing=not self._warned_smoothing, check_labels=check)
-            new_targets: torch.Tensor = MixedLabels.wrap(targets, state)
+            new_targets = MixedLabels.wrap(targets, state)
             self._pending = state
         else:
             num_classes = self._num_classes if not targets.is_floating_point() else None
@@ -545,6 +602,26 @@ class Mixup(BatchTransformCallback):
             new_targets = mix_targets(targets, plan, num_classes, self.label_smoothing, check=check)
         batch = replace_item(batch, image_slot, apply_mix(images, plan))
         return replace_item(batch, target_slot, new_targets)
+
+    def _read_task(self, targets: torch.Tensor, images: torch.Tensor) -> Task:
+        """The task of the batch's targets (once, at the first batch), refused in one line where Mixup cannot serve it."""
+        task = infer_target_task(targets, images, self.task_kind)
+        require_task(self.name, task, ("classification", "multilabel", "dense"),
+                     "Mixup mixes class labels; remove it for a regression model, or pass task= if the targets are "
+                     "class labels.")
+        if task.kind == "dense" and not targets.is_floating_point():
+            if self.targets == "soft":
+                raise TaskNotSupportedError(f"{self.name}(targets='soft') cannot turn masks into class maps; use "
+                                            "targets='labels' (the per-pixel loss is mixed).")
+            if self.label_smoothing:
+                raise TaskNotSupportedError(f"{self.name}(label_smoothing={self.label_smoothing}) does not smooth "
+                                            "masks; pass label_smoothing to F.cross_entropy instead.")
+        if task.kind == "dense" and self.cutmix_alpha is not None and (
+                targets.ndim < 3 or targets.shape[-2:] != images.shape[-2:]):
+            raise TaskNotSupportedError(f"{self.name}: CutMix pastes boxes on a 2-D grid, but the targets "
+                                        f"{tuple(targets.shape)} are not on the images' {tuple(images.shape[-2:])} "
+                                        "grid; use Mixup alone (cutmix_alpha=None).")
+        return task
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         state, self._pending = self._pending, None
@@ -563,4 +640,4 @@ class Mixup(BatchTransformCallback):
 
 
 __all__ = ["MixPlan", "MixedLabels", "Mixup", "MixupTargetsUnusedError", "apply_mix", "box_mask",
-           "infer_num_classes", "mix_targets", "mixup", "sample_mix_plan"]
+           "infer_num_classes", "mix_masks", "mix_targets", "mixup", "sample_mix_plan"]

@@ -20,6 +20,7 @@ is the same on every DDP rank. ``row`` mode draws one :math:`b_l` per example (t
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -28,11 +29,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tricks import surgery
-from lightning_tricks._validation import check_choice, check_int, check_probability
+from lightning_tricks._validation import (
+    check_choice,
+    check_int,
+    check_optional_int,
+    check_probability,
+    check_range,
+)
 from lightning_tricks.core.lightning_classes import lightning_types
 from lightning_tricks.regularization._callback import StructuralCallback
 from lightning_tricks.regularization._randomness import LayerRandomness
@@ -50,6 +58,9 @@ from lightning_tricks.surgery import (
 
 MODES = ("batch", "row")
 RULES = ("linear", "uniform")
+DEFAULT_WARMUP_FRACTION = 0.1
+"""The drop-rate warm-up on by default: the first 10% of the training batches (chosen from
+``benchmarks/stochastic_depth_effect.py``; docs/stochastic_depth.md)."""
 SCALINGS = ("test", "train")
 """``train`` (default): inverted, a kept branch times ``1/(1-p)`` in training; ``test``: the paper's, the branch
 times ``1 - p`` at test."""
@@ -57,15 +68,27 @@ Tensor = torch.Tensor
 
 
 def check_stochastic_depth_args(drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear",
-                                scaling: str = "train", blocks: Sequence[str] | None = None, warmup_steps: int = 0,
+                                scaling: str = "train", blocks: Sequence[str] | None = None,
+                                warmup_steps: int | None = None, warmup_fraction: float = 0.0,
                                 *, rate_name: str = "drop_rate") -> list[str] | None:
     """The one validator of StochasticDepth's arguments (functional core and callback); returns ``blocks``."""
     check_probability(rate_name, drop_rate, allow_one=False)
     check_choice("mode", mode, MODES)
     check_choice("rule", rule, RULES)
     check_choice("scaling", scaling, SCALINGS)
-    check_int("warmup_steps", warmup_steps, 0)
+    check_optional_int("warmup_steps", warmup_steps, 0)
+    check_range("warmup_fraction", warmup_fraction, 0.0, 1.0)
     return surgery.check_patterns("blocks", blocks)
+
+
+def warmup_ramp(batches_seen: int, warmup_batches: int) -> float:
+    """The drop-rate warm-up factor before training batch ``batches_seen`` (0-based): ``min(1, t / W)``; 1 when ``W = 0``.
+
+    Examples:
+        >>> [warmup_ramp(t, 4) for t in range(6)]
+        [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+    return 1.0 if warmup_batches <= 0 else min(1.0, batches_seen / warmup_batches)
 
 
 def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
@@ -448,7 +471,12 @@ class StochasticDepth(StructuralCallback):
         scaling: ``train`` (inverted; eval is the untouched model) or ``test`` (the paper's).
         blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
             of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
-        warmup_steps: ramp every ``p_l`` linearly from 0 over this many training batches (0: no warm-up).
+        warmup_fraction: ramp every ``p_l`` linearly from 0 over this fraction of the run's training batches
+            (``trainer.estimated_stepping_batches`` times the accumulation), then hold it (Composer's
+            ``drop_warmup``). On by default: inverted scaling at a high drop rate and learning rate can fail to
+            train from the first steps, and a warm-up avoids it (docs/stochastic_depth.md). 0: no warm-up.
+        warmup_steps: ramp over exactly this many training batches instead (0: no warm-up); wins over
+            ``warmup_fraction`` when set.
         seed: seed of the decisions; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
 
@@ -466,12 +494,15 @@ class StochasticDepth(StructuralCallback):
     converts = "residual blocks"
 
     def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
-                 blocks: list[str] | None = None, warmup_steps: int = 0, seed: int | None = None) -> None:
+                 blocks: list[str] | None = None, warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
+                 warmup_steps: int | None = None, seed: int | None = None) -> None:
         super().__init__(seed)
-        blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks, warmup_steps)
+        blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks, warmup_steps, warmup_fraction)
         self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
         self.scaling = scaling
-        self.warmup_steps = warmup_steps
+        self.warmup_fraction, self.warmup_steps = float(warmup_fraction), warmup_steps
+        self.warmup_batches = warmup_steps or 0  # the ramp's length in batches, fixed at the first train start
+        self._warmup_fixed = warmup_steps is not None  # restored from a checkpoint, or given
         self.per_rank = mode == "row"  # batch decisions must agree on every rank
         self._blocks: list[nn.Module] = []
         self._targets: list[float] = []
@@ -482,7 +513,8 @@ class StochasticDepth(StructuralCallback):
 
     def init_args(self) -> dict[str, Any]:
         return {"drop_rate": self.drop_rate, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
-                "blocks": self.blocks, "warmup_steps": self.warmup_steps, "seed": self.randomness.seed}
+                "blocks": self.blocks, "warmup_fraction": self.warmup_fraction, "warmup_steps": self.warmup_steps,
+                "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
         return self.scaling == "test"
@@ -538,15 +570,52 @@ class StochasticDepth(StructuralCallback):
                 "--trainer.strategy=ddp_find_unused_parameters_true), or use StochasticDepth(mode='row')."
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._warmup_fixed:  # a resumed run keeps the ramp its first run computed (checkpointed)
+            self.warmup_batches = self.warmup_length(trainer)
+            self._warmup_fixed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warmup_batches": self.warmup_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        warmup = state.pop("warmup_batches", None)
+        super().load_state_dict(state)
+        if warmup is not None and self.warmup_steps is None:
+            self.warmup_batches, self._warmup_fixed = int(warmup), True
+
+    def warmup_length(self, trainer: pl.Trainer) -> int:
+        """The warm-up in training batches: ``warmup_steps``, else ``warmup_fraction`` of the run's batches.
+
+        The run's length comes from the trainer's limits at the first ``fit`` (the same on every rank); the
+        length is kept in the checkpoint, so a resumed run, even with a larger ``max_epochs``, continues the
+        same ramp from the checkpointed count of batches seen.
+        """
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        if self.warmup_fraction == 0 or not self._blocks:
+            return 0
+        total = float(trainer.estimated_stepping_batches) * max(1, trainer.accumulate_grad_batches)
+        if math.isinf(total):
+            epoch = float(trainer.num_training_batches)
+            rank_zero_warn(
+                f"StochasticDepth: warmup_fraction={self.warmup_fraction} needs a finite run (max_steps or max_epochs); "
+                + ("ramping over one epoch's batches instead." if math.isfinite(epoch) else
+                   "no warm-up. Set warmup_steps to ramp over a number of batches.")
+            )
+            total = epoch if math.isfinite(epoch) else 0.0
+        return round(self.warmup_fraction * total)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
                              batch_idx: int) -> None:
-        if self.warmup_steps and self._blocks:
-            ramp = min(1.0, self.batches_seen / self.warmup_steps)
+        if self.warmup_batches and self._blocks:
+            ramp = warmup_ramp(self.batches_seen, self.warmup_batches)
             for block, target in zip(self._blocks, self._targets, strict=True):
                 block.lt_drop_prob = target * ramp
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
-__all__ = ["SCALINGS", "BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters",
+__all__ = ["DEFAULT_WARMUP_FRACTION", "SCALINGS", "BlockAdapter", "StochasticDepth", "apply_stochastic_depth", "block_adapters",
            "check_stochastic_depth_args", "drop_probabilities", "drop_residual", "recalibrate_batch_norm",
-           "stochastic_depth_blocks"]
+           "stochastic_depth_blocks", "warmup_ramp"]

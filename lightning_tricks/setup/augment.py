@@ -37,10 +37,22 @@ from lightning_tricks._validation import (
     check_probability,
     check_range,
 )
+from lightning_tricks.core.layout import LayoutError, model_layout
+from lightning_tricks.core.task import (
+    Task,
+    TaskNotSupportedError,
+    aligned_with_inputs,
+    check_task_kind,
+    infer_target_task,
+)
 from lightning_tricks.regularization._batch import (
+    BatchFormatError,
     BatchTransformCallback,
     Key,
     check_float_images,
+    check_key,
+    find_slot,
+    get_item,
     read_images,
 )
 from lightning_tricks.setup.preprocessing import MomentAccumulator, stream_training_set
@@ -106,8 +118,10 @@ def sample_augment_params(batch_size: int, channels: int, padding: int = 4, flip
 
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor | None, flip: torch.Tensor | None, padding: int,
-              padding_mode: str = "zeros") -> torch.Tensor:
+              padding_mode: str = "zeros", fill: float = 0.0) -> torch.Tensor:
     """Each image padded by ``padding``, cropped back to its size at its offset, then flipped if asked.
+
+    ``fill`` is the value of the ``zeros`` padding (e.g. an ignore index for masks).
 
     One ``pad`` and one ``gather`` for the whole batch: every output pixel's index into its padded image is
     ``(row + dy) * W_padded + (col or W - 1 - col) + dx``.
@@ -120,7 +134,8 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor | None, flip: torch.Te
                                    "images: expected less than the shorter side.")
     if padding > 0:
         mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}[padding_mode]
-        x = F.pad(x.reshape(n, -1, height, width), (padding,) * 4, mode=mode)
+        x = F.pad(x.reshape(n, -1, height, width), (padding,) * 4, mode=mode,
+                  **({"value": fill} if mode == "constant" else {}))
     padded_width = width + 2 * padding
     device = images.device
     rows = torch.arange(height, device=device).view(1, height, 1)
@@ -137,6 +152,23 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor | None, flip: torch.Te
     out = flat.gather(2, index.expand(n, flat.shape[1], height * width)).view(images.shape if not squeeze else
                                                                              (n, 1, height, width))
     return out.squeeze(1) if squeeze else out
+
+
+def crop_flip_targets(targets: torch.Tensor, offsets: torch.Tensor | None, flip: torch.Tensor | None, padding: int,
+                      padding_mode: str = "zeros", ignore_index: int = -100) -> torch.Tensor:
+    """Dense targets (``[N, H, W]`` masks, ``[N, C, H, W]`` maps) cropped and flipped as :func:`crop_flip` moved
+    their images: the pixels a crop brings in from outside the image are padded as the images were
+    (``reflect``/``replicate`` copy real pixels, so their labels too); under ``zeros`` padding (no image
+    there) integer masks get ``ignore_index`` (``F.cross_entropy``'s default ignore value, -100) and float
+    maps 0.
+
+    Examples:
+        >>> mask = torch.arange(4).reshape(1, 2, 2)
+        >>> crop_flip_targets(mask, torch.tensor([[0, 1]]), None, padding=1).tolist()  # moved down one row
+        [[[-100, -100], [0, 1]]]
+    """
+    fill = 0.0 if targets.is_floating_point() else float(ignore_index)
+    return crop_flip(targets, offsets, flip, padding, padding_mode, fill)
 
 
 def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -236,6 +268,14 @@ class BatchAugment(BatchTransformCallback):
     :class:`~lightning_tricks.BatchTransformMixin`). Put it before :class:`~lightning_tricks.Standardize`
     in ``trainer.callbacks`` to augment the raw images (``clamp: true`` for [0, 1] images).
 
+    Tasks (read once, at the first batch, from the targets: :func:`~lightning_tricks.core.task.infer_target_task`,
+    or ``task``): classification, multi-label and regression targets are left as they are; dense targets
+    -- masks ``[N, H, W]`` or maps ``[N, C, H, W]`` on the images' grid, also float regression maps, and
+    without ``target_key`` any other batch item on that grid (a mask beside a label) -- get the same crop
+    and flip as their images (:func:`crop_flip_targets`: under ``zeros`` padding the
+    pixels brought in from outside are ``ignore_index`` in integer masks, 0 in float maps; under
+    ``reflect``/``replicate`` they are padded as the images). The colour operations never touch targets.
+
     Args:
         padding: padding before the random crop back to the image size (4 on CIFAR; 0: no crop).
         flip: probability of a horizontal flip (0.5; 0: none).
@@ -249,10 +289,15 @@ class BatchAugment(BatchTransformCallback):
         input_key: where the images are: a dict key or a position; None finds them.
         seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        target_key: where the targets are (dict key or position); None: the element after the images, or a
+            dict's ``label``/``mask``/... key. A batch without targets is augmented alone.
+        task: ``classification``, ``multilabel``, ``dense``, ``regression`` or None (read from the targets).
+        ignore_index: the label of mask pixels a crop brings in from outside the image under ``zeros`` padding.
 
     Raises:
         InvalidArgumentError: an argument out of range, at construction.
         BatchFormatError: at the first batch, images that cannot be found or written.
+        TaskNotSupportedError: at the first batch, ``task="dense"`` with targets not on the images' grid.
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -261,8 +306,15 @@ class BatchAugment(BatchTransformCallback):
 
     def __init__(self, padding: int = 4, flip: float = 0.5, brightness: float = 0.0, contrast: float = 0.0,
                  pca_std: float = 0.0, padding_mode: str = "zeros", clamp: bool = False,
-                 pca_basis: list[list[float]] | None = None, input_key: Key = None, seed: int | None = None) -> None:
+                 pca_basis: list[list[float]] | None = None, input_key: Key = None, seed: int | None = None,
+                 target_key: Key = None, task: str | None = None, ignore_index: int = -100) -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.target_key = check_key("target_key", target_key)
+        self.task_kind = check_task_kind("task", task)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise InvalidArgumentError(f"`ignore_index`={ignore_index!r} is invalid: expected an integer label.")
+        self.ignore_index = ignore_index
+        self.task: Task | None = None  # read at the first batch with targets
         check_augment(padding, padding_mode, flip, brightness, contrast, pca_std)
         self.padding, self.padding_mode, self.flip = padding, padding_mode, float(flip)
         self.brightness, self.contrast, self.pca_std = float(brightness), float(contrast), float(pca_std)
@@ -301,14 +353,64 @@ class BatchAugment(BatchTransformCallback):
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
         slot, images = read_images(batch, self.input_key, self.name, 3)
+        if images.ndim == 3 and model_layout(pl_module) == "sequence":
+            raise LayoutError(f"{self.name} needs images (N, C, H, W): its crops, flips and colour ops have no meaning "
+                              f"on sequences {tuple(images.shape)}; use Cutout or Mixup (spans along the length).")
         generator = self._next_generator(trainer, images.device)
         if self.pca_std > 0 and self.pca_basis is None:
             raise InvalidArgumentError("BatchAugment(pca_std > 0) has no PCA basis: it is computed at fit start; "
                                        "outside a fit, pass `pca_basis`.")
-        out = augment(images, self.padding, self.flip, self.brightness, self.contrast, self.pca_std,
-                      padding_mode=self.padding_mode, pca_basis=self.pca_basis, clamp=self.clamp, generator=generator)
-        return self._write_images(batch, slot, images, out, in_place,
-                                  "write augmented images into images that are a view of another tensor")
+        channels = images.shape[1] if images.ndim >= 4 else 1
+        params = sample_augment_params(images.shape[0], channels, self.padding, self.flip, self.brightness,
+                                       self.contrast, self.pca_std, generator, images.device)  # as augment() draws
+        out = apply_augment(images, params, self.padding, self.padding_mode, self.pca_basis, self.clamp)
+        geometric = params.offsets is not None or params.flip is not None
+        maps = self._maps(batch, slot, images) if geometric else []
+        batch = self._write_images(batch, slot, images, out, in_place,
+                                   "write augmented images into images that are a view of another tensor")
+        for map_slot, targets in maps:
+            moved = crop_flip_targets(targets, params.offsets, params.flip, self.padding, self.padding_mode,
+                                      self.ignore_index)
+            batch = self._write_images(batch, map_slot, targets, moved, in_place,
+                                       "move the masks with the images, but the masks are a view of another tensor")
+        return batch
+
+    def _maps(self, batch: Any, image_slot: Any, images: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+        """Every item of the batch that must get the images' crop and flip: dense targets, and (without
+        ``target_key``) any other ``[N, ..., H, W]`` tensor on the images' grid (a mask beside a label)."""
+        target_slot, targets = self._dense_targets(batch, image_slot, images)
+        maps = [(target_slot, targets)] if targets is not None else []
+        if self.target_key is not None or self.task_kind in ("classification", "multilabel"):
+            return maps
+        items = batch.items() if isinstance(batch, dict) else enumerate(batch) if isinstance(batch, (list, tuple)) \
+            else ()
+        for key, item in items:
+            if key not in (image_slot, target_slot) and isinstance(item, torch.Tensor) and item.ndim >= 3 \
+                    and item.shape[0] == images.shape[0] and item.shape[-2:] == images.shape[-2:]:
+                maps.append((key, item))
+        return maps
+
+    def _dense_targets(self, batch: Any, image_slot: Any, images: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """Where the batch's targets are and the targets, when they are maps that move with the images."""
+        try:
+            target_slot = find_slot(batch, self.target_key, "targets", self.name, after=image_slot)
+        except BatchFormatError:
+            if self.target_key is not None:
+                raise
+            return None, None
+        targets = get_item(batch, target_slot)
+        if not isinstance(targets, torch.Tensor) or targets.ndim == 0 or targets.shape[0] != images.shape[0]:
+            return None, None
+        if self.task is None:
+            self.task = infer_target_task(targets, images, self.task_kind)
+        aligned = aligned_with_inputs(targets, images)
+        if self.task.kind not in ("dense", "regression") or not aligned:
+            return None, None
+        if targets.ndim < 3 or targets.shape[-2:] != images.shape[-2:]:
+            raise TaskNotSupportedError(f"{self.name} moves dense targets on a 2-D grid ([N, H, W] masks, [N, C, H, W] "
+                                        f"maps), got {tuple(targets.shape)} for images {tuple(images.shape)}; use "
+                                        "padding=0 and flip=0 (colour only) for these targets.")
+        return target_slot, targets
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pca_basis": self.pca_basis}
@@ -320,4 +422,4 @@ class BatchAugment(BatchTransformCallback):
 
 
 __all__ = ["PADDING_MODES", "AugmentParams", "BatchAugment", "adjust_contrast", "apply_augment", "augment",
-           "crop_flip", "rgb_pca_basis", "sample_augment_params"]
+           "crop_flip", "crop_flip_targets", "rgb_pca_basis", "sample_augment_params"]

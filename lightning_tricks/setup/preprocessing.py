@@ -27,6 +27,7 @@ a std below ``eps`` (a constant feature, e.g. digits' blank border pixels) divid
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_tricks._lightning_internals import prepared_train_dataloader
 from lightning_tricks._validation import (
     ConfigError,
+    DataNotFoundError,
     InvalidArgumentError,
     check_choice,
     check_int,
@@ -225,6 +227,8 @@ class MomentAccumulator:
         dims = all_reduce(header[1:].clone(), "max")
         self.count = int(counts.item())
         self.sample_shape = torch.Size(int(d) for d in dims.tolist())
+        if self.count == 0:  # no rank saw a batch (every rank knows it): finalize says so in one line
+            return
         if self.sums is None:
             _, self.sums = self._moments(torch.zeros(1, *self.sample_shape, device=device))
         flat = torch.cat([s.reshape(-1) for s in self.sums]).to(device)
@@ -236,7 +240,11 @@ class MomentAccumulator:
         """The statistics of everything added (and all-reduced)."""
         mode, eps, n_components = check_preprocessing(self.mode, eps, n_components)
         if self.sums is None or self.count == 0:
-            raise ConfigError("Standardize: no training sample was seen; statistics need at least one batch.")
+            raise ConfigError("Standardize: no training sample was seen (the training dataloader is empty); "
+                              "statistics need at least one batch.")
+        if not all(bool(torch.isfinite(total).all()) for total in self.sums):
+            raise ConfigError("Standardize: the training inputs contain NaN or infinite values, so every standardized "
+                              "input would be NaN: clean the data (e.g. torch.nan_to_num) or drop those samples.")
         n = self.count
         mean = self.sums[0] / n
         if mode == "channel_mean" or mode == "image" or mode == "center":
@@ -339,6 +347,10 @@ class Standardize(Callback):
         n_components: ``pca``/``whiten`` only: leading components kept (default all).
         input_key: where the inputs are in a batch: a dict key or a position (default: found as Cutout does).
         max_batches: training batches per rank the statistics are computed on (default all).
+        statistics_from: a checkpoint saved with Standardize to take the statistics from, when a stage starts
+            without them: evaluating an :class:`~lightning_tricks.Ensemble` of Standardize-trained members
+            (``ckpt_path`` cannot serve there: it would load a member into the Ensemble). Loaded with
+            ``weights_only=True``.
 
     Attributes:
         statistics: the :class:`InputStatistics` (None until computed or restored).
@@ -347,7 +359,7 @@ class Standardize(Callback):
         InvalidArgumentError: in ``__init__``, an unknown mode, ``eps <= 0``, ``n_components`` with another
             mode; at fit start, more components than features.
         ConfigError: a batch of a stage before any statistics exist (validate/test without fitting or a
-            checkpoint saved with Standardize).
+            checkpoint saved with Standardize); a ``statistics_from`` file without Standardize statistics.
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -355,8 +367,12 @@ class Standardize(Callback):
     """
 
     def __init__(self, mode: str = "channel", eps: float = 1e-5, n_components: int | None = None,
-                 input_key: Key = None, max_batches: int | None = None) -> None:
+                 input_key: Key = None, max_batches: int | None = None, statistics_from: str | None = None) -> None:
         self.mode, self.eps, self.n_components = check_preprocessing(mode, eps, n_components)
+        if statistics_from is not None and (not isinstance(statistics_from, str) or not statistics_from):
+            raise InvalidArgumentError(f"`statistics_from`={statistics_from!r} is invalid: expected the path of a "
+                                       "checkpoint saved with Standardize.")
+        self.statistics_from = statistics_from
         self.input_key = check_key("input_key", input_key)
         self.max_batches = None if max_batches is None else check_int("max_batches", max_batches, 1)
         self.statistics: InputStatistics | None = None
@@ -378,6 +394,27 @@ class Standardize(Callback):
         accumulator.all_reduce(device)
         return accumulator.finalize(self.eps, self.n_components)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.statistics is None and self.statistics_from is not None:
+            self.load_state_dict(self._saved_state(self.statistics_from))
+
+    def _saved_state(self, path: str) -> dict[str, Any]:
+        """This callback's state in the checkpoint ``path`` (the entry with our ``state_key``, else the only one)."""
+        if not os.path.isfile(path):
+            raise DataNotFoundError(f"Standardize: `statistics_from`={path!r} is not a file; pass the path of a "
+                                    "checkpoint saved with Standardize.")
+        states = torch.load(path, map_location="cpu", weights_only=True).get("callbacks", {})
+        ours = {k: v for k, v in states.items() if isinstance(k, str) and k.startswith("Standardize")
+                and isinstance(v, dict) and v.get("statistics") is not None}
+        if self.state_key in ours:
+            return ours[self.state_key]
+        if len(ours) == 1 and next(iter(ours.values()))["statistics"]["mode"] == self.mode:
+            return next(iter(ours.values()))
+        found = ", ".join(ours) or "none"
+        raise ConfigError(f"Standardize: the checkpoint {path!r} holds no Standardize statistics for "
+                          f"mode={self.mode!r} (Standardize states found: {found}); pass a checkpoint of a run that "
+                          "trained with this Standardize.")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.statistics is not None:
             return
@@ -391,7 +428,8 @@ class Standardize(Callback):
     def _stats_for(self, images: torch.Tensor) -> InputStatistics:
         if self.statistics is None:
             raise ConfigError("Standardize has no statistics yet: they are computed when fit starts; for validate/test/"
-                              "predict alone, pass ckpt_path of a checkpoint saved with Standardize.")
+                              "predict alone, pass ckpt_path of a checkpoint saved with Standardize (for an Ensemble: "
+                              "Standardize(statistics_from=<that checkpoint>)).")
         key = (images.device, images.dtype)
         if key not in self._on_device:
             self._on_device[key] = self.statistics.to(images.device, images.dtype)

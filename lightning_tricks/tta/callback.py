@@ -13,10 +13,14 @@ from torch import Tensor, nn
 from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
 from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import InvalidArgumentError, check_bool
+from lightning_tricks.core.layout import model_layout
+from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.errors import ForwardNotCalledError  # noqa: F401  (re-exported)
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.regularization._batch import find_targets
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.sequence import sequence_tta_forward
 from lightning_tricks.tta.wrapper import _has_randomness, _no_stochastic_layers
 
 TTA_STAGES = ("validate", "test", "predict")
@@ -28,7 +32,8 @@ class TestTimeAugmentation(Callback):
 
     During the chosen stages the callback replaces ``forward`` of the model the steps call by
     :func:`tta_forward` around the original, so ``test_step`` and ``predict_step`` get the merged
-    prediction (log-probabilities of the merged distribution), and the user's loss and metrics report
+    prediction (for classification the log-probabilities of the merged distribution; see ``task`` for the
+    other kinds), and the user's loss and metrics report
     TTA figures. Which model: with ``module=None``, the LightningModule's ``forward`` is wrapped, which
     serves steps that call ``self(x)`` or ``self.forward(x)``; if the first batch of a stage never calls
     it (a step that calls ``self.model(images)``, as Lightning's ImageNet example does), hooks during
@@ -51,7 +56,14 @@ class TestTimeAugmentation(Callback):
         padding_mode: border fill of shifted views (``replicate``, ``reflect``, ``zeros``).
         stochastic_passes: draws per view with dropout and ``lt_stochastic_eval`` modules active.
         merge: ``mean``, ``gmean``, ``max`` or ``vote``; see :func:`merge_predictions`.
-        task: ``classification`` or ``regression`` (mean of raw outputs).
+        task: ``classification``, ``multilabel``, ``dense``, ``regression`` or None (default): read once, at
+            the first augmented batch, from the model's output and the batch's targets
+            (:func:`~lightning_tricks.core.task.infer_task`). Multi-label outputs get the logits of the mean
+            sigmoid probabilities; dense ``(batch, classes, *spatial)`` maps are mapped back onto the
+            input's grid (flips undone, shifts moved back, crops pasted back, scales resized back) before
+            the merge; a forward ending in softmax gets probabilities back. Predict batches without
+            targets read the task from the output alone (``(batch, C)`` is single-label): pass
+            ``task="multilabel"`` there, or run test first with the same callback (the task read then is kept).
         max_batch: largest number of rows per model call (memory bound); ``None``: all views of a shape at once.
         stages: stages to augment, from ``validate`` (also fit's validation), ``test``, ``predict``
             (default ``["test", "predict"]``).
@@ -71,10 +83,11 @@ class TestTimeAugmentation(Callback):
 
     def __init__(self, views: list[str] | None = None, crop_size: int | None = None, scales: list[int] | None = None,
                  translate: int = 2, padding_mode: str = "replicate", stochastic_passes: int = 1, merge: str = "mean",
-                 task: str = "classification", max_batch: int | None = None, stages: list[str] | None = None,
+                 task: str | None = None, max_batch: int | None = None, stages: list[str] | None = None,
                  module: str | None = None, exact_distributed: bool = True, seed: int | None = None) -> None:
         self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
                                  max_batch)
+        self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
         self.stages = _check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
         if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
             raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
@@ -89,6 +102,10 @@ class TestTimeAugmentation(Callback):
         self._announced: set[tuple[str, str | None]] = set()
         self._found: dict[str, str] = {}  # stage -> the submodule its steps call, found at its first batch of the run
         self._probe: InputModuleProbe | None = None
+        self._targets: Any = None  # the current batch's targets (None when it has none)
+        self.task: Task | None = None  # read at the first augmented batch (kept while the module is the same)
+        self._task_from_targets = False
+        self._task_module: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -108,6 +125,8 @@ class TestTimeAugmentation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.randomness.setup(trainer)
         self._found.clear()  # found again for this run's module
+        if self._task_module != id(pl_module):
+            self.task, self._task_module = None, id(pl_module)
         target = self._target(pl_module, self.module)
         if self.config.stochastic_passes > 1 and not _has_randomness(target):
             raise _no_stochastic_layers(self.config.stochastic_passes, f"{type(target).__name__} (`module`={self.module!r})")
@@ -134,8 +153,20 @@ class TestTimeAugmentation(Callback):
         if self.config.stochastic_passes > 1:
             seed = self.randomness.key(_STAGE_IDS[stage], *self._batch)
         with self._probe.paused() if self._probe is not None else contextlib.nullcontext():
+            if isinstance(x, Tensor) and x.ndim in (2, 3) and model_layout(target) == "sequence":
+                return sequence_tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
+                                            views_given=self._views_given, stochastic_module=target,
+                                            task=self._read_task)
             return tta_forward(lambda v: forward(v, *rest, **kwargs), x, self.config, seed=seed,
-                               stochastic_module=target)
+                               stochastic_module=target, task=self._read_task)
+
+    def _read_task(self, output: Tensor) -> Task:
+        """The task, read once from the first output and the batch's targets (again if read without targets)."""
+        if self.task is None or (not self._task_from_targets and self._targets is not None):
+            self.task = infer_task(output, self._targets, self.config.task)
+            self._task_from_targets = self._targets is not None
+            rank_zero_info(f"TestTimeAugmentation: merging the views of {self.task.describe()}.")
+        return self.task
 
     def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, path: str | None) -> None:
         target = self._target(pl_module, path)
@@ -184,6 +215,7 @@ class TestTimeAugmentation(Callback):
         if self._stage != stage:
             return
         self._batch = (dataloader_idx, batch_idx)
+        self._targets = find_targets(batch)
         if self._batches == 0 and self.module is None and stage not in self._found:
             self._probe = InputModuleProbe(pl_module, batch, accept=self._predictions_accepter(trainer, pl_module, batch),
                                            replace=lambda module, args, kwargs, output: self._replace(
@@ -191,14 +223,19 @@ class TestTimeAugmentation(Callback):
             self._probe.__enter__()
 
     def _predictions_accepter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
-        """What a call must return to be the model: one row per input; for classification, (rows, classes)."""
+        """What a call must return to be the model: one row per input; (rows, classes) scores of the model's
+        number of classes for classification kinds, (rows, classes, *spatial) maps for dense ones."""
         x = batch_input(batch)
-        classes = infer_num_classes(trainer, pl_module, required=False) if self.config.task == "classification" else None
+        task = self.config.task
+        classes = infer_num_classes(trainer, pl_module, required=False) if task in (None, "classification",
+                                                                                     "multilabel") else None
 
         def accept(output: Any) -> bool:
             if not isinstance(output, Tensor) or x is None or not output.ndim or output.shape[0] != x.shape[0]:
                 return False
-            return self.config.task != "classification" or (output.ndim == 2 and classes in (None, output.shape[1]))
+            if task == "dense" or (task is None and output.ndim > 2):
+                return output.ndim > 2
+            return task == "regression" or (task is None and output.ndim == 1) or (output.ndim == 2 and classes in (None, output.shape[1]))
         return accept
 
     def _replace(self, trainer: pl.Trainer, stage: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int, check_optional_int
+from lightning_tricks.core.task import TASK_KINDS, TaskNotSupportedError, check_task_kind
 
 VIEW_FAMILIES = ("identity", "hflip", "vflip", "center_crop", "five_crop", "ten_crop", "translate")
 """View families; the view set is their cartesian product (e.g. ``["hflip", "five_crop"]`` = ten-crop)."""
 CROP_FAMILIES = ("center_crop", "five_crop", "ten_crop")
 CROP_ANCHORS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 MERGE_MODES = ("mean", "gmean", "max", "vote")
-TASKS = ("classification", "regression")
+TASKS = TASK_KINDS
+"""Values of the ``task`` argument (None: read from the first batch, see :mod:`lightning_tricks.core.task`)."""
 PADDING_MODES = ("replicate", "reflect", "zeros")
 
 
@@ -49,7 +51,7 @@ class View:
 
 
 def validate_tta_hparams(views: Sequence[str], crop_size: int | None, scales: Sequence[int] | None, translate: int,
-                         padding_mode: str, stochastic_passes: int, merge: str, task: str,
+                         padding_mode: str, stochastic_passes: int, merge: str, task: str | None,
                          max_batch: int | None) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
     """Check every argument of test-time augmentation once; return the views and scales as tuples.
 
@@ -82,7 +84,9 @@ def validate_tta_hparams(views: Sequence[str], crop_size: int | None, scales: Se
     check_choice("padding_mode", padding_mode, PADDING_MODES)
     check_int("stochastic_passes", stochastic_passes, 1)
     check_choice("merge", merge, MERGE_MODES)
-    check_choice("task", task, TASKS)
+    check_task_kind("task", task)
+    if task == "dense":
+        check_dense_views(chosen, crop_size, scales)
     if task == "regression" and merge != "mean":
         raise InvalidArgumentError(f"`merge`={merge!r} is invalid with task='regression': expected 'mean' "
                                    "(regression outputs are averaged).")
@@ -96,6 +100,24 @@ def validate_tta_hparams(views: Sequence[str], crop_size: int | None, scales: Se
         raise InvalidArgumentError(f"`crop_size`={crop_size!r} is invalid: it is larger than the image at "
                                    f"scale {min(scales)}; expected crop_size <= {min(scales)}.")
     return tuple(chosen), scales  # type: ignore[return-value]
+
+
+def check_dense_views(views: Sequence[str], crop_size: int | None, scales: Sequence[int] | None) -> None:
+    """Refuse, in one line, views whose dense (per-pixel) outputs cannot all be mapped back onto the input's grid.
+
+    Flips are undone, shifts moved back, five/ten crops pasted back (each pixel averaged over the crops that
+    cover it), scales resized back; a lone center crop leaves the border without a prediction, and crops or
+    shifts at several scales are not mapped back.
+    """
+    crops = [v for v in views if v in CROP_FAMILIES]
+    if "center_crop" in crops or (crop_size is not None and not crops and scales is not None):
+        raise TaskNotSupportedError("TestTimeAugmentation cannot merge dense outputs over a center crop: the border "
+                                    "outside it gets no prediction; use five_crop/ten_crop (crops pasted back and "
+                                    "averaged where they overlap), translate, scales or flips.")
+    if scales is not None and (crops or "translate" in views):
+        raise TaskNotSupportedError(f"TestTimeAugmentation maps dense outputs back from scales or from "
+                                    f"{crops[0] if crops else 'translate'}, not from both; drop `scales` or the "
+                                    f"{crops[0] if crops else 'translate'} view.")
 
 
 @dataclass(frozen=True)
@@ -126,8 +148,13 @@ class TTAConfig:
         merge: ``mean`` (of probabilities), ``gmean`` (of probabilities, via mean log-probability),
             ``max`` (per-class maximum probability, renormalized) or ``vote`` (majority of the views'
             top classes); see :func:`merge_predictions`.
-        task: ``classification`` (outputs are ``(batch, classes)`` logits) or ``regression`` (raw
-            outputs of any shape, averaged).
+        task: what the model computes, one of :data:`~lightning_tricks.core.task.TASK_KINDS`, or None
+            (default) to read it from the first output (and, in the callback, the batch's targets) with
+            :func:`~lightning_tricks.core.task.infer_task`: ``classification`` (``(batch, classes)`` scores:
+            merged probabilities, returned as log-probabilities, or probabilities for a forward ending in
+            softmax), ``multilabel`` (per-label sigmoid probabilities merged, returned as logits),
+            ``dense`` (``(batch, classes, *spatial)`` maps: each view mapped back onto the input's grid
+            first) or ``regression`` (raw outputs averaged; maps on the input's grid mapped back first).
         max_batch: largest number of rows per model call (``None``: one call per view shape).
 
     Raises:
@@ -147,7 +174,7 @@ class TTAConfig:
     padding_mode: str = "replicate"
     stochastic_passes: int = 1
     merge: str = "mean"
-    task: str = "classification"
+    task: str | None = None
     max_batch: int | None = None
     expanded: tuple[View, ...] = field(init=False, repr=False, compare=False)
 
@@ -195,7 +222,8 @@ class TTAConfig:
 
 
 def tta_config(views: Sequence[str] | None, crop_size: int | None, scales: Sequence[int] | None, translate: int,
-               padding_mode: str, stochastic_passes: int, merge: str, task: str, max_batch: int | None) -> TTAConfig:
+               padding_mode: str, stochastic_passes: int, merge: str, task: str | None,
+               max_batch: int | None) -> TTAConfig:
     """The :class:`TTAConfig` of the wrapper's and the callback's arguments (``views=None``: ``["hflip"]``)."""
     return TTAConfig(views=["hflip"] if views is None else views, crop_size=crop_size, scales=scales,  # type: ignore[arg-type]
                      translate=translate, padding_mode=padding_mode, stochastic_passes=stochastic_passes,

@@ -8,9 +8,12 @@ import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
 from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.layout import model_layout
+from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_modules
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.sequence import sequence_tta_forward
 
 
 def _has_randomness(model: nn.Module) -> bool:
@@ -33,8 +36,8 @@ class TTAWrapper(nn.Module):
     module's ``state_dict``). Arguments are those of :class:`TTAConfig`, plus ``seed``.
 
     Args:
-        model: the model, returning ``(batch, classes)`` logits (or any ``(batch, ...)`` for
-            ``task="regression"``).
+        model: the model, returning ``(batch, classes)`` scores, ``(batch, classes, *spatial)`` maps, or
+            anything ``(batch, ...)`` for ``task="regression"``.
         views: view families (default ``["hflip"]``).
         crop_size: see :class:`TTAConfig`.
         scales: see :class:`TTAConfig`.
@@ -42,7 +45,9 @@ class TTAWrapper(nn.Module):
         padding_mode: see :class:`TTAConfig`.
         stochastic_passes: see :class:`TTAConfig`.
         merge: see :class:`TTAConfig`.
-        task: see :class:`TTAConfig`.
+        task: see :class:`TTAConfig`. The wrapper sees no targets: with ``task=None`` it reads the task from
+            the first output alone (``(batch, classes)`` is single-label classification), so pass
+            ``task="multilabel"`` for a multi-label model.
         max_batch: see :class:`TTAConfig`.
         seed: seed of the stochastic passes (each call draws the same randomness; torch's global
             generators are seeded inside a fork and left as they were). ``None`` draws from the global
@@ -58,7 +63,7 @@ class TTAWrapper(nn.Module):
 
     def __init__(self, model: nn.Module, views: Sequence[str] | None = None, crop_size: int | None = None,
                  scales: Sequence[int] | None = None, translate: int = 2, padding_mode: str = "replicate",
-                 stochastic_passes: int = 1, merge: str = "mean", task: str = "classification",
+                 stochastic_passes: int = 1, merge: str = "mean", task: str | None = None,
                  max_batch: int | None = None, seed: int | None = None) -> None:
         super().__init__()
         self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
@@ -67,6 +72,17 @@ class TTAWrapper(nn.Module):
             raise _no_stochastic_layers(stochastic_passes, f"the model {type(model).__name__}")
         self.model = model
         self.seed = seed
+        self.task: Task | None = None  # read from the first output merged (the wrapper sees no targets)
+        self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
+
+    def _read_task(self, output: Tensor) -> Task:
+        if self.task is None:
+            self.task = infer_task(output, None, self.config.task)
+        return self.task
 
     def forward(self, x: Tensor) -> Tensor:
-        return tta_forward(self.model, x, self.config, seed=self.seed, stochastic_module=self.model)
+        if x.ndim in (2, 3) and model_layout(self.model) == "sequence":
+            return sequence_tta_forward(self.model, x, self.config, seed=self.seed, views_given=self._views_given,
+                                        stochastic_module=self.model, task=self._read_task)
+        return tta_forward(self.model, x, self.config, seed=self.seed, stochastic_module=self.model,
+                           task=self._read_task)

@@ -174,7 +174,15 @@ def report(study: Any, settings: Any, base: dict[str, Any]) -> None:
 def tune_main(argv: Sequence[str]) -> int:
     import torch
 
-    from lightning_tricks.tuning.study import load_or_create_study, open_storage, run_worker
+    from lightning_tricks.tuning.study import (
+        is_storage_error,
+        load_or_create_study,
+        masked_url,
+        open_storage,
+        run_worker,
+        storage_cause,
+        storage_error_line,
+    )
 
     args, config_args = _tune_parser().parse_known_args(list(argv))
     settings, base = build_settings(args, config_args)
@@ -189,11 +197,20 @@ def tune_main(argv: Sequence[str]) -> int:
     procs = _spawn_workers(argv, args.workers, threads) if args.workers > 1 else []
     try:
         run_worker(settings, study, base)
+        if not args.no_report:
+            report(study, settings, base)
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        # the database went away mid-study: what it holds is safe; this worker's running trial (if any) is left
+        # RUNNING there and is marked failed, and run again, by the next start (or any worker after the grace period)
+        cause = storage_cause(err) or err  # Optuna may re-raise it as another error (its context keeps the cause)
+        raise ConfigError(f"lost the study storage {masked_url(settings.storage)!r} ({storage_error_line(settings.storage, cause)}): "
+                          "the finished trials are kept in it; rerun the same command when it is reachable "
+                          "again to finish the study.") from err
     finally:
         for proc in procs:
             proc.wait()
-    if not args.no_report:
-        report(study, settings, base)
     return 0
 
 

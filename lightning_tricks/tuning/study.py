@@ -93,8 +93,62 @@ def default_epochs(max_epochs: int, stages: int) -> list[int]:
 
 
 # -- storage --------------------------------------------------------------------------------------
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages).
+
+    Examples:
+        >>> masked_url("postgresql://tune:secret@db.example:5432/tune")
+        'postgresql://tune:***@db.example:5432/tune'
+        >>> masked_url("sqlite:///runs/study.db")
+        'sqlite:///runs/study.db'
+    """
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: mask what looks like user:password@
+        import re
+
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def storage_error_line(url: str, err: BaseException) -> str:
+    """The first line of a storage error, with the URL's password (should a driver echo it) masked."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return first.replace(str(password), "***") if password else first
+
+
+def storage_cause(err: BaseException) -> BaseException | None:
+    """The error in ``err``'s chain that says the study's database cannot be reached or used, else ``None``."""
+    import optuna
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and all(cause is not c for c in chain):
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # the driver's own error first (Optuna wraps it in StorageInternalError, "An exception is raised during the commit")
+    for kinds in ((OperationalError, DBAPIError), (optuna.exceptions.StorageInternalError, ConnectionError)):
+        found = next((c for c in chain if isinstance(c, kinds)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the study's database cannot be reached or used."""
+    return storage_cause(err) is not None
+
+
 def open_storage(url: str) -> Any:
-    """An Optuna RDB storage with heartbeats; an unreachable URL is one ConfigError line."""
+    """An Optuna RDB storage with heartbeats; an unreachable URL is one ConfigError line (password masked)."""
     import optuna
 
     kwargs: dict[str, Any] = {}
@@ -106,8 +160,13 @@ def open_storage(url: str) -> Any:
             storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
                                                  grace_period=GRACE_PERIOD, **kwargs)
     except Exception as err:  # sqlalchemy's, a missing driver, a bad URL: all one line for the user
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"cannot open the study storage {url!r}: {first}") from None
+        first = storage_error_line(url, err)
+        hint = ""
+        if ("DB access module" in first or "No module named" in first) and url.startswith("postgresql"):
+            hint = (" (this URL asks for psycopg2: pip install psycopg2-binary, or write postgresql:// and pip install "
+                    "'lightning-tricks[distributed]')" if url.startswith("postgresql+psycopg2") else
+                    " (PostgreSQL needs its driver: pip install 'lightning-tricks[distributed]', i.e. psycopg[binary])")
+        raise ConfigError(f"cannot open the study storage {masked_url(url)!r}: {first}{hint}") from None
     if url.startswith("sqlite"):
         _write_ahead_log(storage)
     return storage
@@ -170,7 +229,8 @@ def load_or_create_study(settings: TuneSettings, storage: Any, worker_index: int
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print one line per trial ourselves
-    seed = None if settings.seed is None else settings.seed + 7919 * worker_index
+    # numpy-based samplers take seeds below 2**32: wrap a larger one instead of failing
+    seed = None if settings.seed is None else (settings.seed + 7919 * worker_index) % 2**32
     study = optuna.create_study(storage=storage, study_name=settings.study_name, direction=settings.direction,
                                 sampler=make_sampler(settings.sampler, seed, settings.space, settings.trials),
                                 pruner=make_pruner(settings.pruner),
@@ -181,7 +241,7 @@ def load_or_create_study(settings: TuneSettings, storage: Any, worker_index: int
         study.set_user_attr("settings", identity)
     elif recorded != identity:
         diff = [k for k in identity if identity[k] != recorded.get(k)]
-        raise ConfigError(f"study {settings.study_name!r} in {settings.storage} was started with other settings "
+        raise ConfigError(f"study {settings.study_name!r} in {masked_url(settings.storage)} was started with other settings "
                           f"({', '.join(diff)} differ): use the same search space, stages, epochs and metric, "
                           "or another --study-name.")
     return study
@@ -498,5 +558,5 @@ def settings_dict(settings: TuneSettings) -> dict[str, Any]:
 
 __all__ = ["PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_abandoned_trials",
            "fail_dead_trials",
-           "load_or_create_study", "open_storage", "position", "build_from_config", "run_config", "run_worker", "split_trials",
+           "is_storage_error", "load_or_create_study", "masked_url", "open_storage", "storage_cause", "position", "build_from_config", "run_config", "run_worker", "split_trials",
            "stage_of", "stage_space", "trial_config"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
+from lightning_tricks.zoo.sequence import SEQUENCE_BACKBONES, build_sequence_backbone
 
 ZOO_BACKBONES = ("simple_cnn", "mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 """Backbone names the zoo builds itself; other names go to torchvision, then timm."""
@@ -176,7 +177,9 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, image
     """Build a randomly initialized backbone by name.
 
     Args:
-        name: ``simple_cnn``, ``mlp``, ``resnet20``/``32``/``44``/``56``/``110`` (CIFAR-style), any
+        name: ``simple_cnn``, ``mlp``, ``resnet20``/``32``/``44``/``56``/``110`` (CIFAR-style), a sequence
+            backbone for ``[B, C, L]`` inputs (``mnist1d_logistic``, ``mnist1d_mlp``, ``mnist1d_cnn``, ``mnist1d_gru``,
+            ``resnet1d`` / ``resnet1d_8``; ``length`` in ``kwargs``, default 40), any
             torchvision classification model (``resnet18``, ``tv:resnet18`` to force torchvision) or any
             timm model (``timm:resnet18`` or a name torchvision does not have).
         num_classes: number of output logits.
@@ -191,6 +194,8 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, image
         >>> build_backbone("resnet20", num_classes=10, in_channels=3)(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
+    if name in SEQUENCE_BACKBONES or name.startswith("resnet1d_"):
+        return build_sequence_backbone(name, num_classes, in_channels, **kwargs)
     if name == "simple_cnn":
         return SimpleCNN(in_channels, num_classes, **kwargs)
     if name == "mlp":
@@ -214,7 +219,7 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, image
         return timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
                                  **kwargs)
     raise InvalidArgumentError(
-        f"`backbone`={name!r} is invalid: expected one of {', '.join(ZOO_BACKBONES)}, a torchvision model name "
+        f"`backbone`={name!r} is invalid: expected one of {', '.join(ZOO_BACKBONES + SEQUENCE_BACKBONES)}, a torchvision model name "
         "(torchvision.models.list_models()) or a timm model name (timm.list_models())."
     )
 

@@ -29,9 +29,10 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of an ``(N, C, H, W)`` tensor, shaped ``(1, C, 1, 1)``."""
-    mean = images.mean(dim=(0, 2, 3), keepdim=True)
-    std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    """Per-channel mean and std of an ``(N, C, H, W)`` (or ``(N, C, L)``) tensor, shaped ``(1, C, 1, 1)`` (``(1, C, 1)``)."""
+    dims = (0, *range(2, images.dim()))
+    mean = images.mean(dim=dims, keepdim=True)
+    std = images.std(dim=dims, keepdim=True).clamp_min(1e-6)
     return mean, std
 
 
