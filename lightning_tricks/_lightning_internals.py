@@ -123,3 +123,23 @@ def training_step_logged(trainer: pl.Trainer) -> dict[str, Any]:
         return {}
     logged = results.metrics(True)["callback"]
     return {name: value for name, value in logged.items() if not (name.endswith("_step") and name[:-5] in logged)}
+
+
+# -- pytorch_lightning modules in our CLI ----------------------------------------------------------------------
+# LightningCLI records a module's class and arguments in its hyperparameters (``_class_path``: what an Ensemble
+# reads to rebuild a member, and ``load_from_checkpoint`` to re-instantiate) through an instantiator that sets
+# lightning.pytorch's private hyperparameter context. A pytorch_lightning module reads pytorch_lightning's context,
+# so it registers pytorch_lightning's own instantiator (``pytorch_lightning.cli._InstantiatorFn``) for its classes.
+
+
+def add_legacy_instantiators(cli: Any) -> None:
+    """Make ``cli`` record ``_class_path`` and the arguments of a ``pytorch_lightning`` module or datamodule too."""
+    import sys
+
+    legacy = sys.modules.get("pytorch_lightning")
+    if legacy is None:
+        return
+    from pytorch_lightning.cli import _InstantiatorFn
+
+    for key, base in (("model", legacy.LightningModule), ("data", legacy.LightningDataModule)):
+        cli.parser.add_instantiator(_InstantiatorFn(cli=cli, key=key), base, subclasses=True)

@@ -4,7 +4,8 @@
 included. The zoo's ``ImageClassifier`` is the default model; the digits datamodule is the default
 data of our own models only (``ImageClassifier``, ``Ensemble``): a model of your own with its own
 ``*_dataloader`` methods trains on them (``--data null`` says so explicitly). Our callbacks are imported here, so ``--trainer.callbacks+=Cutout``
-resolves short names, and ``EarlyStopping`` (a name Lightning exports too) means ours.
+resolves short names, and ``EarlyStopping`` (a name Lightning exports too) means ours. A class you name
+starts from its own constructor defaults: the zoo's defaults belong to the zoo's classes only.
 
 What the command adds to a plain LightningCLI, each for a newcomer's first hour:
 
@@ -32,14 +33,21 @@ import lightning.pytorch.callbacks as pl_callbacks
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 import lightning_tricks
 from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
 from lightning_tricks._runtime_errors import explain_runtime_error
+from lightning_tricks.core.lightning_classes import (
+    LEGACY,
+    datamodule_types,
+    is_overridden,
+    lightning_module_types,
+    lightning_types,
+    package_of,
+)
 from lightning_tricks.errors import user_error_in
 from lightning_tricks.monitoring.divergence import DivergenceStop
 
@@ -66,6 +74,15 @@ class TricksArgumentParser(LightningArgumentParser):
     against each type of a Union); those are left to it. Only the final report is shortened.
     ``--help`` is not an error and prints everything. ``LIGHTNING_TRICKS_DEBUG=1`` restores the full text.
     """
+
+    @override
+    def add_lightning_class_args(self, lightning_class: Any, nested_key: str, subclass_mode: bool = False,
+                                 required: bool = True) -> list[str]:
+        """``--model``/``--data`` take a subclass of either package's LightningModule/LightningDataModule."""
+        bases = {"model": lightning_module_types(load=True), "data": datamodule_types(load=True)}.get(nested_key)
+        if subclass_mode and bases and lightning_class in bases:
+            return self.add_subclass_arguments(bases, nested_key, fail_untyped=False, required=required)
+        return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> Any:
@@ -115,12 +132,13 @@ def quiet_lightning_noise() -> None:
     * torch's ``isinstance(treespec, LeafSpec)`` deprecation, raised from inside Lightning's
       ``utilities/_pytree.py`` (a Lightning matter, not the user's).
     """
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            module=r"lightning\.pytorch\.utilities\._pytree")
+                            module=r"(lightning\.pytorch|pytorch_lightning)\.utilities\._pytree")
 
 
 def _shadowed_callbacks() -> list[str]:
@@ -184,14 +202,25 @@ def _data_given(argv: list[str], subcommand: str | None) -> bool:
     return False
 
 
-def _is_our_model(class_path: str | None) -> bool:
-    """Whether the model class is one of this package's (the zoo's ImageClassifier, Ensemble), not the user's."""
+def _import_class(class_path: str | None) -> Any:
     module, _, name = (class_path or "").rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False
-    return getattr(cls, "__module__", "").split(".")[0] == "lightning_tricks"
+        return None
+
+
+_ZOO_DEFAULTS = {"model": ZOO_MODEL, "data": ZOO_DATA}
+
+
+def _without_print_config(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--print_config" and not a.startswith("--print_config=")]
+
+
+def _is_our_model(class_path: str | None) -> bool:
+    """Whether the model class is one of this package's (the zoo's ImageClassifier, Ensemble), not the user's."""
+    cls = _import_class(class_path)
+    return cls is not None and getattr(cls, "__module__", "").split(".")[0] == "lightning_tricks"
 
 
 class TricksCLI(LightningCLI):
@@ -199,7 +228,8 @@ class TricksCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": ZOO_MODEL}, "data": {"class_path": ZOO_DATA}})
+        parser.set_defaults({key: {"class_path": path} for key, path in _ZOO_DEFAULTS.items()})
+        self._zoo_default_parsers = [*getattr(self, "_zoo_default_parsers", []), parser]
         parser.add_argument(
             "--divergence_stop", type=bool, default=True,
             help="fit: stop at the first NaN/inf training loss with one line saying so (adds "
@@ -210,15 +240,39 @@ class TricksCLI(LightningCLI):
         argv = None
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
+            if self._start_from_chosen_classes():
+                super().parse_arguments(parser, args)
         else:
             argv = prefer_our_callbacks(list(sys.argv[1:] if args is None else args))
-            self.config = parser.parse_args(argv)
+            first = _without_print_config(argv)  # --print_config prints (and exits) in the final parse only
+            self.config = parser.parse_args(first)
+            if self._start_from_chosen_classes() or first != argv:
+                self.config = parser.parse_args(argv)
         self._check_ckpt_path()
         self._default_data(argv)
 
     def _node(self) -> Namespace:
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config
+
+    def _start_from_chosen_classes(self) -> bool:
+        """Make the chosen ``--model``/``--data`` class the parser's default; True when it was another (parse again).
+
+        The zoo's classes are the parser's defaults, and jsonargparse keeps every default value whose name and
+        type the newly chosen class accepts: ``--model my_pkg.MyNet`` would train MyNet with the zoo's ``lr``,
+        ``num_classes``, ``in_channels``... (and ``--data`` a datamodule with the digits' ``batch_size``). Parsed
+        again from the chosen class as default, a class starts from its own signature; what the command line
+        and the config files set applies on top, as before.
+        """
+        node, chosen = self._node(), {}
+        for key, zoo_path in _ZOO_DEFAULTS.items():
+            spec = node.get(key)
+            class_path = spec.get("class_path") if isinstance(spec, (Namespace, dict)) else None
+            if class_path and _import_class(class_path) is not _import_class(zoo_path):
+                chosen[key] = {"class_path": class_path}
+        for parser in getattr(self, "_zoo_default_parsers", []) if chosen else []:
+            parser.set_defaults(chosen)
+        return bool(chosen)
 
     def _check_ckpt_path(self) -> None:
         path = self._node().get("ckpt_path")
@@ -242,12 +296,42 @@ class TricksCLI(LightningCLI):
             node.data = None
 
     @override
+    def before_instantiate_classes(self) -> None:
+        from lightning_tricks._lightning_internals import add_legacy_instantiators
+
+        add_legacy_instantiators(self)  # a pytorch_lightning module's checkpoint records its class too
+
+    def _use_the_models_package(self) -> None:
+        """A ``pytorch_lightning`` module trains in ``pytorch_lightning.Trainer`` (Lightning refuses to mix the two).
+
+        Lightning's own callbacks named in the config (``lightning.pytorch.callbacks.ModelCheckpoint``...) are built
+        as their ``pytorch_lightning`` twins with the same arguments, so that this Trainer recognizes them; our
+        callbacks serve either Trainer. A datamodule of the other package cannot be mixed: one line says so.
+        """
+        package = package_of(self.model)
+        if self.datamodule is not None and package_of(self.datamodule) not in (package, None):
+            _fail(f"--data: {type(self.datamodule).__name__} is a {package_of(self.datamodule)} LightningDataModule "
+                  f"and {type(self.model).__name__} a {package} LightningModule; Lightning runs one package per "
+                  f"Trainer: give a datamodule that imports {package} (or the model's own *_dataloader methods, "
+                  "--data null), or import one package in both.")
+        if package != LEGACY:
+            return
+        self.trainer_class = importlib.import_module(LEGACY).Trainer
+        init = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        trainer = init.get("trainer") or {}
+        specs = self._node().get("trainer", Namespace()).get("callbacks") or []
+        callbacks = trainer.get("callbacks")
+        if isinstance(callbacks, list) and isinstance(specs, list) and len(specs) == len(callbacks):
+            trainer["callbacks"] = [_legacy_twin(cb, spec) for cb, spec in zip(callbacks, specs, strict=True)]
+
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        self._use_the_models_package()
         node = self._node()
         trainer_node = node.get("trainer", Namespace())
         configured = self._configured_callbacks()
         plain_output = not sys.stdout.isatty() and trainer_node.get("enable_progress_bar") is None \
-            and not any(isinstance(c, ProgressBar) for c in configured)
+            and not any(isinstance(c, lightning_types("callbacks.ProgressBar")) for c in configured)
         if plain_output:
             kwargs.setdefault("enable_progress_bar", False)
         trainer = super().instantiate_trainer(**kwargs)
@@ -304,6 +388,22 @@ class TricksCLI(LightningCLI):
     @override
     def after_test(self) -> None:
         self._report("test_", "Test")
+
+
+def _legacy_twin(callback: Any, spec: Any) -> Any:
+    """Lightning's own ``lightning.pytorch`` callback rebuilt as its ``pytorch_lightning`` twin (same arguments)."""
+    module = type(callback).__module__
+    if not module.startswith("lightning.pytorch."):
+        return callback
+    twin = getattr(importlib.import_module(LEGACY + module[len("lightning.pytorch"):]), type(callback).__name__, None)
+    init_args = spec.get("init_args") if isinstance(spec, (Namespace, dict)) else None
+    try:
+        kwargs = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+        return twin(**kwargs)
+    except Exception as err:  # no twin, or arguments it does not take: say what to do
+        _fail(f"--trainer.callbacks: {type(callback).__name__} is lightning.pytorch's and the model a {LEGACY} "
+              f"module, and it could not be rebuilt as {LEGACY}'s ({type(err).__name__}: {err}); "
+              "leave it out or import lightning.pytorch in the model.")
 
 
 def _check_ckpt_path(cli: TricksCLI) -> None:

@@ -160,7 +160,8 @@ def check_ensemble(project: str) -> None:
         members.append(PROJECTS[project][0]().eval())
     _, data = build(project)
     ensemble = lt.Ensemble(members=members)
-    out = trainer(project).predict(ensemble, dataloaders=data.predict_dataloader())
+    # the Ensemble is a lightning.pytorch module: it runs in lightning.pytorch's Trainer, whatever its members' package
+    out = trainer("plain").predict(ensemble, dataloaders=data.predict_dataloader())
     x, _ = first_batch(data, "predict")
     with torch.no_grad():
         expected = torch.stack([_member_probs(project, m, x) for m in members]).mean(0)

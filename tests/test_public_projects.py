@@ -87,7 +87,7 @@ EXPECTED_ROWS: dict[str, dict[str, str]] = {
     "EarlyStopping": _all(S),
     "Ensemble": {**_all(S), "segmentation": R, "gan": R},
     "SnapshotEnsemble": _all(S),
-    "EMAMembers": _all(S),
+    "EMAMembers": {**_all(S), "pl_package": R},
     "DivergenceStop": _all(S),
     "InitialLossCheck": {**_all(S), "gan": R},
     "Finetune": {**_all(S), "gan": R},
@@ -96,13 +96,6 @@ EXPECTED: dict[tuple[str, str], str] = {(t, p): o for t, row in EXPECTED_ROWS.it
 """(trick, project) -> ``"serves"`` | ``"refuses"``: the contract a reader can check at a glance."""
 
 KNOWN_WRONG: dict[tuple[str, str], str] = {
-    ("ActivationSwap", "pl_package"): "owned by cli-names: a pytorch_lightning module fails with the unrelated "
-                                      "ValueError 'Expected a parent' instead of being swapped",
-    ("EMAMembers", "pl_package"): "owned by training-styles/cli-names: a pytorch_lightning module fails with "
-                                  "ValueError 'Expected a parent' (Lightning's WeightAveraging checks lightning.pytorch)",
-    ("Ensemble", "pl_package"): "owned by training-styles/cli-names: Ensemble is a lightning.pytorch module, so the "
-                                "project's pytorch_lightning.Trainer rejects it (TypeError: `model` must be a "
-                                "`LightningModule`)",
 }
 """Cells other branches own that are wrong today: strict xfail with what is wrong."""
 

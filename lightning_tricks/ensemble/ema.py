@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
 from lightning_tricks._validation import check_int, check_optional_int, check_range
+from lightning_tricks.core.lightning_classes import package_of
 from lightning_tricks.ensemble.module import Ensemble
+from lightning_tricks.errors import ModelNotSupportedError
 
 
 class EMAMembers(EMAWeightAveraging):
@@ -53,6 +55,13 @@ class EMAMembers(EMAWeightAveraging):
         self.raw_state: dict[str, torch.Tensor] | None = None
         self.ema_state: dict[str, torch.Tensor] | None = None
         self._trained_module: nn.Module | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if package_of(pl_module) == "pytorch_lightning":
+            raise ModelNotSupportedError(
+                "EMAMembers builds on lightning.pytorch's EMAWeightAveraging, which cannot drive a pytorch_lightning "
+                "module; import LightningModule and Trainer from lightning.pytorch (the same API) to use EMAMembers.")
+        super().setup(trainer, pl_module, stage)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.raw_state = _cloned_state(pl_module)

@@ -32,6 +32,7 @@ from lightning_tricks.checkpoint import (
     recorded_input_statistics,
     tricks_applied_on_load,
 )
+from lightning_tricks.core.lightning_classes import lightning_module_types
 from lightning_tricks.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
 
 ClassSpec = str | type[pl.LightningModule]
@@ -138,7 +139,7 @@ def _member_class(checkpoint: dict[str, Any], member_class: ClassSpec | None, tr
         cls = _class_named_by_checkpoint(named, trust, label)
     else:
         cls = _import_class(member_class, "member_class") if isinstance(member_class, str) else member_class
-    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+    if not (isinstance(cls, type) and issubclass(cls, lightning_module_types())):
         raise CheckpointError(f"{label}: the member class {cls!r} is not a LightningModule subclass.")
     return cls
 

@@ -18,6 +18,7 @@ from lightning_tricks._validation import (
     check_choice,
     check_optional_int,
 )
+from lightning_tricks.core.lightning_classes import lightning_module_types
 from lightning_tricks.core.task import Task, TaskNotSupportedError, check_task_kind, infer_task, require_task
 from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
 from lightning_tricks.ensemble import _vmap, screening, stages
@@ -73,7 +74,7 @@ def check_member_class(member_class: Any, count: int) -> list[ClassSpec | None]:
                                    f"checkpoints or a list of {count}, one per checkpoint.")
     for spec in specs:
         if spec is not None and not isinstance(spec, str) and not (
-                isinstance(spec, type) and issubclass(spec, pl.LightningModule)):
+                isinstance(spec, type) and issubclass(spec, lightning_module_types())):
             raise InvalidArgumentError(f"`member_class`={member_class!r} is invalid: expected a LightningModule "
                                        "subclass or its import path 'package.module.ClassName'.")
     return list(specs)

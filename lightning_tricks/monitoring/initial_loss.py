@@ -37,6 +37,7 @@ from lightning_tricks._validation import (
     check_positive,
     check_probability,
 )
+from lightning_tricks.core.lightning_classes import trainer_class_for
 from lightning_tricks.core.task import Task, check_task_kind, infer_task, require_task
 from lightning_tricks.distributed import all_reduce
 from lightning_tricks.errors import InitialLossError  # noqa: F401  (re-exported)
@@ -352,7 +353,7 @@ def overfit_check(
                                     enable_checkpointing=False, enable_progress_bar=False,
                                     enable_model_summary=False, num_sanity_val_steps=0)
     settings.update(trainer_kwargs)
-    trainer = pl.Trainer(**settings)
+    trainer = trainer_class_for(model)(**settings)  # pytorch_lightning's for a module written against it
     # the batches overfit_batches trains on: the first ones in dataset order (Lightning turns shuffling off)
     batches: list[Any] = []
     for batch in _sequential(train_dataloader):

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_tricks._seeding import RandomStream
 from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks.core.lightning_classes import lightning_module_types
 from lightning_tricks.errors import BatchFormatError  # noqa: F401  (re-exported)
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
@@ -274,7 +275,7 @@ class BatchTransformMixin:
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        if isinstance(self, pl.LightningModule):
+        if isinstance(self, lightning_module_types()):
             trainer, pl_module = self._trainer, self
         else:
             trainer = getattr(self, "trainer", None)

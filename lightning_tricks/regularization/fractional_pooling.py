@@ -34,6 +34,7 @@ from torch import nn
 
 from lightning_tricks._validation import check_int, check_range
 from lightning_tricks.core.layout import model_layout
+from lightning_tricks.core.lightning_classes import lightning_module_types
 from lightning_tricks.distributed import derive_seed
 from lightning_tricks.regularization._callback import StructuralCallback
 from lightning_tricks.regularization._randomness import LayerRandomness
@@ -419,7 +420,7 @@ class FractionalMaxPooling(StructuralCallback):
     def _check_sizes(self, pl_module: nn.Module, example: torch.Tensor) -> None:
         """Run ``example`` through the model with the original pools and with ours; undo and raise on a mismatch."""
         replaced, self._replaced = self._replaced, {}
-        example = example.to(pl_module.device if isinstance(pl_module, pl.LightningModule) else example.device)
+        example = example.to(pl_module.device if isinstance(pl_module, lightning_module_types()) else example.device)
         ours = {name: pl_module.get_submodule(name) for name in replaced}
         sizes_before: dict[str, tuple[int, ...]] = {}
         for name, old in replaced.items():

@@ -29,7 +29,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,6 +41,7 @@ from lightning_tricks._validation import (
     check_probability,
     check_range,
 )
+from lightning_tricks.core.lightning_classes import lightning_types
 from lightning_tricks.regularization._callback import StructuralCallback
 from lightning_tricks.regularization._randomness import LayerRandomness
 from lightning_tricks.surgery import (
@@ -545,8 +545,8 @@ class StochasticDepth(StructuralCallback):
 
     def after_convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
-        if self.mode == "batch" and trainer.world_size > 1 and not isinstance(strategy, (DDPStrategy,
-                                                                                         SingleDeviceStrategy)):
+        known = lightning_types("strategies.DDPStrategy") + lightning_types("strategies.SingleDeviceStrategy")
+        if self.mode == "batch" and trainer.world_size > 1 and not isinstance(strategy, known):
             raise ModelNotSupportedError(
                 f"StochasticDepth(mode='batch') leaves the parameters of skipped blocks without gradient, which "
                 f"{type(strategy).__name__} is not known to handle: use strategy='ddp' or StochasticDepth(mode='row')."

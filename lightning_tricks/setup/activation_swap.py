@@ -15,11 +15,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.lightning_classes import is_overridden
 from lightning_tricks.init.schemes import _GAIN_SCHEMES  # which schemes have a gain
 from lightning_tricks.regularization._batch import find_slot, get_item
 from lightning_tricks.regularization._callback import StructuralCallback

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.lightning_classes import sharding_strategy_types, weight_averaging_types
 from lightning_tricks.distributed import broadcast_module
 from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
 from lightning_tricks.stopping.agreement import agree_across_ranks
@@ -319,16 +320,13 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
 
 def _refuse_unsupported(trainer: pl.Trainer) -> None:
     """Restoring needs the whole model on every rank and the scored weights in the model."""
-    from lightning.pytorch.callbacks import WeightAveraging
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+    if isinstance(trainer.strategy, sharding_strategy_types()):
         raise ConfigError(
             f"EarlyStopping(restore_best_weights=True) needs every rank to hold the whole model, but the strategy "
             f"is {type(trainer.strategy).__name__}, which shards it. Set restore_best_weights=False and keep the best "
             "weights with ModelCheckpoint(monitor=..., save_top_k=1) instead."
         )
-    averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+    averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, weight_averaging_types())]
     if averaging:
         raise ConfigError(
             f"EarlyStopping(restore_best_weights=True) cannot be combined with {averaging[0]}: validation scores the "

@@ -146,9 +146,10 @@ def overfit_step(config: dict[str, Any], folder: Path, num_batches: int, max_epo
 
 def _user_callbacks(cli: Any) -> list[Any]:
     """The config's own callbacks (init schemes etc.), without the ones Lightning adds by default."""
-    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+    from lightning_tricks.core.lightning_classes import lightning_types
 
-    return [c for c in cli.trainer.callbacks if not isinstance(c, (ProgressBar, ModelSummary))]
+    defaults = lightning_types("callbacks.ProgressBar") + lightning_types("callbacks.ModelSummary")
+    return [c for c in cli.trainer.callbacks if not isinstance(c, defaults)]
 
 
 def _copy(config: dict[str, Any]) -> dict[str, Any]:
@@ -204,13 +205,16 @@ def lr_range_test(config: dict[str, Any], folder: Path, lr_key: str, steps: int)
     Its suggestion (the steepest descent of the loss), the rate at the lowest loss of the sweep (where
     the loss turns up: the edge of blowing up) and a tenth of it (Smith's rule of thumb).
     """
-    from lightning.pytorch.tuner import Tuner
+    import importlib
+
+    from lightning_tricks.core.lightning_classes import package_of
 
     config = _copy(config)
     config["trainer"].update(max_epochs=10**6)
     if "schedule" in config["model"].get("init_args", {}):
         config["model"]["init_args"]["schedule"] = "none"
     cli = _build(config, folder, "step3-range-test")
+    Tuner = importlib.import_module(f"{package_of(cli.trainer)}.tuner").Tuner  # the Trainer's own package's
     finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, num_training=steps, min_lr=1e-6,
                                         max_lr=1.0, attr_name=lr_key, update_attr=False)
     if finder is None:
