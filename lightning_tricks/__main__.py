@@ -1,3 +1,3 @@
-from lightning_tricks.cli import main
+from lightning_tricks.commands import main
 
 main()

@@ -114,7 +114,12 @@ def _records_from_markers(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]
     return [record for trick, found in markers.items() for record in MARKER_DECODERS[trick](found)]
 
 
+MOVED_TRICKS = {"lightning_tricks.setup.activations.ActivationSwap": "lightning_tricks.setup.activation_swap.ActivationSwap"}
+"""Class paths that checkpoints saved before a move record, and where the class is now."""
+
+
 def _trick_class(class_path: Any) -> type[StructuralCallback]:
+    class_path = MOVED_TRICKS.get(class_path, class_path) if isinstance(class_path, str) else class_path
     # Only our own structural tricks are imported: a checkpoint must not name arbitrary code to run.
     if not isinstance(class_path, str) or not class_path.startswith("lightning_tricks."):
         raise UnknownTrickError(f"the checkpoint records the trick {class_path!r}, which is not a lightning_tricks "

@@ -452,20 +452,12 @@ def _check_ckpt_file(argv: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-tricks`` script (also ``python -m lightning_tricks``).
+    """LightningCLI's subcommands of the ``lightning-tricks`` script (`lightning_tricks.commands` dispatches).
 
     A ``lightning_tricks.errors`` error (a bad argument value, a missing data folder)
     is printed as one line and exits with status 2; set ``LIGHTNING_TRICKS_DEBUG=1`` for the traceback.
     """
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "recipe":
-        from lightning_tricks.recipe.cli import main as recipe_main
-
-        recipe_main(argv[1:])
-    if argv and argv[0] in ("tune", "babysit"):
-        from lightning_tricks.tuning.cli import main as tuning_main
-
-        tuning_main(argv)
     try:
         _check_ckpt_file(argv)
         build_cli(args)

@@ -190,7 +190,7 @@ def test_the_search_draws_a_trials_values_from_its_position_so_a_killed_trials_r
 
 
 def test_the_recipe_is_a_subcommand_of_lightning_tricks(capsys, tmp_path):
-    from lightning_tricks.cli import main as cli_main
+    from lightning_tricks.commands import main as cli_main
 
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["recipe", "--config", DIGITS, "--out", str(tmp_path), "--members", "1"])

@@ -107,7 +107,7 @@ def _config_stem(config_args: Sequence[str]) -> str:
 
 def build_context(args: argparse.Namespace, config_args: list[str], echo: Callable[[str], None]) -> RecipeContext:
     from lightning_tricks._monitor import infer_mode
-    from lightning_tricks.tuning.cli import default_metric, load_config
+    from lightning_tricks.tuning.study import default_metric, load_config
 
     _check(args)
     time_budget = parse_duration(args.time) if args.time is not None else None
@@ -128,7 +128,7 @@ def build_context(args: argparse.Namespace, config_args: list[str], echo: Callab
 
 
 def _config_monitor(base: dict[str, Any]) -> str | None:
-    from lightning_tricks.tuning.cli import default_metric
+    from lightning_tricks.tuning.study import default_metric
 
     return None if default_metric(base) == "val_loss" and not any(
         "monitor" in (c.get("init_args") or {}) for c in (base.get("trainer") or {}).get("callbacks") or []

@@ -469,15 +469,6 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
     return report
 
 
-def __getattr__(name: str) -> Any:
-    # The callback moved to activation_swap.py; configs that LightningCLI saved before name it here.
-    if name == "ActivationSwap":
-        from lightning_tricks.setup.activation_swap import ActivationSwap
-
-        return ActivationSwap
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "KINDS",
     "TARGETS",

@@ -347,7 +347,7 @@ def babysit(config: dict[str, Any], args: argparse.Namespace, echo: Any = print)
 
 def babysit_main(argv: Sequence[str]) -> int:
     """``lightning-tricks babysit``: exit status 0 when every step passed, 1 otherwise."""
-    from lightning_tricks.tuning.cli import load_config
+    from lightning_tricks.tuning.study import load_config
 
     args, config_args = _parser().parse_known_args(list(argv))
     _check_args(args)

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lightning_tricks._monitor import infer_mode
 from lightning_tricks._validation import ConfigError
 from lightning_tricks.errors import user_error_in
+from lightning_tricks.tuning.study import default_metric, load_config  # noqa: F401  (re-exported)
 
 TUNE_DESCRIPTION = """Hyperparameter search on Optuna: random, coarse to fine. Takes the same config as `fit`
 plus a search space (--search FILE.yaml mapping config keys to distributions), runs --trials trials
@@ -84,24 +83,6 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ConfigError("`--sampler`='grid' is invalid with --stages > 1: a grid does not narrow; use --stages 1.")
     if args.pruner not in PRUNERS:
         raise ConfigError(f"`--pruner`={args.pruner!r} is invalid: expected one of {', '.join(PRUNERS)}.")
-
-
-def load_config(config_args: Sequence[str]) -> dict[str, Any]:
-    """The complete ``fit`` config (every default filled in) that ``config_args`` describe, as a dict."""
-    from lightning_tricks.tuning.study import quiet_build_cli, quiet_lightning
-
-    with quiet_lightning():
-        cli = quiet_build_cli(list(config_args))
-        return yaml.safe_load(cli.parser.dump(cli.config))
-
-
-def default_metric(config: dict[str, Any]) -> str:
-    """The first ``monitor`` among the config's callbacks, else ``val_loss``."""
-    for cb in (config.get("trainer") or {}).get("callbacks") or []:
-        monitor = (cb.get("init_args") or {}).get("monitor") if isinstance(cb, dict) else None
-        if monitor:
-            return str(monitor)
-    return "val_loss"
 
 
 def build_settings(args: argparse.Namespace, config_args: list[str]) -> tuple[Any, dict[str, Any]]:

@@ -556,7 +556,23 @@ def settings_dict(settings: TuneSettings) -> dict[str, Any]:
     return out
 
 
-__all__ = ["PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_abandoned_trials",
+
+def load_config(config_args: Sequence[str]) -> dict[str, Any]:
+    """The complete ``fit`` config (every default filled in) that ``config_args`` describe, as a dict."""
+    with quiet_lightning():
+        cli = quiet_build_cli(list(config_args))
+        return yaml.safe_load(cli.parser.dump(cli.config))
+
+
+def default_metric(config: dict[str, Any]) -> str:
+    """The first ``monitor`` among the config's callbacks, else ``val_loss``."""
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        monitor = (cb.get("init_args") or {}).get("monitor") if isinstance(cb, dict) else None
+        if monitor:
+            return str(monitor)
+    return "val_loss"
+
+__all__ = ["default_metric", "load_config", "PRUNERS", "SAMPLERS", "Objective", "TuneSettings", "counts", "default_epochs", "fail_abandoned_trials",
            "fail_dead_trials",
            "is_storage_error", "load_or_create_study", "masked_url", "open_storage", "storage_cause", "position", "build_from_config", "run_config", "run_worker", "split_trials",
            "stage_of", "stage_space", "trial_config"]
