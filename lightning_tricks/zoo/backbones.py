@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
+from lightning_tricks.zoo.resnet_stages import residual_stages
 from lightning_tricks.zoo.sequence import SEQUENCE_BACKBONES, build_sequence_backbone
 
 ZOO_BACKBONES = ("simple_cnn", "mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -130,16 +131,7 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        stages: list[nn.Module] = []
-        planes = width
-        for i, stage_planes in enumerate((width, 2 * width, 4 * width)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(planes, stage_planes, stride))
-                planes = stage_planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        (self.layer1, self.layer2, self.layer3), planes = residual_stages(BasicBlock, width, n)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(planes, num_classes)
         for m in self.modules():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks.zoo.resnet_stages import residual_stages
 
 SEQUENCE_BACKBONES = ("mnist1d_logistic", "mnist1d_mlp", "mnist1d_cnn", "mnist1d_gru", "resnet1d")
 """Backbone names for sequence inputs (``build_backbone`` passes ``in_channels``, ``num_classes`` and
@@ -177,15 +178,8 @@ class ResNet1d(_Sequence):
         self.conv1 = nn.Conv1d(in_channels, width, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn1 = nn.BatchNorm1d(width)
         self.relu = nn.ReLU(inplace=True)
-        stages: list[nn.Module] = []
-        planes = width
-        for i, stage_planes in enumerate((width, 2 * width, 4 * width)):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock1d(planes, stage_planes, 2 if (i > 0 and j == 0) else 1, kernel_size))
-                planes = stage_planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        (self.layer1, self.layer2, self.layer3), planes = residual_stages(
+            lambda inp, out, stride: BasicBlock1d(inp, out, stride, kernel_size), width, n)
         self.pool = nn.AdaptiveAvgPool1d(1)
         self.fc = nn.Linear(planes, num_classes)
         for m in self.modules():
