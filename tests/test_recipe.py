@@ -215,3 +215,32 @@ def test_babysit_stops_the_recipe_on_a_broken_set_up_and_leaves_a_slow_drop_to_t
     assert must_stop([*ok, lr_step(2.30, float("nan"), "loss explodes (inf/NaN ...): learning rate too high.")])
     assert must_stop([StepResult(1, "initial loss", False, "", "badly scaled"), ok[1]])
     assert not must_stop(ok)
+
+
+def test_tta_candidates_shift_sequences_along_their_length_and_images_by_one_pixel():
+    """A [N, 1, 40] batch of a 1D model gets shifts of 1 and 2 steps along the length, and the wrapped model's
+    prediction is the mean of the softmax over the signal shifted by -t, 0, +t with the edge value repeated
+    (computed here by hand); a 2D model's image batch gets the one-pixel shift; a 3D batch of a model with
+    neither 1D nor 2D layers gets none (nothing is guessed)."""
+    from lightning_tricks.recipe.steps import tta_candidates
+    from lightning_tricks.tta import TTAWrapper
+    from lightning_tricks.zoo import ImageClassifier
+
+    torch.manual_seed(0)
+    seq_model = ImageClassifier(backbone="mnist1d_cnn", num_classes=10, in_channels=1).eval()
+    x = torch.randn(4, 1, 40)
+    cands = tta_candidates(x, seq_model)
+    assert cands == [{"views": ["translate"], "translate": 1}, {"views": ["translate"], "translate": 2}]
+    for kwargs in cands:
+        t = kwargs["translate"]
+        padded = torch.cat([x[..., :1].expand(-1, -1, t), x, x[..., -1:].expand(-1, -1, t)], dim=-1)
+        views = [padded[..., t - dx: t - dx + 40] for dx in (-t, 0, t)]
+        with torch.no_grad():
+            expected = torch.stack([seq_model(v).softmax(-1) for v in views]).mean(0)
+            got = TTAWrapper(seq_model, **kwargs)(x)
+        got = got.exp()  # the wrapper returns log-probabilities
+        assert torch.allclose(got, expected, atol=1e-5)
+    image_model = ImageClassifier(backbone="simple_cnn", num_classes=10, in_channels=1)
+    assert tta_candidates(torch.randn(2, 1, 8, 8), image_model) == [{"views": ["translate"], "translate": 1}]
+    assert tta_candidates(torch.randn(2, 1, 40), torch.nn.Linear(40, 10)) == []
+    assert tta_candidates(torch.randn(2, 40), seq_model) == []
