@@ -244,3 +244,25 @@ def test_tta_candidates_shift_sequences_along_their_length_and_images_by_one_pix
     assert tta_candidates(torch.randn(2, 1, 8, 8), image_model) == [{"views": ["translate"], "translate": 1}]
     assert tta_candidates(torch.randn(2, 1, 40), torch.nn.Linear(40, 10)) == []
     assert tta_candidates(torch.randn(2, 40), seq_model) == []
+
+
+def test_a_config_with_a_companion_search_file_is_searched_over_it(tmp_path):
+    """`recipe --config examples/mnist1d.yaml` searches examples/mnist1d_search.yaml (the architecture among the
+    zoo's sequence models, lr and weight decay on log scales, the schedule), every key a key of the config;
+    `--search` overrides it; a config without a companion file keeps babysit's space (None here)."""
+    from lightning_tricks.recipe.cli import build_context, parser
+    from lightning_tricks.tuning.space import load_search_space, resolve_space
+
+    def ctx(*argv):
+        args, config_args = parser().parse_known_args(["--out", str(tmp_path), *argv])
+        return build_context(args, config_args, lambda line: None)
+
+    mnist1d = str(REPO / "examples" / "mnist1d.yaml")
+    found = ctx("--config", mnist1d)
+    assert found.search == str(REPO / "examples" / "mnist1d_search.yaml")
+    space = resolve_space(found.base, load_search_space(found.search))
+    dists = {key.rsplit(".", 1)[-1]: dist for key, dist in space.params.items()}
+    assert dists["backbone"].choices == ("mnist1d_cnn", "resnet1d")
+    assert dists["lr"].log and dists["weight_decay"].log
+    assert ctx("--config", mnist1d, "--search", str(REPO / "examples" / "search.yaml")).search.endswith("/search.yaml")
+    assert ctx("--config", DIGITS).search is None
