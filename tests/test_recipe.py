@@ -266,3 +266,12 @@ def test_a_config_with_a_companion_search_file_is_searched_over_it(tmp_path):
     assert dists["lr"].log and dists["weight_decay"].log
     assert ctx("--config", mnist1d, "--search", str(REPO / "examples" / "search.yaml")).search.endswith("/search.yaml")
     assert ctx("--config", DIGITS).search is None
+
+
+def test_lightning_tricks_help_names_recipe_next_to_tune_and_babysit():
+    result = subprocess.run([sys.executable, "-m", "lightning_tricks", "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    for command in ("babysit", "tune", "recipe"):
+        assert f"lightning-tricks {command} --help" in text
