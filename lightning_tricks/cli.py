@@ -175,9 +175,11 @@ def _callbacks_epilog() -> str:
         "its own *_dataloader methods needs no --data. "
         "fit stops at the first NaN/inf training loss (DivergenceStop); --divergence_stop=false turns that off. "
         "Off a terminal, progress bars become one line per epoch (--trainer.enable_progress_bar=true keeps them). "
-        "Two more subcommands take the same config: `lightning-tricks babysit --help` (the lectures' first "
-        "checks: initial loss, overfit a sample, a learning-rate search) and `lightning-tricks tune --help` "
-        "(random coarse-to-fine hyperparameter search on Optuna)."
+        "Three more subcommands take the same config: `lightning-tricks babysit --help` (the lectures' first "
+        "checks: initial loss, overfit a sample, a learning-rate search), `lightning-tricks tune --help` "
+        "(random coarse-to-fine hyperparameter search on Optuna) and `lightning-tricks recipe --help` (the "
+        "lectures' whole course in order: baseline, babysit, a 2-stage search, the best setting trained with "
+        "early stopping, an ensemble, test-time augmentation; a report of what each step bought)."
     )
 
 

@@ -16,7 +16,8 @@ import pytest
 from tests.helpers import REPO
 
 SEARCH_SPACES = {"search.yaml"}  # `lightning-tricks tune --search` files, not fit configs (tests/test_tune_space.py)
-EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name not in SEARCH_SPACES)
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml")
+                  if p.name not in SEARCH_SPACES and not p.stem.endswith("_search"))  # NAME_search.yaml: recipe's
 # add_to_existing_project.py is run by its own test below (a short real training run, not --fast)
 SCRIPTS = sorted(p for p in (REPO / "examples").glob("*.py") if p.name != "add_to_existing_project.py")
 FEW_BATCHES = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",

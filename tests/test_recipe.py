@@ -215,3 +215,63 @@ def test_babysit_stops_the_recipe_on_a_broken_set_up_and_leaves_a_slow_drop_to_t
     assert must_stop([*ok, lr_step(2.30, float("nan"), "loss explodes (inf/NaN ...): learning rate too high.")])
     assert must_stop([StepResult(1, "initial loss", False, "", "badly scaled"), ok[1]])
     assert not must_stop(ok)
+
+
+def test_tta_candidates_shift_sequences_along_their_length_and_images_by_one_pixel():
+    """A [N, 1, 40] batch of a 1D model gets shifts of 1 and 2 steps along the length, and the wrapped model's
+    prediction is the mean of the softmax over the signal shifted by -t, 0, +t with the edge value repeated
+    (computed here by hand); a 2D model's image batch gets the one-pixel shift; a 3D batch of a model with
+    neither 1D nor 2D layers gets none (nothing is guessed)."""
+    from lightning_tricks.recipe.steps import tta_candidates
+    from lightning_tricks.tta import TTAWrapper
+    from lightning_tricks.zoo import ImageClassifier
+
+    torch.manual_seed(0)
+    seq_model = ImageClassifier(backbone="mnist1d_cnn", num_classes=10, in_channels=1).eval()
+    x = torch.randn(4, 1, 40)
+    cands = tta_candidates(x, seq_model)
+    assert cands == [{"views": ["translate"], "translate": 1}, {"views": ["translate"], "translate": 2}]
+    for kwargs in cands:
+        t = kwargs["translate"]
+        padded = torch.cat([x[..., :1].expand(-1, -1, t), x, x[..., -1:].expand(-1, -1, t)], dim=-1)
+        views = [padded[..., t - dx: t - dx + 40] for dx in (-t, 0, t)]
+        with torch.no_grad():
+            expected = torch.stack([seq_model(v).softmax(-1) for v in views]).mean(0)
+            got = TTAWrapper(seq_model, **kwargs)(x)
+        got = got.exp()  # the wrapper returns log-probabilities
+        assert torch.allclose(got, expected, atol=1e-5)
+    image_model = ImageClassifier(backbone="simple_cnn", num_classes=10, in_channels=1)
+    assert tta_candidates(torch.randn(2, 1, 8, 8), image_model) == [{"views": ["translate"], "translate": 1}]
+    assert tta_candidates(torch.randn(2, 1, 40), torch.nn.Linear(40, 10)) == []
+    assert tta_candidates(torch.randn(2, 40), seq_model) == []
+
+
+def test_a_config_with_a_companion_search_file_is_searched_over_it(tmp_path):
+    """`recipe --config examples/mnist1d.yaml` searches examples/mnist1d_search.yaml (the architecture among the
+    zoo's sequence models, lr and weight decay on log scales, the schedule), every key a key of the config;
+    `--search` overrides it; a config without a companion file keeps babysit's space (None here)."""
+    from lightning_tricks.recipe.cli import build_context, parser
+    from lightning_tricks.tuning.space import load_search_space, resolve_space
+
+    def ctx(*argv):
+        args, config_args = parser().parse_known_args(["--out", str(tmp_path), *argv])
+        return build_context(args, config_args, lambda line: None)
+
+    mnist1d = str(REPO / "examples" / "mnist1d.yaml")
+    found = ctx("--config", mnist1d)
+    assert found.search == str(REPO / "examples" / "mnist1d_search.yaml")
+    space = resolve_space(found.base, load_search_space(found.search))
+    dists = {key.rsplit(".", 1)[-1]: dist for key, dist in space.params.items()}
+    assert dists["backbone"].choices == ("mnist1d_cnn", "resnet1d")
+    assert dists["lr"].log and dists["weight_decay"].log
+    assert ctx("--config", mnist1d, "--search", str(REPO / "examples" / "search.yaml")).search.endswith("/search.yaml")
+    assert ctx("--config", DIGITS).search is None
+
+
+def test_lightning_tricks_help_names_recipe_next_to_tune_and_babysit():
+    result = subprocess.run([sys.executable, "-m", "lightning_tricks", "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    for command in ("babysit", "tune", "recipe"):
+        assert f"lightning-tricks {command} --help" in text

@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=3, help="ensemble members (default 3)")
     p.add_argument("--tta", choices=TTA_CHOICES, default="auto",
                    help="auto: try small shifts at test time, adopted if better on validation (default); none")
-    p.add_argument("--search", default=None, help="search-space file (default: what babysit suggests)")
+    p.add_argument("--search", default=None, help="search-space file (default: CONFIG_search.yaml next to the "
+                   "config when there is one, else what babysit suggests)")
     p.add_argument("--storage", default=None, help="Optuna database URL (default sqlite:///OUT/study.db)")
     p.add_argument("--study-name", default="recipe", help="the study's name in the storage (default recipe)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (and of seed_everything if unset)")
@@ -96,6 +97,25 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"`--search`={args.search!r} is invalid: the file does not exist.")
 
 
+def _config_file(config_args: Sequence[str]) -> Path | None:
+    for i, arg in enumerate(config_args):
+        if arg in ("-c", "--config") and i + 1 < len(config_args):
+            return Path(config_args[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def companion_search(config_args: Sequence[str]) -> Path | None:
+    """The search-space file that comes with the (first) config: ``NAME_search.yaml`` next to ``NAME.yaml``
+    (``examples/mnist1d_search.yaml`` for ``examples/mnist1d.yaml``), or None."""
+    config = _config_file(config_args)
+    if config is None:
+        return None
+    path = config.with_name(f"{config.stem}_search.yaml")
+    return path if path.is_file() else None
+
+
 def _config_stem(config_args: Sequence[str]) -> str:
     for i, arg in enumerate(config_args):
         if arg in ("-c", "--config") and i + 1 < len(config_args):
@@ -110,6 +130,9 @@ def build_context(args: argparse.Namespace, config_args: list[str], echo: Callab
     from lightning_tricks.tuning.study import default_metric, load_config
 
     _check(args)
+    if args.search is None and (found := companion_search(config_args)) is not None:
+        echo(f"recipe: searching the space of {found} (the config's companion file; --search FILE for another).")
+        args.search = str(found)
     time_budget = parse_duration(args.time) if args.time is not None else None
     base = load_config(config_args)
     if not isinstance(base.get("seed_everything"), int) or isinstance(base.get("seed_everything"), bool):
