@@ -103,7 +103,8 @@ def evaluate(members: Sequence[Any], datamodule: Any, accelerator: str = "auto")
     from lightning_tricks.ensemble import Ensemble
     from lightning_tricks.tuning.study import quiet_lightning
 
-    ensemble = Ensemble(members=list(members), voting="soft")
+    # every model a step made is measured as it is, diverged or not: the report shows it, nothing is screened out
+    ensemble = Ensemble(members=list(members), voting="soft", max_loss_ratio=None)
     out: dict[str, float] = {}
     with quiet_lightning():
         trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
