@@ -109,6 +109,15 @@ class PostgresServer:
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
 
+    def create_database(self, name: str) -> str:
+        """A new, empty database on this server; its URL."""
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{self.port}/{name}"
+
     def _psql_create_database(self) -> None:
         import psycopg
 

@@ -70,8 +70,11 @@ class Rendezvous(Callback):
         self.folder, self.parties, self.timeout = Path(folder), parties, timeout
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        signature = self.folder / str(os.getpid())
+        if signature.exists():  # a later trial of this worker: wait only once, or a worker that died costs every trial
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / str(os.getpid())).touch()
+        signature.touch()
         deadline = time.time() + self.timeout
         while len(list(self.folder.iterdir())) < self.parties and time.time() < deadline:
             time.sleep(0.1)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from lightning_tricks.tuning.cli import main
+from lightning_tricks.tuning.study import open_storage
 from tests.helpers import REPO
 from tests.postgres_server import PASSWORD, PostgresServer, free_port, why_unavailable
 from tests.test_tune import TINY, _files, _states
@@ -49,6 +51,36 @@ def _tune(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def _finished(study: optuna.Study) -> list:
     return [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def _open_together(url: str, workers: int) -> tuple[list, list[str]]:
+    """``open_storage(url)`` from ``workers`` threads released at the same moment: (storages, errors)."""
+    barrier, errors, storages = threading.Barrier(workers), [], []
+
+    def open_once() -> None:
+        barrier.wait()
+        try:
+            storages.append(open_storage(url))
+        except Exception as err:  # collected: an assert in a thread would not fail the test
+            errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=open_once) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return storages, errors
+
+
+def test_workers_opening_a_fresh_database_together_all_get_the_study(server):
+    # SQLAlchemy's check-then-create is not atomic: on PostgreSQL all but one of the workers that create
+    # Optuna's tables together used to fail with UniqueViolation (every round, before the retry)
+    workers = 4
+    for round_ in range(3):
+        storages, errors = _open_together(server.create_database(f"fresh{round_}"), workers)
+        assert errors == [] and len(storages) == workers
+        optuna.create_study(storage=storages[0], study_name="one")
+        assert [[s.study_name for s in st.get_all_studies()] for st in storages] == [["one"]] * workers
 
 
 def test_two_processes_share_one_study_on_postgres(server, tmp_path):

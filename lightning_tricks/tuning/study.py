@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import time
 import traceback
@@ -38,6 +39,7 @@ from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_param
 SAMPLERS = ("random", "tpe", "cmaes", "qmc", "gp", "grid")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 HEARTBEAT_INTERVAL = 10
+SCHEMA_RACE_ATTEMPTS = 6  # workers that open a fresh database together: the losers open it again
 """Seconds between a running trial's heartbeats in the database."""
 GRACE_PERIOD = 60
 """A RUNNING trial without a heartbeat for this long is failed by the next worker (any machine)."""
@@ -147,6 +149,26 @@ def is_storage_error(err: BaseException) -> bool:
     return storage_cause(err) is not None
 
 
+def lost_schema_race(err: BaseException) -> bool:
+    """Whether ``err`` says another process created Optuna's tables at the same moment as this one.
+
+    SQLAlchemy's ``create_all`` checks for each table, then creates it; that is not atomic. Two workers
+    opening a fresh PostgreSQL database together collide in the catalog (``UniqueViolation`` on
+    ``pg_type_typname_nsp_index``); MySQL says the table already exists. The tables are there by then,
+    so opening again succeeds.
+    """
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    cause: BaseException | None = err
+    seen: list[BaseException] = []
+    while cause is not None and all(cause is not c for c in seen):
+        seen.append(cause)
+        if isinstance(cause, IntegrityError) or (isinstance(cause, DBAPIError) and "already exists" in str(cause)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def open_storage(url: str) -> Any:
     """An Optuna RDB storage with heartbeats; an unreachable URL is one ConfigError line (password masked)."""
     import optuna
@@ -155,10 +177,17 @@ def open_storage(url: str) -> Any:
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 300}}  # concurrent workers wait for the lock
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                                 grace_period=GRACE_PERIOD, **kwargs)
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
+                    storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                                         grace_period=GRACE_PERIOD, **kwargs)
+                break
+            except Exception as err:
+                if attempt + 1 == SCHEMA_RACE_ATTEMPTS or not lost_schema_race(err):
+                    raise
+                time.sleep(0.05 * 2**attempt * (1 + random.SystemRandom().random()))  # jitter, off the seeded generators
     except Exception as err:  # sqlalchemy's, a missing driver, a bad URL: all one line for the user
         first = storage_error_line(url, err)
         hint = ""
