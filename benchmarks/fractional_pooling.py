@@ -22,7 +22,7 @@ from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import format_table, interleaved, ratios
 from benchmarks.step import measure_step_options, step_protocol
 from lightning_tricks import FractionalMaxPooling, SeededFractionalMaxPool2d
-from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.core.randomness import LayerRandomness
 
 
 def _layer_case(layer: nn.Module, x: torch.Tensor, calls: int):

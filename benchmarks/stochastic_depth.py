@@ -31,8 +31,8 @@ from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import format_table, medians
 from benchmarks.step import measure_step_options, step_protocol
 from lightning_tricks import StochasticDepth
+from lightning_tricks.core.surgery import SwappableMixin, swap_class
 from lightning_tricks.regularization.stochastic_depth import drop_probabilities
-from lightning_tricks.surgery import SwappableMixin, swap_class
 from lightning_tricks.zoo import BasicBlock, build_backbone
 
 

@@ -4,8 +4,8 @@ Every public callback and mixin is re-exported here, so configs can say ``lightn
 """
 
 from lightning_tricks import errors
-from lightning_tricks._model_probe import infer_num_classes
 from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
+from lightning_tricks.core.model_probe import infer_num_classes
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,

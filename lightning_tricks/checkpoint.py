@@ -18,7 +18,7 @@ as ``SnapshotEnsemble`` writes its snapshots) gets them under ``checkpoint["ligh
 (:func:`input_records`, :func:`records_on_save`). :func:`recorded_input_statistics` reads either place;
 the `Ensemble` applies each member's to that member's inputs.
 
-The converted modules also hold a marker buffer (:func:`lightning_tricks.surgery.mark`), so a user's own
+The converted modules also hold a marker buffer (:func:`lightning_tricks.core.surgery.mark`), so a user's own
 plain ``MyModule.load_from_checkpoint(path)`` fails with ``Unexpected key(s) in state_dict:
 "...lightning_tricks_FractionalMaxPooling"`` instead of evaluating another network. Re-apply the tricks
 *before* a strict ``load_state_dict`` (or load through :func:`load_from_checkpoint`).
@@ -37,14 +37,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_tricks._checkpoint_io import CheckpointError, check_fits, checkpoint_error
+from lightning_tricks.core.callback import RECORD_KEY, StructuralCallback
+from lightning_tricks.core.checkpoint_io import CheckpointError, check_fits, checkpoint_error
+from lightning_tricks.core.surgery import MARKER_PREFIX, is_marker, marker_values
 from lightning_tricks.errors import UnknownTrickError  # noqa: F401  (re-exported)
-from lightning_tricks.regularization._callback import RECORD_KEY, StructuralCallback
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling
 from lightning_tricks.regularization.stochastic_depth import StochasticDepth
 from lightning_tricks.setup.activation_swap import ActivationSwap
 from lightning_tricks.setup.preprocessing import InputStatistics, Standardize
-from lightning_tricks.surgery import MARKER_PREFIX, is_marker, marker_values
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
 
@@ -97,7 +97,7 @@ MARKER_DECODERS: dict[str, MarkerDecoder] = {
     "StochasticDepth": _depth_records,
     "ActivationSwap": ActivationSwap.records_from_markers,
 }
-"""The tricks that mark the modules they convert (``lightning_tricks_<Trick>``, :func:`~lightning_tricks.surgery.mark`):
+"""The tricks that mark the modules they convert (``lightning_tricks_<Trick>``, :func:`~lightning_tricks.core.surgery.mark`):
 each maps its ``(module name, marker)`` pairs to the records its callback would have written."""
 
 

@@ -38,8 +38,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from typing_extensions import override
 
 import lightning_tricks
-from lightning_tricks._cli_errors import missing_file_message, one_line, option_strings
-from lightning_tricks._runtime_errors import explain_runtime_error
+from lightning_tricks.core.cli_errors import missing_file_message, one_line, option_strings
 from lightning_tricks.core.lightning_classes import (
     LEGACY,
     datamodule_types,
@@ -48,6 +47,7 @@ from lightning_tricks.core.lightning_classes import (
     lightning_types,
     package_of,
 )
+from lightning_tricks.core.runtime_errors import explain_runtime_error
 from lightning_tricks.errors import user_error_in
 from lightning_tricks.monitoring.divergence import DivergenceStop
 

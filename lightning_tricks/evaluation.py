@@ -50,7 +50,7 @@ from lightning_tricks._lightning_internals import (
     rebuild_dataloader,
     require_verified,
 )
-from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks.core.validation import InvalidArgumentError, check_int
 
 EXACT_STAGES = ("validate", "test")
 """Stages whose loaders :class:`ExactDistributedEvaluation` can make exact (``predict`` already is)."""

@@ -31,8 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
 from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
+from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_positive
 from lightning_tricks.transfer import (
     FreezePlan,
     apply_freeze,

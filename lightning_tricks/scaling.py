@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int, check_non_negative
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int, check_non_negative
 
 DEFAULT_WARMUP_EPOCHS = 5.0
 """Goyal et al.'s warm-up, used when neither ``warmup_epochs`` nor ``warmup_steps`` is given."""

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks._checkpoint_io import checkpoint_error
-from lightning_tricks._validation import DataNotFoundError, InvalidArgumentError, check_int
+from lightning_tricks.core.checkpoint_io import checkpoint_error
+from lightning_tricks.core.surgery import ModelNotSupportedError
+from lightning_tricks.core.validation import DataNotFoundError, InvalidArgumentError, check_int
 from lightning_tricks.errors import WeightsMismatchError  # noqa: F401  (re-exported)
-from lightning_tricks.surgery import ModelNotSupportedError
 
 HEAD_TYPES = (nn.Linear, nn.Conv2d)
 _LAST_K = re.compile(r"^last:(\d+)$")

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_tricks as lt
-from lightning_tricks.surgery import original_class
+from lightning_tricks.core.surgery import original_class
 from tests.public_projects import PROJECTS, trainer
 
 # ------------------------------------------------------------------------------------------------ helpers

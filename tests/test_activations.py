@@ -9,10 +9,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_tricks import ActivationSwap, Maxout, MaxoutConv2d, WeightInit, swap_activations
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.surgery import ModelNotSupportedError
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.setup.activations import find_functional_activations, resolve_swap
 from lightning_tricks.setup.maxout import maxout
-from lightning_tricks.surgery import ModelNotSupportedError
 from lightning_tricks.zoo import ImageClassifier
 from lightning_tricks.zoo.backbones import build_backbone
 from tests.helpers import REPO, cpu_trainer, run_ddp

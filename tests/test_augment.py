@@ -4,7 +4,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torchvision.transforms.v2 import functional as TF
 
 from lightning_tricks import BatchAugment, Standardize
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.setup.augment import apply_augment, augment, rgb_pca_basis, sample_augment_params
 from tests.helpers import cpu_trainer, run_ddp
 from tests.regularization_modules import DictModule, ImageData, ListModule, Recorder
@@ -101,7 +101,7 @@ def test_callback_training_batches_only_any_batch_size_and_seeded(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(runs[0].train, runs[1].train, strict=True))  # same seed
     assert torch.equal(torch.cat(runs[0].val[-3:]), raw)  # validation untouched
     # each batch drew from (seed, rank, batch counter): equal to augment() with that generator
-    from lightning_tricks.distributed import derive_seed
+    from lightning_tricks.core.distributed import derive_seed
 
     first = raw[:8]
     expected = augment(first, 2, 0.5, 0.3, generator=torch.Generator().manual_seed(derive_seed(1, 0, 0)))
@@ -120,7 +120,7 @@ def test_dict_and_tuple_batches(tmp_path):
 
 
 def test_pca_basis_from_the_training_set_and_resume_continues_the_stream(tmp_path):
-    from lightning_tricks.distributed import derive_seed
+    from lightning_tricks.core.distributed import derive_seed
 
     data = ImageData(n=48, shape=(3, 6, 6), batch_size=8, ones=False)  # 6 batches an epoch
     pixels = torch.cat([x for x, _ in data.train_dataloader()]).movedim(1, -1).reshape(-1, 3).double()

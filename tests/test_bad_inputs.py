@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_tricks as lt
-from lightning_tricks._checkpoint_io import CheckpointError
-from lightning_tricks._runtime_errors import explain_runtime_error
-from lightning_tricks._validation import ConfigError
 from lightning_tricks.cli import main
+from lightning_tricks.core.checkpoint_io import CheckpointError
+from lightning_tricks.core.runtime_errors import explain_runtime_error
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.zoo import ImageClassifier
 from tests.reliability_tricks import CLASSES, TRICKS, TinyData, make_model, trainer
 

@@ -68,8 +68,8 @@ def test_cutout_draws_on_the_batch_device() -> None:
 
 
 def test_random_stream_draws_on_the_device_and_seeded_passes_leave_cuda_rng_alone() -> None:
-    from lightning_tricks._seeding import RandomStream, seeded_global_rng
-    from lightning_tricks.distributed import derive_seed
+    from lightning_tricks.core.distributed import derive_seed
+    from lightning_tricks.core.seeding import RandomStream, seeded_global_rng
 
     stream = RandomStream(seed=5)
     generator = stream.next_generator("cuda")

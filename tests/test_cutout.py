@@ -3,7 +3,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tricks import Cutout
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.regularization import BatchFormatError
 from lightning_tricks.regularization.cutout import NO_HOLE, cutout, cutout_mask, sample_cutout_centers
 from tests.helpers import cpu_trainer, run_ddp

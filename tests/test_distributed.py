@@ -1,6 +1,6 @@
 import torch
 
-from lightning_tricks import distributed as D
+from lightning_tricks.core import distributed as D
 from lightning_tricks.zoo import ImageClassifier, SyntheticDataModule
 from tests.helpers import run_ddp
 

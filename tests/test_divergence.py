@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import CALLBACKS, DivergenceStop
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from tests.helpers import cpu_trainer, run_ddp
 
 

@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_tricks import Ensemble
-from lightning_tricks._validation import DataNotFoundError, InvalidArgumentError
 from lightning_tricks.cli import build_cli, main
+from lightning_tricks.core.validation import DataNotFoundError, InvalidArgumentError
 from lightning_tricks.ensemble import (
     CheckpointError,
     UnsafeCheckpointError,

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_tricks import Ensemble, SnapshotEnsemble
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.ensemble import CheckpointError, UnsafeCheckpointError, snapshot_lr, soft_vote
 from tests.ensemble_modules import ImageNetStyle, LrRecorder, PlainNet, digits
 from tests.helpers import cpu_trainer, run_ddp

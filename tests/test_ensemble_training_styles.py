@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import Ensemble, SnapshotEnsemble, Standardize
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
 from lightning_tricks.checkpoint import recorded_input_statistics
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.ensemble import CheckpointError, soft_vote
 from lightning_tricks.ensemble.screening import exclusions
 from lightning_tricks.regularization import BatchFormatError

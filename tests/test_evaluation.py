@@ -7,7 +7,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import ExactDistributedEvaluation
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.evaluation import (
     EvenDistributedBatchSampler,
     equal_batch_counts,

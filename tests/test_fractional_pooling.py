@@ -8,16 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks import FractionalMaxPooling, SeededFractionalMaxPool2d
-from lightning_tricks._validation import InvalidArgumentError
-from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.stochastic import stochastic_eval
+from lightning_tricks.core.surgery import ModelNotSupportedError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.regularization.fractional_pooling import (
     apply_fractional_pooling,
     average_pooling_draws,
     fractional_pools,
     pooling_draws,
 )
-from lightning_tricks.stochastic import stochastic_eval
-from lightning_tricks.surgery import ModelNotSupportedError
 from lightning_tricks.zoo import build_backbone
 from tests.helpers import cpu_trainer, run_ddp
 from tests.structural_user_module import TinyResNet, digits_loader

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from benchmarks.lsuv import lsuv_reference
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.init import (
     LECTURE_CASES,
     activation_statistics,

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_tricks import ActivationStatistics, ImageClassifier, SyntheticDataModule, WeightInit
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.init import activation_statistics, select_modules
 from lightning_tricks.init._measure import measurement_mode
 from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_tricks import ImageClassifier, Mixup
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.regularization import BatchFormatError, MixedLabels, MixupTargetsUnusedError
 from lightning_tricks.regularization.mixup import (
     MixPlan,
@@ -457,7 +457,7 @@ def test_mixup_mixes_multi_hot_rows_into_soft_bce_targets(tmp_path):
     callback = Mixup(alpha=0.4, label_smoothing=0.2, seed=0)
     cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, loader)
     assert callback.task.kind == "multilabel"
-    from lightning_tricks.distributed import derive_seed
+    from lightning_tricks.core.distributed import derive_seed
     g2 = torch.Generator().manual_seed(derive_seed(0, 0, 0))  # the callback's first batch's stream
     plan = sample_mix_plan(8, None, alpha=0.4, generator=g2)
     smooth = y * 0.8 + 0.1  # toward 1/2 per label, not 1/K

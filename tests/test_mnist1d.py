@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.zoo import MNIST1DDataModule, build_backbone
 from lightning_tricks.zoo import mnist1d as m1d
 from tests.helpers import REPO

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_tricks import infer_num_classes
-from lightning_tricks._model_probe import InputModuleProbe, batch_input
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.model_probe import InputModuleProbe, batch_input
+from lightning_tricks.core.validation import InvalidArgumentError
 
 
 class Net(nn.Module):

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import DeadUnitMonitor, InitialLossCheck, UpdateRatioMonitor, overfit_check
-from lightning_tricks._validation import InvalidArgumentError
 from lightning_tricks.core.task import TaskNotSupportedError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.monitoring import (
     DeadUnitTracker,
     InitialLossError,

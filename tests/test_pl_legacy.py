@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_tricks as lt
-from lightning_tricks._validation import ConfigError
 from lightning_tricks.cli import build_cli
 from lightning_tricks.core.lightning_classes import (
     callback_types,
@@ -26,6 +25,7 @@ from lightning_tricks.core.lightning_classes import (
     trainer_types,
     weight_averaging_types,
 )
+from lightning_tricks.core.validation import ConfigError
 
 ptl = pytest.importorskip("pytorch_lightning")
 from tests.pl_legacy_module import LegacyDigits, LegacyNet, digits_split  # noqa: E402

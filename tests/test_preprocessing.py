@@ -5,7 +5,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import Standardize
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.regularization import BatchFormatError
 from lightning_tricks.setup.preprocessing import InputStatistics, MomentAccumulator, fit_statistics
 from tests.helpers import cpu_trainer, run_ddp

@@ -3,7 +3,7 @@
 :data:`EXPECTED` is the contract, one entry per (trick, project): ``"serves"`` means the trick runs and its
 effect equals an independent reference (computed in ``tests/matrix_checks.py`` and
 ``tests/matrix_checks_training.py``: a formula, a brute-force recomputation with our own
-hooks, the plain model); ``"refuses"`` means it raises a :class:`~lightning_tricks._validation.ConfigError`
+hooks, the plain model); ``"refuses"`` means it raises a :class:`~lightning_tricks.core.validation.ConfigError`
 whose message is one line that says what to do. No cell is skipped. Cells that other branches are fixing
 carry a strict ``xfail`` (:data:`KNOWN_WRONG`) with what they do wrong today; the lead removes the entry when
 the fix is merged, and the strict mark fails the run if a cell passes while still marked.
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import lightning_tricks as lt
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 from tests.matrix_checks import (
     check_activation_statistics,
     check_dead_unit_monitor,

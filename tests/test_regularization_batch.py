@@ -5,7 +5,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from lightning_tricks.regularization._batch import BatchFormatError, find_slot, replace_item
+from lightning_tricks.core.batch import BatchFormatError, find_slot, replace_item
 
 Pair = namedtuple("Pair", ["inputs", "labels"])
 

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import EarlyStopping, LargeBatchScaling, SnapshotEnsemble
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.ensemble import snapshot_lr
 from lightning_tricks.scaling import lr_multiplier, scaling_factor
 from lightning_tricks.zoo import ImageClassifier

@@ -1,4 +1,4 @@
-"""The one seed rule (lightning_tricks._seeding): resolution, per-rank derivation, generators, state."""
+"""The one seed rule (lightning_tricks.core.seeding): resolution, per-rank derivation, generators, state."""
 
 import pickle
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_tricks._seeding import RandomStream, resolve_seed, run_seed, seeded_global_rng
-from lightning_tricks.distributed import derive_seed
+from lightning_tricks.core.distributed import derive_seed
+from lightning_tricks.core.seeding import RandomStream, resolve_seed, run_seed, seeded_global_rng
 from lightning_tricks.zoo import ImageClassifier, SyntheticDataModule
 from tests.helpers import run_ddp
 

@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_tricks as lt
-from lightning_tricks._validation import ConfigError
 from lightning_tricks.core.layout import LayoutError, input_layout
+from lightning_tricks.core.surgery import ModelNotSupportedError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.init.lsuv_init import lsuv
 from lightning_tricks.init.schemes import zero_init_residual
 from lightning_tricks.monitoring.dead_units import DeadUnitTracker
@@ -25,7 +26,6 @@ from lightning_tricks.regularization.stochastic_depth import (
 )
 from lightning_tricks.setup.bn_folding import fold_batch_norm
 from lightning_tricks.setup.preprocessing import fit_statistics
-from lightning_tricks.surgery import ModelNotSupportedError
 from lightning_tricks.tta.config import TTAConfig
 from lightning_tricks.tta.core import merge_predictions
 from lightning_tricks.tta.sequence import apply_sequence_view, sequence_tta_forward

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tricks.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_eval, stochastic_modules
+from lightning_tricks.core.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_eval, stochastic_modules
 
 
 class _Noisy(nn.Module):

@@ -14,8 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tricks import StochasticDepth
-from lightning_tricks._validation import InvalidArgumentError
-from lightning_tricks.regularization._randomness import LayerRandomness
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.surgery import ModelNotSupportedError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.regularization.stochastic_depth import (
     apply_stochastic_depth,
     drop_probabilities,
@@ -23,7 +24,6 @@ from lightning_tricks.regularization.stochastic_depth import (
     recalibrate_batch_norm,
     stochastic_depth_blocks,
 )
-from lightning_tricks.surgery import ModelNotSupportedError
 from lightning_tricks.zoo import build_backbone
 from tests.helpers import cpu_trainer, run_ddp
 from tests.structural_user_module import TinyResNet, digits_loader

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_tricks
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.stopping import (
     BEST_WEIGHTS_KEY,
     LIGHTNING_REASON,

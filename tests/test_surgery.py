@@ -10,16 +10,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lightning_tricks import DropConnect, FractionalMaxPooling, StochasticDepth
-from lightning_tricks._validation import InvalidArgumentError
 from lightning_tricks.checkpoint import recorded_tricks
-from lightning_tricks.regularization.dropconnect import _DropConnectMixin, apply_dropconnect
-from lightning_tricks.regularization.fractional_pooling import (
-    DEFAULT_RATIO,
-    SeededFractionalMaxPool2d,
-    apply_fractional_pooling,
-)
-from lightning_tricks.regularization.stochastic_depth import _DepthMixin, apply_stochastic_depth
-from lightning_tricks.surgery import (
+from lightning_tricks.core.surgery import (
     _DERIVED,
     SurgeryReport,
     SwappableMixin,
@@ -31,6 +23,14 @@ from lightning_tricks.surgery import (
     select_modules,
     swap_class,
 )
+from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.regularization.dropconnect import _DropConnectMixin, apply_dropconnect
+from lightning_tricks.regularization.fractional_pooling import (
+    DEFAULT_RATIO,
+    SeededFractionalMaxPool2d,
+    apply_fractional_pooling,
+)
+from lightning_tricks.regularization.stochastic_depth import _DepthMixin, apply_stochastic_depth
 from tests.helpers import cpu_trainer, run_ddp
 from tests.structural_user_module import TinyResNet, UserResidualBlock, digits_loader
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import Finetune
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.transfer import (
     WeightsMismatchError,
     backbone_units,
@@ -386,7 +386,7 @@ def test_timm_safetensors_and_ddp_prefixed_files_load(tmp_path):
 
 
 def test_a_gan_with_two_optimizers_is_refused_in_one_line_before_any_surgery(tmp_path):
-    from lightning_tricks._validation import ConfigError
+    from lightning_tricks.core.validation import ConfigError
     from tests.training_style_modules import ToyGAN
 
     gan = ToyGAN()

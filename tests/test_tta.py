@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import lightning_tricks
 from lightning_tricks import ImageClassifier, TTAConfig, TTAWrapper
 from lightning_tricks import TestTimeAugmentation as TTACallback  # an alias pytest does not collect
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.tta import ForwardNotCalledError, View, apply_view, merge_predictions, tta_forward
 from tests.helpers import cpu_trainer, run_ddp
 
@@ -195,7 +195,7 @@ def test_vote_breaks_ties_by_mean_probability_then_lowest_class():
 # -- stochastic passes ----------------------------------------------------------------------------------
 
 class Noisy(nn.Module):
-    """An opted-in stochastic layer (the lightning_tricks.stochastic contract)."""
+    """An opted-in stochastic layer (the lightning_tricks.core.stochastic contract)."""
 
     lt_stochastic_eval = False
 

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.tuning.space import (
     Distribution,
     apply_params,

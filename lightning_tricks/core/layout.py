@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_tricks._validation import check_choice
+from lightning_tricks.core.validation import check_choice
 from lightning_tricks.errors import LayoutError
 
 LAYOUTS = ("auto", "image", "sequence")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tricks._validation import check_choice
+from lightning_tricks.core.validation import check_choice
 from lightning_tricks.errors import TaskNotSupportedError  # noqa: F401  (re-exported)
 
 TASK_KINDS = ("classification", "multilabel", "dense", "regression")

@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError
-from lightning_tricks.distributed import all_reduce
+from lightning_tricks.core.distributed import all_reduce
+from lightning_tricks.core.validation import InvalidArgumentError
 
 # the probe keeps the vectorized call only if it wins every round and its median beats the loop's by this
 # margin, so that noise on a shared machine does not pick the slower path

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
-from lightning_tricks._validation import check_int, check_optional_int, check_range
 from lightning_tricks.core.lightning_classes import package_of
+from lightning_tricks.core.validation import check_int, check_optional_int, check_range
 from lightning_tricks.ensemble.module import Ensemble
 from lightning_tricks.errors import ModelNotSupportedError
 

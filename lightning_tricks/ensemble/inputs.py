@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from lightning_tricks.core.batch import Key, check_float_images, find_slot, get_item
 from lightning_tricks.errors import ConfigError
-from lightning_tricks.regularization._batch import Key, check_float_images, find_slot, get_item
 from lightning_tricks.setup.preprocessing import InputStatistics
 
 Statistics = tuple[InputStatistics, ...]

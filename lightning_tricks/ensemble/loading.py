@@ -26,13 +26,18 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_tricks._validation import ConfigError, DataNotFoundError, InvalidArgumentError, check_choice
 from lightning_tricks.checkpoint import (
     apply_recorded_tricks,
     recorded_input_statistics,
     tricks_applied_on_load,
 )
 from lightning_tricks.core.lightning_classes import lightning_module_types
+from lightning_tricks.core.validation import (
+    ConfigError,
+    DataNotFoundError,
+    InvalidArgumentError,
+    check_choice,
+)
 from lightning_tricks.errors import CheckpointError, UnsafeCheckpointError  # noqa: F401  (re-exported)
 
 ClassSpec = str | type[pl.LightningModule]

@@ -12,15 +12,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_tricks._validation import (
+from lightning_tricks.core.batch import Key, check_key
+from lightning_tricks.core.lightning_classes import lightning_module_types
+from lightning_tricks.core.task import Task, TaskNotSupportedError, check_task_kind, infer_task, require_task
+from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
+from lightning_tricks.core.validation import (
     ConfigError,
     InvalidArgumentError,
     check_choice,
     check_optional_int,
 )
-from lightning_tricks.core.lightning_classes import lightning_module_types
-from lightning_tricks.core.task import Task, TaskNotSupportedError, check_task_kind, infer_task, require_task
-from lightning_tricks.core.training_style import count_optimizers, refuse_several_optimizers
 from lightning_tricks.ensemble import _vmap, screening, stages
 from lightning_tricks.ensemble.inputs import (
     MemberInputs,
@@ -46,7 +47,6 @@ from lightning_tricks.ensemble.voting import (
     vote_shares,
 )
 from lightning_tricks.evaluation import install_exact_evaluation, uninstall_exact_evaluation
-from lightning_tricks.regularization._batch import Key, check_key
 
 VOTING = ("soft", "hard", "weighted")
 FAST_PATHS = ("auto", "probe", "vmap", "loop")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.ensemble.inputs import split_batch
 
 

@@ -16,8 +16,8 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
 from lightning_tricks.checkpoint import INPUTS, input_records, recorded_input_statistics, records_on_save
+from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_positive
 from lightning_tricks.ensemble.loading import CheckpointError, class_path, copy_with_weights, read_checkpoint
 from lightning_tricks.ensemble.module import Ensemble
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.ensemble import screening
 
 

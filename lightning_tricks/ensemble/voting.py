@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_tricks._validation import InvalidArgumentError, check_int
 from lightning_tricks.core.task import output_form
+from lightning_tricks.core.validation import InvalidArgumentError, check_int
 
 
 def _check_member_logits(member_logits: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.errors import ForwardOnBatchError
 
 
@@ -95,7 +95,7 @@ def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
         return value
     found = None
     if isinstance(batch, Mapping):  # a dict's input is under a usual input key ("image", "x", ...) when it has one
-        from lightning_tricks.regularization._batch import IMAGE_KEYS  # here: that package imports this one
+        from lightning_tricks.core.batch import IMAGE_KEYS  # here: that package imports this one
 
         found = next((batch[k] for k in IMAGE_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
     found = _find_tensor(batch) if found is None else found

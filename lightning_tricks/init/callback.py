@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tricks._lightning_internals import fit_train_dataloader
-from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import ConfigError, InvalidArgumentError, check_int
-from lightning_tricks.distributed import broadcast_module
+from lightning_tricks.core.distributed import broadcast_module
+from lightning_tricks.core.seeding import RandomStream
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int
 from lightning_tricks.init._measure import batch_input, forward_on_batch_input
 from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme

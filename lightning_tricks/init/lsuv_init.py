@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_positive
-from lightning_tricks.distributed import all_reduce
+from lightning_tricks.core.distributed import all_reduce
+from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_positive
 from lightning_tricks.init._measure import measurement_mode
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme, select_modules
 

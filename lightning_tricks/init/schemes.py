@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks._validation import (
+from lightning_tricks.core.validation import (
     InvalidArgumentError,
     check_choice,
     check_non_negative,

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int
-from lightning_tricks.distributed import all_reduce
+from lightning_tricks.core.distributed import all_reduce
+from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int
 from lightning_tricks.init._measure import measurement_mode
 from lightning_tricks.init.schemes import class_names, init_weights, select_modules
 

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_probability
+from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
 from lightning_tricks.monitoring.dead_units import (
     DEFAULT_ACTIVATIONS,
     DeadUnitReport,

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks._validation import (
+from lightning_tricks.core.distributed import all_reduce, is_distributed
+from lightning_tricks.core.validation import (
     InvalidArgumentError,
     check_choice,
     check_non_negative,
     check_range,
 )
-from lightning_tricks.distributed import all_reduce, is_distributed
 from lightning_tricks.errors import NothingToMonitorError  # noqa: F401  (re-exported)
 
 # Activation kinds and the modules that implement them. Classes are matched with isinstance, and also by

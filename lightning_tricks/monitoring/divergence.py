@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._lightning_internals import training_step_logged
-from lightning_tricks._validation import InvalidArgumentError, check_range
+from lightning_tricks.core.validation import InvalidArgumentError, check_range
 from lightning_tricks.errors import MonitorNotFoundError
 
 _DIAGNOSIS = "the lectures' diagnosis: learning rate too high or bad initialization"

@@ -28,8 +28,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._model_probe import FoundModule, InputModuleProbe, infer_num_classes
-from lightning_tricks._validation import (
+from lightning_tricks.core.batch import find_targets
+from lightning_tricks.core.distributed import all_reduce
+from lightning_tricks.core.lightning_classes import trainer_class_for
+from lightning_tricks.core.model_probe import FoundModule, InputModuleProbe, infer_num_classes
+from lightning_tricks.core.task import Task, check_task_kind, infer_task, require_task
+from lightning_tricks.core.validation import (
     ConfigError,
     InvalidArgumentError,
     check_int,
@@ -37,12 +41,8 @@ from lightning_tricks._validation import (
     check_positive,
     check_probability,
 )
-from lightning_tricks.core.lightning_classes import trainer_class_for
-from lightning_tricks.core.task import Task, check_task_kind, infer_task, require_task
-from lightning_tricks.distributed import all_reduce
 from lightning_tricks.errors import InitialLossError  # noqa: F401  (re-exported)
 from lightning_tricks.monitoring.dead_units import NothingToMonitorError
-from lightning_tricks.regularization._batch import find_targets
 
 _SERVED = ("classification", "multilabel", "dense")
 _REGRESSION_FIX = ("a regression loss has no expected initial value (log C is for class scores); remove "
@@ -89,7 +89,7 @@ class InitialLossCheck(Callback):
     initial weights, in training mode, and costs nothing extra. Under DDP it is averaged over ranks
     and every rank takes the same decision. The logits are those of the outermost module the first
     step calls with the batch's input (hooks for that one step, see
-    :class:`~lightning_tricks._model_probe.InputModuleProbe`), so ``self(x)``, ``self.forward(x)`` and
+    :class:`~lightning_tricks.core.model_probe.InputModuleProbe`), so ``self(x)``, ``self.forward(x)`` and
     ``self.model(x)`` in ``training_step`` all work. The check is skipped when fit resumes from a
     checkpoint past step 0.
 
@@ -265,7 +265,7 @@ class OverfitReport:
 
 def _split_batch(batch: Any, input_key: Any = None, target_key: Any = None) -> tuple[Tensor, Tensor]:
     """``(inputs, targets)`` of a tuple, list or dict batch, through the shared batch accessor."""
-    from lightning_tricks.regularization._batch import find_slot, get_item
+    from lightning_tricks.core.batch import find_slot, get_item
 
     slot = find_slot(batch, input_key, "images", "overfit_check")
     targets = get_item(batch, find_slot(batch, target_key, "targets", "overfit_check",

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int, check_positive
+from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int, check_positive
 from lightning_tricks.monitoring.dead_units import (
     DEFAULT_ACTIVATIONS,
     NothingToMonitorError,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.errors import RecipeStopped, user_error_in
 from lightning_tricks.recipe.steps import ENSEMBLES, STEPS, TTA_CHOICES, RecipeContext
 
@@ -126,7 +126,7 @@ def _config_stem(config_args: Sequence[str]) -> str:
 
 
 def build_context(args: argparse.Namespace, config_args: list[str], echo: Callable[[str], None]) -> RecipeContext:
-    from lightning_tricks._monitor import infer_mode
+    from lightning_tricks.core.monitor_mode import infer_mode
     from lightning_tricks.tuning.study import default_metric, load_config
 
     _check(args)
@@ -161,7 +161,7 @@ def _config_monitor(base: dict[str, Any]) -> str | None:
 def resolve_metric(ctx: RecipeContext, args_metric: str | None, baseline: dict[str, Any]) -> None:
     """No ``--metric`` and no monitor in the config: the search and early stopping select by ``val_acc`` when the
     baseline logged it (the report compares accuracies), else ``val_loss``."""
-    from lightning_tricks._monitor import infer_mode
+    from lightning_tricks.core.monitor_mode import infer_mode
 
     if args_metric or _config_monitor(ctx.base):
         return

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 
 RECIPE_CHECKPOINT = "recipe-best"
 """The file name (without ``.ckpt``) of the checkpoint the recipe adds to every run: the best validation epoch."""

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 
 STATE_FILE = "recipe.json"
 

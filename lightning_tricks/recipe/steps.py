@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.recipe import search as rs
 
 STEPS = ("baseline", "babysit", "tune", "final", "ensemble", "tta")

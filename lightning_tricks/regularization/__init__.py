@@ -2,7 +2,7 @@
 Mixup/CutMix), weight penalties (L1, L2, elastic net) and structural ones by model surgery (DropConnect,
 stochastic depth, fractional max pooling)."""
 
-from lightning_tricks.regularization._batch import BatchFormatError, BatchTransformMixin
+from lightning_tricks.core.batch import BatchFormatError, BatchTransformMixin
 from lightning_tricks.regularization.cutout import Cutout, cutout
 from lightning_tricks.regularization.dropconnect import DropConnect, DropConnectConv2d, DropConnectLinear
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling, SeededFractionalMaxPool2d

@@ -17,14 +17,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
-from lightning_tricks.core.layout import check_layout, input_layout
-from lightning_tricks.regularization._batch import (
+from lightning_tricks.core.batch import (
     BatchTransformCallback,
     Key,
     check_float_images,
     read_images,
 )
+from lightning_tricks.core.layout import check_layout, input_layout
+from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_probability
 
 NO_HOLE = -1
 """Center coordinate of a hole that was not drawn (the sample was skipped with probability ``1 - p``)."""
@@ -216,7 +216,7 @@ class Cutout(BatchTransformCallback):
         p: probability that an image gets its holes; 0 turns the callback off (an exact identity).
         fill: value written into the holes (0 is the mean of normalized images).
         input_key: where the images are: a dict key or a position; None finds them (see
-            :mod:`lightning_tricks.regularization._batch`).
+            :mod:`lightning_tricks.core.batch`).
         seed: seed of the callback's generator; None takes the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
         layout: ``auto`` (4D inputs are images; 3D inputs are sequences ``(N, C, L)`` when the model has 1D

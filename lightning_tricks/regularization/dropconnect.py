@@ -7,7 +7,7 @@ whole batch shares one mask; default) or, for ``Linear`` layers, per sample (the
 mask per example, computed with a batched matmul).
 
 The layers are the model's own ``nn.Linear`` / ``nn.Conv{1,2,3}d`` objects with their class swapped
-(see :mod:`lightning_tricks.surgery`): parameter names are unchanged and ``p=0`` is the plain layer.
+(see :mod:`lightning_tricks.core.surgery`): parameter names are unchanged and ``p=0`` is the plain layer.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_probability
-from lightning_tricks.regularization._callback import StructuralCallback
-from lightning_tricks.regularization._randomness import LayerRandomness
-from lightning_tricks.surgery import (
+from lightning_tricks.core.callback import StructuralCallback
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.surgery import (
     CanWrap,
     ModelNotSupportedError,
     Predicate,
@@ -34,6 +33,7 @@ from lightning_tricks.surgery import (
     select_modules,
     swap_class,
 )
+from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
 
 MODES = ("step", "sample")
 """``step``: one mask per training step for the whole batch; ``sample``: one mask per example (Linear only)."""
@@ -82,7 +82,7 @@ class _DropConnectMixin(SwappableMixin):
     """Adds DropConnect to a Linear or ConvNd layer without renaming its parameters."""
 
     lt_stochastic_eval = False
-    """While True (set by :func:`lightning_tricks.stochastic.stochastic_eval`), eval draws masks too (MC DropConnect)."""
+    """While True (set by :func:`lightning_tricks.core.stochastic.stochastic_eval`), eval draws masks too (MC DropConnect)."""
 
     def _lt_configure(self, p: float, mode: str, drop_bias: bool, randomness: LayerRandomness | None,
                       index: int) -> None:

@@ -10,7 +10,7 @@ averages the predictions of several draws.
 Torch's ``nn.FractionalMaxPool2d`` is random even in ``eval()`` and rejects a sample of another dtype
 (autocast). :class:`SeededFractionalMaxPool2d` builds on it: training draws come from the trick's own
 generator in the input's dtype; eval uses one fixed draw per channel (deterministic) unless the module's
-``lt_stochastic_eval`` flag is set (:func:`lightning_tricks.stochastic.stochastic_eval`, test-time
+``lt_stochastic_eval`` flag is set (:func:`lightning_tricks.core.stochastic.stochastic_eval`, test-time
 averaging), and :func:`average_pooling_draws` averages ``k`` draws in one batched pass.
 
 The converted network evaluates differently from the plain one (another output size), so each
@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import check_int, check_range
+from lightning_tricks.core.callback import StructuralCallback
+from lightning_tricks.core.distributed import derive_seed
 from lightning_tricks.core.layout import model_layout
 from lightning_tricks.core.lightning_classes import lightning_module_types
-from lightning_tricks.distributed import derive_seed
-from lightning_tricks.regularization._callback import StructuralCallback
-from lightning_tricks.regularization._randomness import LayerRandomness
-from lightning_tricks.surgery import (
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.surgery import (
     ModelNotSupportedError,
     Predicate,
     SurgeryReport,
@@ -48,6 +47,7 @@ from lightning_tricks.surgery import (
     replace_module,
     select_modules,
 )
+from lightning_tricks.core.validation import check_int, check_range
 
 DEFAULT_RATIO = 1 / math.sqrt(2)
 """The paper's :math:`\\alpha = \\sqrt 2`: each layer halves the number of pixels."""

@@ -24,26 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_tricks._model_probe import infer_num_classes
-from lightning_tricks._validation import (
-    InvalidArgumentError,
-    check_choice,
-    check_int,
-    check_optional_int,
-    check_positive,
-    check_probability,
-    check_range,
-)
-from lightning_tricks.core.layout import check_layout, input_layout
-from lightning_tricks.core.task import (
-    Task,
-    TaskNotSupportedError,
-    check_task_kind,
-    infer_target_task,
-    require_task,
-)
-from lightning_tricks.errors import MixupTargetsUnusedError  # noqa: F401  (re-exported)
-from lightning_tricks.regularization._batch import (
+from lightning_tricks.core.batch import (
     BatchFormatError,
     BatchTransformCallback,
     Key,
@@ -55,6 +36,25 @@ from lightning_tricks.regularization._batch import (
     read_images,
     replace_item,
 )
+from lightning_tricks.core.layout import check_layout, input_layout
+from lightning_tricks.core.model_probe import infer_num_classes
+from lightning_tricks.core.task import (
+    Task,
+    TaskNotSupportedError,
+    check_task_kind,
+    infer_target_task,
+    require_task,
+)
+from lightning_tricks.core.validation import (
+    InvalidArgumentError,
+    check_choice,
+    check_int,
+    check_optional_int,
+    check_positive,
+    check_probability,
+    check_range,
+)
+from lightning_tricks.errors import MixupTargetsUnusedError  # noqa: F401  (re-exported)
 from lightning_tricks.regularization._mix_tasks import dense_mixed_loss, mix_masks
 from lightning_tricks.regularization.cutout import rectangle_mask
 

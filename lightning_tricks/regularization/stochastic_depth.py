@@ -10,7 +10,7 @@ paper's linear decay rule; its :math:`p_L = 0.5` is ``drop_rate=0.5``) or :math:
   checkpoint evaluates correctly wherever it is loaded, with or without the trick.
 * ``scaling="test"`` (the paper's): :math:`H_l = \mathrm{act}((1 - p_l) f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` at
   test; the converted block does this in ``eval()``. The plain model lacks the factor, so each converted block
-  carries a marker buffer (see :mod:`lightning_tricks.surgery`) and the callback records itself in the
+  carries a marker buffer (see :mod:`lightning_tricks.core.surgery`) and the callback records itself in the
   checkpoint for :func:`lightning_tricks.load_from_checkpoint` and the other loaders to re-apply.
 
 ``batch`` mode draws one :math:`b_l` per block per training step for the whole batch and, when it is 0,
@@ -33,18 +33,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_tricks import surgery
-from lightning_tricks._validation import (
-    check_choice,
-    check_int,
-    check_optional_int,
-    check_probability,
-    check_range,
-)
+from lightning_tricks.core import surgery
+from lightning_tricks.core.callback import StructuralCallback
 from lightning_tricks.core.lightning_classes import lightning_types
-from lightning_tricks.regularization._callback import StructuralCallback
-from lightning_tricks.regularization._randomness import LayerRandomness
-from lightning_tricks.surgery import (
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.surgery import (
     ModelNotSupportedError,
     Predicate,
     SurgeryReport,
@@ -54,6 +47,13 @@ from lightning_tricks.surgery import (
     select_modules,
     swap_class,
     unmark,
+)
+from lightning_tricks.core.validation import (
+    check_choice,
+    check_int,
+    check_optional_int,
+    check_probability,
+    check_range,
 )
 
 MODES = ("batch", "row")

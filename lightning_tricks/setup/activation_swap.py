@@ -1,7 +1,7 @@
 """The Lightning callback of :mod:`lightning_tricks.setup.activations`: :class:`ActivationSwap`.
 
 It swaps at ``setup`` through the functional core (:func:`~lightning_tricks.setup.activations.apply_swap`)
-and shares the shell of the structural regularizers (:class:`~lightning_tricks.regularization._callback.StructuralCallback`):
+and shares the shell of the structural regularizers (:class:`~lightning_tricks.core.callback.StructuralCallback`):
 the swapped network evaluates differently from the plain one, so the callback records itself in every
 checkpoint, and our loaders (:mod:`lightning_tricks.checkpoint`) rebuild the swap from that record, or from
 the swapped modules' marker buffers when a checkpoint has no record.
@@ -18,12 +18,13 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.batch import find_slot, get_item
+from lightning_tricks.core.callback import StructuralCallback
 from lightning_tricks.core.lightning_classes import is_overridden
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.surgery import ModelNotSupportedError, SurgeryReport
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.init.schemes import _GAIN_SCHEMES  # which schemes have a gain
-from lightning_tricks.regularization._batch import find_slot, get_item
-from lightning_tricks.regularization._callback import StructuralCallback
-from lightning_tricks.regularization._randomness import LayerRandomness
 from lightning_tricks.setup.activations import (
     _SLOPE_TARGETS,
     apply_swap,
@@ -31,7 +32,6 @@ from lightning_tricks.setup.activations import (
     set_prelu_channels,
     swap_marker_values,
 )
-from lightning_tricks.surgery import ModelNotSupportedError, SurgeryReport
 
 
 def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

@@ -10,7 +10,7 @@ timm, your own) and :class:`~lightning_tricks.setup.activation_swap.ActivationSw
   and saved like any other parameter, and one marker buffer per swapped module (below).
 * **Checkpoints carry the swap.** The swapped network evaluates differently from the plain one, so each
   swapped module holds the marker buffer ``lightning_tricks_ActivationSwap`` (target, replaced kind,
-  slope, alpha, PReLU channels; :func:`lightning_tricks.surgery.mark`) and the callback records itself in
+  slope, alpha, PReLU channels; :func:`lightning_tricks.core.surgery.mark`) and the callback records itself in
   every checkpoint, as the structural regularizers do (:mod:`lightning_tricks.checkpoint`): our loaders
   rebuild the swap, and a plain strict ``MyModule.load_from_checkpoint`` fails naming the trick instead of
   evaluating ReLUs.
@@ -37,12 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_tricks._validation import (
-    InvalidArgumentError,
-    check_choice,
-    check_range,
-)
-from lightning_tricks.surgery import (
+from lightning_tricks.core.surgery import (
     MARKER_PREFIX,
     ModelNotSupportedError,
     SurgeryReport,
@@ -50,6 +45,11 @@ from lightning_tricks.surgery import (
     mark,
     marker_values,
     select_modules,
+)
+from lightning_tricks.core.validation import (
+    InvalidArgumentError,
+    check_choice,
+    check_range,
 )
 
 TARGETS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "tanh", "sigmoid")
@@ -176,7 +176,7 @@ _MARKER_KINDS = "iiffi"  # target, replaced kind (indices into TARGETS and KINDS
 
 
 def mark_swapped(module: nn.Module, spec: SwapSpec, replaced_kind: str) -> None:
-    """Give a swapped-in module the marker buffer ``lightning_tricks_ActivationSwap`` (see :func:`~lightning_tricks.surgery.mark`).
+    """Give a swapped-in module the marker buffer ``lightning_tricks_ActivationSwap`` (see :func:`~lightning_tricks.core.surgery.mark`).
 
     A checkpoint of the swapped model then fails to load strictly into the plain one, naming the trick, and a
     checkpoint without callback records (``save_weights_only``) is rebuilt from the values
@@ -398,7 +398,7 @@ def swap_activations(
             calls are listed in the report (``skipped``). Without it, ``prelu`` has one slope per module.
 
     Returns:
-        The :class:`~lightning_tricks.surgery.SurgeryReport` (converted names; functional calls left).
+        The :class:`~lightning_tricks.core.surgery.SurgeryReport` (converted names; functional calls left).
 
     Raises:
         InvalidArgumentError: see :func:`resolve_swap`; a ``layers`` pattern that matches no activation.

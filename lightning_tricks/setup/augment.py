@@ -30,12 +30,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_tricks._validation import (
-    InvalidArgumentError,
-    check_choice,
-    check_int,
-    check_probability,
-    check_range,
+from lightning_tricks.core.batch import (
+    BatchFormatError,
+    BatchTransformCallback,
+    Key,
+    check_float_images,
+    check_key,
+    find_slot,
+    get_item,
+    read_images,
 )
 from lightning_tricks.core.layout import LayoutError, model_layout
 from lightning_tricks.core.task import (
@@ -45,15 +48,12 @@ from lightning_tricks.core.task import (
     check_task_kind,
     infer_target_task,
 )
-from lightning_tricks.regularization._batch import (
-    BatchFormatError,
-    BatchTransformCallback,
-    Key,
-    check_float_images,
-    check_key,
-    find_slot,
-    get_item,
-    read_images,
+from lightning_tricks.core.validation import (
+    InvalidArgumentError,
+    check_choice,
+    check_int,
+    check_probability,
+    check_range,
 )
 from lightning_tricks.setup.preprocessing import MomentAccumulator, stream_training_set
 

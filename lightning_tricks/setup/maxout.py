@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_tricks._validation import check_int
+from lightning_tricks.core.validation import check_int
 
 
 def maxout(x: torch.Tensor, pieces: int, dim: int = 1) -> torch.Tensor:

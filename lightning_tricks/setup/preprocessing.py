@@ -41,22 +41,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_tricks._lightning_internals import prepared_train_dataloader
-from lightning_tricks._validation import (
-    ConfigError,
-    DataNotFoundError,
-    InvalidArgumentError,
-    check_choice,
-    check_int,
-    check_positive,
-)
-from lightning_tricks.distributed import all_reduce
-from lightning_tricks.regularization._batch import (
+from lightning_tricks.core.batch import (
     BatchFormatError,
     Key,
     can_replace,
     check_key,
     read_images,
     replace_item,
+)
+from lightning_tricks.core.distributed import all_reduce
+from lightning_tricks.core.validation import (
+    ConfigError,
+    DataNotFoundError,
+    InvalidArgumentError,
+    check_choice,
+    check_int,
+    check_positive,
 )
 
 MODES = ("channel", "channel_mean", "image", "feature", "center", "pca", "whiten")

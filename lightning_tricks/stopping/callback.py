@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_tricks._validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.distributed import broadcast_module
 from lightning_tricks.core.lightning_classes import sharding_strategy_types, weight_averaging_types
-from lightning_tricks.distributed import broadcast_module
+from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
 from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
 from lightning_tricks.stopping.agreement import agree_across_ranks
 from lightning_tricks.stopping.rules import (

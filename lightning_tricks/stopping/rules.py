@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch import Tensor
 
-from lightning_tricks._monitor import infer_mode
-from lightning_tricks._validation import (
+from lightning_tricks.core.monitor_mode import infer_mode
+from lightning_tricks.core.validation import (
     InvalidArgumentError,
     check_bool,
     check_choice,
@@ -58,7 +58,7 @@ TRIGGER_OF_REASON = {
 
 
 def resolve_mode(mode: str | None, monitor: str) -> str:
-    """``mode`` when given (checked), else the one :func:`~lightning_tricks._monitor.infer_mode` reads in ``monitor``."""
+    """``mode`` when given (checked), else the one :func:`~lightning_tricks.core.monitor_mode.infer_mode` reads in ``monitor``."""
     if mode is None:
         return infer_mode(monitor)
     if mode not in MODES:  # Lightning's wording, which `except`/`match` clauses written for Lightning look for

@@ -10,14 +10,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_tricks._model_probe import InputModuleProbe, batch_input, infer_num_classes
-from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import InvalidArgumentError, check_bool
+from lightning_tricks.core.batch import find_targets
 from lightning_tricks.core.layout import model_layout
+from lightning_tricks.core.model_probe import InputModuleProbe, batch_input, infer_num_classes
+from lightning_tricks.core.seeding import RandomStream
 from lightning_tricks.core.task import Task, infer_task
+from lightning_tricks.core.validation import InvalidArgumentError, check_bool
 from lightning_tricks.errors import ForwardNotCalledError  # noqa: F401  (re-exported)
 from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
-from lightning_tricks.regularization._batch import find_targets
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
 from lightning_tricks.tta.sequence import sequence_tta_forward
@@ -38,7 +38,7 @@ class TestTimeAugmentation(Callback):
     serves steps that call ``self(x)`` or ``self.forward(x)``; if the first batch of a stage never calls
     it (a step that calls ``self.model(images)``, as Lightning's ImageNet example does), hooks during
     that batch find the outermost module the step called with the batch's input
-    (:class:`~lightning_tricks._model_probe.InputModuleProbe`), that call's output is replaced by the
+    (:class:`~lightning_tricks.core.model_probe.InputModuleProbe`), that call's output is replaced by the
     merged prediction, and that module is wrapped for the rest of the stage and later ones. The
     original ``forward`` is restored when the stage ends, when it raises, and at teardown; nothing is
     added to the model's ``state_dict``. A step that calls no module with its input raises

@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_tricks._validation import InvalidArgumentError, check_choice, check_int, check_optional_int
 from lightning_tricks.core.task import TASK_KINDS, TaskNotSupportedError, check_task_kind
+from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int, check_optional_int
 
 VIEW_FAMILIES = ("identity", "hflip", "vflip", "center_crop", "five_crop", "ten_crop", "translate")
 """View families; the view set is their cartesian product (e.g. ``["hflip", "five_crop"]`` = ten-crop)."""

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_tricks._seeding import seeded_global_rng
-from lightning_tricks._validation import InvalidArgumentError, check_choice
+from lightning_tricks.core.seeding import seeded_global_rng
+from lightning_tricks.core.stochastic import stochastic_eval
 from lightning_tricks.core.task import Task, TaskNotSupportedError, aligned_with_inputs, infer_task
-from lightning_tricks.stochastic import stochastic_eval
+from lightning_tricks.core.validation import InvalidArgumentError, check_choice
 from lightning_tricks.tta.config import MERGE_MODES, TASKS, TTAConfig, View, check_dense_views
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.tta.config import TTAConfig
 
 SequenceView = tuple[str, int, bool]
@@ -88,8 +88,8 @@ def sequence_tta_forward(forward: Callable[[Tensor], Any], x: Tensor, config: TT
     ``task`` is what ``tta_forward`` takes (a Task, a function reading it from an output, or None: inferred
     from the first view's output).
     """
-    from lightning_tricks._seeding import seeded_global_rng
-    from lightning_tricks.stochastic import stochastic_eval
+    from lightning_tricks.core.seeding import seeded_global_rng
+    from lightning_tricks.core.stochastic import stochastic_eval
     from lightning_tricks.tta.core import _resolve_task, merge_predictions
 
     views = sequence_views(config, views_given)

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
-from lightning_tricks._validation import InvalidArgumentError
 from lightning_tricks.core.layout import model_layout
+from lightning_tricks.core.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_modules
 from lightning_tricks.core.task import Task, infer_task
-from lightning_tricks.stochastic import STOCHASTIC_EVAL_ATTR, stochastic_modules
+from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
 from lightning_tricks.tta.sequence import sequence_tta_forward
@@ -24,7 +24,7 @@ def _has_randomness(model: nn.Module) -> bool:
 def _no_stochastic_layers(passes: int, target: str) -> InvalidArgumentError:
     return InvalidArgumentError(
         f"`stochastic_passes`={passes} is invalid for {target}: it has no stochastic layer (torch.nn dropout with p > 0, or a "
-        "module with the `lt_stochastic_eval` attribute, see lightning_tricks.stochastic). Add one, or set "
+        "module with the `lt_stochastic_eval` attribute, see lightning_tricks.core.stochastic). Add one, or set "
         "stochastic_passes=1."
     )
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 
 REGULARIZERS = frozenset({"Cutout", "Mixup", "WeightPenalty", "DropConnect", "StochasticDepth",
                           "FractionalMaxPooling"})

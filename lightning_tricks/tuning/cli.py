@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_tricks._monitor import infer_mode
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.monitor_mode import infer_mode
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.errors import user_error_in
 from lightning_tricks.tuning.study import default_metric, load_config  # noqa: F401  (re-exported)
 

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_tricks._validation import ConfigError, check_int
+from lightning_tricks.core.validation import ConfigError, check_int
 
 STAGE_STEPS = 100_000
 """Reported steps of stage ``k`` start at ``(k - 1) * STAGE_STEPS``: a pruner compares a trial with the trials

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 
 KINDS = ("log_uniform", "uniform", "int", "log_int", "choice")
 """The distribution names a search-space file may use."""

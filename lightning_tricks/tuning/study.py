@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from lightning_tricks._validation import ConfigError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.tuning.pruning import STAGE_STEPS, CurveRecorder, TrialPruning
 from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_params, grid_values, narrow
 

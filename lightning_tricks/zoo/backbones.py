@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_probability
+from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_probability
 from lightning_tricks.zoo.resnet_stages import residual_stages
 from lightning_tricks.zoo.sequence import SEQUENCE_BACKBONES, build_sequence_backbone
 

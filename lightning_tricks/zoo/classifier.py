@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_tricks._validation import (
+from lightning_tricks.core.validation import (
     InvalidArgumentError,
     check_choice,
     check_int,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_tricks._validation import (
+from lightning_tricks.core.validation import (
     DataNotFoundError,
     InvalidArgumentError,
     check_int,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_tricks._validation import InvalidArgumentError, check_int, check_optional_int
+from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_optional_int
 from lightning_tricks.zoo.data import Split, _ImageDataModule, stratified_subset
 
 CACHE_ENV = "LIGHTNING_TRICKS_CACHE"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks._validation import InvalidArgumentError, check_int
+from lightning_tricks.core.validation import InvalidArgumentError, check_int
 from lightning_tricks.zoo.resnet_stages import residual_stages
 
 SEQUENCE_BACKBONES = ("mnist1d_logistic", "mnist1d_mlp", "mnist1d_cnn", "mnist1d_gru", "resnet1d")

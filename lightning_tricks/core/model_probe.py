@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
-from lightning_tricks._validation import InvalidArgumentError
+from lightning_tricks.core.validation import InvalidArgumentError
 
 
 def batch_input(batch: Any) -> Tensor | None:
@@ -36,7 +36,7 @@ def batch_input(batch: Any) -> Tensor | None:
         return batch
     if isinstance(batch, Mapping):
         # imported here because that package imports this module
-        from lightning_tricks.regularization._batch import IMAGE_KEYS
+        from lightning_tricks.core.batch import IMAGE_KEYS
 
         for key in IMAGE_KEYS:
             if isinstance(batch.get(key), Tensor):

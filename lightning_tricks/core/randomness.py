@@ -5,9 +5,9 @@ same numbers, so a block recomputed under activation checkpointing sees the same
 layer do not depend on the order layers run in, and a run resumed at step ``s`` continues exactly. The
 step is set by the trick's callback once per training batch. Without a callback (``step`` is ``None``,
 plain torch use) and in eval mode (test-time sampling), draws come from a free-running generator, which
-restarts from the block's seed inside a seeded block (:func:`~lightning_tricks._seeding.eval_scope`: test-time
+restarts from the block's seed inside a seeded block (:func:`~lightning_tricks.core.seeding.eval_scope`: test-time
 augmentation's stochastic passes), so those draws do not depend on what ran before.
-The seed, the rank and the keys follow the package's one seed rule, :class:`~lightning_tricks._seeding.RandomStream`.
+The seed, the rank and the keys follow the package's one seed rule, :class:`~lightning_tricks.core.seeding.RandomStream`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from lightning_tricks._seeding import RandomStream, eval_scope
-from lightning_tricks.distributed import derive_seed
+from lightning_tricks.core.distributed import derive_seed
+from lightning_tricks.core.seeding import RandomStream, eval_scope
 
 _EVAL_STREAM = 0x5EED_E7A1  # keeps eval-time draws apart from the training keys
 

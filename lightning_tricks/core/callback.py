@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_tricks._validation import check_optional_int
-from lightning_tricks.regularization._randomness import LayerRandomness
-from lightning_tricks.surgery import SurgeryReport, exact_patterns
+from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.surgery import SurgeryReport, exact_patterns
+from lightning_tricks.core.validation import check_optional_int
 
 RECORD_KEY = "lightning_tricks"
 """Top-level checkpoint key of our records; structural tricks go in ``checkpoint[RECORD_KEY]["structural"]``."""
@@ -23,7 +23,7 @@ class StructuralCallback(Callback):
     Subclasses implement :meth:`convert` (idempotent surgery through the trick's functional core) and
     :meth:`init_args`; :meth:`after_convert` adds checks that need the trainer. The seed (``None``: the
     run's seed, the same on every rank) and the counter of training batches are the randomness's
-    checkpointed state (the package's one seed rule, :class:`~lightning_tricks._seeding.RandomStream`), so a
+    checkpointed state (the package's one seed rule, :class:`~lightning_tricks.core.seeding.RandomStream`), so a
     resumed run draws what the uninterrupted run would have drawn. A trick whose converted network evaluates differently from the plain one
     (:meth:`changes_evaluation`) records itself in every checkpoint as plain data (class path, init
     arguments, converted module names), which :func:`lightning_tricks.apply_recorded_tricks` re-applies.

@@ -24,9 +24,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_tricks._seeding import RandomStream
-from lightning_tricks._validation import InvalidArgumentError, check_int
 from lightning_tricks.core.lightning_classes import lightning_module_types
+from lightning_tricks.core.seeding import RandomStream
+from lightning_tricks.core.validation import InvalidArgumentError, check_int
 from lightning_tricks.errors import BatchFormatError  # noqa: F401  (re-exported)
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "input", "inputs", "x", "pixel_values")
@@ -177,7 +177,7 @@ def read_images(batch: Any, key: Key, owner: str, min_ndim: int) -> tuple[Slot, 
 class BatchTransformCallback(Callback):
     """Base of the callbacks that transform training batches; owns their random stream and checkpoint state.
 
-    Randomness (the package's one seed rule, :class:`~lightning_tricks._seeding.RandomStream`): for the
+    Randomness (the package's one seed rule, :class:`~lightning_tricks.core.seeding.RandomStream`): for the
     ``k``-th training batch this callback transforms (counted over the whole fit, every micro-batch of
     gradient accumulation included), the generator on the batch's device is seeded with
     ``derive_seed(seed, global_rank, k)``. Ranks draw differently; a resumed run, which restores ``k``

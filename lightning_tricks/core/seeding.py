@@ -37,8 +37,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_tricks._validation import check_optional_int
-from lightning_tricks.distributed import derive_seed, global_rank
+from lightning_tricks.core.distributed import derive_seed, global_rank
+from lightning_tricks.core.validation import check_optional_int
 
 
 def run_seed() -> int:
