@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_probability
-from lightning_tricks.zoo.resnet_stages import residual_stages
+from lightning_tricks.zoo.resnet_stages import build_resnet, resnet_forward
 from lightning_tricks.zoo.sequence import SEQUENCE_BACKBONES, build_sequence_backbone
 
 ZOO_BACKBONES = ("simple_cnn", "mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -127,21 +127,10 @@ class CifarResNet(nn.Module):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise InvalidArgumentError(f"`depth`={depth!r} is invalid: expected 6n+2 with n >= 1 (20, 32, 44, 56, 110).")
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        (self.layer1, self.layer2, self.layer3), planes = residual_stages(BasicBlock, width, n)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        build_resnet(self, 2, in_channels, num_classes, width, (depth - 2) // 6, BasicBlock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return resnet_forward(self, x)
 
 
 class _RepeatChannels(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
@@ -22,4 +23,28 @@ def residual_stages(make_block: Callable[[int, int, int], nn.Module], width: int
     return stages, planes
 
 
-__all__ = ["residual_stages"]
+def build_resnet(net: nn.Module, dims: int, in_channels: int, num_classes: int, width: int, n: int,
+                 make_block: Callable[[int, int, int], nn.Module], kernel_size: int = 3) -> None:
+    """Give ``net`` the CIFAR ResNet's modules (``conv1``, ``bn1``, ``relu``, ``layer1-3``, ``pool``, ``fc``) for
+    images (``dims=2``) or sequences (``dims=1``), convolutions He-initialized (fan-out, as the paper)."""
+    conv, norm, pool = ((nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d) if dims == 1
+                        else (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d))
+    net.conv1 = conv(in_channels, width, kernel_size, padding=kernel_size // 2, bias=False)
+    net.bn1 = norm(width)
+    net.relu = nn.ReLU(inplace=True)
+    (net.layer1, net.layer2, net.layer3), planes = residual_stages(make_block, width, n)
+    net.pool = pool(1)
+    net.fc = nn.Linear(planes, num_classes)
+    for m in net.modules():
+        if isinstance(m, conv):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def resnet_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward pass of a network :func:`build_resnet` built."""
+    x = net.relu(net.bn1(net.conv1(x)))
+    x = net.layer3(net.layer2(net.layer1(x)))
+    return net.fc(torch.flatten(net.pool(x), 1))
+
+
+__all__ = ["build_resnet", "residual_stages", "resnet_forward"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks.core.validation import InvalidArgumentError, check_int
-from lightning_tricks.zoo.resnet_stages import residual_stages
+from lightning_tricks.zoo.resnet_stages import build_resnet, resnet_forward
 
 SEQUENCE_BACKBONES = ("mnist1d_logistic", "mnist1d_mlp", "mnist1d_cnn", "mnist1d_gru", "resnet1d")
 """Backbone names for sequence inputs (``build_backbone`` passes ``in_channels``, ``num_classes`` and
@@ -174,22 +174,11 @@ class ResNet1d(_Sequence):
             raise InvalidArgumentError(f"`depth`={depth!r} is invalid: expected 6n+2 with n >= 1 (8, 14, 20, 32, 56).")
         check_int("width", width, 1)
         check_int("kernel_size", kernel_size, 1)
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv1d(in_channels, width, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn1 = nn.BatchNorm1d(width)
-        self.relu = nn.ReLU(inplace=True)
-        (self.layer1, self.layer2, self.layer3), planes = residual_stages(
-            lambda inp, out, stride: BasicBlock1d(inp, out, stride, kernel_size), width, n)
-        self.pool = nn.AdaptiveAvgPool1d(1)
-        self.fc = nn.Linear(planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv1d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        build_resnet(self, 1, in_channels, num_classes, width, (depth - 2) // 6,
+                     lambda inp, out, stride: BasicBlock1d(inp, out, stride, kernel_size), kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(_as_sequence(x, self))))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return resnet_forward(self, _as_sequence(x, self))
 
 
 def build_sequence_backbone(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: object) -> nn.Module:
