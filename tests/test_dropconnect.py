@@ -141,15 +141,20 @@ def test_mc_dropconnect_through_stochastic_eval():
     (dict(p=-0.1), r"`p`=-0.1 is invalid"),
     (dict(mode="row"), r"`mode`='row' is invalid: expected one of 'step', 'sample'"),
     (dict(layer_types=["BatchNorm2d"]), r"`layer_types`='BatchNorm2d' is invalid"),
-    (dict(layers="fc1"), r"`layers`='fc1' is invalid: expected a non-empty list"),
+    (dict(layers="fc1"), r"`layers`='fc1' is invalid: expected a list of glob patterns"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(InvalidArgumentError, match=message):
         DropConnect(**kwargs)
 
 
+def test_a_pattern_on_a_container_selects_the_layers_inside_it():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 2))
+    assert apply_dropconnect(net, 0.5, layers=["1"]).converted == ["1.0", "1.2"]
+
+
 def test_bad_selections_fail_naming_the_argument():
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'fc9' matches no submodule"):
+    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'fc9' matches no module"):
         apply_dropconnect(TinyResNet(), 0.5, layers=["fc9"])
     with pytest.raises(InvalidArgumentError, match=r"'stem.1' \(BatchNorm2d: DropConnect converts Linear"):
         apply_dropconnect(TinyResNet(), 0.5, layers=["stem.1"])

@@ -160,7 +160,7 @@ def test_bad_arguments(kwargs, message):
 def test_bad_models_and_selectors():
     with pytest.raises(ModelNotSupportedError, match="found no nn.MaxPool2d in CifarResNet"):
         apply_fractional_pooling(build_backbone("resnet20"))
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'features.99' matches no submodule"):
+    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'features.99' matches no module"):
         apply_fractional_pooling(build_backbone("simple_cnn"), layers=["features.99"])
     with pytest.raises(InvalidArgumentError, match=r"'features.0' \(Conv2d: FractionalMaxPooling replaces nn.MaxPool2d"):
         apply_fractional_pooling(build_backbone("simple_cnn"), layers=["features.0"])

@@ -97,6 +97,14 @@ def test_default_selection_excludes_biases_and_norms_and_patterns_refine_it():
     assert len(names) == 21  # 20 convolutions (3 of them 1x1 downsampling) and the fc weight
     with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'head\.\*' matches no parameter"):
         select_parameters(module, include=["head.*"])
+    # a pattern selects what is inside a match; one that matches only ineligible parameters says why
+    assert [n for n, _ in select_parameters(module, include=["net.7"])] == ["net.7.weight"]
+    with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'net.7.bias' matches only parameters "
+                                                   r"WeightPenalty cannot act on: 'net.7.bias' \(Parameter: bias-like"):
+        select_parameters(module, include=["net.7.bias"])
+    module.net[7].weight.requires_grad_(False)
+    with pytest.raises(InvalidArgumentError, match=r"'net.7.weight' \(Parameter: frozen"):
+        select_parameters(module, include=["net.7.weight"])
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -215,13 +215,20 @@ def test_functional_drop_residual_row_batch_and_scalings():
     assert torch.equal(drop_residual(r, 0.0), r)
 
 
+def test_a_pattern_on_a_stage_selects_the_blocks_inside_it():
+    # 'layer1' is a Sequential, not a block: the shared vocabulary selects the convertible blocks inside it
+    net = build_backbone("resnet20")
+    assert apply_stochastic_depth(net, 0.5, blocks=["layer1"]).converted == ["layer1.0", "layer1.1", "layer1.2"]
+    assert [round(b.lt_drop_prob, 4) for b in stochastic_depth_blocks(net)] == [0.1667, 0.3333, 0.5]
+
+
 def test_errors_name_what_was_looked_for():
     with pytest.raises(ModelNotSupportedError, match="found no residual block in MLP: it looks for torchvision and timm"):
         apply_stochastic_depth(build_backbone("mlp", in_channels=1, image_size=8), 0.5)
     with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'fc1' matches only modules StochasticDepth cannot "
-                                                   r"convert: 'fc1' \(Linear: not a residual block"):
+                                                   r"act on: 'fc1' \(Linear: not a residual block"):
         apply_stochastic_depth(TinyResNet(), 0.5, blocks=["fc1"])
-    with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'layer9\.\*' matches no submodule"):
+    with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'layer9\.\*' matches no module"):
         apply_stochastic_depth(build_backbone("resnet20"), 0.5, blocks=["layer9.*"])
     with pytest.raises(ModelNotSupportedError, match="already apply timm's drop_path"):
         apply_stochastic_depth(build_backbone("timm:resnet18", drop_path_rate=0.1), 0.5)

@@ -55,10 +55,23 @@ def test_select_by_pattern_default_and_predicate():
         == ["0", "2.0"]
 
 
+def test_a_pattern_selects_what_is_inside_a_match_and_exclude_drops():
+    net = _net()
+    names = lambda chosen: [n for n, _ in chosen]  # noqa: E731
+    # "2" is a Sequential (not convertible): it selects the convertible modules inside it instead of failing
+    assert names(select_modules(net, ["2"], can_wrap=_linear_only, arg_name="include", trick="T")) == ["2.0"]
+    assert names(select_modules(net, None, can_wrap=_linear_only, arg_name="include", trick="T",
+                                exclude=["2"])) == ["0", "3"]
+    assert names(select_modules(net, ["*"], can_wrap=_linear_only, arg_name="include", trick="T",
+                                exclude=["3"])) == ["0", "2.0"]
+    with pytest.raises(InvalidArgumentError, match=r"T: `exclude` pattern 'nine' matches no module"):
+        select_modules(net, None, can_wrap=_linear_only, arg_name="include", trick="T", exclude=["nine"])
+
+
 def test_selector_matching_nothing_or_only_unconvertible_names_argument_and_pattern():
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'head\*' matches no submodule of Sequential"):
+    with pytest.raises(InvalidArgumentError, match=r"T: `layers` pattern 'head\*' matches no module: names look like '0', '1', '2'"):
         select_modules(_net(), ["head*"], can_wrap=_linear_only, arg_name="layers", trick="T")
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern '2.1' matches only modules T cannot convert: "
+    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern '2.1' matches only modules T cannot act on: "
                                                    r"'2.1' \(BatchNorm1d: not a Linear\)"):
         select_modules(_net(), ["2.1"], can_wrap=_linear_only, arg_name="layers", trick="T")
 
