@@ -125,7 +125,7 @@ def test_report_message_counts_names_and_skips():
 
 
 def _all_tricks(model):
-    apply_dropconnect(model, 0.5, layers=["fc1"])
+    apply_dropconnect(model, 0.5, include=["fc1"])
     apply_stochastic_depth(model, 0.5)
     apply_fractional_pooling(model)
 
@@ -148,10 +148,10 @@ def test_state_dict_keys_identical_and_checkpoints_load_both_ways():
         fresh.load_state_dict(tricked.state_dict())  # tricked -> plain, strict
     assert fresh.load_state_dict(tricked.state_dict(), strict=False).unexpected_keys == [marker]
     without_pooling = TinyResNet()
-    apply_dropconnect(without_pooling, 0.5, layers=["fc1"])
+    apply_dropconnect(without_pooling, 0.5, include=["fc1"])
     apply_stochastic_depth(without_pooling, 0.5)
     fresh.load_state_dict(without_pooling.state_dict())  # evaluation unchanged by the trick: strict both ways
-    again = [apply_dropconnect(tricked, 0.5, layers=["fc1"]), apply_stochastic_depth(tricked, 0.5),
+    again = [apply_dropconnect(tricked, 0.5, include=["fc1"]), apply_stochastic_depth(tricked, 0.5),
              apply_fractional_pooling(tricked)[0]]  # idempotent: a second surgery changes nothing
     assert [(r.converted, r.already) for r in again] == [([], ["fc1"]), ([], ["blocks.0", "blocks.1"]), ([], ["pool"])]
     assert [k for k in tricked.state_dict() if k != marker] == keys
@@ -173,7 +173,7 @@ def test_setup_logs_counts_on_rank_zero(callback, tmp_path, caplog):
 
 def _tricks():
     # a warm-up in batches: a fraction of the run (the default) ramps differently in a 1-epoch and a 2-epoch fit
-    return [DropConnect(p=0.5), StochasticDepth(drop_rate=0.5, warmup_steps=2), FractionalMaxPooling()]
+    return [DropConnect(p=0.5), StochasticDepth(p=0.5, warmup_steps=2), FractionalMaxPooling()]
 
 
 def _weights(module):

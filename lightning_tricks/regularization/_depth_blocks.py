@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks.core import surgery
+from lightning_tricks.core.deprecation import register_renames, renamed_argument
 from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.selection import check_patterns
 from lightning_tricks.core.surgery import SwappableMixin, original_class
 from lightning_tricks.core.validation import (
     check_choice,
@@ -22,6 +23,8 @@ from lightning_tricks.core.validation import (
     check_probability,
     check_range,
 )
+
+register_renames("StochasticDepth", {"drop_rate": "p", "blocks": "include"})
 
 MODES = ("batch", "row")
 RULES = ("linear", "uniform")
@@ -34,18 +37,23 @@ times ``1 - p`` at test."""
 Tensor = torch.Tensor
 
 
-def check_stochastic_depth_args(drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear",
-                                scaling: str = "train", blocks: Sequence[str] | None = None,
+def check_stochastic_depth_args(p: float = 0.5, mode: str = "batch", rule: str = "linear",
+                                scaling: str = "train", include: Sequence[str] | None = None,
                                 warmup_steps: int | None = None, warmup_fraction: float = 0.0,
-                                *, rate_name: str = "drop_rate") -> list[str] | None:
-    """The one validator of StochasticDepth's arguments (functional core and callback); returns ``blocks``."""
-    check_probability(rate_name, drop_rate, allow_one=False)
+                                exclude: Sequence[str] | None = None, *, drop_rate: float | None = None,
+                                blocks: Sequence[str] | None = None
+                                ) -> tuple[float, list[str] | None, list[str] | None]:
+    """The one validator of StochasticDepth's arguments (functional core and callback); returns
+    ``(p, include, exclude)`` (``drop_rate`` and ``blocks`` are the deprecated names of ``p`` and ``include``)."""
+    p = renamed_argument("StochasticDepth", "drop_rate", "p", drop_rate, p, 0.5)
+    include = renamed_argument("StochasticDepth", "blocks", "include", blocks, include, None)
+    check_probability("p", p, allow_one=False)
     check_choice("mode", mode, MODES)
     check_choice("rule", rule, RULES)
     check_choice("scaling", scaling, SCALINGS)
     check_optional_int("warmup_steps", warmup_steps, 0)
     check_range("warmup_fraction", warmup_fraction, 0.0, 1.0)
-    return surgery.check_patterns("blocks", blocks)
+    return p, check_patterns("include", include), check_patterns("exclude", exclude, allow_empty=True)
 
 
 def warmup_ramp(batches_seen: int, warmup_batches: int) -> float:
@@ -58,18 +66,21 @@ def warmup_ramp(batches_seen: int, warmup_batches: int) -> float:
     return 1.0 if warmup_batches <= 0 else min(1.0, batches_seen / warmup_batches)
 
 
-def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
-    """Drop probability of each block: ``drop_rate * l / L`` for ``l = 1..L`` (``linear``) or ``drop_rate``.
+def drop_probabilities(num_blocks: int, p: float = 0.5, rule: str = "linear", *,
+                       drop_rate: float | None = None) -> list[float]:
+    """Drop probability of each block: ``p * l / L`` for ``l = 1..L`` (``linear``) or ``p`` (``uniform``).
+
+    ``drop_rate`` is the deprecated name of ``p``.
 
     Examples:
         >>> drop_probabilities(4, 0.5)
         [0.125, 0.25, 0.375, 0.5]
     """
     check_int("num_blocks", num_blocks, 0)
-    check_stochastic_depth_args(drop_rate, rule=rule)
+    p = check_stochastic_depth_args(p, rule=rule, drop_rate=drop_rate)[0]
     if rule == "uniform":
-        return [float(drop_rate)] * num_blocks
-    return [drop_rate * layer / num_blocks for layer in range(1, num_blocks + 1)]
+        return [float(p)] * num_blocks
+    return [p * layer / num_blocks for layer in range(1, num_blocks + 1)]
 
 
 def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True, scaling: str = "train",
@@ -88,7 +99,7 @@ def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool 
         >>> drop_residual(r, 0.5, training=False, scaling="test")[0].tolist()
         [0.5, 0.5]
     """
-    check_stochastic_depth_args(p, mode, scaling=scaling, rate_name="p")
+    check_stochastic_depth_args(p, mode, scaling=scaling)
     keep = 1.0 - p
     if p == 0 or (not training and scaling == "train"):
         return residual

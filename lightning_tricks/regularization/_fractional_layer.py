@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_tricks.core.deprecation import register_renames, renamed_argument
 from lightning_tricks.core.distributed import derive_seed
 from lightning_tricks.core.layout import model_layout
 from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.selection import check_patterns
 from lightning_tricks.core.surgery import (
     ModelNotSupportedError,
     Predicate,
     SurgeryReport,
-    check_patterns,
     keys_unchanged,
     mark,
     replace_module,
@@ -29,20 +30,25 @@ from lightning_tricks.core.surgery import (
 )
 from lightning_tricks.core.validation import check_int, check_range
 
+register_renames("FractionalMaxPooling", {"layers": "include"})
+
 DEFAULT_RATIO = 1 / math.sqrt(2)
 """The paper's :math:`\\alpha = \\sqrt 2`: each layer halves the number of pixels."""
 
 
 def check_fractional_pooling_args(output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2,
-                                  layers: Sequence[str] | None = None, test_samples: int = 1,
-                                  max_batch: int | None = None) -> list[str] | None:
-    """The one validator of FractionalMaxPooling's arguments (layer, functional core, callback); returns ``layers``."""
+                                  include: Sequence[str] | None = None, test_samples: int = 1,
+                                  max_batch: int | None = None, exclude: Sequence[str] | None = None, *,
+                                  layers: Sequence[str] | None = None) -> tuple[list[str] | None, list[str] | None]:
+    """The one validator of FractionalMaxPooling's arguments (layer, functional core, callback); returns
+    ``(include, exclude)`` (``layers`` is the deprecated name of ``include``)."""
+    include = renamed_argument("FractionalMaxPooling", "layers", "include", layers, include, None)
     check_range("output_ratio", output_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
     check_int("kernel_size", kernel_size, 1)
     check_int("test_samples", test_samples, 1)
     if max_batch is not None:
         check_int("max_batch", max_batch, 1)
-    return check_patterns("layers", layers)
+    return check_patterns("include", include), check_patterns("exclude", exclude, allow_empty=True)
 
 
 class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
@@ -124,9 +130,11 @@ def apply_fractional_pooling(
     output_ratio: float = DEFAULT_RATIO,
     *,
     kernel_size: int = 2,
-    layers: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
     randomness: LayerRandomness | None = None,
     predicate: Predicate | None = None,
+    exclude: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> tuple[SurgeryReport, dict[str, nn.Module]]:
     """Replace ``nn.MaxPool2d`` layers of ``model`` by :class:`SeededFractionalMaxPool2d` (idempotent).
 
@@ -137,9 +145,12 @@ def apply_fractional_pooling(
         model: any module.
         output_ratio: output size / input size, in (0, 1).
         kernel_size: pooling window of the new layers.
-        layers: glob patterns on qualified module names (``None``: every ``nn.MaxPool2d``).
+        include: glob patterns on qualified module names (``None``: every ``nn.MaxPool2d``); a pattern also
+            selects the pools inside a match.
         randomness: shared generators; a private one seeded with 0 when ``None``.
         predicate: extra filter ``(name, module) -> bool``.
+        exclude: glob patterns of pools (or of modules whose pools) to leave as they are.
+        layers: deprecated: use ``include``.
 
     Returns:
         The report and the replaced ``nn.MaxPool2d`` modules by name (to undo the change).
@@ -153,9 +164,10 @@ def apply_fractional_pooling(
         >>> apply_fractional_pooling(net)[0].converted
         ['1']
     """
-    layers = check_fractional_pooling_args(output_ratio, kernel_size, layers)
-    chosen = select_modules(model, layers, can_wrap=_can_wrap, arg_name="layers", trick="FractionalMaxPooling",
-                            predicate=predicate)
+    include, exclude = check_fractional_pooling_args(output_ratio, kernel_size, include, exclude=exclude,
+                                                     layers=layers)
+    chosen = select_modules(model, include, can_wrap=_can_wrap, arg_name="include", trick="FractionalMaxPooling",
+                            predicate=predicate, exclude=exclude)
     if not chosen:
         if any(isinstance(m, nn.MaxPool1d) for m in model.modules()) or model_layout(model) == "sequence":
             raise ModelNotSupportedError(

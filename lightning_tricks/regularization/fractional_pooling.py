@@ -136,14 +136,17 @@ class FractionalMaxPooling(StructuralCallback):
     Args:
         output_ratio: output size / input size of each converted layer, in (0, 1). Default ``1/sqrt(2)``.
         kernel_size: pooling window (2: overlapping regions, the paper's best).
-        layers: glob patterns on qualified module names (default: every ``nn.MaxPool2d``).
+        include: glob patterns on qualified module names (default: every ``nn.MaxPool2d``); a pattern also
+            selects the pools inside a match (``["model.features"]``).
         test_samples: number of pooling draws averaged in ``test``/``predict`` (1: the deterministic eval).
         max_batch: most rows per forward pass when averaging (default: ``test_samples * batch``).
         seed: seed of the draws; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        exclude: glob patterns of pools to leave as they are.
+        layers: deprecated: use ``include``.
 
     Raises:
-        InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches no ``nn.MaxPool2d``.
+        InvalidArgumentError: a bad argument, or an ``include``/``exclude`` pattern that matches no ``nn.MaxPool2d``.
         ModelNotSupportedError: (at setup) no ``nn.MaxPool2d``, or a model that needs the original spatial size.
 
     Examples:
@@ -153,11 +156,13 @@ class FractionalMaxPooling(StructuralCallback):
 
     converts = "max-pooling layers"
 
-    def __init__(self, output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2, layers: list[str] | None = None,
-                 test_samples: int = 1, max_batch: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2, include: list[str] | None = None,
+                 test_samples: int = 1, max_batch: int | None = None, seed: int | None = None,
+                 exclude: list[str] | None = None, layers: list[str] | None = None) -> None:
         super().__init__(seed)
-        layers = check_fractional_pooling_args(output_ratio, kernel_size, layers, test_samples, max_batch)
-        self.output_ratio, self.kernel_size, self.layers = output_ratio, kernel_size, layers
+        include, exclude = check_fractional_pooling_args(output_ratio, kernel_size, include, test_samples, max_batch,
+                                                         exclude, layers=layers)
+        self.output_ratio, self.kernel_size, self.include, self.exclude = output_ratio, kernel_size, include, exclude
         self.test_samples, self.max_batch = test_samples, max_batch
         self._replaced: dict[str, nn.Module] = {}  # the original pools, until the size check has run
         self._wrapper: Any = None
@@ -165,11 +170,14 @@ class FractionalMaxPooling(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(output_ratio=self.output_ratio, layers=self.layers)
+        # `layers` is include's old name, kept in the key so checkpoints written before the rename resume
+        extra = {"exclude": self.exclude} if self.exclude else {}
+        return self._generate_state_key(output_ratio=self.output_ratio, layers=self.include, **extra)
 
     def init_args(self) -> dict[str, Any]:
-        return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "layers": self.layers,
-                "test_samples": self.test_samples, "max_batch": self.max_batch, "seed": self.randomness.seed}
+        return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "include": self.include,
+                "exclude": self.exclude, "test_samples": self.test_samples, "max_batch": self.max_batch,
+                "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
         return True
@@ -177,7 +185,8 @@ class FractionalMaxPooling(StructuralCallback):
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
         report, self._replaced = apply_fractional_pooling(model, self.output_ratio, kernel_size=self.kernel_size,
-                                                          layers=self.layers if modules is None else modules,
+                                                          include=self.include if modules is None else modules,
+                                                          exclude=self.exclude if modules is None else None,
                                                           randomness=randomness)
         return report
 
@@ -221,7 +230,7 @@ class FractionalMaxPooling(StructuralCallback):
         raise ModelNotSupportedError(
             f"FractionalMaxPooling changes the spatial size after pooling ({sizes}), and the layers after it need the "
             f"original size: {problem} (checked with input {tuple(example.shape)}). This happens when a Flatten feeds "
-            "a Linear without global pooling: add nn.AdaptiveAvgPool2d before the Flatten, or choose with `layers` "
+            "a Linear without global pooling: add nn.AdaptiveAvgPool2d before the Flatten, or choose with `include` "
             "only pools whose following layers accept any size."
         )
 

@@ -1,8 +1,8 @@
 r"""Stochastic depth (Huang et al. 2016): skip residual branches at random in training, use them all at test.
 
 Block :math:`l` of :math:`L` computes :math:`H_l = \mathrm{act}(b_l f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` in
-training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = \mathrm{drop\_rate} \cdot l / L` (the
-paper's linear decay rule; its :math:`p_L = 0.5` is ``drop_rate=0.5``) or :math:`p_l = \mathrm{drop\_rate}`
+training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = p \cdot l / L` (the
+paper's linear decay rule; its :math:`p_L = 0.5` is ``p=0.5``) or :math:`p_l = p`
 (``uniform``). At test every block runs, and the expected training pre-activation matches the test one:
 
 * ``scaling="train"`` (inverted, default, as timm's ``drop_path`` and torchvision's ``stochastic_depth``): a kept
@@ -125,33 +125,40 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
 
 def apply_stochastic_depth(
     model: nn.Module,
-    drop_rate: float = 0.5,
+    p: float = 0.5,
     *,
     mode: str = "batch",
     rule: str = "linear",
     scaling: str = "train",
-    blocks: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
     randomness: LayerRandomness | None = None,
     predicate: Predicate | None = None,
+    exclude: Sequence[str] | None = None,
+    drop_rate: float | None = None,
+    blocks: Sequence[str] | None = None,
 ) -> SurgeryReport:
     """Convert the residual blocks of ``model`` in place (idempotent; parameter names unchanged).
 
     Blocks are found automatically: torchvision's ``BasicBlock``/``Bottleneck``, timm's ResNet
     ``BasicBlock``/``Bottleneck``, and any module with a ``residual(x)`` method and a ``shortcut``
     attribute (the zoo's ``BasicBlock``). Your own block qualifies when its ``forward`` computes
-    ``... self.residual(x) + <shortcut> ...`` out of place; select it with ``blocks`` patterns. Block
+    ``... self.residual(x) + <shortcut> ...`` out of place; select it with ``include`` patterns. Block
     ``l`` of ``L`` in ``named_modules()`` order (input to output) gets ``drop_probabilities(L)[l - 1]``.
 
     Args:
         model: any module.
-        drop_rate: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
+        p: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
         mode: ``batch`` (skip the branch for the whole batch: saves compute) or ``row`` (per example).
         rule: ``linear`` or ``uniform``.
         scaling: ``train`` (inverted: a kept branch times ``1 / (1 - p_l)`` in training, eval untouched) or
             ``test`` (the paper's: the branch times ``1 - p_l`` in eval; the blocks get a marker buffer).
-        blocks: glob patterns on qualified module names (``None``: automatic detection).
+        include: glob patterns on qualified module names (``None``: automatic detection); a pattern also
+            selects the blocks inside a match (``["layer1"]``: the blocks of that stage).
         randomness: shared generators (the callback's); a private one seeded with 0 when ``None``.
         predicate: extra filter ``(name, module) -> bool``.
+        exclude: glob patterns of blocks (or of modules whose blocks) to leave as they are.
+        drop_rate: deprecated: use ``p``.
+        blocks: deprecated: use ``include``.
 
     Raises:
         ModelNotSupportedError: no residual block found; a timm block that already has ``drop_path``.
@@ -162,18 +169,20 @@ def apply_stochastic_depth(
         >>> apply_stochastic_depth(CifarResNet(20), 0.5).total
         9
     """
-    blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks)
+    p, include, exclude = check_stochastic_depth_args(p, mode, rule, scaling, include, exclude=exclude,
+                                                      drop_rate=drop_rate, blocks=blocks)
     report = SurgeryReport("StochasticDepth")
-    if drop_rate == 0:
+    if p == 0:
         return report
-    chosen = select_modules(model, blocks, can_wrap=_can_wrap, arg_name="blocks", trick="StochasticDepth",
-                            default=None if blocks is not None else _auto_detected, predicate=predicate)
+    chosen = select_modules(model, include, can_wrap=_can_wrap, arg_name="include", trick="StochasticDepth",
+                            default=None if include is not None else _auto_detected, predicate=predicate,
+                            exclude=exclude)
     if not chosen:
         raise ModelNotSupportedError(
             f"StochasticDepth found no residual block in {type(model).__name__}: it looks for torchvision and timm "
             "ResNet BasicBlock/Bottleneck and for modules with a `residual(x)` method and a `shortcut` attribute "
             "(the zoo's BasicBlock). For your own block, give it a `residual(x)` method whose output its forward "
-            "adds to the shortcut, and select it with `blocks` (glob patterns on module names)."
+            "adds to the shortcut, and select it with `include` (glob patterns on module names)."
         )
     with_drop_path = [n for n, m in chosen if getattr(m, "drop_path", None) is not None]
     if with_drop_path:
@@ -181,17 +190,17 @@ def apply_stochastic_depth(
             f"StochasticDepth: blocks {with_drop_path[:3]} already apply timm's drop_path (the model was created "
             "with drop_path_rate > 0): create it with drop_path_rate=0, or leave stochastic depth to timm."
         )
-    probabilities = drop_probabilities(len(chosen), drop_rate, rule)
+    probabilities = drop_probabilities(len(chosen), p, rule)
     report.detail = (f"drop probabilities {probabilities[0]:.3g}..{probabilities[-1]:.3g} ({rule} rule), "
                      f"mode={mode!r}, scaling={scaling!r}")
     before = list(model.state_dict().keys())
     shared = randomness if randomness is not None else LayerRandomness(0, per_rank=mode == "row")
-    for index, ((name, module), p) in enumerate(zip(chosen, probabilities, strict=True)):
+    for index, ((name, module), p_l) in enumerate(zip(chosen, probabilities, strict=True)):
         mixin = _AdapterDepthMixin if original_class(module) in block_adapters() else _ResidualMethodDepthMixin
         (report.converted if swap_class(module, mixin) else report.already).append(name)
-        module._lt_configure(p, mode, scaling, shared, index)  # type: ignore[attr-defined]
+        module._lt_configure(p_l, mode, scaling, shared, index)  # type: ignore[attr-defined]
         if scaling == "test":  # the plain block evaluates differently: a plain strict load must fail
-            mark(module, "StochasticDepth", [p])
+            mark(module, "StochasticDepth", [p_l])
         else:
             unmark(module, "StochasticDepth")
     surgery.keys_unchanged(before, model, "StochasticDepth")
@@ -203,7 +212,7 @@ class StochasticDepth(StructuralCallback):
 
     At ``setup`` (before checkpoint restore and DDP wrapping) the residual blocks are converted in place
     (parameter names unchanged). In training, block ``l`` of ``L`` is skipped with probability
-    ``p_l = drop_rate * l / L`` (``rule='linear'``, the paper's) or ``drop_rate`` (``uniform``). Eval
+    ``p_l = p * l / L`` (``rule='linear'``, the paper's) or ``p`` (``uniform``). Eval
     runs every block. With ``scaling='train'`` (default, inverted, as timm and torchvision) a kept branch
     is multiplied by ``1 / (1 - p_l)`` in training and eval is the original block, so a checkpoint
     evaluates correctly wherever it is loaded. With ``scaling='test'`` (the paper's) the branch is
@@ -220,13 +229,14 @@ class StochasticDepth(StructuralCallback):
     distributed strategies). ``mode='row'`` drops per example (every branch is computed; no effect on DDP).
 
     Args:
-        drop_rate: the last block's drop probability (``linear``) or every block's (``uniform``), in [0, 1).
+        p: the last block's drop probability (``linear``) or every block's (``uniform``), in [0, 1).
             The paper uses 0.5. 0 converts nothing.
         mode: ``batch`` or ``row``.
         rule: ``linear`` or ``uniform``.
         scaling: ``train`` (inverted; eval is the untouched model) or ``test`` (the paper's).
-        blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
-            of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
+        include: glob patterns on qualified module names selecting the blocks (default: automatic detection
+            of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``); a pattern also
+            selects the blocks inside a match (``["model.layer3"]``: that stage's blocks).
         warmup_fraction: ramp every ``p_l`` linearly from 0 over this fraction of the run's training batches
             (``trainer.estimated_stepping_batches`` times the accumulation), then hold it (Composer's
             ``drop_warmup``). On by default: inverted scaling at a high drop rate and learning rate can fail to
@@ -235,26 +245,31 @@ class StochasticDepth(StructuralCallback):
             ``warmup_fraction`` when set.
         seed: seed of the decisions; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        exclude: glob patterns of blocks to leave as they are.
+        drop_rate: deprecated: use ``p``.
+        blocks: deprecated: use ``include``.
 
     Raises:
-        InvalidArgumentError: a bad argument, or a ``blocks`` pattern that matches no convertible block.
+        InvalidArgumentError: a bad argument, or an ``include``/``exclude`` pattern that matches no convertible block.
         ModelNotSupportedError: (at setup) no residual block, a timm model with ``drop_path_rate > 0``;
             in ``batch`` mode (before the first step) DDP without ``find_unused_parameters=True``, with
             ``static_graph=True``, or an unsupported distributed strategy.
 
     Examples:
         >>> import lightning.pytorch as pl
-        >>> trainer = pl.Trainer(callbacks=[StochasticDepth(drop_rate=0.5)], logger=False)  # doctest: +SKIP
+        >>> trainer = pl.Trainer(callbacks=[StochasticDepth(p=0.5)], logger=False)  # doctest: +SKIP
     """
 
     converts = "residual blocks"
 
-    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
-                 blocks: list[str] | None = None, warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
-                 warmup_steps: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, p: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
+                 include: list[str] | None = None, warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
+                 warmup_steps: int | None = None, seed: int | None = None, exclude: list[str] | None = None,
+                 drop_rate: float | None = None, blocks: list[str] | None = None) -> None:
         super().__init__(seed)
-        blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks, warmup_steps, warmup_fraction)
-        self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
+        p, include, exclude = check_stochastic_depth_args(p, mode, rule, scaling, include, warmup_steps,
+                                                          warmup_fraction, exclude, drop_rate=drop_rate, blocks=blocks)
+        self.p, self.mode, self.rule, self.include, self.exclude = p, mode, rule, include, exclude
         self.scaling = scaling
         self.warmup_fraction, self.warmup_steps = float(warmup_fraction), warmup_steps
         self.warmup_batches = warmup_steps or 0  # the ramp's length in batches, fixed at the first train start
@@ -265,11 +280,13 @@ class StochasticDepth(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(drop_rate=self.drop_rate, mode=self.mode, blocks=self.blocks)
+        # the old names (`drop_rate`, `blocks`) stay in the key so checkpoints written before the rename resume
+        extra = {"exclude": self.exclude} if self.exclude else {}
+        return self._generate_state_key(drop_rate=self.p, mode=self.mode, blocks=self.include, **extra)
 
     def init_args(self) -> dict[str, Any]:
-        return {"drop_rate": self.drop_rate, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
-                "blocks": self.blocks, "warmup_fraction": self.warmup_fraction, "warmup_steps": self.warmup_steps,
+        return {"p": self.p, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
+                "include": self.include, "exclude": self.exclude, "warmup_fraction": self.warmup_fraction, "warmup_steps": self.warmup_steps,
                 "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
@@ -293,8 +310,9 @@ class StochasticDepth(StructuralCallback):
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
-        report = apply_stochastic_depth(model, self.drop_rate, mode=self.mode, rule=self.rule, scaling=self.scaling,
-                                        blocks=self.blocks if modules is None else modules, randomness=randomness)
+        report = apply_stochastic_depth(model, self.p, mode=self.mode, rule=self.rule, scaling=self.scaling,
+                                        include=self.include if modules is None else modules,
+                                        exclude=self.exclude if modules is None else None, randomness=randomness)
         self._blocks = stochastic_depth_blocks(model)
         self._targets = [b.lt_drop_prob for b in self._blocks]
         return report
