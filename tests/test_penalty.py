@@ -60,7 +60,7 @@ def test_trainer_gradient_with_accumulation_equals_autograd_of_loss_plus_penalty
     assert len(recorder.steps) == 1
     for name, p in reference.named_parameters():
         assert torch.allclose(recorder.steps[0][name][1], p.grad, atol=1e-6, rtol=0), name
-    assert abs(float(trainer.callback_metrics["weight_penalty"]) - float(penalty_value(selected, 0.01, 0.05))) < 1e-6
+    assert abs(float(trainer.callback_metrics["weight_penalty/loss"]) - float(penalty_value(selected, 0.01, 0.05))) < 1e-6
 
 
 def test_amp_gradients_are_unscaled_before_the_penalty(tmp_path):
@@ -127,7 +127,7 @@ def test_empty_selection_fails_at_setup_and_off_warns(tmp_path):
     with pytest.warns(UserWarning, match="is off"):
         trainer.fit(ListModule(), datamodule=ImageData())
     assert all(torch.equal(before.steps[0][n][1], after.steps[0][n][1]) for n in before.steps[0])
-    assert "weight_penalty" not in trainer.callback_metrics
+    assert "weight_penalty/loss" not in trainer.callback_metrics
 
 
 def test_warns_when_the_optimizer_also_decays(tmp_path):
@@ -144,7 +144,7 @@ def test_warns_when_the_optimizer_also_decays(tmp_path):
 
 def _ddp_probe(trainer, pl_module):
     return {"params": torch.cat([p.detach().flatten() for p in pl_module.parameters()]),
-            "penalty": float(trainer.callback_metrics["weight_penalty"]), "steps": trainer.global_step}
+            "penalty": float(trainer.callback_metrics["weight_penalty/loss"]), "steps": trainer.global_step}
 
 
 def test_ddp_ranks_apply_the_same_penalty(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +35,7 @@ from lightning_tricks.core.surgery import (
     select_modules,
     swap_class,
 )
-from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
+from lightning_tricks.core.validation import InvalidArgumentError, check_bool, check_choice, check_probability
 
 register_renames("DropConnect", {"layers": "include"})
 
@@ -330,6 +331,8 @@ class DropConnect(StructuralCallback):
         seed: seed of the masks; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
         exclude: glob patterns of layers to leave as they are (applied after ``include`` or the default rule).
+        log: log ``dropconnect/p``, the drop probability applied, at every training batch (``pl_module.log``,
+            so ``EarlyStopping``/``ModelCheckpoint`` can monitor it); ``False`` logs nothing.
         layers: deprecated: use ``include``.
 
     Raises:
@@ -345,8 +348,9 @@ class DropConnect(StructuralCallback):
 
     def __init__(self, p: float = 0.5, include: list[str] | None = None, layer_types: list[str] | None = None,
                  mode: str = "step", drop_bias: bool = False, seed: int | None = None,
-                 exclude: list[str] | None = None, layers: list[str] | None = None) -> None:
+                 exclude: list[str] | None = None, log: bool = True, layers: list[str] | None = None) -> None:
         super().__init__(seed)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         layer_types = ["Linear"] if layer_types is None else list(layer_types)
         include, exclude = check_dropconnect_args(p, mode, include, layer_types, exclude, layers=layers)
         self.p, self.include, self.exclude, self.layer_types = p, include, exclude, layer_types
@@ -361,6 +365,12 @@ class DropConnect(StructuralCallback):
     def init_args(self) -> dict[str, Any]:
         return {"p": self.p, "include": self.include, "exclude": self.exclude, "layer_types": self.layer_types,
                 "mode": self.mode, "drop_bias": self.drop_bias, "seed": self.randomness.seed}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.log_enabled and self.report is not None and self.report.total:
+            pl_module.log("dropconnect/p", self.p, on_step=True, on_epoch=False)
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:

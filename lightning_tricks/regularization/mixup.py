@@ -41,7 +41,7 @@ from lightning_tricks.core.task import (
     infer_target_task,
     require_task,
 )
-from lightning_tricks.core.validation import check_choice, check_optional_int
+from lightning_tricks.core.validation import check_bool, check_choice, check_optional_int
 from lightning_tricks.errors import MixupTargetsUnusedError  # noqa: F401  (re-exported)
 from lightning_tricks.regularization._mix_core import (  # noqa: F401  (re-exported: the functional core)
     MODES,
@@ -126,6 +126,10 @@ class Mixup(BatchTransformCallback):
         layout: for CutMix: ``auto`` (4D inputs are images; 3D inputs are sequences ``(N, C, L)`` when the model
             has 1D conv/pool/recurrent layers, images ``(N, H, W)`` when it has 2D ones), ``image`` or
             ``sequence``. On sequences CutMix pastes a span of the partner's steps across all channels.
+        log: log ``mixup/p`` (the probability applied) and ``mixup/lam`` (the mixing weight of the step's
+            batch: the weight of each sample's own image, 1.0 when the batch was not mixed; with
+            ``mode="sample"`` the mean of the samples' weights) at every training batch, through
+            ``pl_module.log`` (so ``EarlyStopping``/``ModelCheckpoint`` can monitor them); ``False`` logs nothing.
 
     Raises:
         TaskNotSupportedError: at the first batch, regression targets; masks with ``targets="soft"``,
@@ -143,8 +147,10 @@ class Mixup(BatchTransformCallback):
     def __init__(self, alpha: float = 1.0, cutmix_alpha: float | None = None, switch_prob: float | None = None,
                  p: float = 1.0, mode: str = "batch", label_smoothing: float = 0.0, num_classes: int | None = None,
                  targets: str = "labels", input_key: Key = None, target_key: Key = None,
-                 seed: int | None = None, task: str | None = None, layout: str = "auto") -> None:
+                 seed: int | None = None, task: str | None = None, layout: str = "auto", log: bool = True) -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
+        self._lam: torch.Tensor | None = None  # the mixing weight of the batch just mixed, until it is logged
         self.layout = check_layout(layout)
         self.task_kind = check_task_kind("task", task)
         self.task: Task | None = None  # read at the first batch from its targets
@@ -192,6 +198,8 @@ class Mixup(BatchTransformCallback):
                                alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, switch_prob=self.switch_prob,
                                p=self.p, mode=self.mode, generator=generator, device=images.device,
                                sequence=sequence)
+        if self.log_enabled:  # a device scalar: no host synchronization here
+            self._lam = plan.lam[0] if self.mode == "batch" else plan.lam.mean()
         check = not self._labels_checked
         self._labels_checked = True
         if self.task.kind == "dense":
@@ -250,6 +258,15 @@ class Mixup(BatchTransformCallback):
                 f"{SERVED_LOSSES}, so the loss did not see the mixed labels. Pass `y` unchanged to one of "
                 "them, or use Mixup(targets='soft') to receive (N, num_classes) class probabilities for your own loss."
             )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # mixes here, or the mixin did already
+        if self.log_enabled and self.active:
+            pl_module.log("mixup/p", self.p, on_step=True, on_epoch=False)
+            if self._lam is not None:
+                pl_module.log("mixup/lam", self._lam, on_step=True, on_epoch=False)
+                self._lam = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

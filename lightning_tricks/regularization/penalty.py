@@ -128,7 +128,8 @@ class WeightPenalty(Callback):
         exclude: patterns of the same form, of parameters not to penalize.
         exclude_bias_and_norm: skip parameters with at most one dimension (biases) and parameters of
             normalization layers.
-        log: log the penalty term as ``weight_penalty`` every optimizer step.
+        log: log the penalty term as ``weight_penalty/loss`` every optimizer step (``pl_module.log``, so
+            ``EarlyStopping``/``ModelCheckpoint`` can monitor it).
 
     Raises:
         InvalidArgumentError: a negative penalty or malformed patterns at construction; at setup, a pattern
@@ -146,7 +147,7 @@ class WeightPenalty(Callback):
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude, allow_empty=True)
         self.exclude_bias_and_norm = check_bool("exclude_bias_and_norm", exclude_bias_and_norm)
-        self.log = bool(log)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         self.selected_names: list[str] = []
         self._selected: set[int] = set()
 
@@ -207,10 +208,10 @@ class WeightPenalty(Callback):
         params = self._params(optimizer)
         if not params:
             return
-        if self.log:
+        if self.log_enabled:
             with torch.no_grad():
                 value = self._logged_value(params)
-            pl_module.log("weight_penalty", value, on_step=True, on_epoch=False)
+            pl_module.log("weight_penalty/loss", value, on_step=True, on_epoch=False)
         add_penalty_gradient_(params, self.l1, self.l2)
 
 

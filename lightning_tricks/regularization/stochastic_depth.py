@@ -44,7 +44,7 @@ from lightning_tricks.core.surgery import (
     swap_class,
     unmark,
 )
-from lightning_tricks.core.validation import check_int
+from lightning_tricks.core.validation import check_bool, check_int
 from lightning_tricks.regularization._depth_blocks import (  # noqa: F401  (re-exported: pickles and imports name them here)
     DEFAULT_WARMUP_FRACTION,
     MODES,
@@ -246,6 +246,9 @@ class StochasticDepth(StructuralCallback):
         seed: seed of the decisions; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
         exclude: glob patterns of blocks to leave as they are.
+        log: log ``stochastic_depth/p``, the deepest block's drop probability at that step (it rises during
+            the warm-up), at every training batch (``pl_module.log``, so ``EarlyStopping``/``ModelCheckpoint``
+            can monitor it); ``False`` logs nothing.
         drop_rate: deprecated: use ``p``.
         blocks: deprecated: use ``include``.
 
@@ -265,8 +268,9 @@ class StochasticDepth(StructuralCallback):
     def __init__(self, p: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
                  include: list[str] | None = None, warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
                  warmup_steps: int | None = None, seed: int | None = None, exclude: list[str] | None = None,
-                 drop_rate: float | None = None, blocks: list[str] | None = None) -> None:
+                 log: bool = True, drop_rate: float | None = None, blocks: list[str] | None = None) -> None:
         super().__init__(seed)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         p, include, exclude = check_stochastic_depth_args(p, mode, rule, scaling, include, warmup_steps,
                                                           warmup_fraction, exclude, drop_rate=drop_rate, blocks=blocks)
         self.p, self.mode, self.rule, self.include, self.exclude = p, mode, rule, include, exclude
@@ -387,6 +391,8 @@ class StochasticDepth(StructuralCallback):
             ramp = warmup_ramp(self.batches_seen, self.warmup_batches)
             for block, target in zip(self._blocks, self._targets, strict=True):
                 block.lt_drop_prob = target * ramp
+        if self.log_enabled and self._blocks:  # the deepest block's p_l at this step (the blocks are in depth order)
+            pl_module.log("stochastic_depth/p", self._blocks[-1].lt_drop_prob, on_step=True, on_epoch=False)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
