@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": [],
         "step": [partial(DropConnect, args.p, seed=0)],
         "sample": [partial(DropConnect, args.p, mode="sample", seed=0)],
-        "all-linear": [partial(DropConnect, args.p, layers=["*head.*"], seed=0)],
+        "all-linear": [partial(DropConnect, args.p, include=["*head.*"], seed=0)],
         "p=0": [partial(DropConnect, 0.0, seed=0)],
     }
     samples = measure_step_options(configs, args, backbone="simple_cnn")

@@ -2,7 +2,7 @@
 
 Each configuration is a short ``trainer.fit`` of the zoo's ``ImageClassifier`` on synthetic 3x32x32
 data (``benchmarks.step.measure_step``: interleaved repetitions, median step time). ``batch`` is
-``StochasticDepth(drop_rate, mode="batch")`` with its default inverted scaling (a kept branch times
+``StochasticDepth(p, mode="batch")`` with its default inverted scaling (a kept branch times
 1/(1-p) in training), which does not run a skipped branch; ``batch-test-scaling`` is the same with the
 paper's ``scaling="test"`` (no training-time multiply), to show what inverted scaling costs; ``row`` drops per
 example (every branch computed); ``torchvision-batch`` applies ``torchvision.ops.stochastic_depth(...,

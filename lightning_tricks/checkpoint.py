@@ -86,7 +86,7 @@ def _depth_records(markers: list[tuple[str, torch.Tensor]]) -> list[dict[str, An
     probabilities = [p for _, p in blocks]
     rule = "uniform" if len(set(probabilities)) == 1 else "linear"
     return [{"class_path": f"{StochasticDepth.__module__}.StochasticDepth",
-             "init_args": {"drop_rate": probabilities[-1], "rule": rule, "scaling": "test"},
+             "init_args": {"p": probabilities[-1], "rule": rule, "scaling": "test"},
              "modules": [name for name, _ in blocks], "drop_probabilities": probabilities}]
 
 

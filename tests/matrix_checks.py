@@ -122,7 +122,7 @@ def check_drop_connect(project: str) -> None:
 def check_stochastic_depth(project: str) -> None:
     from torchvision.models.resnet import BasicBlock
 
-    module, _, _ = fit(project, [lt.StochasticDepth(drop_rate=0.5, rule="linear", seed=0)])
+    module, _, _ = fit(project, [lt.StochasticDepth(p=0.5, rule="linear", seed=0)])
     blocks = swapped(module, BasicBlock)
     assert [n for n, _ in blocks] == ["model.4", "model.5"]
     for index, (_, block) in enumerate(blocks, start=1):

@@ -7,6 +7,8 @@ the CLI's ``--ckpt_path`` and the Ensemble as the trained model with its callbac
 ``LitResnet.load_from_checkpoint`` of an architecture-changing trick fails clearly.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -73,8 +75,8 @@ def test_load_from_checkpoint_predicts_exactly_as_the_trained_model(trained):
         assert torch.equal(_predict(LitResnet.load_from_checkpoint(path), loader), reference)
     elif name == "FractionalMaxPooling":
         assert records == [{"class_path": "lightning_tricks.regularization.fractional_pooling.FractionalMaxPooling",
-                            "init_args": {"output_ratio": DEFAULT_RATIO, "kernel_size": 2, "layers": None,
-                                          "test_samples": 1, "max_batch": None, "seed": 0},
+                            "init_args": {"output_ratio": DEFAULT_RATIO, "kernel_size": 2, "include": None,
+                                          "exclude": None, "test_samples": 1, "max_batch": None, "seed": 0},
                             "modules": ["model.maxpool"]}]
         assert isinstance(loaded.model.maxpool, SeededFractionalMaxPool2d)
     elif name == "StochasticDepth-test-scaling":
@@ -172,3 +174,26 @@ def test_cli_ckpt_path_reapplies_the_recorded_trick(trick, subcommand, tmp_path,
         assert float(without.trainer.callback_metrics[metric]) == float(with_callback.trainer.callback_metrics[metric])
     loader = digits_loader(64, batch_size=32)
     assert torch.equal(_predict(without.model, loader), _predict(trained.model, loader))
+
+
+OLD_NAMES = {"FractionalMaxPooling": {"include": "layers"}, "StochasticDepth": {"p": "drop_rate", "include": "blocks"}}
+
+
+def test_a_record_written_with_the_old_argument_names_loads_without_warning(trained):
+    """Checkpoints written before the renames (layers/blocks -> include, drop_rate -> p) record the old names."""
+    name, path, loader, reference = trained
+    checkpoint = torch.load(path, weights_only=True)
+    records = checkpoint.get("lightning_tricks", {}).get("structural", [])
+    trick = name.split("-")[0]
+    if trick not in OLD_NAMES or not records:
+        pytest.skip("no record with a renamed argument")
+    old = OLD_NAMES[trick]
+    for record in records:  # as the previous release wrote it: old names, no `exclude`
+        record["init_args"] = {old.get(k, k): v for k, v in record["init_args"].items() if k != "exclude"}
+    assert set(old.values()) <= set(records[0]["init_args"])
+    model = LitResnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user cannot act on a warning about a file: none is raised
+        assert apply_recorded_tricks(model, checkpoint) == [trick]
+    model.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(_predict(model, loader), reference)

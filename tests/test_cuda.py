@@ -50,7 +50,7 @@ def _fit(tmp_path: Path, callbacks: list[Callback], precision: str, channels_las
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_regularizers_train_under_mixed_precision(tmp_path: Path, precision: str, channels_last: bool) -> None:
-    callbacks = [lt.Cutout(length=8, seed=0), lt.Mixup(alpha=1.0, seed=0), lt.StochasticDepth(drop_rate=0.2, seed=0),
+    callbacks = [lt.Cutout(length=8, seed=0), lt.Mixup(alpha=1.0, seed=0), lt.StochasticDepth(p=0.2, seed=0),
                  lt.WeightPenalty(l2=1e-4)]
     _, recorder = _fit(tmp_path, callbacks, precision, channels_last=channels_last)
     assert len(recorder.losses) == 4 and all(torch.isfinite(torch.tensor(recorder.losses)))

@@ -1,5 +1,7 @@
 """DropConnect: masks, scaling, gradients, layer choice, errors, the callback on a user module, DDP."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,7 +125,7 @@ def test_default_skips_the_classifier_head_and_p0_converts_nothing():
     assert all(type(m).__module__.startswith("torch") for m in untouched.modules() if m is not untouched)
     convs = apply_dropconnect(build_backbone("simple_cnn", in_channels=1), 0.2, layer_types=["Conv2d"])
     assert convs.converted == [f"features.{i}" for i in (0, 3, 7, 10)]
-    head_only = apply_dropconnect(build_backbone("resnet20"), 0.5, layers=["fc"])
+    head_only = apply_dropconnect(build_backbone("resnet20"), 0.5, include=["fc"])
     assert head_only.converted == ["fc"]
 
 
@@ -141,23 +143,28 @@ def test_mc_dropconnect_through_stochastic_eval():
     (dict(p=-0.1), r"`p`=-0.1 is invalid"),
     (dict(mode="row"), r"`mode`='row' is invalid: expected one of 'step', 'sample'"),
     (dict(layer_types=["BatchNorm2d"]), r"`layer_types`='BatchNorm2d' is invalid"),
-    (dict(layers="fc1"), r"`layers`='fc1' is invalid: expected a non-empty list"),
+    (dict(include="fc1"), r"`include`='fc1' is invalid: expected a list of glob patterns"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(InvalidArgumentError, match=message):
         DropConnect(**kwargs)
 
 
+def test_a_pattern_on_a_container_selects_the_layers_inside_it():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 2))
+    assert apply_dropconnect(net, 0.5, include=["1"]).converted == ["1.0", "1.2"]
+
+
 def test_bad_selections_fail_naming_the_argument():
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'fc9' matches no submodule"):
-        apply_dropconnect(TinyResNet(), 0.5, layers=["fc9"])
+    with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'fc9' matches no module"):
+        apply_dropconnect(TinyResNet(), 0.5, include=["fc9"])
     with pytest.raises(InvalidArgumentError, match=r"'stem.1' \(BatchNorm2d: DropConnect converts Linear"):
-        apply_dropconnect(TinyResNet(), 0.5, layers=["stem.1"])
+        apply_dropconnect(TinyResNet(), 0.5, include=["stem.1"])
     attention = nn.Sequential(nn.MultiheadAttention(8, 2))
     with pytest.raises(InvalidArgumentError, match="subclass of a layer type; its owner may use its weight"):
-        apply_dropconnect(attention, 0.5, layers=["0.out_proj"])
+        apply_dropconnect(attention, 0.5, include=["0.out_proj"])
     with pytest.raises(InvalidArgumentError, match=r"`mode`='sample' is invalid for the convolutions"):
-        apply_dropconnect(TinyResNet(), 0.5, layers=["stem.0"], layer_types=["Conv2d"], mode="sample")
+        apply_dropconnect(TinyResNet(), 0.5, include=["stem.0"], layer_types=["Conv2d"], mode="sample")
     with pytest.raises(ModelNotSupportedError, match=r"no Linear layer in CifarResNet besides the classifier head 'fc'"):
         apply_dropconnect(build_backbone("resnet20"), 0.5)
 
@@ -189,3 +196,27 @@ def test_ddp_two_processes_masks_differ_per_rank_weights_agree(tmp_path):
     assert [r["rank"] for r in results] == [0, 1]
     assert not torch.equal(results[0]["out"], results[1]["out"])  # each rank draws its own masks
     assert torch.equal(results[0]["weight"], results[1]["weight"])  # gradients were averaged
+
+
+def test_layers_is_the_deprecated_name_of_include():
+    torch.manual_seed(0)
+    old_model, x = TinyResNet(), torch.randn(4, 1, 8, 8)
+    new_model = copy.deepcopy(old_model)
+    with pytest.warns(DeprecationWarning, match="DropConnect: `layers` is renamed `include`"):
+        old = apply_dropconnect(old_model, 0.5, layers=["fc1"])
+    assert old.converted == apply_dropconnect(new_model, 0.5, include=["fc1"]).converted == ["fc1"]
+    assert torch.equal(old_model.train()(x), new_model.train()(x))  # same layers, same seed: the same masks
+    with pytest.warns(DeprecationWarning, match="write include=\\['fc1'\\]"):
+        callback = DropConnect(p=0.5, layers=["fc1"])
+    assert callback.init_args() == DropConnect(p=0.5, include=["fc1"]).init_args()
+    assert callback.state_key == DropConnect(p=0.5, include=["fc1"]).state_key  # old checkpoints' key: resumable
+    with pytest.raises(InvalidArgumentError, match=r"`layers`=\['fc1'\] and `include`=\['fc2'\] are the same argument"):
+        DropConnect(layers=["fc1"], include=["fc2"])
+
+
+def test_exclude_leaves_the_matched_layers_as_they_are():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), nn.Linear(8, 2))
+    report = apply_dropconnect(net, 0.5, exclude=["1.0"])
+    assert report.converted == ["0", "1.1"]  # not the head (2, the default rule) nor 1.0 (exclude)
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), nn.Linear(8, 2))
+    assert apply_dropconnect(fresh, 0.5, include=["*"], exclude=["1"]).converted == ["0", "2"]

@@ -1,5 +1,6 @@
 """Fractional max pooling: eval determinism, owned draws, k-draw averaging, autocast, setup checks, DDP."""
 
+import copy
 import math
 
 import pytest
@@ -150,7 +151,7 @@ def test_without_an_example_input_at_setup_the_first_batch_is_checked_before_the
     (dict(output_ratio=1.5), r"`output_ratio`=1.5 is invalid"),
     (dict(test_samples=0), r"`test_samples`=0 is invalid: expected an integer in \[1, inf\]"),
     (dict(kernel_size=0), r"`kernel_size`=0 is invalid"),
-    (dict(layers=[]), r"`layers`=\[\] is invalid"),
+    (dict(include=[]), r"`include`=\[\] is invalid"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(InvalidArgumentError, match=message):
@@ -160,13 +161,13 @@ def test_bad_arguments(kwargs, message):
 def test_bad_models_and_selectors():
     with pytest.raises(ModelNotSupportedError, match="found no nn.MaxPool2d in CifarResNet"):
         apply_fractional_pooling(build_backbone("resnet20"))
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'features.99' matches no submodule"):
-        apply_fractional_pooling(build_backbone("simple_cnn"), layers=["features.99"])
+    with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'features.99' matches no module"):
+        apply_fractional_pooling(build_backbone("simple_cnn"), include=["features.99"])
     with pytest.raises(InvalidArgumentError, match=r"'features.0' \(Conv2d: FractionalMaxPooling replaces nn.MaxPool2d"):
-        apply_fractional_pooling(build_backbone("simple_cnn"), layers=["features.0"])
+        apply_fractional_pooling(build_backbone("simple_cnn"), include=["features.0"])
     indices = nn.Sequential(nn.MaxPool2d(2, return_indices=True))
     with pytest.raises(InvalidArgumentError, match="returns indices"):
-        apply_fractional_pooling(indices, layers=["0"])
+        apply_fractional_pooling(indices, include=["0"])
 
 
 def test_torchvision_resnet_maxpool_is_replaced():
@@ -229,3 +230,28 @@ def test_ddp_two_processes_draws_differ_per_rank_weights_agree(tmp_path):
     assert not torch.equal(results[0]["out"], results[1]["out"])
     for a, b in zip(results[0]["weights"], results[1]["weights"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_layers_is_the_deprecated_name_of_include():
+    torch.manual_seed(0)
+    old_model, x = build_backbone("simple_cnn"), torch.randn(2, 3, 16, 16)
+    new_model = copy.deepcopy(old_model)
+    with pytest.warns(DeprecationWarning, match="FractionalMaxPooling: `layers` is renamed `include`"):
+        old, _ = apply_fractional_pooling(old_model, layers=["features"])
+    new, _ = apply_fractional_pooling(new_model, include=["features"])
+    assert old.converted == new.converted and len(old.converted) == 2  # both pools inside `features`
+    assert torch.equal(old_model.train()(x), new_model.train()(x))
+    with pytest.warns(DeprecationWarning):
+        callback = FractionalMaxPooling(layers=["features.6"])
+    assert callback.init_args() == FractionalMaxPooling(include=["features.6"]).init_args()
+    assert callback.state_key == FractionalMaxPooling(include=["features.6"]).state_key
+    with pytest.raises(InvalidArgumentError, match=r"`layers`=\['a'\] and `include`=\['b'\] are the same argument"):
+        FractionalMaxPooling(layers=["a"], include=["b"])
+
+
+def test_exclude_leaves_the_matched_pools_as_they_are():
+    model = build_backbone("simple_cnn")
+    pools = [n for n, m in model.named_modules() if isinstance(m, nn.MaxPool2d)]
+    report, _ = apply_fractional_pooling(model, exclude=[pools[0]])
+    assert report.converted == pools[1:]
+    assert isinstance(model.get_submodule(pools[0]), nn.MaxPool2d)

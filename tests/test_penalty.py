@@ -60,7 +60,7 @@ def test_trainer_gradient_with_accumulation_equals_autograd_of_loss_plus_penalty
     assert len(recorder.steps) == 1
     for name, p in reference.named_parameters():
         assert torch.allclose(recorder.steps[0][name][1], p.grad, atol=1e-6, rtol=0), name
-    assert abs(float(trainer.callback_metrics["weight_penalty"]) - float(penalty_value(selected, 0.01, 0.05))) < 1e-6
+    assert abs(float(trainer.callback_metrics["weight_penalty/loss"]) - float(penalty_value(selected, 0.01, 0.05))) < 1e-6
 
 
 def test_amp_gradients_are_unscaled_before_the_penalty(tmp_path):
@@ -97,6 +97,14 @@ def test_default_selection_excludes_biases_and_norms_and_patterns_refine_it():
     assert len(names) == 21  # 20 convolutions (3 of them 1x1 downsampling) and the fc weight
     with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'head\.\*' matches no parameter"):
         select_parameters(module, include=["head.*"])
+    # a pattern selects what is inside a match; one that matches only ineligible parameters says why
+    assert [n for n, _ in select_parameters(module, include=["net.7"])] == ["net.7.weight"]
+    with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'net.7.bias' matches only parameters "
+                                                   r"WeightPenalty cannot act on: 'net.7.bias' \(Parameter: bias-like"):
+        select_parameters(module, include=["net.7.bias"])
+    module.net[7].weight.requires_grad_(False)
+    with pytest.raises(InvalidArgumentError, match=r"'net.7.weight' \(Parameter: frozen"):
+        select_parameters(module, include=["net.7.weight"])
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -119,7 +127,7 @@ def test_empty_selection_fails_at_setup_and_off_warns(tmp_path):
     with pytest.warns(UserWarning, match="is off"):
         trainer.fit(ListModule(), datamodule=ImageData())
     assert all(torch.equal(before.steps[0][n][1], after.steps[0][n][1]) for n in before.steps[0])
-    assert "weight_penalty" not in trainer.callback_metrics
+    assert "weight_penalty/loss" not in trainer.callback_metrics
 
 
 def test_warns_when_the_optimizer_also_decays(tmp_path):
@@ -136,7 +144,7 @@ def test_warns_when_the_optimizer_also_decays(tmp_path):
 
 def _ddp_probe(trainer, pl_module):
     return {"params": torch.cat([p.detach().flatten() for p in pl_module.parameters()]),
-            "penalty": float(trainer.callback_metrics["weight_penalty"]), "steps": trainer.global_step}
+            "penalty": float(trainer.callback_metrics["weight_penalty/loss"]), "steps": trainer.global_step}
 
 
 def test_ddp_ranks_apply_the_same_penalty(tmp_path):

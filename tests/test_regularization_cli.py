@@ -35,7 +35,7 @@ def test_user_module_trains_with_each_callback_from_yaml(callback, cls, tmp_path
     assert len(ours) == 1
     if cls is WeightPenalty:
         assert ours[0].selected_names == ["net.1.weight", "net.3.weight"]
-        assert float(cli.trainer.callback_metrics["weight_penalty"]) > 0
+        assert float(cli.trainer.callback_metrics["weight_penalty/loss"]) > 0
     else:
         assert ours[0].state_dict()["batches_seen"] == 3
 

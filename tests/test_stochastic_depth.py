@@ -73,7 +73,7 @@ def test_kept_skipped_and_eval_blocks_equal_the_original_block_scaled(name, path
     torch.manual_seed(0)
     model = build_backbone(name, num_classes=10)
     block = model.get_submodule(path)
-    apply_stochastic_depth(model, 0.5, blocks=[path], scaling=scaling)
+    apply_stochastic_depth(model, 0.5, include=[path], scaling=scaling)
     block.eval()  # BN uses running statistics, so the reference is comparable; our forward checks .training:
     p = block.lt_drop_prob
     x = torch.randn(2, block.conv1.in_channels, 8, 8)
@@ -118,7 +118,7 @@ def test_monte_carlo_expectation_of_training_equals_test(mode, scaling):
     torch.manual_seed(0)
     block = nn.Sequential(_LinearResidual())
     randomness = LayerRandomness(seed=2, per_rank=False)
-    apply_stochastic_depth(block, 0.5, mode=mode, rule="uniform", scaling=scaling, blocks=["0"], randomness=randomness)
+    apply_stochastic_depth(block, 0.5, mode=mode, rule="uniform", scaling=scaling, include=["0"], randomness=randomness)
     x = torch.randn(1, 4)
     n = 4000
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_recalibrate_batch_norm_uses_the_test_time_network():
 
 def test_warmup_ramps_the_drop_probabilities(tmp_path):
     model = TinyResNet()
-    callback = StochasticDepth(drop_rate=0.4, rule="uniform", warmup_steps=4, seed=0)
+    callback = StochasticDepth(p=0.4, rule="uniform", warmup_steps=4, seed=0)
     seen = []
 
     class Record(Callback):
@@ -215,18 +215,25 @@ def test_functional_drop_residual_row_batch_and_scalings():
     assert torch.equal(drop_residual(r, 0.0), r)
 
 
+def test_a_pattern_on_a_stage_selects_the_blocks_inside_it():
+    # 'layer1' is a Sequential, not a block: the shared vocabulary selects the convertible blocks inside it
+    net = build_backbone("resnet20")
+    assert apply_stochastic_depth(net, 0.5, include=["layer1"]).converted == ["layer1.0", "layer1.1", "layer1.2"]
+    assert [round(b.lt_drop_prob, 4) for b in stochastic_depth_blocks(net)] == [0.1667, 0.3333, 0.5]
+
+
 def test_errors_name_what_was_looked_for():
     with pytest.raises(ModelNotSupportedError, match="found no residual block in MLP: it looks for torchvision and timm"):
         apply_stochastic_depth(build_backbone("mlp", in_channels=1, image_size=8), 0.5)
-    with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'fc1' matches only modules StochasticDepth cannot "
-                                                   r"convert: 'fc1' \(Linear: not a residual block"):
-        apply_stochastic_depth(TinyResNet(), 0.5, blocks=["fc1"])
-    with pytest.raises(InvalidArgumentError, match=r"`blocks` pattern 'layer9\.\*' matches no submodule"):
-        apply_stochastic_depth(build_backbone("resnet20"), 0.5, blocks=["layer9.*"])
+    with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'fc1' matches only modules StochasticDepth cannot "
+                                                   r"act on: 'fc1' \(Linear: not a residual block"):
+        apply_stochastic_depth(TinyResNet(), 0.5, include=["fc1"])
+    with pytest.raises(InvalidArgumentError, match=r"`include` pattern 'layer9\.\*' matches no module"):
+        apply_stochastic_depth(build_backbone("resnet20"), 0.5, include=["layer9.*"])
     with pytest.raises(ModelNotSupportedError, match="already apply timm's drop_path"):
         apply_stochastic_depth(build_backbone("timm:resnet18", drop_path_rate=0.1), 0.5)
-    for kwargs, message in [(dict(drop_rate=1.0), r"`drop_rate`=1.0 is invalid: expected a number in \[0.0, 1.0\)"),
-                            (dict(drop_rate=-0.5), "`drop_rate`=-0.5 is invalid"),
+    for kwargs, message in [(dict(p=1.0), r"`p`=1.0 is invalid: expected a number in \[0.0, 1.0\)"),
+                            (dict(p=-0.5), "`p`=-0.5 is invalid"),
                             (dict(mode="block"), "`mode`='block' is invalid: expected one of 'batch', 'row'"),
                             (dict(rule="exp"), "`rule`='exp' is invalid"),
                             (dict(scaling="both"), "`scaling`='both' is invalid: expected one of 'test', 'train'"),
@@ -293,7 +300,7 @@ def test_ddp_two_processes_same_decisions_on_every_rank_and_no_hang(tmp_path):
     module = _ZooModule(model)
     results = run_ddp(module, tmp_path=tmp_path, probe=_decisions_probe, max_epochs=1, limit_val_batches=0,
                       strategy=DDPStrategy(start_method="fork", find_unused_parameters=True),
-                      callbacks=[StochasticDepth(drop_rate=0.5, rule="uniform"), _RecordDecisions()])
+                      callbacks=[StochasticDepth(p=0.5, rule="uniform"), _RecordDecisions()])
     first, second = results
     assert len(first["decisions"]) == 2 and first["decisions"] == second["decisions"]
     assert not all(all(d) for d in first["decisions"])  # blocks were skipped (some parameters unused)
@@ -320,3 +327,31 @@ class _ZooModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_drop_rate_and_blocks_are_the_deprecated_names_of_p_and_include():
+    torch.manual_seed(0)
+    old_model, x = build_backbone("resnet20"), torch.randn(2, 3, 8, 8)
+    new_model = copy.deepcopy(old_model)
+    with pytest.warns(DeprecationWarning, match="StochasticDepth: `drop_rate` is renamed `p`"):
+        old = apply_stochastic_depth(old_model, drop_rate=0.4, blocks=["layer2"], mode="row")
+    new = apply_stochastic_depth(new_model, p=0.4, include=["layer2"], mode="row")
+    assert old.converted == new.converted == ["layer2.0", "layer2.1", "layer2.2"]
+    assert [b.lt_drop_prob for b in stochastic_depth_blocks(old_model)] == pytest.approx([0.4 / 3, 0.8 / 3, 0.4])
+    assert torch.equal(old_model.train()(x), new_model.train()(x))
+    with pytest.warns(DeprecationWarning, match="`blocks` is renamed `include`"):
+        callback = StochasticDepth(drop_rate=0.3, blocks=["layer1"])
+    assert callback.init_args() == StochasticDepth(p=0.3, include=["layer1"]).init_args()
+    assert callback.state_key == StochasticDepth(p=0.3, include=["layer1"]).state_key  # old checkpoints resume
+    assert drop_probabilities(2, drop_rate=0.5) == drop_probabilities(2, 0.5) == [0.25, 0.5]
+    with pytest.raises(InvalidArgumentError, match=r"`drop_rate`=0.3 and `p`=0.2 are the same argument"):
+        StochasticDepth(drop_rate=0.3, p=0.2)
+    with pytest.raises(InvalidArgumentError, match=r"`blocks`=\['a'\] and `include`=\['b'\] are the same argument"):
+        StochasticDepth(blocks=["a"], include=["b"])
+
+
+def test_exclude_leaves_the_matched_blocks_as_they_are():
+    net = build_backbone("resnet20")
+    report = apply_stochastic_depth(net, 0.5, exclude=["layer1", "layer3.2"])
+    assert report.converted == ["layer2.0", "layer2.1", "layer2.2", "layer3.0", "layer3.1"]
+    assert [b.lt_drop_prob for b in stochastic_depth_blocks(net)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])

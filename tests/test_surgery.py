@@ -55,10 +55,23 @@ def test_select_by_pattern_default_and_predicate():
         == ["0", "2.0"]
 
 
+def test_a_pattern_selects_what_is_inside_a_match_and_exclude_drops():
+    net = _net()
+    names = lambda chosen: [n for n, _ in chosen]  # noqa: E731
+    # "2" is a Sequential (not convertible): it selects the convertible modules inside it instead of failing
+    assert names(select_modules(net, ["2"], can_wrap=_linear_only, arg_name="include", trick="T")) == ["2.0"]
+    assert names(select_modules(net, None, can_wrap=_linear_only, arg_name="include", trick="T",
+                                exclude=["2"])) == ["0", "3"]
+    assert names(select_modules(net, ["*"], can_wrap=_linear_only, arg_name="include", trick="T",
+                                exclude=["3"])) == ["0", "2.0"]
+    with pytest.raises(InvalidArgumentError, match=r"T: `exclude` pattern 'nine' matches no module"):
+        select_modules(net, None, can_wrap=_linear_only, arg_name="include", trick="T", exclude=["nine"])
+
+
 def test_selector_matching_nothing_or_only_unconvertible_names_argument_and_pattern():
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern 'head\*' matches no submodule of Sequential"):
+    with pytest.raises(InvalidArgumentError, match=r"T: `layers` pattern 'head\*' matches no module: names look like '0', '1', '2'"):
         select_modules(_net(), ["head*"], can_wrap=_linear_only, arg_name="layers", trick="T")
-    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern '2.1' matches only modules T cannot convert: "
+    with pytest.raises(InvalidArgumentError, match=r"`layers` pattern '2.1' matches only modules T cannot act on: "
                                                    r"'2.1' \(BatchNorm1d: not a Linear\)"):
         select_modules(_net(), ["2.1"], can_wrap=_linear_only, arg_name="layers", trick="T")
 
@@ -112,7 +125,7 @@ def test_report_message_counts_names_and_skips():
 
 
 def _all_tricks(model):
-    apply_dropconnect(model, 0.5, layers=["fc1"])
+    apply_dropconnect(model, 0.5, include=["fc1"])
     apply_stochastic_depth(model, 0.5)
     apply_fractional_pooling(model)
 
@@ -135,10 +148,10 @@ def test_state_dict_keys_identical_and_checkpoints_load_both_ways():
         fresh.load_state_dict(tricked.state_dict())  # tricked -> plain, strict
     assert fresh.load_state_dict(tricked.state_dict(), strict=False).unexpected_keys == [marker]
     without_pooling = TinyResNet()
-    apply_dropconnect(without_pooling, 0.5, layers=["fc1"])
+    apply_dropconnect(without_pooling, 0.5, include=["fc1"])
     apply_stochastic_depth(without_pooling, 0.5)
     fresh.load_state_dict(without_pooling.state_dict())  # evaluation unchanged by the trick: strict both ways
-    again = [apply_dropconnect(tricked, 0.5, layers=["fc1"]), apply_stochastic_depth(tricked, 0.5),
+    again = [apply_dropconnect(tricked, 0.5, include=["fc1"]), apply_stochastic_depth(tricked, 0.5),
              apply_fractional_pooling(tricked)[0]]  # idempotent: a second surgery changes nothing
     assert [(r.converted, r.already) for r in again] == [([], ["fc1"]), ([], ["blocks.0", "blocks.1"]), ([], ["pool"])]
     assert [k for k in tricked.state_dict() if k != marker] == keys
@@ -160,7 +173,7 @@ def test_setup_logs_counts_on_rank_zero(callback, tmp_path, caplog):
 
 def _tricks():
     # a warm-up in batches: a fraction of the run (the default) ramps differently in a 1-epoch and a 2-epoch fit
-    return [DropConnect(p=0.5), StochasticDepth(drop_rate=0.5, warmup_steps=2), FractionalMaxPooling()]
+    return [DropConnect(p=0.5), StochasticDepth(p=0.5, warmup_steps=2), FractionalMaxPooling()]
 
 
 def _weights(module):

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_tricks.core.deprecation import RENAMED
 from lightning_tricks.core.randomness import LayerRandomness
 from lightning_tricks.core.surgery import SurgeryReport, exact_patterns
 from lightning_tricks.core.validation import check_optional_int
@@ -101,7 +102,8 @@ class StructuralCallback(Callback):
     @classmethod
     def reapply(cls, model: nn.Module, record: dict[str, Any]) -> SurgeryReport:
         """Convert ``model`` as the trick that wrote ``record`` converted the model it was saved from."""
-        trick = cls(**record["init_args"])  # the record's seed is the one the saved run used
+        renamed = RENAMED.get(cls.__name__, {})  # a record written before an argument's rename loads silently
+        trick = cls(**{renamed.get(k, k): v for k, v in record["init_args"].items()})  # the run's own seed
         trick.randomness.shared = not trick.per_rank
         trick.randomness.setup()
         return trick.convert(model, trick.randomness, modules=exact_patterns(record["modules"]))

@@ -3,9 +3,9 @@
 The structural regularizers (DropConnect, stochastic depth, fractional max pooling) change the model
 itself. They share the rules written here:
 
-* **Selection** (:func:`select_modules`): modules are chosen by qualified name with glob patterns
-  (``"model.head.*"``), by a predicate, or by a trick's default rule, and filtered by what the trick can
-  wrap. A pattern that matches nothing, or matches only modules the trick cannot wrap, is an error
+* **Selection** (:func:`select_modules`, through :func:`lightning_tricks.core.selection.select`): modules are
+  chosen by qualified name with glob patterns (``include``/``exclude``; ``"model.head"`` also selects what is
+  inside it), by a predicate, or by a trick's default rule, and filtered by what the trick can wrap. A pattern that matches nothing, or matches only modules the trick cannot wrap, is an error
   that names the argument and the pattern: nothing silently does nothing.
 * **No renaming.** A module with parameters is changed by swapping its class to a subclass
   (:func:`swap_class`): same object, same parameters, buffers and hooks, so ``state_dict()`` keys are
@@ -35,7 +35,6 @@ Examples:
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.core import selection
+from lightning_tricks.core.selection import describe_names
 from lightning_tricks.errors import ModelNotSupportedError  # noqa: F401  (re-exported)
 
 CanWrap = Callable[[nn.Module], "str | None"]
@@ -54,18 +54,9 @@ Predicate = Callable[[str, nn.Module], bool]
 
 
 def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
-    """``None`` or a non-empty list of glob patterns (strings), else an error naming the argument."""
-    if patterns is None:
-        return None
-    if isinstance(patterns, str) or not patterns or not all(isinstance(p, str) for p in patterns):
-        raise InvalidArgumentError(f"`{name}`={patterns!r} is invalid: expected a non-empty list of glob patterns.")
-    return list(patterns)
-
-
-def describe_names(names: Sequence[str], limit: int = 8) -> str:
-    """``'a', 'b', 'c' and 5 more``: the module names an error or log line shows."""
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    """``None`` or a non-empty list of glob patterns (strings), else an error naming the argument
+    (:func:`lightning_tricks.core.selection.check_patterns`)."""
+    return selection.check_patterns(name, patterns)
 
 
 def select_modules(
@@ -77,18 +68,24 @@ def select_modules(
     trick: str,
     default: Predicate | None = None,
     predicate: Predicate | None = None,
+    exclude: Sequence[str] | None = None,
+    exclude_arg: str = "exclude",
 ) -> list[tuple[str, nn.Module]]:
-    """The submodules a trick should convert, in ``named_modules()`` order.
+    """The submodules a trick should convert, in ``named_modules()`` order, chosen by
+    :func:`lightning_tricks.core.selection.select` (the package's one selector).
 
     Args:
         model: the model to search (for a LightningModule, names start at its attributes, e.g. ``model.fc``).
-        patterns: glob patterns (``fnmatch``, case-sensitive) on qualified module names; a module is
-            selected when a pattern matches its name and ``can_wrap`` accepts it. ``None`` uses ``default``.
+        patterns: the ``include`` glob patterns on qualified module names; a pattern also selects the
+            modules inside a match (``"layer1"`` selects the convertible blocks in ``layer1``). A module is
+            selected when ``can_wrap`` accepts it. ``None`` uses ``default``.
         can_wrap: ``None`` for a module the trick can convert, else the reason it cannot.
         arg_name: the user-facing argument that holds ``patterns`` (named in errors).
         trick: the trick's name (named in errors).
         default: which convertible modules to take when ``patterns`` is ``None`` (all of them when ``None``).
         predicate: an extra filter ``(name, module) -> bool`` (Python API only).
+        exclude: glob patterns of modules (and what is inside them) to leave as they are.
+        exclude_arg: the user-facing argument that holds ``exclude``.
 
     Returns:
         ``[(qualified name, module), ...]``, without duplicates.
@@ -96,35 +93,23 @@ def select_modules(
     Raises:
         InvalidArgumentError: a pattern matches no module, or only modules the trick cannot convert (the
             message names the pattern, what it matched and why each cannot be converted).
-        ModelNotSupportedError: the default rule finds nothing to convert.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)))
+        >>> linear = lambda m: None if isinstance(m, nn.Linear) else "not a Linear"
+        >>> [n for n, _ in select_modules(net, ["2"], can_wrap=linear, arg_name="include", trick="Demo")]
+        ['2.0', '2.1']
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    chosen: dict[str, nn.Module] = {}
-    if patterns is None:
-        for name, module in named:
-            if can_wrap(module) is None and (default is None or default(name, module)) and (
-                    predicate is None or predicate(name, module)):
-                chosen[name] = module
-        return list(chosen.items())
-    for pattern in patterns:
-        matched = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
-        if predicate is not None:
-            matched = [(n, m) for n, m in matched if predicate(n, m)]
-        if not matched:
-            examples = describe_names([n for n, _ in named])
-            raise InvalidArgumentError(
-                f"`{arg_name}` pattern {pattern!r} matches no submodule of {type(model).__name__}: expected a glob "
-                f"on qualified module names (model.named_modules()), such as {examples}."
-            )
-        good = [(n, m) for n, m in matched if can_wrap(m) is None]
-        if not good:
-            reasons = "; ".join(f"{n!r} ({type(m).__name__}: {can_wrap(m)})" for n, m in matched[:6])
-            more = f" and {len(matched) - 6} more" if len(matched) > 6 else ""
-            raise InvalidArgumentError(
-                f"`{arg_name}` pattern {pattern!r} matches only modules {trick} cannot convert: {reasons}{more}."
-            )
-        chosen.update(good)
-    return list(chosen.items())
+    named = [(n, m) for n, m in model.named_modules() if n and (predicate is None or predicate(n, m))]
+    why_not: Callable[[nn.Module], str | None] = can_wrap
+    if patterns is None and default is not None:
+        chosen_by_default = {id(m) for n, m in named if default(n, m)}
+
+        def why_not(module: nn.Module) -> str | None:
+            return can_wrap(module) or (None if id(module) in chosen_by_default else "not chosen by default")
+
+    return selection.select(named, include=patterns, exclude=exclude, why_not=why_not, owner=trick,
+                            include_arg=arg_name, exclude_arg=exclude_arg)
 
 
 def exact_patterns(names: Iterable[str]) -> list[str]:

@@ -24,7 +24,7 @@ from lightning_tricks.core.batch import (
     read_images,
 )
 from lightning_tricks.core.layout import check_layout, input_layout
-from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_probability
+from lightning_tricks.core.validation import InvalidArgumentError, check_bool, check_int, check_probability
 
 NO_HOLE = -1
 """Center coordinate of a hole that was not drawn (the sample was skipped with probability ``1 - p``)."""
@@ -223,6 +223,8 @@ class Cutout(BatchTransformCallback):
             conv/pool/recurrent layers, images ``(N, H, W)`` when it has 2D ones), ``image`` or ``sequence``.
             On sequences each hole is a span of ``length`` steps (a float: a fraction of ``L``) across all
             channels (:func:`cutout_span`); ``sequence`` also takes flat ``(N, L)`` inputs.
+        log: log ``cutout/p``, the probability applied, at every training batch (``pl_module.log``, so
+            ``EarlyStopping``/``ModelCheckpoint`` can monitor it); ``False`` logs nothing.
 
     Raises:
         InvalidArgumentError: an argument out of range, at construction; at the first batch, a ``length``
@@ -236,8 +238,9 @@ class Cutout(BatchTransformCallback):
     """
 
     def __init__(self, length: int | float = 0.5, n_holes: int = 1, p: float = 1.0, fill: float = 0.0,
-                 input_key: Key = None, seed: int | None = None, layout: str = "auto") -> None:
+                 input_key: Key = None, seed: int | None = None, layout: str = "auto", log: bool = True) -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         self.layout = check_layout(layout)
         self.length = check_length(length)
         self.n_holes = check_int("n_holes", n_holes, 1)
@@ -249,6 +252,12 @@ class Cutout(BatchTransformCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(length=self.length, n_holes=self.n_holes, p=self.p, input_key=self.input_key)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.log_enabled and self.active:
+            pl_module.log("cutout/p", self.p, on_step=True, on_epoch=False)
 
     def _transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, in_place: bool) -> Any:
         slot, images = read_images(batch, self.input_key, self.name, 2 if self.layout == "sequence" else 3)

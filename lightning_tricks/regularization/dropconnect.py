@@ -15,25 +15,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks.core.callback import StructuralCallback
+from lightning_tricks.core.deprecation import register_renames, renamed_argument
 from lightning_tricks.core.randomness import LayerRandomness
+from lightning_tricks.core.selection import check_patterns, name_matches
 from lightning_tricks.core.surgery import (
     CanWrap,
     ModelNotSupportedError,
     Predicate,
     SurgeryReport,
     SwappableMixin,
-    check_patterns,
     keys_unchanged,
     register_derived_class,
     select_modules,
     swap_class,
 )
-from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
+from lightning_tricks.core.validation import InvalidArgumentError, check_bool, check_choice, check_probability
+
+register_renames("DropConnect", {"layers": "include"})
 
 MODES = ("step", "sample")
 """``step``: one mask per training step for the whole batch; ``sample``: one mask per example (Linear only)."""
@@ -41,9 +45,12 @@ LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "C
 """Layer types DropConnect converts (exact types: subclasses may bypass ``forward``, e.g. attention projections)."""
 
 
-def check_dropconnect_args(p: float = 0.5, mode: str = "step", layers: Sequence[str] | None = None,
-                           layer_types: Sequence[str] = ("Linear",)) -> list[str] | None:
-    """The one validator of DropConnect's arguments (layers, functional core, callback); returns ``layers``."""
+def check_dropconnect_args(p: float = 0.5, mode: str = "step", include: Sequence[str] | None = None,
+                           layer_types: Sequence[str] = ("Linear",), exclude: Sequence[str] | None = None, *,
+                           layers: Sequence[str] | None = None) -> tuple[list[str] | None, list[str] | None]:
+    """The one validator of DropConnect's arguments (layers, functional core, callback); returns
+    ``(include, exclude)`` (``layers`` is the deprecated name of ``include``)."""
+    include = renamed_argument("DropConnect", "layers", "include", layers, include, None)
     check_probability("p", p, allow_one=False)
     check_choice("mode", mode, MODES)
     if isinstance(layer_types, str) or not layer_types:
@@ -51,7 +58,7 @@ def check_dropconnect_args(p: float = 0.5, mode: str = "step", layers: Sequence[
                                    + ", ".join(LAYER_TYPES) + ".")
     for name in layer_types:
         check_choice("layer_types", name, LAYER_TYPES)
-    return check_patterns("layers", layers)
+    return check_patterns("include", include), check_patterns("exclude", exclude, allow_empty=True)
 
 
 def dropconnect_weight(weight: torch.Tensor, p: float, generator: torch.Generator | None = None,
@@ -225,25 +232,30 @@ def apply_dropconnect(
     model: nn.Module,
     p: float = 0.5,
     *,
-    layers: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
     layer_types: Sequence[str] = ("Linear",),
     mode: str = "step",
     drop_bias: bool = False,
     randomness: LayerRandomness | None = None,
     predicate: Predicate | None = None,
+    exclude: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> SurgeryReport:
     """Convert layers of ``model`` to DropConnect in place (idempotent; parameter names unchanged).
 
     Args:
         model: any module.
         p: drop probability in [0, 1); 0 converts nothing (the plain model is the exact identity).
-        layers: glob patterns on qualified module names; ``None`` selects every layer of ``layer_types``
-            except the classifier head (the last ``nn.Linear`` in ``named_modules()`` order).
+        include: glob patterns on qualified module names (a pattern also selects the layers inside a
+            match); ``None`` selects every layer of ``layer_types`` except the classifier head (the last
+            ``nn.Linear`` in ``named_modules()`` order).
         layer_types: names from :data:`LAYER_TYPES`.
         mode: ``step`` or ``sample`` (Linear only).
         drop_bias: also drop bias entries.
         randomness: shared generators (the callback passes its own); a private one seeded with 0 when ``None``.
         predicate: extra filter ``(name, module) -> bool``.
+        exclude: glob patterns of layers (or of modules whose layers) to leave as they are.
+        layers: deprecated: use ``include``.
 
     Returns:
         What was converted.
@@ -257,23 +269,23 @@ def apply_dropconnect(
         >>> apply_dropconnect(net, 0.3).converted
         ['0']
     """
-    layers = check_dropconnect_args(p, mode, layers, layer_types)
+    include, exclude = check_dropconnect_args(p, mode, include, layer_types, exclude, layers=layers)
     report = SurgeryReport("DropConnect", detail=f"p={p}, mode={mode!r}, drop_bias={drop_bias}")
     if p == 0:
         return report
     types = tuple(LAYER_TYPES[n] for n in layer_types)
     head = classifier_head(model)
     default = None
-    if layers is None:
+    if include is None:
         def default(name: str, module: nn.Module) -> bool:
             return name != head
-    chosen = select_modules(model, layers, can_wrap=_can_wrap(types), arg_name="layers", trick="DropConnect",
-                            default=default, predicate=predicate)
+    chosen = select_modules(model, include, can_wrap=_can_wrap(types), arg_name="include", trick="DropConnect",
+                            default=default, predicate=predicate, exclude=exclude)
     if not chosen:
         where = f"besides the classifier head {head!r}" if head is not None else "(it has no Linear classifier head)"
         add_conv = "" if "Conv2d" in layer_types else ", or add 'Conv2d' to `layer_types`"
         raise ModelNotSupportedError(
-            f"DropConnect found no {'/'.join(layer_types)} layer in {type(model).__name__} {where}: pass `layers` "
+            f"DropConnect found no {'/'.join(layer_types)} layer in {type(model).__name__} {where}: pass `include` "
             f"(glob patterns on module names, e.g. ['*fc*']) to choose layers, the head included{add_conv}."
         )
     if mode == "sample":
@@ -281,8 +293,9 @@ def apply_dropconnect(
         if convs:
             raise InvalidArgumentError(f"`mode`='sample' is invalid for the convolutions {convs[:4]}: expected "
                                        "'step' (per-sample masks are for Linear layers), or select Linear layers only.")
-    if layers is None and head is not None and head not in dict(chosen):
-        report.skipped.append((head, "the classifier head (last Linear); select it with `layers` to include it"))
+    if include is None and head is not None and head not in dict(chosen) and not any(
+            name_matches(head, pattern) for pattern in exclude or ()):
+        report.skipped.append((head, "the classifier head (last Linear); select it with `include` to include it"))
     before = list(model.state_dict().keys())
     shared = randomness if randomness is not None else LayerRandomness(0)
     for index, (name, module) in enumerate(chosen):
@@ -304,21 +317,26 @@ class DropConnect(StructuralCallback):
 
     Default layers: every ``nn.Linear`` except the classifier head, which we define as the last
     ``nn.Linear`` in ``named_modules()`` order (dropping logit weights perturbs the outputs directly; the
-    paper applies DropConnect to the hidden fully connected layer). ``layers`` overrides it.
+    paper applies DropConnect to the hidden fully connected layer). ``include`` overrides it.
 
     Args:
         p: drop probability of each weight, in [0, 1). 0 converts nothing (exact identity, no extra kernels).
-        layers: glob patterns on qualified module names of the LightningModule (e.g. ``["model.head.1"]``,
-            ``["*fc*"]``); each must match a layer of ``layer_types``.
+        include: glob patterns on qualified module names of the LightningModule (e.g. ``["model.head.1"]``,
+            ``["*fc*"]``); a pattern also selects the layers inside a match (``["model.head"]``); each must
+            select a layer of ``layer_types``.
         layer_types: which layer types to convert: ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``.
         mode: ``step`` (default) or ``sample`` (per-example masks via batched matmul; Linear only; memory
             ``batch x out x in`` per layer).
         drop_bias: also drop bias entries.
         seed: seed of the masks; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        exclude: glob patterns of layers to leave as they are (applied after ``include`` or the default rule).
+        log: log ``dropconnect/p``, the drop probability applied, at every training batch (``pl_module.log``,
+            so ``EarlyStopping``/``ModelCheckpoint`` can monitor it); ``False`` logs nothing.
+        layers: deprecated: use ``include``.
 
     Raises:
-        InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches nothing convertible.
+        InvalidArgumentError: a bad argument, or an ``include``/``exclude`` pattern that matches nothing convertible.
         ModelNotSupportedError: (at setup) no layer found by the default rule.
 
     Examples:
@@ -328,26 +346,37 @@ class DropConnect(StructuralCallback):
 
     converts = "layers"
 
-    def __init__(self, p: float = 0.5, layers: list[str] | None = None, layer_types: list[str] | None = None,
-                 mode: str = "step", drop_bias: bool = False, seed: int | None = None) -> None:
+    def __init__(self, p: float = 0.5, include: list[str] | None = None, layer_types: list[str] | None = None,
+                 mode: str = "step", drop_bias: bool = False, seed: int | None = None,
+                 exclude: list[str] | None = None, log: bool = True, layers: list[str] | None = None) -> None:
         super().__init__(seed)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         layer_types = ["Linear"] if layer_types is None else list(layer_types)
-        layers = check_dropconnect_args(p, mode, layers, layer_types)
-        self.p, self.layers, self.layer_types = p, layers, layer_types
+        include, exclude = check_dropconnect_args(p, mode, include, layer_types, exclude, layers=layers)
+        self.p, self.include, self.exclude, self.layer_types = p, include, exclude, layer_types
         self.mode, self.drop_bias = mode, drop_bias
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(p=self.p, layers=self.layers, mode=self.mode)
+        # `layers` is include's old name, kept in the key so checkpoints written before the rename resume
+        extra = {"exclude": self.exclude} if self.exclude else {}
+        return self._generate_state_key(p=self.p, layers=self.include, mode=self.mode, **extra)
 
     def init_args(self) -> dict[str, Any]:
-        return {"p": self.p, "layers": self.layers, "layer_types": self.layer_types, "mode": self.mode,
-                "drop_bias": self.drop_bias, "seed": self.randomness.seed}
+        return {"p": self.p, "include": self.include, "exclude": self.exclude, "layer_types": self.layer_types,
+                "mode": self.mode, "drop_bias": self.drop_bias, "seed": self.randomness.seed}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.log_enabled and self.report is not None and self.report.total:
+            pl_module.log("dropconnect/p", self.p, on_step=True, on_epoch=False)
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
         # eval uses the plain weights (inverted scaling): nothing to record in checkpoints
-        return apply_dropconnect(model, self.p, layers=self.layers if modules is None else modules,
+        return apply_dropconnect(model, self.p, include=self.include if modules is None else modules,
+                                 exclude=self.exclude if modules is None else None,
                                  layer_types=self.layer_types, mode=self.mode, drop_bias=self.drop_bias,
                                  randomness=randomness)
 

@@ -21,256 +21,28 @@ The converted network evaluates differently from the plain one (another output s
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_tricks.core.callback import StructuralCallback
-from lightning_tricks.core.distributed import derive_seed
-from lightning_tricks.core.layout import model_layout
 from lightning_tricks.core.lightning_classes import lightning_module_types
 from lightning_tricks.core.randomness import LayerRandomness
-from lightning_tricks.core.surgery import (
-    ModelNotSupportedError,
-    Predicate,
-    SurgeryReport,
-    check_patterns,
-    keys_unchanged,
-    mark,
-    replace_module,
-    select_modules,
+from lightning_tricks.core.surgery import ModelNotSupportedError, SurgeryReport, replace_module
+from lightning_tricks.regularization._fractional_layer import (  # noqa: F401  (re-exported: the layer and functional core)
+    DEFAULT_RATIO,
+    SeededFractionalMaxPool2d,
+    _can_wrap,
+    apply_fractional_pooling,
+    average_pooling_draws,
+    check_fractional_pooling_args,
+    fractional_pools,
+    pooling_draws,
 )
-from lightning_tricks.core.validation import check_int, check_range
-
-DEFAULT_RATIO = 1 / math.sqrt(2)
-"""The paper's :math:`\\alpha = \\sqrt 2`: each layer halves the number of pixels."""
-
-
-def check_fractional_pooling_args(output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2,
-                                  layers: Sequence[str] | None = None, test_samples: int = 1,
-                                  max_batch: int | None = None) -> list[str] | None:
-    """The one validator of FractionalMaxPooling's arguments (layer, functional core, callback); returns ``layers``."""
-    check_range("output_ratio", output_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-    check_int("kernel_size", kernel_size, 1)
-    check_int("test_samples", test_samples, 1)
-    if max_batch is not None:
-        check_int("max_batch", max_batch, 1)
-    return check_patterns("layers", layers)
-
-
-class SeededFractionalMaxPool2d(nn.FractionalMaxPool2d):
-    """``nn.FractionalMaxPool2d`` with owned randomness, a deterministic eval and autocast support.
-
-    Args:
-        kernel_size: pooling window (2: overlapping regions, as in the paper).
-        output_ratio: output size / input size, in (0, 1); default ``1/sqrt(2)``.
-        randomness: generators to draw from (a callback shares one among its layers); a private one
-            seeded with 0 when ``None``.
-        index: this layer's index among the trick's layers (keys its draws and its eval sample).
-
-    Attributes:
-        lt_stochastic_eval: while True, eval draws fresh regions (test-time averaging); False by default.
-
-    Examples:
-        >>> pool = SeededFractionalMaxPool2d().eval()
-        >>> x = torch.randn(2, 3, 8, 8)
-        >>> y = pool(x)
-        >>> y.shape, torch.equal(y, pool(x))
-        (torch.Size([2, 3, 5, 5]), True)
-    """
-
-    lt_stochastic_eval = False
-
-    def __init__(self, kernel_size: int = 2, output_ratio: float = DEFAULT_RATIO,
-                 randomness: LayerRandomness | None = None, index: int = 0) -> None:
-        check_fractional_pooling_args(output_ratio, kernel_size)
-        super().__init__(kernel_size, output_ratio=(output_ratio, output_ratio))
-        self.lt_randomness = randomness if randomness is not None else LayerRandomness(0)
-        self.lt_index = index
-        self.lt_stochastic_eval = False
-        # The eval regions, (channels, 2): one fixed draw, made at the first eval forward from (seed, layer).
-        # Not saved in the state_dict: it is reproducible from the seed.
-        self.register_buffer("eval_sample", None, persistent=False)
-        self._lt_mark()
-
-    def _lt_mark(self) -> None:
-        """The marker buffer: a plain strict load must fail; its values rebuild the layer (see checkpoint.py)."""
-        mark(self, "FractionalMaxPooling", [float(self.output_ratio[0]), int(self.kernel_size[0]),
-                                            self.lt_randomness.seed, self.lt_index])
-
-    def _eval_sample(self, channels: int, device: torch.device) -> torch.Tensor:
-        if self.eval_sample is None or self.eval_sample.shape[0] != channels:
-            key = derive_seed(self.lt_randomness.seed, 0xE7A1, self.lt_index)
-            self.eval_sample = torch.rand(channels, 2, generator=torch.Generator().manual_seed(key)).to(device)
-        return self.eval_sample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batched = x.dim() == 4
-        n, c = (x.shape[0], x.shape[1]) if batched else (1, x.shape[0])
-        if self.training or self.lt_stochastic_eval:
-            generator = self.lt_randomness.generator(x.device, self.lt_index, self.training)
-            samples = torch.rand(n, c, 2, generator=generator, device=x.device, dtype=x.dtype)
-        else:
-            samples = self._eval_sample(c, x.device).to(device=x.device, dtype=x.dtype).expand(n, c, 2)
-        return F.fractional_max_pool2d(x, self.kernel_size, self.output_size, self.output_ratio,
-                                       self.return_indices, _random_samples=samples)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, output_ratio={self.output_ratio[0]:.4g}"
-
-
-def _can_wrap(module: nn.Module) -> str | None:
-    if isinstance(module, SeededFractionalMaxPool2d):
-        return None
-    if type(module) is nn.MaxPool2d:
-        return "it returns indices (for MaxUnpool2d), whose sizes would change" if module.return_indices else None
-    return "FractionalMaxPooling replaces nn.MaxPool2d layers"
-
-
-def fractional_pools(model: nn.Module) -> list[SeededFractionalMaxPool2d]:
-    """The fractional pooling layers of ``model``, in order."""
-    return [m for m in model.modules() if isinstance(m, SeededFractionalMaxPool2d)]
-
-
-def apply_fractional_pooling(
-    model: nn.Module,
-    output_ratio: float = DEFAULT_RATIO,
-    *,
-    kernel_size: int = 2,
-    layers: Sequence[str] | None = None,
-    randomness: LayerRandomness | None = None,
-    predicate: Predicate | None = None,
-) -> tuple[SurgeryReport, dict[str, nn.Module]]:
-    """Replace ``nn.MaxPool2d`` layers of ``model`` by :class:`SeededFractionalMaxPool2d` (idempotent).
-
-    Pooling layers hold no state, so ``state_dict`` keys are unchanged. The replaced layers' own
-    kernel, stride and padding are not kept: every converted layer pools by ``output_ratio``.
-
-    Args:
-        model: any module.
-        output_ratio: output size / input size, in (0, 1).
-        kernel_size: pooling window of the new layers.
-        layers: glob patterns on qualified module names (``None``: every ``nn.MaxPool2d``).
-        randomness: shared generators; a private one seeded with 0 when ``None``.
-        predicate: extra filter ``(name, module) -> bool``.
-
-    Returns:
-        The report and the replaced ``nn.MaxPool2d`` modules by name (to undo the change).
-
-    Raises:
-        ModelNotSupportedError: the model has no ``nn.MaxPool2d``.
-        InvalidArgumentError: a bad argument, or a pattern that matches no ``nn.MaxPool2d``.
-
-    Examples:
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1))
-        >>> apply_fractional_pooling(net)[0].converted
-        ['1']
-    """
-    layers = check_fractional_pooling_args(output_ratio, kernel_size, layers)
-    chosen = select_modules(model, layers, can_wrap=_can_wrap, arg_name="layers", trick="FractionalMaxPooling",
-                            predicate=predicate)
-    if not chosen:
-        if any(isinstance(m, nn.MaxPool1d) for m in model.modules()) or model_layout(model) == "sequence":
-            raise ModelNotSupportedError(
-                f"FractionalMaxPooling needs images: {type(model).__name__} is a 1D (sequence) model, and torch's "
-                "fractional max pooling exists only in 2D and 3D (nn.FractionalMaxPool2d/3d); pick another regularizer."
-            )
-        raise ModelNotSupportedError(
-            f"FractionalMaxPooling found no nn.MaxPool2d in {type(model).__name__}: it replaces max-pooling layers "
-            "(modules, not F.max_pool2d calls in forward); add nn.MaxPool2d layers or pick another regularizer."
-        )
-    report = SurgeryReport("FractionalMaxPooling", detail=f"output_ratio={output_ratio:.4g}, kernel_size={kernel_size}")
-    shared = randomness if randomness is not None else LayerRandomness(0)
-    before = list(model.state_dict().keys())
-    device = next(model.parameters(), torch.empty(0)).device
-    replaced: dict[str, nn.Module] = {}
-    for index, (name, module) in enumerate(chosen):
-        new = SeededFractionalMaxPool2d(kernel_size, output_ratio, shared, index)
-        if isinstance(module, SeededFractionalMaxPool2d) and (
-                (module.kernel_size, module.output_ratio) == (new.kernel_size, new.output_ratio)):
-            module.lt_randomness, module.lt_index = shared, index
-            module.eval_sample = None  # redrawn from the (possibly new) seed at the next eval forward
-            module._lt_mark()
-            report.already.append(name)
-            continue
-        new.to(device=device).train(module.training)
-        replaced[name] = replace_module(model, name, new)
-        report.converted.append(name)
-    keys_unchanged(before, model, "FractionalMaxPooling")
-    return report, replaced
-
-
-@contextmanager
-def pooling_draws(model: nn.Module) -> Iterator[list[SeededFractionalMaxPool2d]]:
-    """Within the block, the fractional pooling layers (only them) draw fresh regions in eval mode."""
-    pools = fractional_pools(model)
-    previous = [p.lt_stochastic_eval for p in pools]
-    try:
-        for pool in pools:
-            pool.lt_stochastic_eval = True
-        yield pools
-    finally:
-        for pool, flag in zip(pools, previous, strict=True):
-            pool.lt_stochastic_eval = flag
-
-
-def average_pooling_draws(
-    model: nn.Module,
-    x: torch.Tensor,
-    samples: int,
-    max_batch: int | None = None,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The paper's test procedure: average the class probabilities of ``samples`` pooling draws.
-
-    The ``samples`` copies of the batch run as one batch (every example and copy draws its own regions),
-    split into chunks of at most ``max_batch`` rows. Only the fractional pooling layers are random;
-    dropout and batch norm stay as the model's mode says (call it in ``eval()``).
-
-    Args:
-        model: the model holding the fractional pooling layers (and called, unless ``forward`` is given).
-        x: a batch of inputs; the model must return logits of shape ``(batch, classes)``.
-        samples: number of draws ``k`` (1 is a single random draw).
-        max_batch: most rows per forward pass (default: all ``k * batch`` at once).
-        forward: what to call instead of ``model`` (e.g. a LightningModule's original forward).
-
-    Returns:
-        ``log(mean_k softmax(logits_k))`` in float32: log-probabilities of the averaged prediction, which
-        work as logits (``argmax``, ``cross_entropy``, ``softmax`` gives the averaged probabilities).
-
-    Examples:
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(1), nn.LazyLinear(3))
-        >>> _ = apply_fractional_pooling(net[:2]); _ = net(torch.zeros(1, 1, 12, 12))
-        >>> with torch.no_grad():
-        ...     probabilities = average_pooling_draws(net.eval(), torch.randn(5, 1, 12, 12), samples=12).exp()
-        >>> probabilities.sum(1)
-        tensor([1.0000, 1.0000, 1.0000, 1.0000, 1.0000])
-    """
-    check_int("samples", samples, 1)
-    if max_batch is not None:
-        check_int("max_batch", max_batch, 1)
-    call = forward if forward is not None else model
-    batch = x.shape[0]
-    copies_per_pass = samples if max_batch is None else max(1, max_batch // max(batch, 1))
-    outputs = []
-    with pooling_draws(model):
-        done = 0
-        while done < samples:
-            copies = min(copies_per_pass, samples - done)
-            logits = call(x.repeat(copies, *([1] * (x.dim() - 1))))
-            if logits.dim() != 2 or logits.shape[0] != copies * batch:
-                raise ValueError(f"average_pooling_draws expects logits of shape (batch, classes), got {tuple(logits.shape)}.")
-            outputs.append(logits.float().log_softmax(-1).view(copies, batch, -1))
-            done += copies
-    log_probs = torch.cat(outputs)
-    return torch.logsumexp(log_probs, dim=0) - math.log(samples)
 
 
 def _zeros_like_input(value: Any) -> torch.Tensor | None:
@@ -364,14 +136,17 @@ class FractionalMaxPooling(StructuralCallback):
     Args:
         output_ratio: output size / input size of each converted layer, in (0, 1). Default ``1/sqrt(2)``.
         kernel_size: pooling window (2: overlapping regions, the paper's best).
-        layers: glob patterns on qualified module names (default: every ``nn.MaxPool2d``).
+        include: glob patterns on qualified module names (default: every ``nn.MaxPool2d``); a pattern also
+            selects the pools inside a match (``["model.features"]``).
         test_samples: number of pooling draws averaged in ``test``/``predict`` (1: the deterministic eval).
         max_batch: most rows per forward pass when averaging (default: ``test_samples * batch``).
         seed: seed of the draws; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        exclude: glob patterns of pools to leave as they are.
+        layers: deprecated: use ``include``.
 
     Raises:
-        InvalidArgumentError: a bad argument, or a ``layers`` pattern that matches no ``nn.MaxPool2d``.
+        InvalidArgumentError: a bad argument, or an ``include``/``exclude`` pattern that matches no ``nn.MaxPool2d``.
         ModelNotSupportedError: (at setup) no ``nn.MaxPool2d``, or a model that needs the original spatial size.
 
     Examples:
@@ -381,11 +156,13 @@ class FractionalMaxPooling(StructuralCallback):
 
     converts = "max-pooling layers"
 
-    def __init__(self, output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2, layers: list[str] | None = None,
-                 test_samples: int = 1, max_batch: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, output_ratio: float = DEFAULT_RATIO, kernel_size: int = 2, include: list[str] | None = None,
+                 test_samples: int = 1, max_batch: int | None = None, seed: int | None = None,
+                 exclude: list[str] | None = None, layers: list[str] | None = None) -> None:
         super().__init__(seed)
-        layers = check_fractional_pooling_args(output_ratio, kernel_size, layers, test_samples, max_batch)
-        self.output_ratio, self.kernel_size, self.layers = output_ratio, kernel_size, layers
+        include, exclude = check_fractional_pooling_args(output_ratio, kernel_size, include, test_samples, max_batch,
+                                                         exclude, layers=layers)
+        self.output_ratio, self.kernel_size, self.include, self.exclude = output_ratio, kernel_size, include, exclude
         self.test_samples, self.max_batch = test_samples, max_batch
         self._replaced: dict[str, nn.Module] = {}  # the original pools, until the size check has run
         self._wrapper: Any = None
@@ -393,11 +170,14 @@ class FractionalMaxPooling(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(output_ratio=self.output_ratio, layers=self.layers)
+        # `layers` is include's old name, kept in the key so checkpoints written before the rename resume
+        extra = {"exclude": self.exclude} if self.exclude else {}
+        return self._generate_state_key(output_ratio=self.output_ratio, layers=self.include, **extra)
 
     def init_args(self) -> dict[str, Any]:
-        return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "layers": self.layers,
-                "test_samples": self.test_samples, "max_batch": self.max_batch, "seed": self.randomness.seed}
+        return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "include": self.include,
+                "exclude": self.exclude, "test_samples": self.test_samples, "max_batch": self.max_batch,
+                "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
         return True
@@ -405,7 +185,8 @@ class FractionalMaxPooling(StructuralCallback):
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
         report, self._replaced = apply_fractional_pooling(model, self.output_ratio, kernel_size=self.kernel_size,
-                                                          layers=self.layers if modules is None else modules,
+                                                          include=self.include if modules is None else modules,
+                                                          exclude=self.exclude if modules is None else None,
                                                           randomness=randomness)
         return report
 
@@ -449,7 +230,7 @@ class FractionalMaxPooling(StructuralCallback):
         raise ModelNotSupportedError(
             f"FractionalMaxPooling changes the spatial size after pooling ({sizes}), and the layers after it need the "
             f"original size: {problem} (checked with input {tuple(example.shape)}). This happens when a Flatten feeds "
-            "a Linear without global pooling: add nn.AdaptiveAvgPool2d before the Flatten, or choose with `layers` "
+            "a Linear without global pooling: add nn.AdaptiveAvgPool2d before the Flatten, or choose with `include` "
             "only pools whose following layers accept any size."
         )
 

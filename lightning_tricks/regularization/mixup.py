@@ -14,13 +14,10 @@ For sample ``i`` paired with ``j = perm[i]`` and weight ``lam_i``:
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -29,7 +26,6 @@ from lightning_tricks.core.batch import (
     BatchTransformCallback,
     Key,
     can_replace,
-    check_float_images,
     check_key,
     find_slot,
     get_item,
@@ -45,408 +41,29 @@ from lightning_tricks.core.task import (
     infer_target_task,
     require_task,
 )
-from lightning_tricks.core.validation import (
-    InvalidArgumentError,
-    check_choice,
-    check_int,
-    check_optional_int,
-    check_positive,
-    check_probability,
-    check_range,
-)
+from lightning_tricks.core.validation import check_bool, check_choice, check_optional_int
 from lightning_tricks.errors import MixupTargetsUnusedError  # noqa: F401  (re-exported)
-from lightning_tricks.regularization._mix_tasks import dense_mixed_loss, mix_masks
-from lightning_tricks.regularization.cutout import rectangle_mask
+from lightning_tricks.regularization._mix_core import (  # noqa: F401  (re-exported: the functional core)
+    MODES,
+    MixPlan,
+    _beta,
+    _check_labels,
+    apply_mix,
+    box_mask,
+    check_mix_args,
+    mix_targets,
+    mixup,
+    sample_mix_plan,
+)
+from lightning_tricks.regularization._mix_tasks import mix_masks
+from lightning_tricks.regularization._mixed_labels import (  # noqa: F401  (re-exported)
+    SERVED_LOSSES,
+    MixedLabels,
+    _mixed_loss,
+    _MixState,
+)
 
-MODES = ("batch", "sample")
 TARGET_FORMATS = ("labels", "soft")
-
-
-@dataclass(frozen=True)
-class MixPlan:
-    """How a batch is mixed: each sample's partner, weight, and CutMix box.
-
-    Attributes:
-        perm: ``(N,)`` int64, the partner ``j`` of each sample ``i`` (a random permutation).
-        lam: ``(N,)`` float32, the weight of each sample's own image and target; for CutMix the
-            fraction of its own pixels kept (area-corrected).
-        boxes: ``(N, 4)`` int64 ``[top, left, bottom, right)`` of the pasted CutMix box, clipped to the
-            image; an empty box (zero height or width) means plain Mixup for that sample. None: no CutMix.
-    """
-
-    perm: torch.Tensor
-    lam: torch.Tensor
-    boxes: torch.Tensor | None = None
-
-
-def _beta(concentration: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Beta(c, c) draws as G1 / (G1 + G2) with Gamma(c) draws (float64 where the device has it: no underflow).
-
-    ``torch.distributions.Beta`` takes no generator; ``Gamma.sample`` does, so Beta is built from two Gamma draws.
-    """
-    gamma = torch.distributions.Gamma(concentration, torch.ones_like(concentration), validate_args=False)
-    g1, g2 = gamma.sample((2,), generator=generator)  # validate_args=False: no host synchronization
-    return g1 / (g1 + g2)  # Gamma clamps its draws to the smallest positive float: the sum is > 0
-
-
-def check_mix_args(alpha: float, cutmix_alpha: float | None, switch_prob: float | None, p: float, mode: str,
-                   label_smoothing: float) -> float:
-    """Validate the mixing arguments; return the effective switch probability (0 without CutMix)."""
-    check_positive("alpha", alpha)
-    if cutmix_alpha is not None:
-        check_positive("cutmix_alpha", cutmix_alpha)
-    if switch_prob is not None:
-        check_probability("switch_prob", switch_prob)
-        if cutmix_alpha is None:
-            raise InvalidArgumentError(f"`switch_prob`={switch_prob!r} is invalid without `cutmix_alpha`: set "
-                                       "cutmix_alpha (> 0) to use CutMix, or leave switch_prob unset.")
-    check_probability("p", p)
-    check_choice("mode", mode, MODES)
-    check_range("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=False)
-    if cutmix_alpha is None:
-        return 0.0
-    return 0.5 if switch_prob is None else switch_prob
-
-
-def sample_mix_plan(
-    batch_size: int,
-    image_size: tuple[int, int] | None = None,
-    *,
-    alpha: float = 1.0,
-    cutmix_alpha: float | None = None,
-    switch_prob: float | None = None,
-    p: float = 1.0,
-    mode: str = "batch",
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    sequence: bool = False,
-) -> MixPlan:
-    """Draw a :class:`MixPlan` on ``device``, without host synchronization.
-
-    Args:
-        batch_size: N.
-        image_size: ``(H, W)``; needed for CutMix only.
-        alpha: Mixup's Beta(alpha, alpha) concentration (> 0).
-        cutmix_alpha: CutMix's Beta concentration (> 0); None: no CutMix.
-        switch_prob: probability of CutMix instead of Mixup when both are on (default 0.5; 1 is CutMix only).
-        p: probability that the batch (``mode="batch"``) or each sample (``mode="sample"``) is mixed; an
-            unmixed sample has ``lam=1`` and an empty box.
-        mode: ``"batch"``: one weight, one choice Mixup/CutMix and one box for the batch (the papers');
-            ``"sample"``: each sample its own.
-        generator: random generator on ``device``; None uses torch's global one.
-        device: where to draw (the images' device).
-        sequence: CutMix on sequences ``(N, C, L)`` (``image_size=(C, L)``): the pasted box is a span of
-            ``floor(L * (1 - lam))`` steps across every channel (``lam`` then area-corrected as for images).
-
-    Draw order (a seeded generator reproduces it): permutation, then Mixup/CutMix choice, Beta draws,
-    skip decisions, box centers.
-    """
-    switch = check_mix_args(alpha, cutmix_alpha, switch_prob, p, mode, 0.0)
-    check_int("batch_size", batch_size, 1)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    float_dtype = torch.float32 if device.type == "mps" else torch.float64
-    draws = batch_size if mode == "sample" else 1
-    perm = torch.randperm(batch_size, generator=generator, device=device)
-    if cutmix_alpha is None:
-        use_cutmix = torch.zeros(draws, dtype=torch.bool, device=device)
-    elif switch >= 1.0:
-        use_cutmix = torch.ones(draws, dtype=torch.bool, device=device)
-    else:
-        use_cutmix = torch.rand(draws, generator=generator, device=device) < switch
-    concentration = torch.full((draws,), float(alpha), dtype=float_dtype, device=device)
-    if cutmix_alpha is not None:
-        concentration = concentration.masked_fill(use_cutmix, float(cutmix_alpha))
-    lam = _beta(concentration, generator)
-    if p < 1.0:
-        applied = torch.rand(draws, generator=generator, device=device) < p
-        lam = lam.masked_fill(~applied, 1.0)
-        use_cutmix = use_cutmix & applied
-    boxes = None
-    if cutmix_alpha is not None:
-        if image_size is None:
-            raise InvalidArgumentError("`image_size`=None is invalid with CutMix: expected (height, width).")
-        height, width = image_size
-        ratio = (1.0 - lam) if sequence else torch.sqrt(1.0 - lam)
-        cut_h = (height * (torch.ones_like(ratio) if sequence else ratio)).floor().long() * use_cutmix
-        cut_w = (width * ratio).floor().long() * use_cutmix
-        rows = torch.randint(0, height, (draws,), generator=generator, device=device)
-        cols = torch.randint(0, width, (draws,), generator=generator, device=device)
-        top, left = (torch.zeros_like(rows) if sequence else rows - cut_h // 2), cols - cut_w // 2
-        boxes = torch.stack((top.clamp(0, height), left.clamp(0, width),
-                             (top + cut_h).clamp(0, height), (left + cut_w).clamp(0, width)), dim=1)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        lam = torch.where(use_cutmix, 1.0 - area.to(float_dtype) / (height * width), lam)
-        boxes = boxes.expand(batch_size, 4) if draws == 1 else boxes
-    return MixPlan(perm=perm, lam=lam.float().expand(batch_size), boxes=boxes)
-
-
-def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(N, height, width)`` bool, True inside each sample's ``[top, left, bottom, right)`` box."""
-    return rectangle_mask(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], height, width)
-
-
-def apply_mix(images: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-    """Blend each image with its partner: ``lam * x + (1 - lam) * x[perm]``, or paste the partner's box.
-
-    Returns a new tensor with the dtype and memory format of ``images``: the partners are gathered into
-    it and blended in place (one allocation, one fused ``lerp`` pass). A weight of exactly 1 (an unmixed
-    sample) returns the sample bit for bit, a weight of 0 the partner.
-    """
-    n = images.shape[0]
-    out = torch.empty_like(images)
-    torch.index_select(images, 0, plan.perm, out=out)
-    if plan.boxes is None:
-        weight = plan.lam.to(images.dtype).view(n, *([1] * (images.ndim - 1)))
-    else:
-        height, width = images.shape[-2:]
-        inside = box_mask(plan.boxes, height, width)
-        has_box = (plan.boxes[:, 2] > plan.boxes[:, 0]) & (plan.boxes[:, 3] > plan.boxes[:, 1])
-        outside_weight = torch.where(has_box, 1.0, plan.lam)  # CutMix keeps its own pixels outside the box
-        weight = (outside_weight[:, None, None] * ~inside).to(images.dtype)
-        weight = weight.view(n, *([1] * (images.ndim - 3)), height, width)
-    return out.lerp_(images, weight)
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, owner: str) -> None:
-    if labels.numel() == 0:
-        return
-    low, high = torch.aminmax(labels)
-    if int(low) < 0 or int(high) >= num_classes:
-        raise InvalidArgumentError(f"{owner}: labels in [{int(low)}, {int(high)}] are invalid for num_classes="
-                                   f"{num_classes}: expected labels in [0, {num_classes - 1}].")
-
-
-def mix_targets(
-    targets: torch.Tensor,
-    plan: MixPlan,
-    num_classes: int | None = None,
-    label_smoothing: float = 0.0,
-    dtype: torch.dtype = torch.float32,
-    check: bool = True,
-) -> torch.Tensor:
-    """Soft targets ``lam * t_i + (1 - lam) * t_perm(i)`` of shape ``(N, num_classes)``; each row sums to 1.
-
-    Args:
-        targets: ``(N,)`` class indices, or ``(N, K)`` class probabilities.
-        plan: the batch's :class:`MixPlan`.
-        num_classes: K; needed for class indices (taken from the shape for probabilities).
-        label_smoothing: eps: each one-hot (or distribution) becomes ``(1 - eps) * t + eps / K`` first.
-        dtype: floating dtype of the result (probabilities keep theirs).
-        check: verify that class indices lie in ``[0, K)`` (one host synchronization).
-    """
-    lam = plan.lam
-    if targets.is_floating_point() and targets.ndim == 2:
-        k = targets.shape[1]
-        if num_classes is not None and num_classes != k:
-            raise InvalidArgumentError(f"`num_classes`={num_classes} is invalid for targets of shape "
-                                       f"{tuple(targets.shape)}: expected {k}.")
-        probs = targets
-        if label_smoothing:
-            probs = probs * (1.0 - label_smoothing) + label_smoothing / k
-        w = lam.to(probs.dtype)[:, None]
-        return torch.lerp(probs.index_select(0, plan.perm), probs, w)
-    if targets.is_floating_point() or targets.ndim != 1:
-        raise InvalidArgumentError(f"targets of shape {tuple(targets.shape)} and dtype {targets.dtype} are invalid: "
-                                   "expected (N,) class indices or (N, K) class probabilities.")
-    if num_classes is None:
-        raise InvalidArgumentError("`num_classes`=None is invalid for class-index targets: expected the number "
-                                   "of classes.")
-    if check:
-        _check_labels(targets, num_classes, "mix_targets")
-    labels = targets.long()
-    keep = 1.0 - label_smoothing
-    out = torch.full((labels.shape[0], num_classes), label_smoothing / num_classes, dtype=dtype, device=labels.device)
-    lam = lam.to(dtype)
-    out.scatter_add_(1, labels[:, None], (lam * keep)[:, None])
-    out.scatter_add_(1, labels.index_select(0, plan.perm)[:, None], ((1.0 - lam) * keep)[:, None])
-    return out
-
-
-def mixup(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    num_classes: int | None = None,
-    *,
-    alpha: float = 1.0,
-    cutmix_alpha: float | None = None,
-    switch_prob: float | None = None,
-    p: float = 1.0,
-    mode: str = "batch",
-    label_smoothing: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix a batch: returns ``(mixed images, soft targets (N, K))``. Any batch size, odd or 1, works.
-
-    Args: as :func:`sample_mix_plan` and :func:`mix_targets`.
-
-    Examples:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 1, 0])
-        >>> mixed, soft = mixup(x, y, num_classes=3, alpha=0.4, generator=g)
-        >>> soft.shape, torch.allclose(soft.sum(1), torch.ones(5))
-        (torch.Size([5, 3]), True)
-    """
-    check_float_images(images, "mixup", 3 if cutmix_alpha is not None else 1)
-    check_range("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=False)
-    image_size = tuple(images.shape[-2:]) if cutmix_alpha is not None else None
-    plan = sample_mix_plan(images.shape[0], image_size, alpha=alpha, cutmix_alpha=cutmix_alpha,  # type: ignore[arg-type]
-                           switch_prob=switch_prob, p=p, mode=mode, generator=generator, device=images.device)
-    return apply_mix(images, plan), mix_targets(targets, plan, num_classes, label_smoothing)
-
-
-class _MixState:
-    """Shared by a batch's :class:`MixedLabels` and its derived copies: what the loss did with them."""
-
-    def __init__(self, plan: MixPlan, label_smoothing: float, num_classes: int | None, owner: str,
-                 warn_double_smoothing: bool = True, check_labels: bool = True, partner: torch.Tensor | None = None,
-                 weight: torch.Tensor | None = None) -> None:
-        self.plan, self.label_smoothing, self.num_classes, self.owner = plan, label_smoothing, num_classes, owner
-        # dense masks: the partner's masks and the weight of each sample's own (CutMix-pasted) mask in the loss
-        self.partner, self.weight = partner, weight
-        self.warn_double_smoothing = warn_double_smoothing
-        self.check_labels = check_labels  # one host synchronization: the callback asks for it on its first batch
-        self.consumed = False
-        self.double_smoothing = False
-
-
-def _reduction(arguments: dict[str, Any]) -> str:
-    """The ``reduction`` a call means, also when it uses the deprecated ``size_average``/``reduce`` flags."""
-    size_average, reduce = arguments.get("size_average"), arguments.get("reduce")
-    if size_average is None and reduce is None:
-        return arguments["reduction"]
-    if reduce is False:
-        return "none"
-    return "sum" if size_average is False else "mean"
-
-
-def _soft_cross_entropy(arguments: dict[str, Any], soft: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy`` itself takes class probabilities as targets."""
-    return F.cross_entropy(**{**arguments, "target": soft})
-
-
-def _soft_nll(arguments: dict[str, Any], soft: torch.Tensor) -> torch.Tensor:
-    """The negative log-likelihood of soft targets ``q`` under log-probabilities ``input``: ``-sum_c w_c q_c input_c``.
-
-    With ``q`` a one-hot it is ``F.nll_loss``; ``"mean"`` averages over samples, as ``F.cross_entropy``
-    does with class-probability targets (so both losses agree on ``log_softmax`` outputs).
-    """
-    log_probs, weight = arguments["input"], arguments.get("weight")
-    weighted = soft if weight is None else soft * weight
-    per_sample = -(weighted * log_probs).sum(dim=1)
-    reduction = _reduction(arguments)
-    if reduction == "mean":
-        return per_sample.mean()
-    return per_sample.sum() if reduction == "sum" else per_sample
-
-
-@dataclass(frozen=True)
-class _LabelLoss:
-    """A loss of ``(input, target)`` with class-index targets, and how it is computed on soft targets."""
-
-    function: Any
-    name: str
-    soft: Any  # (arguments with a plain input, (N, K) soft targets) -> the loss
-    smoothing_arg: str | None = None
-
-    @property
-    def signature(self) -> inspect.Signature:
-        return inspect.signature(self.function)
-
-
-# The label losses MixedLabels serve; nn.CrossEntropyLoss and nn.NLLLoss call these functions.
-_LABEL_LOSSES = {loss.function: loss for loss in (
-    _LabelLoss(F.cross_entropy, "F.cross_entropy", _soft_cross_entropy, "label_smoothing"),
-    _LabelLoss(F.nll_loss, "F.nll_loss", _soft_nll),
-)}
-SERVED_LOSSES = "F.cross_entropy, nn.CrossEntropyLoss, F.nll_loss or nn.NLLLoss"
-# Tensor methods after which the result still holds the same labels, so it stays mixed.
-_KEEPS_LABELS = {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int, torch.Tensor.cuda, torch.Tensor.cpu,
-                 torch.Tensor.detach, torch.Tensor.clone, torch.Tensor.contiguous, torch.Tensor.view,
-                 torch.Tensor.reshape, torch.Tensor.flatten, torch.Tensor.squeeze, torch.Tensor.type}
-
-
-def _unwrap(obj: Any) -> Any:
-    if isinstance(obj, MixedLabels):
-        return obj.as_subclass(torch.Tensor)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unwrap(o) for o in obj) if not hasattr(obj, "_fields") else type(obj)(*map(_unwrap, obj))
-    if isinstance(obj, dict):
-        return {k: _unwrap(v) for k, v in obj.items()}
-    return obj
-
-
-class MixedLabels(torch.Tensor):
-    """Class-index labels ``(N,)`` that the label losses read as Mixup's soft targets.
-
-    What :class:`Mixup` puts in the batch with ``targets="labels"``. Everywhere else it is an ordinary
-    int64 tensor of each sample's own label, so a training step that computes accuracy from ``y`` keeps
-    working. When a label loss receives it as its target -- ``F.cross_entropy(logits, y)`` or
-    ``F.nll_loss(log_probs, y)``, directly or through ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` -- the
-    loss is computed on the ``(N, K)`` mixed distribution ``q`` instead, ``K`` taken from the input:
-    the cross-entropy with probability targets, or the soft negative log-likelihood
-    ``-sum_c q_c log p_c``, which is ``lam * nll(y_i) + (1 - lam) * nll(y_j)`` without label smoothing.
-    ``.to()``, ``.long()``, ``.view()`` and similar keep it mixed; any other operation returns a plain tensor.
-    """
-
-    _mix_state: _MixState
-
-    @staticmethod
-    def wrap(labels: torch.Tensor, state: _MixState) -> MixedLabels:
-        out = labels.as_subclass(MixedLabels)
-        out._mix_state = state
-        return out
-
-    def soft_targets(self, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``(N, num_classes)`` mixed distribution these labels stand for."""
-        state = self._mix_state
-        return mix_targets(self.as_subclass(torch.Tensor), state.plan, num_classes, state.label_smoothing,
-                           dtype=dtype, check=False)
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        loss = _LABEL_LOSSES.get(func)
-        if loss is not None:
-            return _mixed_loss(loss, args, kwargs)
-        source = args[0] if args and isinstance(args[0], MixedLabels) else None
-        # every argument unwrapped to a plain tensor: `func` runs as on any tensor and does not come back here
-        out = func(*_unwrap(args), **_unwrap(kwargs))
-        if (source is not None and func in _KEEPS_LABELS and isinstance(out, torch.Tensor)
-                and out.shape == source.shape and not out.is_floating_point()):
-            return MixedLabels.wrap(out, source._mix_state)
-        return out
-
-
-def _mixed_loss(loss: _LabelLoss, args: Any, kwargs: Any) -> torch.Tensor:
-    """Compute a label loss whose target is :class:`MixedLabels` on the mixed distribution instead."""
-    bound = loss.signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    target = bound.arguments["target"]
-    arguments = {name: _unwrap(value) for name, value in bound.arguments.items()}
-    if not isinstance(target, MixedLabels):  # the mixed labels are in another argument: nothing to mix
-        return loss.function(**arguments)
-    state, scores = target._mix_state, arguments["input"]
-    if state.partner is not None and scores.ndim == target.ndim + 1 and scores.shape[0] == target.shape[0]:
-        state.consumed = True
-        return dense_mixed_loss(loss.function, arguments, _reduction(arguments), state.partner, state.weight)
-    if scores.ndim != 2 or scores.shape[0] != target.shape[0]:
-        raise BatchFormatError(f"{state.owner}: {loss.name} got an input of shape {tuple(scores.shape)} for "
-                               f"{target.shape[0]} mixed labels: expected (N, num_classes).")
-    k = scores.shape[1]
-    if state.num_classes is not None and state.num_classes != k:
-        raise InvalidArgumentError(f"{state.owner}: `num_classes`={state.num_classes} does not match the "
-                                   f"{k} classes {loss.name} got; fix num_classes or leave it unset.")
-    if state.check_labels:
-        state.check_labels = False
-        _check_labels(target.as_subclass(torch.Tensor), k, state.owner)
-    smoothing = arguments[loss.smoothing_arg] if loss.smoothing_arg else 0.0
-    if smoothing and state.label_smoothing and state.warn_double_smoothing and not state.double_smoothing:
-        state.double_smoothing = True
-        rank_zero_warn(f"{state.owner}(label_smoothing={state.label_smoothing}) and a cross-entropy loss with "
-                       f"label_smoothing={smoothing} smooth the labels twice; keep one of them.")
-    state.consumed = True
-    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    return loss.soft(arguments, target.soft_targets(k, dtype))
 
 
 def _smoothing_losses(module: nn.Module) -> list[float]:
@@ -509,6 +126,10 @@ class Mixup(BatchTransformCallback):
         layout: for CutMix: ``auto`` (4D inputs are images; 3D inputs are sequences ``(N, C, L)`` when the model
             has 1D conv/pool/recurrent layers, images ``(N, H, W)`` when it has 2D ones), ``image`` or
             ``sequence``. On sequences CutMix pastes a span of the partner's steps across all channels.
+        log: log ``mixup/p`` (the probability applied) and ``mixup/lam`` (the mixing weight of the step's
+            batch: the weight of each sample's own image, 1.0 when the batch was not mixed; with
+            ``mode="sample"`` the mean of the samples' weights) at every training batch, through
+            ``pl_module.log`` (so ``EarlyStopping``/``ModelCheckpoint`` can monitor them); ``False`` logs nothing.
 
     Raises:
         TaskNotSupportedError: at the first batch, regression targets; masks with ``targets="soft"``,
@@ -526,8 +147,10 @@ class Mixup(BatchTransformCallback):
     def __init__(self, alpha: float = 1.0, cutmix_alpha: float | None = None, switch_prob: float | None = None,
                  p: float = 1.0, mode: str = "batch", label_smoothing: float = 0.0, num_classes: int | None = None,
                  targets: str = "labels", input_key: Key = None, target_key: Key = None,
-                 seed: int | None = None, task: str | None = None, layout: str = "auto") -> None:
+                 seed: int | None = None, task: str | None = None, layout: str = "auto", log: bool = True) -> None:
         super().__init__(input_key=input_key, seed=seed)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
+        self._lam: torch.Tensor | None = None  # the mixing weight of the batch just mixed, until it is logged
         self.layout = check_layout(layout)
         self.task_kind = check_task_kind("task", task)
         self.task: Task | None = None  # read at the first batch from its targets
@@ -575,6 +198,8 @@ class Mixup(BatchTransformCallback):
                                alpha=self.alpha, cutmix_alpha=self.cutmix_alpha, switch_prob=self.switch_prob,
                                p=self.p, mode=self.mode, generator=generator, device=images.device,
                                sequence=sequence)
+        if self.log_enabled:  # a device scalar: no host synchronization here
+            self._lam = plan.lam[0] if self.mode == "batch" else plan.lam.mean()
         check = not self._labels_checked
         self._labels_checked = True
         if self.task.kind == "dense":
@@ -633,6 +258,15 @@ class Mixup(BatchTransformCallback):
                 f"{SERVED_LOSSES}, so the loss did not see the mixed labels. Pass `y` unchanged to one of "
                 "them, or use Mixup(targets='soft') to receive (N, num_classes) class probabilities for your own loss."
             )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # mixes here, or the mixin did already
+        if self.log_enabled and self.active:
+            pl_module.log("mixup/p", self.p, on_step=True, on_epoch=False)
+            if self._lam is not None:
+                pl_module.log("mixup/lam", self._lam, on_step=True, on_epoch=False)
+                self._lam = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -13,7 +13,6 @@ Functional core: :func:`select_parameters`, :func:`penalty_value`, :func:`add_pe
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_tricks.core.selection import check_patterns, select
 from lightning_tricks.core.validation import InvalidArgumentError, check_bool, check_non_negative
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -29,15 +29,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 """Modules whose parameters are normalization parameters (excluded by default)."""
-
-
-def _check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
-        raise InvalidArgumentError(f"`{name}`={patterns!r} is invalid: expected a list of non-empty name patterns "
-                                   "(fnmatch style, e.g. ['*.weight', 'head.*']).")
-    return list(patterns)
 
 
 def select_parameters(
@@ -48,36 +39,36 @@ def select_parameters(
 ) -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs to penalize, in ``named_parameters()`` order.
 
-    A trainable parameter is selected when its name matches one of ``include`` (all when None), none of
-    ``exclude``, and, with ``exclude_bias_and_norm``, it is neither a bias-like tensor (one dimension or
-    fewer) nor a parameter of a normalization layer (:data:`NORM_TYPES`). Patterns are ``fnmatch``
-    patterns on the full names (``model.head.1.weight``).
+    Chosen by :func:`lightning_tricks.core.selection.select` (the package's one selector): a parameter is
+    eligible when it is trainable and, with ``exclude_bias_and_norm``, neither a bias-like tensor (one
+    dimension or fewer) nor a parameter of a normalization layer (:data:`NORM_TYPES`); it is selected when
+    ``include`` (all when None) matches its name or an ancestor's (``"head"`` selects ``head.0.weight``) and
+    ``exclude`` does not. Patterns are globs on the full names (``model.head.1.weight``).
 
     Raises:
-        InvalidArgumentError: a pattern matches no parameter name (a typo would otherwise do nothing).
+        InvalidArgumentError: a pattern matches no parameter name (a typo would otherwise do nothing), or an
+            ``include`` pattern matches only parameters that are not eligible (each with its reason).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        >>> [n for n, _ in select_parameters(net)]
+        ['0.weight', '2.weight']
+        >>> [n for n, _ in select_parameters(net, include=["2"], exclude_bias_and_norm=False)]
+        ['2.weight', '2.bias']
     """
-    include, exclude = _check_patterns("include", include), _check_patterns("exclude", exclude)
-    named = list(module.named_parameters())
-    names = [n for n, _ in named]
-    for arg, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns or ():
-            if not any(fnmatchcase(n, pattern) for n in names):
-                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-                raise InvalidArgumentError(f"`{arg}` pattern {pattern!r} matches no parameter; the names look like: "
-                                           f"{sample}.")
     norm_params = {id(p) for m in module.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
-    selected = []
-    for name, param in named:
+
+    def why_not(param: nn.Parameter) -> str | None:
         if not param.requires_grad:
-            continue
-        if exclude_bias_and_norm and (param.ndim <= 1 or id(param) in norm_params):
-            continue
-        if include is not None and not any(fnmatchcase(name, pat) for pat in include):
-            continue
-        if exclude is not None and any(fnmatchcase(name, pat) for pat in exclude):
-            continue
-        selected.append((name, param))
-    return selected
+            return "frozen (requires_grad=False)"
+        if exclude_bias_and_norm and id(param) in norm_params:
+            return "a normalization layer's parameter (exclude_bias_and_norm=True)"
+        if exclude_bias_and_norm and param.ndim <= 1:
+            return "bias-like, one dimension or fewer (exclude_bias_and_norm=True)"
+        return None
+
+    return select(module.named_parameters(), include=include, exclude=exclude, why_not=why_not,
+                  owner="WeightPenalty", what="parameter")
 
 
 def penalty_value(params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
@@ -132,12 +123,13 @@ class WeightPenalty(Callback):
     Args:
         l1: lambda of ``sum |W|`` (>= 0).
         l2: lambda of ``sum W^2`` (>= 0); the gradient is ``2 * l2 * W``.
-        include: name patterns (fnmatch, on ``named_parameters()`` names) of the parameters to penalize;
-            None: all.
-        exclude: name patterns of parameters not to penalize.
+        include: glob patterns on ``named_parameters()`` names of the parameters to penalize; a pattern also
+            selects what is inside a match (``"model.head"`` selects ``model.head.1.weight``). None: all.
+        exclude: patterns of the same form, of parameters not to penalize.
         exclude_bias_and_norm: skip parameters with at most one dimension (biases) and parameters of
             normalization layers.
-        log: log the penalty term as ``weight_penalty`` every optimizer step.
+        log: log the penalty term as ``weight_penalty/loss`` every optimizer step (``pl_module.log``, so
+            ``EarlyStopping``/``ModelCheckpoint`` can monitor it).
 
     Raises:
         InvalidArgumentError: a negative penalty or malformed patterns at construction; at setup, a pattern
@@ -152,10 +144,10 @@ class WeightPenalty(Callback):
                  exclude: list[str] | None = None, exclude_bias_and_norm: bool = True, log: bool = True) -> None:
         self.l1 = float(check_non_negative("l1", l1))
         self.l2 = float(check_non_negative("l2", l2))
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude, allow_empty=True)
         self.exclude_bias_and_norm = check_bool("exclude_bias_and_norm", exclude_bias_and_norm)
-        self.log = bool(log)
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         self.selected_names: list[str] = []
         self._selected: set[int] = set()
 
@@ -216,10 +208,10 @@ class WeightPenalty(Callback):
         params = self._params(optimizer)
         if not params:
             return
-        if self.log:
+        if self.log_enabled:
             with torch.no_grad():
                 value = self._logged_value(params)
-            pl_module.log("weight_penalty", value, on_step=True, on_epoch=False)
+            pl_module.log("weight_penalty/loss", value, on_step=True, on_epoch=False)
         add_penalty_gradient_(params, self.l1, self.l2)
 
 

@@ -1,8 +1,8 @@
 r"""Stochastic depth (Huang et al. 2016): skip residual branches at random in training, use them all at test.
 
 Block :math:`l` of :math:`L` computes :math:`H_l = \mathrm{act}(b_l f_l(H_{l-1}) + \mathrm{id}(H_{l-1}))` in
-training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = \mathrm{drop\_rate} \cdot l / L` (the
-paper's linear decay rule; its :math:`p_L = 0.5` is ``drop_rate=0.5``) or :math:`p_l = \mathrm{drop\_rate}`
+training, with :math:`b_l \sim \mathrm{Bernoulli}(1 - p_l)` and :math:`p_l = p \cdot l / L` (the
+paper's linear decay rule; its :math:`p_L = 0.5` is ``p=0.5``) or :math:`p_l = p`
 (``uniform``). At test every block runs, and the expected training pre-activation matches the test one:
 
 * ``scaling="train"`` (inverted, default, as timm's ``drop_path`` and torchvision's ``stochastic_depth``): a kept
@@ -21,14 +21,11 @@ is the same on every DDP rank. ``row`` mode draws one :math:`b_l` per example (t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -41,273 +38,32 @@ from lightning_tricks.core.surgery import (
     ModelNotSupportedError,
     Predicate,
     SurgeryReport,
-    SwappableMixin,
     mark,
     original_class,
     select_modules,
     swap_class,
     unmark,
 )
-from lightning_tricks.core.validation import (
-    check_choice,
-    check_int,
-    check_optional_int,
-    check_probability,
-    check_range,
+from lightning_tricks.core.validation import check_bool, check_int
+from lightning_tricks.regularization._depth_blocks import (  # noqa: F401  (re-exported: pickles and imports name them here)
+    DEFAULT_WARMUP_FRACTION,
+    MODES,
+    RULES,
+    SCALINGS,
+    BlockAdapter,
+    _AdapterDepthMixin,
+    _auto_detected,
+    _can_wrap,
+    _DepthMixin,
+    _ResidualMethodDepthMixin,
+    block_adapters,
+    check_stochastic_depth_args,
+    drop_probabilities,
+    drop_residual,
+    has_residual_method,
+    stochastic_depth_blocks,
+    warmup_ramp,
 )
-
-MODES = ("batch", "row")
-RULES = ("linear", "uniform")
-DEFAULT_WARMUP_FRACTION = 0.1
-"""The drop-rate warm-up on by default: the first 10% of the training batches (chosen from
-``benchmarks/stochastic_depth_effect.py``; docs/stochastic_depth.md)."""
-SCALINGS = ("test", "train")
-"""``train`` (default): inverted, a kept branch times ``1/(1-p)`` in training; ``test``: the paper's, the branch
-times ``1 - p`` at test."""
-Tensor = torch.Tensor
-
-
-def check_stochastic_depth_args(drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear",
-                                scaling: str = "train", blocks: Sequence[str] | None = None,
-                                warmup_steps: int | None = None, warmup_fraction: float = 0.0,
-                                *, rate_name: str = "drop_rate") -> list[str] | None:
-    """The one validator of StochasticDepth's arguments (functional core and callback); returns ``blocks``."""
-    check_probability(rate_name, drop_rate, allow_one=False)
-    check_choice("mode", mode, MODES)
-    check_choice("rule", rule, RULES)
-    check_choice("scaling", scaling, SCALINGS)
-    check_optional_int("warmup_steps", warmup_steps, 0)
-    check_range("warmup_fraction", warmup_fraction, 0.0, 1.0)
-    return surgery.check_patterns("blocks", blocks)
-
-
-def warmup_ramp(batches_seen: int, warmup_batches: int) -> float:
-    """The drop-rate warm-up factor before training batch ``batches_seen`` (0-based): ``min(1, t / W)``; 1 when ``W = 0``.
-
-    Examples:
-        >>> [warmup_ramp(t, 4) for t in range(6)]
-        [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    """
-    return 1.0 if warmup_batches <= 0 else min(1.0, batches_seen / warmup_batches)
-
-
-def drop_probabilities(num_blocks: int, drop_rate: float, rule: str = "linear") -> list[float]:
-    """Drop probability of each block: ``drop_rate * l / L`` for ``l = 1..L`` (``linear``) or ``drop_rate``.
-
-    Examples:
-        >>> drop_probabilities(4, 0.5)
-        [0.125, 0.25, 0.375, 0.5]
-    """
-    check_int("num_blocks", num_blocks, 0)
-    check_stochastic_depth_args(drop_rate, rule=rule)
-    if rule == "uniform":
-        return [float(drop_rate)] * num_blocks
-    return [drop_rate * layer / num_blocks for layer in range(1, num_blocks + 1)]
-
-
-def drop_residual(residual: Tensor, p: float, mode: str = "row", training: bool = True, scaling: str = "train",
-                  generator: torch.Generator | None = None) -> Tensor:
-    """Stochastic depth on an already computed residual branch.
-
-    Training: ``row`` keeps each example's branch with probability ``1 - p``, ``batch`` makes one draw
-    for the whole batch; a kept branch is scaled by ``1 / (1 - p)`` with ``scaling="train"``. Test: the
-    branch times ``1 - p`` with ``scaling="test"``, unchanged with ``"train"``. This functional form cannot
-    save compute (the branch is already computed); the blocks of :func:`apply_stochastic_depth` skip it.
-
-    Examples:
-        >>> r = torch.ones(4, 2)
-        >>> drop_residual(r, 0.5, generator=torch.Generator().manual_seed(4)).tolist()
-        [[2.0, 2.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
-        >>> drop_residual(r, 0.5, training=False, scaling="test")[0].tolist()
-        [0.5, 0.5]
-    """
-    check_stochastic_depth_args(p, mode, scaling=scaling, rate_name="p")
-    keep = 1.0 - p
-    if p == 0 or (not training and scaling == "train"):
-        return residual
-    if not training:
-        return residual * keep
-    shape = (residual.shape[0],) + (1,) * (residual.dim() - 1) if mode == "row" else (1,) * residual.dim()
-    mask = torch.empty(shape, device=residual.device, dtype=residual.dtype).bernoulli_(keep, generator=generator)
-    return residual * (mask.div_(keep) if scaling == "train" else mask)
-
-# ---------------------------------------------------------------------------------------------------------------
-# block adapters: how to compute the branch, the shortcut and the final activation of a known block type
-
-
-@dataclass(frozen=True)
-class BlockAdapter:
-    """How to run a residual block type in parts.
-
-    Attributes:
-        residual: ``(block, x) -> f(x)``, the branch.
-        shortcut: ``(block, x) -> id(x)``, the identity or projection.
-        post: ``(block, y) -> act(y)``, applied to ``branch + shortcut``.
-        inplace_post: ``post`` may modify its argument in place (the shortcut is then cloned when it is ``x``).
-    """
-
-    residual: Callable[[nn.Module, Tensor], Tensor]
-    shortcut: Callable[[nn.Module, Tensor], Tensor]
-    post: Callable[[nn.Module, Tensor], Tensor]
-    inplace_post: bool = False
-
-
-def _downsample(block: nn.Module, x: Tensor) -> Tensor:
-    return x if block.downsample is None else block.downsample(x)
-
-
-def _relu(block: nn.Module, y: Tensor) -> Tensor:
-    return F.relu(y)
-
-
-def _tv_basic(b: nn.Module, x: Tensor) -> Tensor:
-    return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
-
-
-def _tv_bottleneck(b: nn.Module, x: Tensor) -> Tensor:
-    return b.bn3(b.conv3(b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))))
-
-
-def _timm_basic(b: nn.Module, x: Tensor) -> Tensor:
-    x = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
-    x = b.bn2(b.conv2(x))
-    return x if b.se is None else b.se(x)
-
-
-def _timm_bottleneck(b: nn.Module, x: Tensor) -> Tensor:
-    x = b.act1(b.bn1(b.conv1(x)))
-    x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
-    x = b.bn3(b.conv3(x))
-    return x if b.se is None else b.se(x)
-
-
-@cache
-def block_adapters() -> dict[type, BlockAdapter]:
-    """The block types converted through an adapter: torchvision's and timm's ResNet blocks, the zoo's BasicBlock.
-
-    An adapter runs the block in parts, so the branch's factor rides on the residual addition
-    (``torch.add(shortcut, branch, alpha=...)``); other blocks with a ``residual(x)`` method pay one
-    elementwise multiply per kept branch.
-    """
-    from lightning_tricks.zoo.backbones import BasicBlock as ZooBasicBlock
-
-    adapters: dict[type, BlockAdapter] = {
-        ZooBasicBlock: BlockAdapter(lambda b, x: b.residual(x), lambda b, x: b.shortcut(x), _relu),
-    }
-    try:
-        from torchvision.models import resnet as tv
-
-        adapters[tv.BasicBlock] = BlockAdapter(_tv_basic, _downsample, _relu)
-        adapters[tv.Bottleneck] = BlockAdapter(_tv_bottleneck, _downsample, _relu)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    try:
-        from timm.models import resnet as timm_resnet
-
-        adapters[timm_resnet.BasicBlock] = BlockAdapter(_timm_basic, _downsample, lambda b, y: b.act2(y), True)
-        adapters[timm_resnet.Bottleneck] = BlockAdapter(_timm_bottleneck, _downsample, lambda b, y: b.act3(y), True)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return adapters
-
-
-def has_residual_method(module: nn.Module) -> bool:
-    """Whether ``module`` follows our protocol: a ``residual(x)`` method that its forward adds to the shortcut."""
-    return callable(getattr(type(module), "residual", None))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# converted blocks
-
-
-class _DepthMixin(SwappableMixin):
-    """State shared by the converted blocks: drop probability, mode, scaling, index, last decision."""
-
-    def _lt_configure(self, p: float, mode: str, scaling: str, randomness: LayerRandomness, index: int) -> None:
-        self.lt_drop_prob = float(p)
-        self.lt_mode = mode
-        self.lt_scaling = scaling
-        self.lt_randomness = randomness
-        self.lt_index = index
-        self.lt_last_kept: bool | None = None
-
-    def _lt_plain(self) -> bool:
-        """Whether the block runs exactly as the original: ``p == 0``, or eval with inverted scaling."""
-        return self.lt_drop_prob == 0 or (not self.training and self.lt_scaling == "train")  # type: ignore[attr-defined]
-
-    def _lt_branch_scale(self) -> float:
-        """Factor of a computed branch: 1/(1-p) for a kept branch in training (``train`` scaling), 1-p at
-        test (``test`` scaling), else 1."""
-        if self.training:  # type: ignore[attr-defined]
-            return 1.0 / (1.0 - self.lt_drop_prob) if self.lt_scaling == "train" else 1.0
-        return 1.0 - self.lt_drop_prob
-
-    def _lt_keep_branch(self) -> bool:
-        kept = self.lt_randomness.uniform(self.lt_index) >= self.lt_drop_prob
-        self.lt_last_kept = kept
-        return kept
-
-    def _lt_scale(self, branch: Tensor) -> Tensor:
-        """The branch with its row mask (``row`` mode in training) and scale applied."""
-        scale = self._lt_branch_scale()
-        if self.training and self.lt_mode == "row":  # type: ignore[attr-defined]
-            shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
-            generator = self.lt_randomness.generator(branch.device, self.lt_index)
-            mask = torch.empty(shape, device=branch.device, dtype=branch.dtype)
-            mask.bernoulli_(1.0 - self.lt_drop_prob, generator=generator)
-            return branch * (mask.mul_(scale) if scale != 1.0 else mask)
-        return branch * scale if scale != 1.0 else branch
-
-    def _lt_skip(self) -> bool:
-        """``batch`` mode in training: draw the decision; True when the branch is skipped for this step."""
-        return self.training and self.lt_mode == "batch" and not self._lt_keep_branch()  # type: ignore[attr-defined]
-
-
-class _AdapterDepthMixin(_DepthMixin):
-    """For block types with a :class:`BlockAdapter`: the forward is rebuilt from the block's parts."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._lt_plain():
-            return super().forward(x)  # type: ignore[misc]
-        adapter = block_adapters()[type(self).__lt_base__]
-        shortcut = adapter.shortcut(self, x)  # type: ignore[arg-type]
-        if self._lt_skip():
-            if adapter.inplace_post and shortcut is x:
-                shortcut = x.clone()
-            return adapter.post(self, shortcut)  # type: ignore[arg-type]
-        branch = adapter.residual(self, x)  # type: ignore[arg-type]
-        if self.training and self.lt_mode == "row":  # type: ignore[attr-defined]
-            return adapter.post(self, self._lt_scale(branch) + shortcut)  # type: ignore[arg-type]
-        # the branch's factor rides on the addition: no extra kernel for inverted or test-time scaling
-        return adapter.post(self, torch.add(shortcut, branch, alpha=self._lt_branch_scale()))  # type: ignore[arg-type]
-
-
-class _ResidualMethodDepthMixin(_DepthMixin):
-    """For blocks with a ``residual(x)`` method (the zoo's BasicBlock, your own): only ``residual`` changes."""
-
-    def residual(self, x: Tensor) -> Tensor:
-        if self._lt_plain():
-            return super().residual(x)  # type: ignore[misc]
-        if self._lt_skip():
-            return x.new_zeros(())  # broadcasts in `residual(x) + shortcut(x)`: the branch is not computed
-        return self._lt_scale(super().residual(x))  # type: ignore[misc]
-
-
-def _can_wrap(module: nn.Module) -> str | None:
-    if isinstance(module, _DepthMixin) or type(module) in block_adapters() or has_residual_method(module):
-        return None
-    return ("not a residual block StochasticDepth can convert (torchvision/timm BasicBlock or Bottleneck, or a "
-            "block with a `residual(x)` method that its forward adds to the shortcut)")
-
-
-def _auto_detected(name: str, module: nn.Module) -> bool:
-    return original_class(module) in block_adapters() or hasattr(module, "shortcut")
-
-
-def stochastic_depth_blocks(model: nn.Module) -> list[nn.Module]:
-    """The converted blocks of ``model`` in order (index ``l - 1`` holds block ``l``)."""
-    return sorted((m for m in model.modules() if isinstance(m, _DepthMixin)), key=lambda m: m.lt_index)
-
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d,
                nn.LazyBatchNorm3d)
@@ -369,33 +125,40 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
 
 def apply_stochastic_depth(
     model: nn.Module,
-    drop_rate: float = 0.5,
+    p: float = 0.5,
     *,
     mode: str = "batch",
     rule: str = "linear",
     scaling: str = "train",
-    blocks: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
     randomness: LayerRandomness | None = None,
     predicate: Predicate | None = None,
+    exclude: Sequence[str] | None = None,
+    drop_rate: float | None = None,
+    blocks: Sequence[str] | None = None,
 ) -> SurgeryReport:
     """Convert the residual blocks of ``model`` in place (idempotent; parameter names unchanged).
 
     Blocks are found automatically: torchvision's ``BasicBlock``/``Bottleneck``, timm's ResNet
     ``BasicBlock``/``Bottleneck``, and any module with a ``residual(x)`` method and a ``shortcut``
     attribute (the zoo's ``BasicBlock``). Your own block qualifies when its ``forward`` computes
-    ``... self.residual(x) + <shortcut> ...`` out of place; select it with ``blocks`` patterns. Block
+    ``... self.residual(x) + <shortcut> ...`` out of place; select it with ``include`` patterns. Block
     ``l`` of ``L`` in ``named_modules()`` order (input to output) gets ``drop_probabilities(L)[l - 1]``.
 
     Args:
         model: any module.
-        drop_rate: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
+        p: ``p_L`` of the linear rule (or every block's ``p`` with ``uniform``), in [0, 1).
         mode: ``batch`` (skip the branch for the whole batch: saves compute) or ``row`` (per example).
         rule: ``linear`` or ``uniform``.
         scaling: ``train`` (inverted: a kept branch times ``1 / (1 - p_l)`` in training, eval untouched) or
             ``test`` (the paper's: the branch times ``1 - p_l`` in eval; the blocks get a marker buffer).
-        blocks: glob patterns on qualified module names (``None``: automatic detection).
+        include: glob patterns on qualified module names (``None``: automatic detection); a pattern also
+            selects the blocks inside a match (``["layer1"]``: the blocks of that stage).
         randomness: shared generators (the callback's); a private one seeded with 0 when ``None``.
         predicate: extra filter ``(name, module) -> bool``.
+        exclude: glob patterns of blocks (or of modules whose blocks) to leave as they are.
+        drop_rate: deprecated: use ``p``.
+        blocks: deprecated: use ``include``.
 
     Raises:
         ModelNotSupportedError: no residual block found; a timm block that already has ``drop_path``.
@@ -406,18 +169,20 @@ def apply_stochastic_depth(
         >>> apply_stochastic_depth(CifarResNet(20), 0.5).total
         9
     """
-    blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks)
+    p, include, exclude = check_stochastic_depth_args(p, mode, rule, scaling, include, exclude=exclude,
+                                                      drop_rate=drop_rate, blocks=blocks)
     report = SurgeryReport("StochasticDepth")
-    if drop_rate == 0:
+    if p == 0:
         return report
-    chosen = select_modules(model, blocks, can_wrap=_can_wrap, arg_name="blocks", trick="StochasticDepth",
-                            default=None if blocks is not None else _auto_detected, predicate=predicate)
+    chosen = select_modules(model, include, can_wrap=_can_wrap, arg_name="include", trick="StochasticDepth",
+                            default=None if include is not None else _auto_detected, predicate=predicate,
+                            exclude=exclude)
     if not chosen:
         raise ModelNotSupportedError(
             f"StochasticDepth found no residual block in {type(model).__name__}: it looks for torchvision and timm "
             "ResNet BasicBlock/Bottleneck and for modules with a `residual(x)` method and a `shortcut` attribute "
             "(the zoo's BasicBlock). For your own block, give it a `residual(x)` method whose output its forward "
-            "adds to the shortcut, and select it with `blocks` (glob patterns on module names)."
+            "adds to the shortcut, and select it with `include` (glob patterns on module names)."
         )
     with_drop_path = [n for n, m in chosen if getattr(m, "drop_path", None) is not None]
     if with_drop_path:
@@ -425,17 +190,17 @@ def apply_stochastic_depth(
             f"StochasticDepth: blocks {with_drop_path[:3]} already apply timm's drop_path (the model was created "
             "with drop_path_rate > 0): create it with drop_path_rate=0, or leave stochastic depth to timm."
         )
-    probabilities = drop_probabilities(len(chosen), drop_rate, rule)
+    probabilities = drop_probabilities(len(chosen), p, rule)
     report.detail = (f"drop probabilities {probabilities[0]:.3g}..{probabilities[-1]:.3g} ({rule} rule), "
                      f"mode={mode!r}, scaling={scaling!r}")
     before = list(model.state_dict().keys())
     shared = randomness if randomness is not None else LayerRandomness(0, per_rank=mode == "row")
-    for index, ((name, module), p) in enumerate(zip(chosen, probabilities, strict=True)):
+    for index, ((name, module), p_l) in enumerate(zip(chosen, probabilities, strict=True)):
         mixin = _AdapterDepthMixin if original_class(module) in block_adapters() else _ResidualMethodDepthMixin
         (report.converted if swap_class(module, mixin) else report.already).append(name)
-        module._lt_configure(p, mode, scaling, shared, index)  # type: ignore[attr-defined]
+        module._lt_configure(p_l, mode, scaling, shared, index)  # type: ignore[attr-defined]
         if scaling == "test":  # the plain block evaluates differently: a plain strict load must fail
-            mark(module, "StochasticDepth", [p])
+            mark(module, "StochasticDepth", [p_l])
         else:
             unmark(module, "StochasticDepth")
     surgery.keys_unchanged(before, model, "StochasticDepth")
@@ -447,7 +212,7 @@ class StochasticDepth(StructuralCallback):
 
     At ``setup`` (before checkpoint restore and DDP wrapping) the residual blocks are converted in place
     (parameter names unchanged). In training, block ``l`` of ``L`` is skipped with probability
-    ``p_l = drop_rate * l / L`` (``rule='linear'``, the paper's) or ``drop_rate`` (``uniform``). Eval
+    ``p_l = p * l / L`` (``rule='linear'``, the paper's) or ``p`` (``uniform``). Eval
     runs every block. With ``scaling='train'`` (default, inverted, as timm and torchvision) a kept branch
     is multiplied by ``1 / (1 - p_l)`` in training and eval is the original block, so a checkpoint
     evaluates correctly wherever it is loaded. With ``scaling='test'`` (the paper's) the branch is
@@ -464,13 +229,14 @@ class StochasticDepth(StructuralCallback):
     distributed strategies). ``mode='row'`` drops per example (every branch is computed; no effect on DDP).
 
     Args:
-        drop_rate: the last block's drop probability (``linear``) or every block's (``uniform``), in [0, 1).
+        p: the last block's drop probability (``linear``) or every block's (``uniform``), in [0, 1).
             The paper uses 0.5. 0 converts nothing.
         mode: ``batch`` or ``row``.
         rule: ``linear`` or ``uniform``.
         scaling: ``train`` (inverted; eval is the untouched model) or ``test`` (the paper's).
-        blocks: glob patterns on qualified module names selecting the blocks (default: automatic detection
-            of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``).
+        include: glob patterns on qualified module names selecting the blocks (default: automatic detection
+            of torchvision/timm ResNet blocks and blocks with ``residual(x)`` and ``shortcut``); a pattern also
+            selects the blocks inside a match (``["model.layer3"]``: that stage's blocks).
         warmup_fraction: ramp every ``p_l`` linearly from 0 over this fraction of the run's training batches
             (``trainer.estimated_stepping_batches`` times the accumulation), then hold it (Composer's
             ``drop_warmup``). On by default: inverted scaling at a high drop rate and learning rate can fail to
@@ -479,26 +245,35 @@ class StochasticDepth(StructuralCallback):
             ``warmup_fraction`` when set.
         seed: seed of the decisions; ``None`` uses the run's seed (``seed_everything``'s, else
             ``torch.initial_seed()``; rank 0's under DDP).
+        exclude: glob patterns of blocks to leave as they are.
+        log: log ``stochastic_depth/p``, the deepest block's drop probability at that step (it rises during
+            the warm-up), at every training batch (``pl_module.log``, so ``EarlyStopping``/``ModelCheckpoint``
+            can monitor it); ``False`` logs nothing.
+        drop_rate: deprecated: use ``p``.
+        blocks: deprecated: use ``include``.
 
     Raises:
-        InvalidArgumentError: a bad argument, or a ``blocks`` pattern that matches no convertible block.
+        InvalidArgumentError: a bad argument, or an ``include``/``exclude`` pattern that matches no convertible block.
         ModelNotSupportedError: (at setup) no residual block, a timm model with ``drop_path_rate > 0``;
             in ``batch`` mode (before the first step) DDP without ``find_unused_parameters=True``, with
             ``static_graph=True``, or an unsupported distributed strategy.
 
     Examples:
         >>> import lightning.pytorch as pl
-        >>> trainer = pl.Trainer(callbacks=[StochasticDepth(drop_rate=0.5)], logger=False)  # doctest: +SKIP
+        >>> trainer = pl.Trainer(callbacks=[StochasticDepth(p=0.5)], logger=False)  # doctest: +SKIP
     """
 
     converts = "residual blocks"
 
-    def __init__(self, drop_rate: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
-                 blocks: list[str] | None = None, warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
-                 warmup_steps: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, p: float = 0.5, mode: str = "batch", rule: str = "linear", scaling: str = "train",
+                 include: list[str] | None = None, warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
+                 warmup_steps: int | None = None, seed: int | None = None, exclude: list[str] | None = None,
+                 log: bool = True, drop_rate: float | None = None, blocks: list[str] | None = None) -> None:
         super().__init__(seed)
-        blocks = check_stochastic_depth_args(drop_rate, mode, rule, scaling, blocks, warmup_steps, warmup_fraction)
-        self.drop_rate, self.mode, self.rule, self.blocks = drop_rate, mode, rule, blocks
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
+        p, include, exclude = check_stochastic_depth_args(p, mode, rule, scaling, include, warmup_steps,
+                                                          warmup_fraction, exclude, drop_rate=drop_rate, blocks=blocks)
+        self.p, self.mode, self.rule, self.include, self.exclude = p, mode, rule, include, exclude
         self.scaling = scaling
         self.warmup_fraction, self.warmup_steps = float(warmup_fraction), warmup_steps
         self.warmup_batches = warmup_steps or 0  # the ramp's length in batches, fixed at the first train start
@@ -509,11 +284,13 @@ class StochasticDepth(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(drop_rate=self.drop_rate, mode=self.mode, blocks=self.blocks)
+        # the old names (`drop_rate`, `blocks`) stay in the key so checkpoints written before the rename resume
+        extra = {"exclude": self.exclude} if self.exclude else {}
+        return self._generate_state_key(drop_rate=self.p, mode=self.mode, blocks=self.include, **extra)
 
     def init_args(self) -> dict[str, Any]:
-        return {"drop_rate": self.drop_rate, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
-                "blocks": self.blocks, "warmup_fraction": self.warmup_fraction, "warmup_steps": self.warmup_steps,
+        return {"p": self.p, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
+                "include": self.include, "exclude": self.exclude, "warmup_fraction": self.warmup_fraction, "warmup_steps": self.warmup_steps,
                 "seed": self.randomness.seed}
 
     def changes_evaluation(self) -> bool:
@@ -537,8 +314,9 @@ class StochasticDepth(StructuralCallback):
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
-        report = apply_stochastic_depth(model, self.drop_rate, mode=self.mode, rule=self.rule, scaling=self.scaling,
-                                        blocks=self.blocks if modules is None else modules, randomness=randomness)
+        report = apply_stochastic_depth(model, self.p, mode=self.mode, rule=self.rule, scaling=self.scaling,
+                                        include=self.include if modules is None else modules,
+                                        exclude=self.exclude if modules is None else None, randomness=randomness)
         self._blocks = stochastic_depth_blocks(model)
         self._targets = [b.lt_drop_prob for b in self._blocks]
         return report
@@ -613,6 +391,8 @@ class StochasticDepth(StructuralCallback):
             ramp = warmup_ramp(self.batches_seen, self.warmup_batches)
             for block, target in zip(self._blocks, self._targets, strict=True):
                 block.lt_drop_prob = target * ramp
+        if self.log_enabled and self._blocks:  # the deepest block's p_l at this step (the blocks are in depth order)
+            pl_module.log("stochastic_depth/p", self._blocks[-1].lt_drop_prob, on_step=True, on_epoch=False)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
