@@ -12,7 +12,9 @@ import torchvision
 from torch import nn
 
 from benchmarks.lsuv import lsuv_reference
+from lightning_tricks.core.batch import find_inputs
 from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.errors import BatchFormatError
 from lightning_tricks.init import (
     LECTURE_CASES,
     activation_statistics,
@@ -23,7 +25,7 @@ from lightning_tricks.init import (
     select_modules,
     zero_init_residual,
 )
-from lightning_tricks.init._measure import batch_input, measurement_mode
+from lightning_tricks.init._measure import measurement_mode
 from lightning_tricks.zoo import CifarResNet, SimpleCNN, build_backbone
 
 
@@ -318,14 +320,15 @@ def test_lsuv_without_conv_or_linear_layers_fails_clearly():
         lsuv(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), torch.randn(4, 3))
 
 
-def test_batch_input_picks_the_model_input():
+def test_the_model_input_comes_from_the_one_batch_accessor():
     x, y = torch.randn(2, 3), torch.tensor([0, 1])
-    assert batch_input((x, y)) is x and batch_input([[x], y]) is x and batch_input({"meta": "a", "image": x}) is x
-    assert batch_input({"a": y, "image": x}, "image") is x and batch_input((y, x), 1) is x
-    with pytest.raises(InvalidArgumentError, match=r"`batch_key`='img' is not in the training batch"):
-        batch_input({"image": x}, "img")
-    with pytest.raises(InvalidArgumentError, match="holds no tensor"):
-        batch_input({"a": "b"})
+    assert find_inputs((x, y)) is x and find_inputs({"meta": "a", "image": x}) is x
+    assert find_inputs({"label": y, "image": x}) is x and find_inputs({"label": y, "feats": x}) is x
+    assert find_inputs({"a": y, "image": x}, "image") is x and find_inputs((y, x), 1) is x
+    with pytest.raises(BatchFormatError, match=r"`input_key`='img' is not in the batch"):
+        find_inputs({"image": x}, "img")
+    with pytest.raises(BatchFormatError, match="looked for the images under 'image'"):
+        find_inputs({"a": "b"})
 
 
 # ------------------------------------------------------------------------------------------------ activation statistics

@@ -13,7 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_tricks import ActivationStatistics, ImageClassifier, SyntheticDataModule, WeightInit
+from lightning_tricks.core.batch import find_slot, get_item
+from lightning_tricks.core.model_probe import batch_input as probe_batch_input
 from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.errors import BatchFormatError
 from lightning_tricks.init import activation_statistics, select_modules
 from lightning_tricks.init._measure import measurement_mode
 from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp
@@ -92,29 +95,66 @@ def test_lsuv_in_setup_on_an_unmodified_module_with_list_batches(tmp_path):
 
 
 class _DictData(Dataset):
-    def __init__(self):
+    def __init__(self, key="image"):
         g = torch.Generator().manual_seed(0)
         self.x, self.y = torch.randn(64, 16, generator=g) * 4, torch.randint(0, 3, (64,), generator=g)
+        self.key = key
 
     def __len__(self):
         return 64
 
     def __getitem__(self, i):
-        return {"label": self.y[i], "image": self.x[i]}
+        return {"label": self.y[i], self.key: self.x[i]}
 
 
 class DictNet(UserNet):
+    key = "image"
+
     def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch["image"]), batch["label"])
+        return F.cross_entropy(self(batch[self.key]), batch["label"])
 
 
 def test_lsuv_takes_the_input_named_by_batch_key(tmp_path):
     init = WeightInit("lsuv", batch_key="image")
     cpu_trainer(tmp_path, max_steps=1, callbacks=[init]).fit(DictNet(), DataLoader(_DictData(), batch_size=32))
     assert all(r.converged for r in init.lsuv_report)
-    with pytest.raises(InvalidArgumentError, match=r"`batch_key`='img' is not in the training batch"):
+    with pytest.raises(BatchFormatError, match=r"WeightInit: `input_key`='img' is not in the batch"):
         cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit("lsuv", batch_key="img")]).fit(
             DictNet(), DataLoader(_DictData(), batch_size=32))
+
+
+class _InputRecorder(Callback):
+    """Records every tensor the model's forward receives, and where TTA's probe and Cutout find the images."""
+
+    def __init__(self):
+        self.forward_inputs, self.probe_images, self.cutout_images = [], None, None
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.net.register_forward_pre_hook(lambda m, args: self.forward_inputs.append(args[0].detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.probe_images is None:
+            self.probe_images = probe_batch_input(batch).clone()
+            if "image" in batch:
+                self.cutout_images = get_item(batch, find_slot(batch, None, "images", "Cutout")).clone()
+
+
+@pytest.mark.parametrize("key", ["image", "features"])
+def test_a_dict_batch_reaches_lsuv_and_activation_statistics_as_it_reaches_the_other_tricks(tmp_path, key):
+    """{"label": ..., key: ...}: the label comes first; an image-like key wins, else the first float tensor."""
+    recorder = _InputRecorder()
+    init, stats = WeightInit("lsuv", num_batches=1), ActivationStatistics(save_figure=False, bins=0)
+    model = DictNet()
+    model.key = key
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[recorder, init, stats]).fit(
+        model, DataLoader(_DictData(key), batch_size=32))
+    images = _DictData().x[:32]
+    assert torch.equal(recorder.forward_inputs[0], images)  # LSUV's forward pass, in setup
+    assert torch.equal(recorder.probe_images, images)  # what TestTimeAugmentation's probe looks for
+    if key == "image":
+        assert torch.equal(recorder.cutout_images, images)
+    assert torch.equal(stats._inputs, images)
+    assert all(r.converged for r in init.lsuv_report)
 
 
 def test_kaiming_with_zero_init_residual_on_the_zoo_resnet(tmp_path):

@@ -15,10 +15,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tricks._lightning_internals import fit_train_dataloader
+from lightning_tricks.core.batch import check_key, find_inputs
 from lightning_tricks.core.distributed import broadcast_module
 from lightning_tricks.core.seeding import RandomStream
 from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int
-from lightning_tricks.init._measure import batch_input, forward_on_batch_input
+from lightning_tricks.init._measure import forward_on_batch_input
 from lightning_tricks.init.lsuv_init import LSUVLayer, check_lsuv_arguments, lsuv
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme
 from lightning_tricks.init.statistics import (
@@ -35,11 +36,6 @@ def _check_names(name: str, value: Any) -> list[str] | None:
             isinstance(v, str) and v for v in value):
         raise InvalidArgumentError(f"`{name}`={value!r} is invalid: expected a non-empty list of non-empty strings.")
     return list(value)
-
-
-def _check_batch_key(batch_key: Any) -> None:
-    if batch_key is not None and (isinstance(batch_key, bool) or not isinstance(batch_key, (str, int))):
-        raise InvalidArgumentError(f"`batch_key`={batch_key!r} is invalid: expected a dict key (str) or a tuple index (int).")
 
 
 class WeightInit(Callback):
@@ -79,8 +75,9 @@ class WeightInit(Callback):
         tol: LSUV stops when ``|Var - 1| < tol`` (``lsuv`` only; default 0.1).
         max_iters: LSUV's most rescalings per layer (``lsuv`` only; default 10).
         num_batches: training batches LSUV measures on, concatenated (``lsuv`` only; default 1).
-        batch_key: key or index of the model input in a training batch (``lsuv`` only; default: the
-            batch's first tensor).
+        batch_key: key or index of the model input in a training batch (``lsuv`` only; default: found as
+            every trick finds it, :func:`~lightning_tricks.core.batch.find_inputs`: a dict's ``image``, ``x``,
+            ``input``, ... key, else a sequence's first tensor).
         seed: seed of the random draws (default: the run's seed, the one given to ``seed_everything``,
             else ``torch.initial_seed()``).
 
@@ -128,8 +125,7 @@ class WeightInit(Callback):
         self.max_iters = 10 if max_iters is None else max_iters
         check_lsuv_arguments(self.tol, self.max_iters)
         self.num_batches = check_int("num_batches", 1 if num_batches is None else num_batches, 1)
-        _check_batch_key(batch_key)
-        self.batch_key = batch_key
+        self.batch_key = check_key("batch_key", batch_key)
         self.randomness = RandomStream(seed, shared=True)
         self.seed = seed  # every rank draws the same initialization
         self.initialized_layers: list[str] = []
@@ -184,7 +180,7 @@ class WeightInit(Callback):
         # iterating a shuffling loader draws from the global RNG: fork it so training's randomness is untouched
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
-                inputs.append(batch_input(batch, self.batch_key))
+                inputs.append(find_inputs(batch, self.batch_key, "WeightInit"))
                 if len(inputs) == self.num_batches:
                     break
         if not inputs:
@@ -244,7 +240,8 @@ class ActivationStatistics(Callback):
         layer_types: whose outputs to measure (default: the ``torch.nn`` activation modules).
         include: module-name patterns to restrict the layers to.
         exclude: module-name patterns to drop.
-        batch_key: key or index of the model input in a training batch (default: its first tensor).
+        batch_key: key or index of the model input in a training batch (default: found as every trick
+            finds it, :func:`~lightning_tricks.core.batch.find_inputs`).
         save_figure: write the PNG and send it to the loggers.
         figure_dir: folder of the PNGs (default ``<log_dir>/activation_statistics``).
 
@@ -274,8 +271,7 @@ class ActivationStatistics(Callback):
         self.layer_types = _check_names("layer_types", layer_types)
         self.include = _check_names("include", include)
         self.exclude = _check_names("exclude", exclude)
-        _check_batch_key(batch_key)
-        self.batch_key = batch_key
+        self.batch_key = check_key("batch_key", batch_key)
         self.save_figure = bool(save_figure)
         self.figure_dir = figure_dir
         self.history: list[tuple[int, int, list[LayerStatistics]]] = []
@@ -285,7 +281,7 @@ class ActivationStatistics(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._inputs is None:
-            self._inputs = batch_input(batch, self.batch_key)[: self.max_samples].detach().clone()
+            self._inputs = find_inputs(batch, self.batch_key, "ActivationStatistics")[: self.max_samples].detach().clone()
             if self._inputs.is_floating_point() and not bool(torch.isfinite(self._inputs).all()):
                 raise ConfigError("ActivationStatistics: the first training batch has NaN or infinite inputs, so no "
                                   "activation statistics can be measured: clean the data (e.g. torch.nan_to_num).")
