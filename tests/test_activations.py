@@ -111,6 +111,15 @@ def test_replace_kinds_and_layer_patterns():
         swap_activations(net, "elu", layers=["0"])
 
 
+def test_a_pattern_selects_the_activations_inside_a_matching_module():
+    """The package's one selector: a pattern naming a block selects what is inside it (as WeightInit's does)."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()))
+    assert swap_activations(net, "elu", layers=["2"]).converted == ["2.1", "2.2"] and type(net[1]) is nn.ReLU
+    with pytest.raises(InvalidArgumentError, match=r"ActivationSwap: `layers` pattern 'head' matches no module: "
+                                                   r"names look like '0', '1', '2', '2.0'"):
+        swap_activations(net, "elu", layers=["head"])
+
+
 def test_a_module_shared_under_two_names_is_replaced_under_both():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     net.append(net[1])  # the same ReLU object registered twice (as torchvision's Bottleneck reuses self.relu)

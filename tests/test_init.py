@@ -145,7 +145,7 @@ def test_include_exclude_and_layer_types_select_by_name_and_ancestor():
     (lambda: init_weights(nn.Linear(2, 2), "kaiming_normal", negative_slope=0.1), r"`negative_slope`=0.1 is invalid"),
     (lambda: init_weights(nn.Linear(2, 2), "xavier_normal", std=0.1), r"`std`=0.1 is invalid with scheme='xavier_normal'"),
     (lambda: init_weights(nn.Linear(2, 2), bias=float("inf")), r"`bias`=inf is invalid"),
-    (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), include=["fc*"]), r"`include` pattern 'fc\*' matches no selected layer: layer names look like '0'"),
+    (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), include=["fc*"]), r"init_weights: `include` pattern 'fc\*' matches no module: names look like '0'"),
     (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), exclude=["head"]), r"`exclude` pattern 'head' matches no"),
     (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), layer_types=["Conv2d"]), r"`layer_types` entry 'Conv2d' matches no module"),
     (lambda: init_weights(nn.Sequential(nn.ReLU())), r"no layer of Sequential matches layer_types"),
@@ -307,7 +307,7 @@ def test_lsuv_reports_layers_that_cannot_converge():
 @pytest.mark.parametrize(("kwargs", "pattern"), [
     ({"tol": 0.0}, r"`tol`=0.0 is invalid"), ({"tol": -1}, r"`tol`=-1 is invalid"),
     ({"max_iters": 0}, r"`max_iters`=0 is invalid: expected an integer in \[1, inf\]"),
-    ({"include": ["nothing"]}, r"`include` pattern 'nothing' matches no selected layer"),
+    ({"include": ["nothing"]}, r"LSUV: `include` pattern 'nothing' matches no module"),
 ])
 def test_lsuv_bad_arguments(kwargs, pattern):
     with pytest.raises(InvalidArgumentError, match=pattern):
@@ -315,7 +315,7 @@ def test_lsuv_bad_arguments(kwargs, pattern):
 
 
 def test_lsuv_without_conv_or_linear_layers_fails_clearly():
-    with pytest.raises(InvalidArgumentError, match=r"LSUV has no layer to scale: no layer of Sequential matches "
+    with pytest.raises(InvalidArgumentError, match=r"LSUV: no layer of Sequential matches "
                                                    r"layer_types=\['Linear', 'Conv1d', 'Conv2d', 'Conv3d'\]"):
         lsuv(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), torch.randn(4, 3))
 

@@ -222,7 +222,7 @@ def test_weight_init_rejects_bad_arguments(kwargs, pattern):
 
 
 @pytest.mark.parametrize(("init", "pattern"), [
-    (WeightInit(include=["head*"]), r"`include` pattern 'head\*' matches no selected layer: layer names look like 'net.1'"),
+    (WeightInit(include=["head*"]), r"WeightInit: `include` pattern 'head\*' matches no module: names look like 'net', 'net.0', 'net.1'"),
     (WeightInit(zero_init_residual=True), r"`zero_init_residual`=True found no residual block in UserNet"),
     (WeightInit("lsuv", layer_types=["Conv2d"]), r"`layer_types` entry 'Conv2d' matches no module of UserNet"),
 ])

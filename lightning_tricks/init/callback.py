@@ -66,7 +66,7 @@ class WeightInit(Callback):
             leaves them).
         layer_types: class names of the layers to initialize (default Linear and Conv1d/2d/3d,
             subclasses included).
-        include: ``fnmatch`` patterns over module names (``model.fc``, ``model.layer*``); only layers
+        include: glob patterns on module names (``model.fc``, ``model.layer*``); only layers
             named so, or inside a module named so, are initialized.
         exclude: patterns of layers to leave alone.
         zero_init_residual: True zeroes the last norm gamma of each residual branch of our zoo,
@@ -154,7 +154,7 @@ class WeightInit(Callback):
         self.randomness.setup(trainer)
         self.initialized_layers = apply_scheme(
             pl_module, self.args, layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-            zero_residual=self.zero_init_residual, generator=self.randomness.seeded("cpu"))
+            zero_residual=self.zero_init_residual, generator=self.randomness.seeded("cpu"), owner="WeightInit")
         # ranks seeded differently drew differently: start from rank 0's draw, so that LSUV's all-reduced
         # variances describe one network, and broadcast again after it so that the guarantee does not
         # depend on floating-point agreement or on the strategy's own broadcast

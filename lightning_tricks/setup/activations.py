@@ -25,7 +25,6 @@ timm, your own) and :class:`~lightning_tricks.setup.activation_swap.ActivationSw
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import os
 from collections.abc import Sequence
@@ -37,14 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_tricks.core.selection import check_patterns, name_matches, select
 from lightning_tricks.core.surgery import (
     MARKER_PREFIX,
     ModelNotSupportedError,
     SurgeryReport,
-    check_patterns,
     mark,
     marker_values,
-    select_modules,
 )
 from lightning_tricks.core.validation import (
     InvalidArgumentError,
@@ -430,11 +428,12 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
                 raise
             note = f"no trace ({type(err).__name__} in forward): functional calls not checked"
     report = SurgeryReport("ActivationSwap", detail=spec.describe())
-    report.already = [n for n, m in model.named_modules() if getattr(m, "init_gain", None) == spec.init_gain
+    named = [(n, m) for n, m in model.named_modules() if n]  # the model itself cannot be replaced in place
+    report.already = [n for n, m in named if getattr(m, "init_gain", None) == spec.init_gain
                       and activation_kind(m) == spec.to and (spec.layers is None or any(
-                          fnmatch.fnmatchcase(n, p) for p in spec.layers))]
+                          name_matches(n, p) for p in spec.layers))]
 
-    already = {id(m) for n, m in model.named_modules() if n in report.already}
+    already = {id(m) for n, m in named if n in report.already}
 
     def can_wrap(module: nn.Module) -> str | None:
         if id(module) in already:
@@ -442,7 +441,7 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
         kind = activation_kind(module)
         return None if kind in spec.replace else f"not a {'/'.join(spec.replace)} activation"
 
-    chosen = select_modules(model, spec.layers, can_wrap=can_wrap, arg_name="layers", trick="ActivationSwap")
+    chosen = select(named, include=spec.layers, why_not=can_wrap, owner="ActivationSwap", include_arg="layers")
     chosen = [(n, m) for n, m in chosen if n not in report.already]
     aliases: dict[int, list[str]] = {}
     for alias, module in model.named_modules(remove_duplicate=False):
