@@ -114,12 +114,12 @@ class DictNet(UserNet):
         return F.cross_entropy(self(batch[self.key]), batch["label"])
 
 
-def test_lsuv_takes_the_input_named_by_batch_key(tmp_path):
-    init = WeightInit("lsuv", batch_key="image")
+def test_lsuv_takes_the_input_named_by_input_key(tmp_path):
+    init = WeightInit("lsuv", input_key="image")
     cpu_trainer(tmp_path, max_steps=1, callbacks=[init]).fit(DictNet(), DataLoader(_DictData(), batch_size=32))
     assert all(r.converged for r in init.lsuv_report)
     with pytest.raises(BatchFormatError, match=r"WeightInit: `input_key`='img' is not in the batch"):
-        cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit("lsuv", batch_key="img")]).fit(
+        cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit("lsuv", input_key="img")]).fit(
             DictNet(), DataLoader(_DictData(), batch_size=32))
 
 
@@ -143,7 +143,7 @@ class _InputRecorder(Callback):
 def test_a_dict_batch_reaches_lsuv_and_activation_statistics_as_it_reaches_the_other_tricks(tmp_path, key):
     """{"label": ..., key: ...}: the label comes first; an image-like key wins, else the first float tensor."""
     recorder = _InputRecorder()
-    init, stats = WeightInit("lsuv", num_batches=1), ActivationStatistics(save_figure=False, bins=0)
+    init, stats = WeightInit("lsuv", num_batches=1), ActivationStatistics(plot=False, bins=0)
     model = DictNet()
     model.key = key
     cpu_trainer(tmp_path, max_steps=1, callbacks=[recorder, init, stats]).fit(
@@ -214,7 +214,7 @@ def test_resume_keeps_the_checkpoint_weights_and_does_not_reinitialize(tmp_path)
     ({"scheme": "kaiming_normal", "tol": 0.1}, r"`tol`=0.1 is invalid with scheme='kaiming_normal': it is used only by"),
     ({"include": "fc"}, r"`include`='fc' is invalid: expected a non-empty list"),
     ({"zero_init_residual": "yes"}, r"`zero_init_residual`='yes' is invalid"),
-    ({"scheme": "lsuv", "batch_key": 1.5}, r"`batch_key`=1.5 is invalid"),
+    ({"scheme": "lsuv", "input_key": 1.5}, r"`input_key`=1.5 is invalid"),
 ])
 def test_weight_init_rejects_bad_arguments(kwargs, pattern):
     with pytest.raises(InvalidArgumentError, match=pattern):
@@ -301,7 +301,7 @@ def test_activation_statistics_callback_logs_draws_and_measures_the_first_batch(
 
 def test_activation_statistics_sends_the_figure_to_image_loggers(tmp_path):
     board, wandb_like = _TensorBoardLike(), _ImageLogger()
-    callback = ActivationStatistics(every_n_epochs=0, bins=5, figure_dir=str(tmp_path / "figs"))
+    callback = ActivationStatistics(every_n_epochs=0, bins=5, plot_dir=str(tmp_path / "figs"))
     cpu_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=[board, wandb_like]).fit(
         UserNet(), train_dataloaders=_loader())
     assert board.writer.figures == [("activation_statistics", "Figure", 0)] and board.images == []
@@ -371,3 +371,32 @@ def test_example_config_under_ddp_cli(tmp_path):
     assert reports[0]["world_size"] == 2 and reports[0]["first_weight"] == reports[1]["first_weight"]
     assert reports[0]["metrics"]["val_acc"] > 0.3
     assert len(list((tmp_path / "runs" / "init").glob("version_*/activation_statistics/*.png"))) == 1
+
+
+# ------------------------------------------------------------------------------------------------ renamed arguments
+
+
+def _public_state(callback):
+    return {k: v for k, v in vars(callback).items() if not k.startswith("_") and k != "randomness"}
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "old", "new", "value", "conflict"), [
+    (WeightInit, {"scheme": "lsuv"}, "batch_key", "input_key", "image", ("image", "x")),
+    (ActivationStatistics, {}, "batch_key", "input_key", 1, (1, 0)),
+    (ActivationStatistics, {}, "save_figure", "plot", False, (True, False)),  # plot=True is the default: not a conflict
+    (ActivationStatistics, {}, "figure_dir", "plot_dir", "figs", ("figs", "other")),
+])
+def test_an_old_argument_name_warns_and_means_the_new_one(cls, kwargs, old, new, value, conflict):
+    with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}: `{old}` is renamed `{new}`.*write {new}="):
+        renamed = cls(**kwargs, **{old: value})
+    assert _public_state(renamed) == _public_state(cls(**kwargs, **{new: value}))
+    assert getattr(renamed, new) == value
+    with pytest.raises(InvalidArgumentError, match=rf"`{old}`=.* and `{new}`=.* are the same argument"):
+        cls(**kwargs, **{old: conflict[0], new: conflict[1]})
+
+
+def test_activation_statistics_renamed_plot_dir_is_where_the_figure_goes(tmp_path):
+    with pytest.warns(DeprecationWarning, match="`figure_dir` is renamed `plot_dir`"):
+        callback = ActivationStatistics(every_n_epochs=0, bins=5, figure_dir=str(tmp_path / "figs"))
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(UserNet(nn.Tanh), train_dataloaders=_loader())
+    assert callback.figure_path(0, 0) == tmp_path / "figs" / "epoch000_step000000.png" and callback.figure_path(0, 0).exists()

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tricks._lightning_internals import fit_train_dataloader
 from lightning_tricks.core.batch import check_key, find_inputs
+from lightning_tricks.core.deprecation import register_renames, renamed_argument
 from lightning_tricks.core.distributed import broadcast_module
 from lightning_tricks.core.seeding import RandomStream
 from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int
@@ -36,6 +37,10 @@ def _check_names(name: str, value: Any) -> list[str] | None:
             isinstance(v, str) and v for v in value):
         raise InvalidArgumentError(f"`{name}`={value!r} is invalid: expected a non-empty list of non-empty strings.")
     return list(value)
+
+
+register_renames("WeightInit", {"batch_key": "input_key"})
+register_renames("ActivationStatistics", {"batch_key": "input_key", "save_figure": "plot", "figure_dir": "plot_dir"})
 
 
 class WeightInit(Callback):
@@ -75,11 +80,12 @@ class WeightInit(Callback):
         tol: LSUV stops when ``|Var - 1| < tol`` (``lsuv`` only; default 0.1).
         max_iters: LSUV's most rescalings per layer (``lsuv`` only; default 10).
         num_batches: training batches LSUV measures on, concatenated (``lsuv`` only; default 1).
-        batch_key: key or index of the model input in a training batch (``lsuv`` only; default: found as
+        input_key: key or index of the model input in a training batch (``lsuv`` only; default: found as
             every trick finds it, :func:`~lightning_tricks.core.batch.find_inputs`: a dict's ``image``, ``x``,
             ``input``, ... key, else a sequence's first tensor).
         seed: seed of the random draws (default: the run's seed, the one given to ``seed_everything``,
             else ``torch.initial_seed()``).
+        batch_key: Deprecated: use ``input_key``.
 
     Raises:
         InvalidArgumentError: in ``__init__``, any invalid argument; at setup, a selector that matches
@@ -105,9 +111,11 @@ class WeightInit(Callback):
         tol: float | None = None,
         max_iters: int | None = None,
         num_batches: int | None = None,
-        batch_key: str | int | None = None,
+        input_key: str | int | None = None,
         seed: int | None = None,
+        batch_key: str | int | None = None,
     ) -> None:
+        input_key = renamed_argument("WeightInit", "batch_key", "input_key", batch_key, input_key, None)
         self.args = resolve_scheme(scheme, nonlinearity, negative_slope, mode, std, bias)
         self.layer_types = _check_names("layer_types", layer_types)
         self.include = _check_names("include", include)
@@ -117,7 +125,7 @@ class WeightInit(Callback):
         self.zero_init_residual = zero_init_residual
         if scheme != "lsuv":
             for name, value in (("tol", tol), ("max_iters", max_iters), ("num_batches", num_batches),
-                                ("batch_key", batch_key)):
+                                ("input_key", input_key)):
                 if value is not None:
                     raise InvalidArgumentError(f"`{name}`={value!r} is invalid with scheme={scheme!r}: it is used only by "
                                                "scheme='lsuv'; remove it.")
@@ -125,7 +133,7 @@ class WeightInit(Callback):
         self.max_iters = 10 if max_iters is None else max_iters
         check_lsuv_arguments(self.tol, self.max_iters)
         self.num_batches = check_int("num_batches", 1 if num_batches is None else num_batches, 1)
-        self.batch_key = check_key("batch_key", batch_key)
+        self.input_key = check_key("input_key", input_key)
         self.randomness = RandomStream(seed, shared=True)
         self.seed = seed  # every rank draws the same initialization
         self.initialized_layers: list[str] = []
@@ -180,7 +188,7 @@ class WeightInit(Callback):
         # iterating a shuffling loader draws from the global RNG: fork it so training's randomness is untouched
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
-                inputs.append(find_inputs(batch, self.batch_key, "WeightInit"))
+                inputs.append(find_inputs(batch, self.input_key, "WeightInit"))
                 if len(inputs) == self.num_batches:
                     break
         if not inputs:
@@ -190,7 +198,7 @@ class WeightInit(Callback):
         home = next(pl_module.parameters()).device
         pl_module.to(device)
         x = torch.cat(inputs).to(device)
-        fix = "pass `batch_key` to pick the model input from the batch, or use a fixed scheme (scheme='kaiming_normal')."
+        fix = "pass `input_key` to pick the model input from the batch, or use a fixed scheme (scheme='kaiming_normal')."
         try:
             with forward_on_batch_input("WeightInit(scheme='lsuv')", pl_module, x, fix):
                 return lsuv(pl_module, x, tol=self.tol, max_iters=self.max_iters, bias=None,
@@ -229,7 +237,7 @@ class ActivationStatistics(Callback):
     statistics of :func:`~lightning_tricks.init.activation_statistics` are computed on a fixed batch
     (the first training batch, at most ``max_samples`` rows per rank) and logged to every logger as
     ``activations/<layer>/{mean,std,zero_fraction,saturated_fraction}``. The lectures' figure (mean
-    and std per layer, one histogram per layer) is written as a PNG to ``figure_dir`` and sent to a
+    and std per layer, one histogram per layer) is written as a PNG to ``plot_dir`` and sent to a
     TensorBoard logger (its writer's ``add_figure``) or a logger with W&B's ``log_image(key, images, step)``.
     Under DDP the statistics are all-reduced over the ranks' batches, so every rank holds the same.
 
@@ -240,10 +248,13 @@ class ActivationStatistics(Callback):
         layer_types: whose outputs to measure (default: the ``torch.nn`` activation modules).
         include: module-name patterns to restrict the layers to.
         exclude: module-name patterns to drop.
-        batch_key: key or index of the model input in a training batch (default: found as every trick
+        input_key: key or index of the model input in a training batch (default: found as every trick
             finds it, :func:`~lightning_tricks.core.batch.find_inputs`).
-        save_figure: write the PNG and send it to the loggers.
-        figure_dir: folder of the PNGs (default ``<log_dir>/activation_statistics``).
+        plot: draw the figure: write the PNG and send it to the loggers.
+        plot_dir: folder of the PNGs (default ``<log_dir>/activation_statistics``).
+        batch_key: Deprecated: use ``input_key``.
+        save_figure: Deprecated: use ``plot``.
+        figure_dir: Deprecated: use ``plot_dir``.
 
     Attributes:
         history: ``(epoch, global_step, statistics)`` of every measurement.
@@ -261,27 +272,33 @@ class ActivationStatistics(Callback):
         layer_types: list[str] | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        input_key: str | int | None = None,
+        plot: bool = True,
+        plot_dir: str | None = None,
         batch_key: str | int | None = None,
-        save_figure: bool = True,
+        save_figure: bool | None = None,
         figure_dir: str | None = None,
     ) -> None:
+        input_key = renamed_argument("ActivationStatistics", "batch_key", "input_key", batch_key, input_key, None)
+        plot = renamed_argument("ActivationStatistics", "save_figure", "plot", save_figure, plot, True)
+        plot_dir = renamed_argument("ActivationStatistics", "figure_dir", "plot_dir", figure_dir, plot_dir, None)
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 0)
         self.max_samples = check_int("max_samples", max_samples, 1)
         self.bins = check_int("bins", bins, 0)
         self.layer_types = _check_names("layer_types", layer_types)
         self.include = _check_names("include", include)
         self.exclude = _check_names("exclude", exclude)
-        self.batch_key = check_key("batch_key", batch_key)
-        self.save_figure = bool(save_figure)
-        self.figure_dir = figure_dir
+        self.input_key = check_key("input_key", input_key)
+        self.plot = bool(plot)
+        self.plot_dir = plot_dir
         self.history: list[tuple[int, int, list[LayerStatistics]]] = []
         self._inputs: torch.Tensor | None = None
-        self._folder = Path(figure_dir or "activation_statistics")
+        self._folder = Path(plot_dir or "activation_statistics")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._inputs is None:
-            self._inputs = find_inputs(batch, self.batch_key, "ActivationStatistics")[: self.max_samples].detach().clone()
+            self._inputs = find_inputs(batch, self.input_key, "ActivationStatistics")[: self.max_samples].detach().clone()
             if self._inputs.is_floating_point() and not bool(torch.isfinite(self._inputs).all()):
                 raise ConfigError("ActivationStatistics: the first training batch has NaN or infinite inputs, so no "
                                   "activation statistics can be measured: clean the data (e.g. torch.nan_to_num).")
@@ -294,7 +311,7 @@ class ActivationStatistics(Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs = self._inputs.to(pl_module.device)  # a resumed run's come from the checkpoint, on the CPU
-        fix = "pass `batch_key` to pick the model input from the batch, or remove ActivationStatistics for this model."
+        fix = "pass `input_key` to pick the model input from the batch, or remove ActivationStatistics for this model."
         with forward_on_batch_input("ActivationStatistics", pl_module, self._inputs, fix):
             stats = activation_statistics(pl_module, self._inputs, layer_types=self.layer_types,
                                           include=self.include, exclude=self.exclude, bins=self.bins)
@@ -305,14 +322,14 @@ class ActivationStatistics(Callback):
                                       ("saturated_fraction", s.saturated_fraction)) if value is not None}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if self.save_figure and self.bins and trainer.is_global_zero:
+        if self.plot and self.bins and trainer.is_global_zero:
             self._draw(trainer, stats, epoch, step)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._inputs = None  # each fit measures its own first batch
         # trainer.log_dir is a collective under DDP: resolve it here, where every rank calls it
-        self._folder = Path(self.figure_dir) if self.figure_dir else Path(
+        self._folder = Path(self.plot_dir) if self.plot_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "activation_statistics"
 
     # the fixed probe batch travels in the checkpoint (up to this size), so a resumed run measures the same inputs

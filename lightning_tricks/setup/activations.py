@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_tricks.core.deprecation import REMOVED_IN, register_renames, renamed_argument
 from lightning_tricks.core.selection import check_patterns, name_matches, select
 from lightning_tricks.core.surgery import (
     MARKER_PREFIX,
@@ -65,7 +67,7 @@ KINDS: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] = {
     "sigmoid": ((nn.Sigmoid,), frozenset({"Sigmoid"})),
     "tanh": ((nn.Tanh,), frozenset({"Tanh"})),
 }
-"""Activation kinds that can be replaced (``replace``) -> (module classes, class names, for timm's own)."""
+"""Activation kinds that can be replaced (``activations``) -> (module classes, class names, for timm's own)."""
 
 # the functional forms of each kind, seen by the TorchFunctionMode trace (a module's own call is not counted)
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
@@ -90,13 +92,42 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 @dataclass(frozen=True)
 class SwapSpec:
-    """A validated swap request: what to replace, with what, where. Built by :func:`resolve_swap`."""
+    """A validated swap request: what to replace, with what, where. Built by :func:`resolve_swap`.
+
+    Attributes:
+        to: the new activation.
+        activations: the kinds replaced (keys of :data:`KINDS`).
+        slope: the slope of ``leaky_relu``/``prelu`` (0 otherwise).
+        alpha: ELU's alpha.
+        include: glob patterns on module names the swap is restricted to (None: every module).
+        exclude: patterns of the modules left alone (None: none).
+    """
 
     to: str
-    replace: tuple[str, ...]
+    activations: tuple[str, ...]
     slope: float
     alpha: float
-    layers: tuple[str, ...] | None
+    include: tuple[str, ...] | None
+    exclude: tuple[str, ...] | None = None
+
+    @property
+    def replace(self) -> tuple[str, ...]:
+        """Deprecated: use :attr:`activations`."""
+        warnings.warn("SwapSpec.replace is renamed SwapSpec.activations (the old name is accepted until "
+                      f"lightning-tricks {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        return self.activations
+
+    @property
+    def layers(self) -> tuple[str, ...] | None:
+        """Deprecated: use :attr:`include`."""
+        warnings.warn("SwapSpec.layers is renamed SwapSpec.include (the old name is accepted until "
+                      f"lightning-tricks {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        return self.include
+
+    def selects(self, name: str) -> bool:
+        """Whether ``include``/``exclude`` keep the module called ``name`` (the package's selector rule)."""
+        return ((self.include is None or any(name_matches(name, p) for p in self.include))
+                and not any(name_matches(name, p) for p in self.exclude or ()))
 
     @property
     def init_gain(self) -> tuple[str, float]:
@@ -111,24 +142,38 @@ class SwapSpec:
 
     def describe(self) -> str:
         extra = f"(slope {self.slope})" if self.to in _SLOPE_TARGETS else f"(alpha {self.alpha})" if self.to == "elu" else ""
-        return f"{'/'.join(self.replace)} -> {self.to}{extra}"
+        return f"{'/'.join(self.activations)} -> {self.to}{extra}"
 
 
-def resolve_swap(to: str, replace: Sequence[str] | None = None, slope: float | None = None,
-                 alpha: float | None = None, layers: Sequence[str] | None = None) -> SwapSpec:
+RENAMES = {"replace": "activations", "layers": "include"}
+"""The arguments of :class:`ActivationSwap`, :func:`swap_activations` and :func:`resolve_swap` renamed per the
+glossary (old name -> new name)."""
+for _owner in ("ActivationSwap", "swap_activations", "resolve_swap"):
+    register_renames(_owner, RENAMES)
+
+
+def resolve_swap(to: str, activations: Sequence[str] | None = None, slope: float | None = None,
+                 alpha: float | None = None, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = None, *, replace: Sequence[str] | None = None,
+                 layers: Sequence[str] | None = None) -> SwapSpec:
     """Validate the arguments of :func:`swap_activations` / :class:`ActivationSwap` (one line per error).
+
+    ``replace`` and ``layers`` are the deprecated names of ``activations`` and ``include``.
 
     Raises:
         InvalidArgumentError: an unknown activation name, a slope outside [0, 1) or given to an activation
-            without one, ``alpha <= 0`` or given to another activation than ELU, an empty pattern list.
+            without one, ``alpha <= 0`` or given to another activation than ELU, an empty pattern list, or an
+            argument given under both its old and its new name.
     """
+    activations = renamed_argument("ActivationSwap", "replace", "activations", replace, activations, None)
+    include = renamed_argument("ActivationSwap", "layers", "include", layers, include, None)
     check_choice("to", to, TARGETS)
-    kinds = ["relu"] if replace is None else replace
+    kinds = ["relu"] if activations is None else activations
     if isinstance(kinds, str) or not kinds:
-        raise InvalidArgumentError(f"`replace`={replace!r} is invalid: expected a non-empty list of activation kinds "
-                                   f"from {', '.join(KINDS)}.")
+        raise InvalidArgumentError(f"`activations`={activations!r} is invalid: expected a non-empty list of activation "
+                                   f"kinds from {', '.join(KINDS)}.")
     for kind in kinds:
-        check_choice("replace", kind, KINDS)
+        check_choice("activations", kind, KINDS)
     if slope is not None and to not in _SLOPE_TARGETS:
         raise InvalidArgumentError(f"`slope`={slope!r} is invalid with to={to!r}: only leaky_relu and prelu have a "
                                    "slope; remove it.")
@@ -137,9 +182,10 @@ def resolve_swap(to: str, replace: Sequence[str] | None = None, slope: float | N
     if alpha is not None and to != "elu":
         raise InvalidArgumentError(f"`alpha`={alpha!r} is invalid with to={to!r}: only elu has an alpha; remove it.")
     alpha = check_range("alpha", 1.0 if alpha is None else alpha, 0.0, None, low_inclusive=False)
-    patterns = check_patterns("layers", layers)
+    patterns = check_patterns("include", include)
+    excluded = check_patterns("exclude", exclude, allow_empty=True)
     return SwapSpec(to, tuple(dict.fromkeys(kinds)), float(slope or 0.0), float(alpha),
-                    None if patterns is None else tuple(patterns))
+                    None if patterns is None else tuple(patterns), tuple(excluded) if excluded else None)
 
 
 def activation_kind(module: nn.Module) -> str | None:
@@ -352,7 +398,7 @@ def find_functional_activations(model: nn.Module, example: Any, kinds: Sequence[
         'relu'
     """
     for kind in kinds:
-        check_choice("replace", kind, KINDS)
+        check_choice("kinds", kind, KINDS)
     return trace_forward(model, example, kinds).functional
 
 
@@ -364,9 +410,9 @@ def _not_found(model: nn.Module, spec: SwapSpec, trace: ForwardTrace | None) -> 
     calls = trace.functional_summary() if trace is not None else ""
     seen = f"; one forward pass found {calls}" if calls else ""
     return ModelNotSupportedError(
-        f"ActivationSwap found no {'/'.join(spec.replace)} activation module in {type(model).__name__} "
+        f"ActivationSwap found no {'/'.join(spec.activations)} activation module in {type(model).__name__} "
         f"(its activation modules: {', '.join(present) or 'none'}){seen}: a forward that calls torch.nn.functional "
-        "activations cannot be swapped; use modules (self.act = nn.ReLU()) or set `replace` to the kinds it has."
+        "activations cannot be swapped; use modules (self.act = nn.ReLU()) or set `activations` to the kinds it has."
     )
 
 
@@ -374,40 +420,47 @@ def swap_activations(
     model: nn.Module,
     to: str = "leaky_relu",
     *,
-    replace: Sequence[str] | None = None,
+    activations: Sequence[str] | None = None,
     slope: float | None = None,
     alpha: float | None = None,
-    layers: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
     example_input: Any = None,
+    replace: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> SurgeryReport:
     """Replace ``model``'s activation modules in place, at the same names.
 
     Args:
         model: any ``nn.Module``.
         to: the new activation: one of :data:`TARGETS`.
-        replace: the kinds to replace (keys of :data:`KINDS`); default ``["relu"]``.
+        activations: the kinds to replace (keys of :data:`KINDS`); default ``["relu"]``.
         slope: negative slope in [0, 1) for ``leaky_relu`` (default 0.01) and the initial one of ``prelu``
             (default 0.25).
         alpha: ELU's alpha > 0 (default 1).
-        layers: glob patterns on module names (``"layer4.*"``) restricting the swap; default: every module of
-            the ``replace`` kinds.
+        include: glob patterns on module names (``"layer4"``, ``"layer*.*.relu"``) restricting the swap; a
+            pattern also selects the modules inside a match; default: every module of the ``activations`` kinds.
+        exclude: patterns of the same form for the modules left alone.
         example_input: one input batch (or a tuple of forward arguments). With it, one forward pass sizes
             ``prelu`` per channel (a module used at several widths gets one shared slope) and functional
             calls are listed in the report (``skipped``). Without it, ``prelu`` has one slope per module.
+        replace: Deprecated: use ``activations``.
+        layers: Deprecated: use ``include``.
 
     Returns:
         The :class:`~lightning_tricks.core.surgery.SurgeryReport` (converted names; functional calls left).
 
     Raises:
-        InvalidArgumentError: see :func:`resolve_swap`; a ``layers`` pattern that matches no activation.
-        ModelNotSupportedError: no activation module of the ``replace`` kinds (a model calling ``F.relu``).
+        InvalidArgumentError: see :func:`resolve_swap`; an ``include`` pattern that matches no activation, an
+            ``exclude`` pattern that matches no module.
+        ModelNotSupportedError: no activation module of the ``activations`` kinds (a model calling ``F.relu``).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> swap_activations(model, "elu").converted, type(model[1]).__name__
         (['1'], 'ELU')
     """
-    spec = resolve_swap(to, replace, slope, alpha, layers)
+    spec = resolve_swap(to, activations, slope, alpha, include, exclude, replace=replace, layers=layers)
     return apply_swap(model, spec, example_input)
 
 
@@ -422,7 +475,7 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
     note = None
     if example_input is not None:
         try:
-            trace = trace_forward(model, example_input, spec.replace)
+            trace = trace_forward(model, example_input, spec.activations)
         except Exception as err:  # noqa: BLE001 - any failure of the user's forward only loses the trace
             if not trace_optional:
                 raise
@@ -430,8 +483,7 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
     report = SurgeryReport("ActivationSwap", detail=spec.describe())
     named = [(n, m) for n, m in model.named_modules() if n]  # the model itself cannot be replaced in place
     report.already = [n for n, m in named if getattr(m, "init_gain", None) == spec.init_gain
-                      and activation_kind(m) == spec.to and (spec.layers is None or any(
-                          name_matches(n, p) for p in spec.layers))]
+                      and activation_kind(m) == spec.to and spec.selects(n)]
 
     already = {id(m) for n, m in named if n in report.already}
 
@@ -439,9 +491,9 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
         if id(module) in already:
             return None  # swapped by an earlier call: selected, then counted as already converted
         kind = activation_kind(module)
-        return None if kind in spec.replace else f"not a {'/'.join(spec.replace)} activation"
+        return None if kind in spec.activations else f"not a {'/'.join(spec.activations)} activation"
 
-    chosen = select(named, include=spec.layers, why_not=can_wrap, owner="ActivationSwap", include_arg="layers")
+    chosen = select(named, include=spec.include, exclude=spec.exclude, why_not=can_wrap, owner="ActivationSwap")
     chosen = [(n, m) for n, m in chosen if n not in report.already]
     aliases: dict[int, list[str]] = {}
     for alias, module in model.named_modules(remove_duplicate=False):
@@ -454,7 +506,7 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
         if spec.to == "prelu" and len(widths) > 1:
             report.skipped.append((name, f"used at widths {sorted(widths | {channels})}: one shared PReLU slope"))
         new = make_activation(spec, old, channels)
-        mark_swapped(new, spec, activation_kind(old) or spec.replace[0])
+        mark_swapped(new, spec, activation_kind(old) or spec.activations[0])
         param = next(model.parameters(), None)
         if param is not None:  # the marker goes with the model; PReLU's slopes also take its dtype
             new.to(device=param.device, dtype=param.dtype if spec.to == "prelu" else None)
