@@ -283,8 +283,8 @@ def test_activation_statistics_callback_logs_draws_and_measures_the_first_batch(
     first = FirstBatch()
     stats_cb = ActivationStatistics(every_n_epochs=2, bins=10, max_samples=20)
     model = UserNet(nn.Tanh)
-    cpu_trainer(tmp_path, max_epochs=4, callbacks=[first, stats_cb], logger=CSVLogger(tmp_path)).fit(
-        model, train_dataloaders=_loader())
+    cpu_trainer(tmp_path, max_epochs=4, callbacks=[first, stats_cb], logger=CSVLogger(tmp_path),
+                log_every_n_steps=1).fit(model, train_dataloaders=_loader())
     assert [(epoch, step) for epoch, step, _ in stats_cb.history] == [(0, 0), (1, 8), (3, 16)]
     reference = copy.deepcopy(model)
     reference.load_state_dict(first.state)
@@ -295,19 +295,23 @@ def test_activation_statistics_callback_logs_draws_and_measures_the_first_batch(
     assert pngs == ["epoch000_step000000.png", "epoch001_step000008.png", "epoch003_step000016.png"]
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert float(rows[0]["activations/net.2/std"]) == pytest.approx(expected[0].std)
-    assert float(rows[0]["activations/net.4/saturated_fraction"]) == pytest.approx(expected[1].saturated_fraction)
+    # the first measurement is a step metric, sent with the first logged step; the later ones end their epochs
+    logged = [row for row in rows if row.get("activation_stats/net.2/std")]
+    # (Lightning sends a step metric again at the epoch's later logging steps, until the epoch ends)
+    assert [int(row["step"]) for row in logged] == [0, 1, 2, 3, 7, 15]
+    assert float(logged[0]["activation_stats/net.2/std"]) == pytest.approx(expected[0].std)
+    assert float(logged[0]["activation_stats/net.4/saturated_fraction"]) == pytest.approx(expected[1].saturated_fraction)
 
 
 def test_activation_statistics_sends_the_figure_to_image_loggers(tmp_path):
     board, wandb_like = _TensorBoardLike(), _ImageLogger()
     callback = ActivationStatistics(every_n_epochs=0, bins=5, plot_dir=str(tmp_path / "figs"))
-    cpu_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=[board, wandb_like]).fit(
+    cpu_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=[board, wandb_like], log_every_n_steps=1).fit(
         UserNet(), train_dataloaders=_loader())
     assert board.writer.figures == [("activation_statistics", "Figure", 0)] and board.images == []
     path = str(tmp_path / "figs" / "epoch000_step000000.png")
     assert wandb_like.images == [("activation_statistics", [path], 0)]
-    assert any("activations/net.2/zero_fraction" in m for _, m in wandb_like.metrics)
+    assert any("activation_stats/net.2/zero_fraction" in m for _, m in wandb_like.metrics)
 
 
 def test_activation_statistics_rejects_bad_arguments():
@@ -400,3 +404,61 @@ def test_activation_statistics_renamed_plot_dir_is_where_the_figure_goes(tmp_pat
         callback = ActivationStatistics(every_n_epochs=0, bins=5, figure_dir=str(tmp_path / "figs"))
     cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(UserNet(nn.Tanh), train_dataloaders=_loader())
     assert callback.figure_path(0, 0) == tmp_path / "figs" / "epoch000_step000000.png" and callback.figure_path(0, 0).exists()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class _AfterInit(Callback):
+    """Placed after WeightInit: the weights as initialized, and the first training batch's input."""
+
+    def __init__(self):
+        self.state = self.batch = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = batch[0].clone()
+
+
+@pytest.mark.parametrize("scheme", ["kaiming_normal", "lsuv"])
+def test_weight_init_and_activation_statistics_log_through_pl_module_log(tmp_path, scheme):
+    init, after, stats = WeightInit(scheme), _AfterInit(), ActivationStatistics(every_n_epochs=0, bins=0, plot=False)
+    model = UserNet(nn.Tanh)
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[init, after, stats])
+    trainer.fit(model, train_dataloaders=_loader(shuffle=False))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    expected = {f"weight_init/{name}/std": after.state[f"{name}.weight"].std().item() for name in ("net.1", "net.3", "net.5")}
+    if scheme == "lsuv":
+        for r in init.lsuv_report:
+            expected[f"weight_init/{r.name}/lsuv_variance"] = r.variance
+            expected[f"weight_init/{r.name}/lsuv_iterations"] = float(r.iterations)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(after.state)  # the first batch's weights are the initialized ones
+    for s in activation_statistics(reference, after.batch, bins=0):
+        expected[f"activation_stats/{s.name}/mean"], expected[f"activation_stats/{s.name}/std"] = s.mean, s.std
+        expected[f"activation_stats/{s.name}/zero_fraction"] = s.zero_fraction
+        expected[f"activation_stats/{s.name}/saturated_fraction"] = s.saturated_fraction
+    assert metrics.keys() == expected.keys()
+    assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_monitoring_the_latest_activation_statistics_with_model_checkpoint(tmp_path):
+    """An epoch's measurement is an epoch metric: ModelCheckpoint monitors it (it could not read the logger's)."""
+    stats = ActivationStatistics(every_n_epochs=1, bins=0, plot=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="activation_stats/net.2/std", mode="max")
+    model = UserNet(nn.Tanh)
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[stats, checkpoint], enable_checkpointing=True)
+    trainer.fit(model, train_dataloaders=_loader())
+    last = activation_statistics(model, stats._inputs, bins=0)
+    assert float(trainer.callback_metrics["activation_stats/net.2/std"]) == pytest.approx(last[0].std, rel=1e-5)
+    assert float(checkpoint.best_model_score) == pytest.approx(max(h[2][0].std for h in stats.history[1:]), rel=1e-5)
+
+
+def test_log_false_logs_nothing(tmp_path):
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit(log=False), ActivationStatistics(
+        every_n_epochs=0, bins=0, plot=False, log=False)])
+    trainer.fit(UserNet(), train_dataloaders=_loader())
+    assert not any(k.startswith(("weight_init/", "activation_stats/")) for k in trainer.callback_metrics)

@@ -85,7 +85,14 @@ class WeightInit(Callback):
             ``input``, ... key, else a sequence's first tensor).
         seed: seed of the random draws (default: the run's seed, the one given to ``seed_everything``,
             else ``torch.initial_seed()``).
+        log: log the metrics below through ``pl_module.log``.
         batch_key: Deprecated: use ``input_key``.
+
+    Metrics (through ``pl_module.log`` in ``on_train_start``, epoch-level, so ``EarlyStopping`` and
+    ``ModelCheckpoint`` see them; not when the initialization was skipped): ``weight_init/<layer>/std``, the
+    standard deviation of each initialized layer's weight right after the initialization, and for LSUV
+    ``weight_init/<layer>/lsuv_variance`` (its output variance after the last rescaling) and
+    ``weight_init/<layer>/lsuv_iterations`` (the rescalings applied).
 
     Raises:
         InvalidArgumentError: in ``__init__``, any invalid argument; at setup, a selector that matches
@@ -113,6 +120,7 @@ class WeightInit(Callback):
         num_batches: int | None = None,
         input_key: str | int | None = None,
         seed: int | None = None,
+        log: bool = True,
         batch_key: str | int | None = None,
     ) -> None:
         input_key = renamed_argument("WeightInit", "batch_key", "input_key", batch_key, input_key, None)
@@ -138,7 +146,11 @@ class WeightInit(Callback):
         self.seed = seed  # every rank draws the same initialization
         self.initialized_layers: list[str] = []
         self.lsuv_report: list[LSUVLayer] = []
+        # not `self.log`: Lightning sets every callback's `log` to the module's (callback_connector, 2.x)
+        self.log_metrics = bool(log)
         self.skipped: str | None = None
+        # each initialized layer's weight std right after the initialization (what weight_init/<layer>/std logs)
+        self.weight_stds: dict[str, float] = {}
         self._initialized: weakref.ref | None = None
 
     @property
@@ -171,12 +183,14 @@ class WeightInit(Callback):
             self.lsuv_report = self._run_lsuv(trainer, pl_module)
             broadcast_module(pl_module)
         self._initialized = weakref.ref(pl_module)
-        self._log(trainer)
+        self.weight_stds = {name: float(pl_module.get_submodule(name).weight.detach().float().std())
+                            for name in self.initialized_layers}
+        self._report()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is not None and self.skipped is None:
             self.skipped = f"resuming from {trainer.ckpt_path}: the checkpoint's weights replaced the initialization"
-            self.lsuv_report = []  # it described weights that no longer exist
+            self.lsuv_report, self.weight_stds = [], {}  # they described weights that no longer exist
             rank_zero_info(f"WeightInit: {self.skipped}.")
 
     def _run_lsuv(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[LSUVLayer]:
@@ -207,7 +221,22 @@ class WeightInit(Callback):
         finally:
             pl_module.to(home)
 
-    def _log(self, trainer: pl.Trainer) -> None:
+    def metrics(self) -> dict[str, float]:
+        """What :meth:`on_train_start` logs: ``weight_init/<layer>/std`` and LSUV's ``lsuv_variance``, ``lsuv_iterations``."""
+        metrics = {f"weight_init/{name}/std": std for name, std in self.weight_stds.items()}
+        for r in self.lsuv_report:
+            if r.reached:
+                metrics[f"weight_init/{r.name}/lsuv_variance"] = float(r.variance)
+                metrics[f"weight_init/{r.name}/lsuv_iterations"] = float(r.iterations)
+        return metrics
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # setup and on_fit_start may not log (Lightning's rules): the first hook that may is this one
+        if self.log_metrics and self.skipped is None and self.weight_stds:
+            # the same values on every rank (rank 0's weights were broadcast): no reduction needed
+            pl_module.log_dict(self.metrics(), on_step=False, on_epoch=True)
+
+    def _report(self) -> None:
         message = f"WeightInit: {self.args.scheme} on {len(self.initialized_layers)} layers"
         if self.zero_init_residual:
             message += ", zero-init residual branches"
@@ -216,9 +245,6 @@ class WeightInit(Callback):
             message += (f"; LSUV output variances {min(r.variance for r in reached):.3f}..."
                         f"{max(r.variance for r in reached):.3f} after {sum(r.iterations for r in reached)} rescalings, "
                         f"{sum(not r.converged for r in reached)} not converged")
-            metrics = {f"lsuv/{r.name}/{key}": float(getattr(r, key)) for r in reached for key in ("variance", "iterations")}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=0)
         rank_zero_info(message + ".")
 
     def state_dict(self) -> dict[str, Any]:
@@ -235,8 +261,12 @@ class ActivationStatistics(Callback):
 
     At the first training batch (the initial weights) and then every ``every_n_epochs`` epochs, the
     statistics of :func:`~lightning_tricks.init.activation_statistics` are computed on a fixed batch
-    (the first training batch, at most ``max_samples`` rows per rank) and logged to every logger as
-    ``activations/<layer>/{mean,std,zero_fraction,saturated_fraction}``. The lectures' figure (mean
+    (the first training batch, at most ``max_samples`` rows per rank) and logged through
+    ``pl_module.log`` (so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them) as
+    ``activation_stats/<layer>/mean``, ``/std``, ``/zero_fraction`` and (tanh, sigmoid)
+    ``/saturated_fraction``: the first measurement as a step metric of the first batch (loggers receive it
+    at the next logging step, see ``Trainer(log_every_n_steps)``), the later ones as epoch metrics at the
+    end of their epoch. The lectures' figure (mean
     and std per layer, one histogram per layer) is written as a PNG to ``plot_dir`` and sent to a
     TensorBoard logger (its writer's ``add_figure``) or a logger with W&B's ``log_image(key, images, step)``.
     Under DDP the statistics are all-reduced over the ranks' batches, so every rank holds the same.
@@ -252,6 +282,7 @@ class ActivationStatistics(Callback):
             finds it, :func:`~lightning_tricks.core.batch.find_inputs`).
         plot: draw the figure: write the PNG and send it to the loggers.
         plot_dir: folder of the PNGs (default ``<log_dir>/activation_statistics``).
+        log: log the metrics through ``pl_module.log``.
         batch_key: Deprecated: use ``input_key``.
         save_figure: Deprecated: use ``plot``.
         figure_dir: Deprecated: use ``plot_dir``.
@@ -275,6 +306,7 @@ class ActivationStatistics(Callback):
         input_key: str | int | None = None,
         plot: bool = True,
         plot_dir: str | None = None,
+        log: bool = True,
         batch_key: str | int | None = None,
         save_figure: bool | None = None,
         figure_dir: str | None = None,
@@ -291,6 +323,8 @@ class ActivationStatistics(Callback):
         self.input_key = check_key("input_key", input_key)
         self.plot = bool(plot)
         self.plot_dir = plot_dir
+        # not `self.log`: Lightning sets every callback's `log` to the module's (callback_connector, 2.x)
+        self.log_metrics = bool(log)
         self.history: list[tuple[int, int, list[LayerStatistics]]] = []
         self._inputs: torch.Tensor | None = None
         self._folder = Path(plot_dir or "activation_statistics")
@@ -303,13 +337,13 @@ class ActivationStatistics(Callback):
                 raise ConfigError("ActivationStatistics: the first training batch has NaN or infinite inputs, so no "
                                   "activation statistics can be measured: clean the data (e.g. torch.nan_to_num).")
             if not self.__dict__.pop("_resumed_without_inputs", False):  # a resumed run measured at its start
-                self._measure(trainer, pl_module)
+                self._measure(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._inputs is not None and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._measure(trainer, pl_module)
+            self._measure(trainer, pl_module, on_step=False)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         self._inputs = self._inputs.to(pl_module.device)  # a resumed run's come from the checkpoint, on the CPU
         fix = "pass `input_key` to pick the model input from the batch, or remove ActivationStatistics for this model."
         with forward_on_batch_input("ActivationStatistics", pl_module, self._inputs, fix):
@@ -317,13 +351,18 @@ class ActivationStatistics(Callback):
                                           include=self.include, exclude=self.exclude, bins=self.bins)
         epoch, step = trainer.current_epoch, trainer.global_step
         self.history.append((epoch, step, stats))
-        metrics = {f"activations/{s.name}/{key}": value for s in stats
-                   for key, value in (("mean", s.mean), ("std", s.std), ("zero_fraction", s.zero_fraction),
-                                      ("saturated_fraction", s.saturated_fraction)) if value is not None}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        if self.log_metrics:
+            # the statistics are all-reduced already, the same on every rank: no reduction by Lightning
+            pl_module.log_dict(self.metrics(stats), on_step=on_step, on_epoch=not on_step)
         if self.plot and self.bins and trainer.is_global_zero:
             self._draw(trainer, stats, epoch, step)
+
+    @staticmethod
+    def metrics(stats: list[LayerStatistics]) -> dict[str, float]:
+        """The metrics of one measurement: ``activation_stats/<layer>/{mean,std,zero_fraction,saturated_fraction}``."""
+        return {f"activation_stats/{s.name}/{key}": value for s in stats
+                for key, value in (("mean", s.mean), ("std", s.std), ("zero_fraction", s.zero_fraction),
+                                   ("saturated_fraction", s.saturated_fraction)) if value is not None}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
