@@ -209,7 +209,7 @@ def check_lsuv(project: str) -> None:
 
 
 def check_activation_statistics(project: str) -> None:
-    stats_cb = lt.ActivationStatistics(save_figure=False, bins=0)
+    stats_cb = lt.ActivationStatistics(plot=False, bins=0)
     state: dict[str, torch.Tensor] = {}
 
     def keep(trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:

@@ -106,7 +106,7 @@ TRICKS: dict[str, tuple[Factory, str, bool]] = {
     "DeadUnitMonitor": (lambda p: [lt.DeadUnitMonitor(plot=False)], "simple_cnn", False),
     "UpdateRatioMonitor": (lambda p: [lt.UpdateRatioMonitor(every_n_steps=2)], "simple_cnn", False),
     "InitialLossCheck": (lambda p: [lt.InitialLossCheck()], "simple_cnn", False),
-    "ActivationStatistics": (lambda p: [lt.ActivationStatistics(save_figure=False)], "simple_cnn", False),
+    "ActivationStatistics": (lambda p: [lt.ActivationStatistics(plot=False)], "simple_cnn", False),
     "WeightPenalty": (lambda p: [lt.WeightPenalty(l2=1e-3)], "simple_cnn", False),
 }
 

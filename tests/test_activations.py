@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import timm
@@ -101,14 +102,67 @@ def test_each_target_computes_its_formula(to, expected):
 
 def test_replace_kinds_and_layer_patterns():
     net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
-    report = swap_activations(net, "elu", replace=["tanh"])
+    report = swap_activations(net, "elu", activations=["tanh"])
     assert report.converted == ["1"] and type(net[3]) is nn.ReLU
-    assert swap_activations(net, "gelu", layers=["5"]).converted == ["5"] and type(net[3]) is nn.ReLU
+    assert swap_activations(net, "gelu", include=["5"]).converted == ["5"] and type(net[3]) is nn.ReLU
     # idempotent: a second identical swap converts nothing
-    again = swap_activations(net, "gelu", layers=["5"])
+    again = swap_activations(net, "gelu", include=["5"])
     assert again.converted == [] and again.already == ["5"]
-    with pytest.raises(InvalidArgumentError, match="`layers` pattern '0' matches only modules"):
-        swap_activations(net, "elu", layers=["0"])
+    with pytest.raises(InvalidArgumentError, match="`include` pattern '0' matches only modules"):
+        swap_activations(net, "elu", include=["0"])
+
+
+def test_a_pattern_selects_the_activations_inside_a_matching_module():
+    """The package's one selector: a pattern naming a block selects what is inside it (as WeightInit's does)."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()))
+    assert swap_activations(net, "elu", include=["2"]).converted == ["2.1", "2.2"] and type(net[1]) is nn.ReLU
+    with pytest.raises(InvalidArgumentError, match=r"ActivationSwap: `include` pattern 'head' matches no module: "
+                                                   r"names look like '0', '1', '2', '2.0'"):
+        swap_activations(net, "elu", include=["head"])
+
+
+def test_exclude_leaves_the_matching_activations_alone():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()))
+    assert swap_activations(net, "elu", exclude=["2.2"]).converted == ["1", "2.1"] and type(net[2][2]) is nn.ReLU
+    with pytest.raises(InvalidArgumentError, match=r"ActivationSwap: `exclude` pattern 'head' matches no module"):
+        swap_activations(net, "elu", exclude=["head"])
+
+
+@pytest.mark.parametrize(("old", "new", "value", "other"), [
+    ("replace", "activations", ["tanh"], ["relu"]),
+    ("layers", "include", ["3"], ["1"]),
+])
+def test_the_old_argument_names_warn_and_give_the_same_swap(old, new, value, other):
+    def net():
+        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+    message = rf"ActivationSwap: `{old}` is renamed `{new}`.*write {new}="
+    with pytest.warns(DeprecationWarning, match=message):
+        swap = ActivationSwap("elu", **{old: value}, **({"activations": ["tanh"]} if old == "layers" else {}))
+    reference = ActivationSwap("elu", **{new: value}, **({"activations": ["tanh"]} if old == "layers" else {}))
+    assert swap.spec == reference.spec and swap.state_key == reference.state_key
+    assert swap.init_args() == reference.init_args() and new in swap.init_args() and old not in swap.init_args()
+    kwargs = {"activations": ["tanh"]} if old == "layers" else {}
+    old_net, new_net = net(), net()
+    with pytest.warns(DeprecationWarning, match=message):
+        old_report = swap_activations(old_net, "elu", **{old: value}, **kwargs)
+    assert old_report.converted == swap_activations(new_net, "elu", **{new: value}, **kwargs).converted
+    assert [type(m) for m in old_net] == [type(m) for m in new_net]
+    for call in (ActivationSwap, resolve_swap):
+        with pytest.raises(InvalidArgumentError, match=rf"`{old}`=.* and `{new}`=.* are the same argument"):
+            call("elu", **{old: value, new: other})
+    with pytest.warns(DeprecationWarning, match=rf"SwapSpec.{old} is renamed SwapSpec.{new}"):
+        assert getattr(reference.spec, old) == getattr(reference.spec, new)
+
+
+def test_a_record_of_an_earlier_release_reapplies_without_a_warning():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    record = {"class_path": "lightning_tricks.setup.activation_swap.ActivationSwap",
+              "init_args": {"to": "elu", "replace": ["relu"], "slope": None, "alpha": 1.0, "layers": None,
+                            "strict": False}, "modules": ["3"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        report = ActivationSwap.reapply(net, record)
+    assert report.converted == ["3"] and type(net[1]) is nn.ReLU and type(net[3]) is nn.ELU
 
 
 def test_a_module_shared_under_two_names_is_replaced_under_both():
@@ -124,8 +178,8 @@ def test_a_module_shared_under_two_names_is_replaced_under_both():
     (dict(to="prelu", slope=-0.1), r"`slope`=-0.1 is invalid"),
     (dict(to="elu", slope=0.1), "only leaky_relu and prelu have a slope"),
     (dict(to="elu", alpha=0.0), r"`alpha`=0.0 is invalid: expected a number in \(0.0, inf\)"),
-    (dict(to="elu", replace=["relu", "mish"]), "`replace`='mish' is invalid"),
-    (dict(to="elu", replace="relu"), "`replace`='relu' is invalid: expected a non-empty list"),
+    (dict(to="elu", activations=["relu", "mish"]), "`activations`='mish' is invalid"),
+    (dict(to="elu", activations="relu"), "`activations`='relu' is invalid: expected a non-empty list"),
 ])
 def test_bad_arguments_one_line_each(kwargs, message):
     with pytest.raises(InvalidArgumentError, match=message) as err:

@@ -85,8 +85,9 @@ def test_load_from_checkpoint_predicts_exactly_as_the_trained_model(trained):
     else:
         to = name.split("-")[1]
         expected = {"class_path": "lightning_tricks.setup.activation_swap.ActivationSwap",
-                    "init_args": {"to": to, "replace": ["relu"], "slope": {"leaky_relu": 0.01, "prelu": 0.25}[to],
-                                  "alpha": None, "layers": None, "strict": False}, "modules": RELUS}
+                    "init_args": {"to": to, "activations": ["relu"], "slope": {"leaky_relu": 0.01, "prelu": 0.25}[to],
+                                  "alpha": None, "include": None, "exclude": None, "strict": False},
+                    "modules": RELUS}
         if to == "prelu":  # each PReLU's slopes, one per channel of the map it sees (the stem's, then each stage's)
             expected["channels"] = [64, 64, 128, 256, 512]
         assert records == [expected]

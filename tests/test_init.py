@@ -12,7 +12,9 @@ import torchvision
 from torch import nn
 
 from benchmarks.lsuv import lsuv_reference
+from lightning_tricks.core.batch import find_inputs
 from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.errors import BatchFormatError
 from lightning_tricks.init import (
     LECTURE_CASES,
     activation_statistics,
@@ -23,7 +25,7 @@ from lightning_tricks.init import (
     select_modules,
     zero_init_residual,
 )
-from lightning_tricks.init._measure import batch_input, measurement_mode
+from lightning_tricks.init._measure import measurement_mode
 from lightning_tricks.zoo import CifarResNet, SimpleCNN, build_backbone
 
 
@@ -143,7 +145,7 @@ def test_include_exclude_and_layer_types_select_by_name_and_ancestor():
     (lambda: init_weights(nn.Linear(2, 2), "kaiming_normal", negative_slope=0.1), r"`negative_slope`=0.1 is invalid"),
     (lambda: init_weights(nn.Linear(2, 2), "xavier_normal", std=0.1), r"`std`=0.1 is invalid with scheme='xavier_normal'"),
     (lambda: init_weights(nn.Linear(2, 2), bias=float("inf")), r"`bias`=inf is invalid"),
-    (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), include=["fc*"]), r"`include` pattern 'fc\*' matches no selected layer: layer names look like '0'"),
+    (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), include=["fc*"]), r"init_weights: `include` pattern 'fc\*' matches no module: names look like '0'"),
     (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), exclude=["head"]), r"`exclude` pattern 'head' matches no"),
     (lambda: init_weights(nn.Sequential(nn.Linear(2, 2)), layer_types=["Conv2d"]), r"`layer_types` entry 'Conv2d' matches no module"),
     (lambda: init_weights(nn.Sequential(nn.ReLU())), r"no layer of Sequential matches layer_types"),
@@ -305,7 +307,7 @@ def test_lsuv_reports_layers_that_cannot_converge():
 @pytest.mark.parametrize(("kwargs", "pattern"), [
     ({"tol": 0.0}, r"`tol`=0.0 is invalid"), ({"tol": -1}, r"`tol`=-1 is invalid"),
     ({"max_iters": 0}, r"`max_iters`=0 is invalid: expected an integer in \[1, inf\]"),
-    ({"include": ["nothing"]}, r"`include` pattern 'nothing' matches no selected layer"),
+    ({"include": ["nothing"]}, r"LSUV: `include` pattern 'nothing' matches no module"),
 ])
 def test_lsuv_bad_arguments(kwargs, pattern):
     with pytest.raises(InvalidArgumentError, match=pattern):
@@ -313,19 +315,20 @@ def test_lsuv_bad_arguments(kwargs, pattern):
 
 
 def test_lsuv_without_conv_or_linear_layers_fails_clearly():
-    with pytest.raises(InvalidArgumentError, match=r"LSUV has no layer to scale: no layer of Sequential matches "
+    with pytest.raises(InvalidArgumentError, match=r"LSUV: no layer of Sequential matches "
                                                    r"layer_types=\['Linear', 'Conv1d', 'Conv2d', 'Conv3d'\]"):
         lsuv(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), torch.randn(4, 3))
 
 
-def test_batch_input_picks_the_model_input():
+def test_the_model_input_comes_from_the_one_batch_accessor():
     x, y = torch.randn(2, 3), torch.tensor([0, 1])
-    assert batch_input((x, y)) is x and batch_input([[x], y]) is x and batch_input({"meta": "a", "image": x}) is x
-    assert batch_input({"a": y, "image": x}, "image") is x and batch_input((y, x), 1) is x
-    with pytest.raises(InvalidArgumentError, match=r"`batch_key`='img' is not in the training batch"):
-        batch_input({"image": x}, "img")
-    with pytest.raises(InvalidArgumentError, match="holds no tensor"):
-        batch_input({"a": "b"})
+    assert find_inputs((x, y)) is x and find_inputs({"meta": "a", "image": x}) is x
+    assert find_inputs({"label": y, "image": x}) is x and find_inputs({"label": y, "feats": x}) is x
+    assert find_inputs({"a": y, "image": x}, "image") is x and find_inputs((y, x), 1) is x
+    with pytest.raises(BatchFormatError, match=r"`input_key`='img' is not in the batch"):
+        find_inputs({"image": x}, "img")
+    with pytest.raises(BatchFormatError, match="looked for the images under 'image'"):
+        find_inputs({"a": "b"})
 
 
 # ------------------------------------------------------------------------------------------------ activation statistics

@@ -13,7 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_tricks import ActivationStatistics, ImageClassifier, SyntheticDataModule, WeightInit
+from lightning_tricks.core.batch import find_slot, get_item
+from lightning_tricks.core.model_probe import batch_input as probe_batch_input
 from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.errors import BatchFormatError
 from lightning_tricks.init import activation_statistics, select_modules
 from lightning_tricks.init._measure import measurement_mode
 from tests.helpers import REPO, cpu_trainer, run_cli, run_ddp
@@ -92,29 +95,66 @@ def test_lsuv_in_setup_on_an_unmodified_module_with_list_batches(tmp_path):
 
 
 class _DictData(Dataset):
-    def __init__(self):
+    def __init__(self, key="image"):
         g = torch.Generator().manual_seed(0)
         self.x, self.y = torch.randn(64, 16, generator=g) * 4, torch.randint(0, 3, (64,), generator=g)
+        self.key = key
 
     def __len__(self):
         return 64
 
     def __getitem__(self, i):
-        return {"label": self.y[i], "image": self.x[i]}
+        return {"label": self.y[i], self.key: self.x[i]}
 
 
 class DictNet(UserNet):
+    key = "image"
+
     def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch["image"]), batch["label"])
+        return F.cross_entropy(self(batch[self.key]), batch["label"])
 
 
-def test_lsuv_takes_the_input_named_by_batch_key(tmp_path):
-    init = WeightInit("lsuv", batch_key="image")
+def test_lsuv_takes_the_input_named_by_input_key(tmp_path):
+    init = WeightInit("lsuv", input_key="image")
     cpu_trainer(tmp_path, max_steps=1, callbacks=[init]).fit(DictNet(), DataLoader(_DictData(), batch_size=32))
     assert all(r.converged for r in init.lsuv_report)
-    with pytest.raises(InvalidArgumentError, match=r"`batch_key`='img' is not in the training batch"):
-        cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit("lsuv", batch_key="img")]).fit(
+    with pytest.raises(BatchFormatError, match=r"WeightInit: `input_key`='img' is not in the batch"):
+        cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit("lsuv", input_key="img")]).fit(
             DictNet(), DataLoader(_DictData(), batch_size=32))
+
+
+class _InputRecorder(Callback):
+    """Records every tensor the model's forward receives, and where TTA's probe and Cutout find the images."""
+
+    def __init__(self):
+        self.forward_inputs, self.probe_images, self.cutout_images = [], None, None
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.net.register_forward_pre_hook(lambda m, args: self.forward_inputs.append(args[0].detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.probe_images is None:
+            self.probe_images = probe_batch_input(batch).clone()
+            if "image" in batch:
+                self.cutout_images = get_item(batch, find_slot(batch, None, "images", "Cutout")).clone()
+
+
+@pytest.mark.parametrize("key", ["image", "features"])
+def test_a_dict_batch_reaches_lsuv_and_activation_statistics_as_it_reaches_the_other_tricks(tmp_path, key):
+    """{"label": ..., key: ...}: the label comes first; an image-like key wins, else the first float tensor."""
+    recorder = _InputRecorder()
+    init, stats = WeightInit("lsuv", num_batches=1), ActivationStatistics(plot=False, bins=0)
+    model = DictNet()
+    model.key = key
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[recorder, init, stats]).fit(
+        model, DataLoader(_DictData(key), batch_size=32))
+    images = _DictData().x[:32]
+    assert torch.equal(recorder.forward_inputs[0], images)  # LSUV's forward pass, in setup
+    assert torch.equal(recorder.probe_images, images)  # what TestTimeAugmentation's probe looks for
+    if key == "image":
+        assert torch.equal(recorder.cutout_images, images)
+    assert torch.equal(stats._inputs, images)
+    assert all(r.converged for r in init.lsuv_report)
 
 
 def test_kaiming_with_zero_init_residual_on_the_zoo_resnet(tmp_path):
@@ -174,7 +214,7 @@ def test_resume_keeps_the_checkpoint_weights_and_does_not_reinitialize(tmp_path)
     ({"scheme": "kaiming_normal", "tol": 0.1}, r"`tol`=0.1 is invalid with scheme='kaiming_normal': it is used only by"),
     ({"include": "fc"}, r"`include`='fc' is invalid: expected a non-empty list"),
     ({"zero_init_residual": "yes"}, r"`zero_init_residual`='yes' is invalid"),
-    ({"scheme": "lsuv", "batch_key": 1.5}, r"`batch_key`=1.5 is invalid"),
+    ({"scheme": "lsuv", "input_key": 1.5}, r"`input_key`=1.5 is invalid"),
 ])
 def test_weight_init_rejects_bad_arguments(kwargs, pattern):
     with pytest.raises(InvalidArgumentError, match=pattern):
@@ -182,7 +222,7 @@ def test_weight_init_rejects_bad_arguments(kwargs, pattern):
 
 
 @pytest.mark.parametrize(("init", "pattern"), [
-    (WeightInit(include=["head*"]), r"`include` pattern 'head\*' matches no selected layer: layer names look like 'net.1'"),
+    (WeightInit(include=["head*"]), r"WeightInit: `include` pattern 'head\*' matches no module: names look like 'net', 'net.0', 'net.1'"),
     (WeightInit(zero_init_residual=True), r"`zero_init_residual`=True found no residual block in UserNet"),
     (WeightInit("lsuv", layer_types=["Conv2d"]), r"`layer_types` entry 'Conv2d' matches no module of UserNet"),
 ])
@@ -243,8 +283,8 @@ def test_activation_statistics_callback_logs_draws_and_measures_the_first_batch(
     first = FirstBatch()
     stats_cb = ActivationStatistics(every_n_epochs=2, bins=10, max_samples=20)
     model = UserNet(nn.Tanh)
-    cpu_trainer(tmp_path, max_epochs=4, callbacks=[first, stats_cb], logger=CSVLogger(tmp_path)).fit(
-        model, train_dataloaders=_loader())
+    cpu_trainer(tmp_path, max_epochs=4, callbacks=[first, stats_cb], logger=CSVLogger(tmp_path),
+                log_every_n_steps=1).fit(model, train_dataloaders=_loader())
     assert [(epoch, step) for epoch, step, _ in stats_cb.history] == [(0, 0), (1, 8), (3, 16)]
     reference = copy.deepcopy(model)
     reference.load_state_dict(first.state)
@@ -255,19 +295,23 @@ def test_activation_statistics_callback_logs_draws_and_measures_the_first_batch(
     assert pngs == ["epoch000_step000000.png", "epoch001_step000008.png", "epoch003_step000016.png"]
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert float(rows[0]["activations/net.2/std"]) == pytest.approx(expected[0].std)
-    assert float(rows[0]["activations/net.4/saturated_fraction"]) == pytest.approx(expected[1].saturated_fraction)
+    # the first measurement is a step metric, sent with the first logged step; the later ones end their epochs
+    logged = [row for row in rows if row.get("activation_stats/net.2/std")]
+    # (Lightning sends a step metric again at the epoch's later logging steps, until the epoch ends)
+    assert [int(row["step"]) for row in logged] == [0, 1, 2, 3, 7, 15]
+    assert float(logged[0]["activation_stats/net.2/std"]) == pytest.approx(expected[0].std)
+    assert float(logged[0]["activation_stats/net.4/saturated_fraction"]) == pytest.approx(expected[1].saturated_fraction)
 
 
 def test_activation_statistics_sends_the_figure_to_image_loggers(tmp_path):
     board, wandb_like = _TensorBoardLike(), _ImageLogger()
-    callback = ActivationStatistics(every_n_epochs=0, bins=5, figure_dir=str(tmp_path / "figs"))
-    cpu_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=[board, wandb_like]).fit(
+    callback = ActivationStatistics(every_n_epochs=0, bins=5, plot_dir=str(tmp_path / "figs"))
+    cpu_trainer(tmp_path, max_epochs=1, callbacks=[callback], logger=[board, wandb_like], log_every_n_steps=1).fit(
         UserNet(), train_dataloaders=_loader())
     assert board.writer.figures == [("activation_statistics", "Figure", 0)] and board.images == []
     path = str(tmp_path / "figs" / "epoch000_step000000.png")
     assert wandb_like.images == [("activation_statistics", [path], 0)]
-    assert any("activations/net.2/zero_fraction" in m for _, m in wandb_like.metrics)
+    assert any("activation_stats/net.2/zero_fraction" in m for _, m in wandb_like.metrics)
 
 
 def test_activation_statistics_rejects_bad_arguments():
@@ -331,3 +375,90 @@ def test_example_config_under_ddp_cli(tmp_path):
     assert reports[0]["world_size"] == 2 and reports[0]["first_weight"] == reports[1]["first_weight"]
     assert reports[0]["metrics"]["val_acc"] > 0.3
     assert len(list((tmp_path / "runs" / "init").glob("version_*/activation_statistics/*.png"))) == 1
+
+
+# ------------------------------------------------------------------------------------------------ renamed arguments
+
+
+def _public_state(callback):
+    return {k: v for k, v in vars(callback).items() if not k.startswith("_") and k != "randomness"}
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "old", "new", "value", "conflict"), [
+    (WeightInit, {"scheme": "lsuv"}, "batch_key", "input_key", "image", ("image", "x")),
+    (ActivationStatistics, {}, "batch_key", "input_key", 1, (1, 0)),
+    (ActivationStatistics, {}, "save_figure", "plot", False, (True, False)),  # plot=True is the default: not a conflict
+    (ActivationStatistics, {}, "figure_dir", "plot_dir", "figs", ("figs", "other")),
+])
+def test_an_old_argument_name_warns_and_means_the_new_one(cls, kwargs, old, new, value, conflict):
+    with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}: `{old}` is renamed `{new}`.*write {new}="):
+        renamed = cls(**kwargs, **{old: value})
+    assert _public_state(renamed) == _public_state(cls(**kwargs, **{new: value}))
+    assert getattr(renamed, new) == value
+    with pytest.raises(InvalidArgumentError, match=rf"`{old}`=.* and `{new}`=.* are the same argument"):
+        cls(**kwargs, **{old: conflict[0], new: conflict[1]})
+
+
+def test_activation_statistics_renamed_plot_dir_is_where_the_figure_goes(tmp_path):
+    with pytest.warns(DeprecationWarning, match="`figure_dir` is renamed `plot_dir`"):
+        callback = ActivationStatistics(every_n_epochs=0, bins=5, figure_dir=str(tmp_path / "figs"))
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(UserNet(nn.Tanh), train_dataloaders=_loader())
+    assert callback.figure_path(0, 0) == tmp_path / "figs" / "epoch000_step000000.png" and callback.figure_path(0, 0).exists()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class _AfterInit(Callback):
+    """Placed after WeightInit: the weights as initialized, and the first training batch's input."""
+
+    def __init__(self):
+        self.state = self.batch = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = batch[0].clone()
+
+
+@pytest.mark.parametrize("scheme", ["kaiming_normal", "lsuv"])
+def test_weight_init_and_activation_statistics_log_through_pl_module_log(tmp_path, scheme):
+    init, after, stats = WeightInit(scheme), _AfterInit(), ActivationStatistics(every_n_epochs=0, bins=0, plot=False)
+    model = UserNet(nn.Tanh)
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[init, after, stats])
+    trainer.fit(model, train_dataloaders=_loader(shuffle=False))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    expected = {f"weight_init/{name}/std": after.state[f"{name}.weight"].std().item() for name in ("net.1", "net.3", "net.5")}
+    if scheme == "lsuv":
+        for r in init.lsuv_report:
+            expected[f"weight_init/{r.name}/lsuv_variance"] = r.variance
+            expected[f"weight_init/{r.name}/lsuv_iterations"] = float(r.iterations)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(after.state)  # the first batch's weights are the initialized ones
+    for s in activation_statistics(reference, after.batch, bins=0):
+        expected[f"activation_stats/{s.name}/mean"], expected[f"activation_stats/{s.name}/std"] = s.mean, s.std
+        expected[f"activation_stats/{s.name}/zero_fraction"] = s.zero_fraction
+        expected[f"activation_stats/{s.name}/saturated_fraction"] = s.saturated_fraction
+    assert metrics.keys() == expected.keys()
+    assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_monitoring_the_latest_activation_statistics_with_model_checkpoint(tmp_path):
+    """An epoch's measurement is an epoch metric: ModelCheckpoint monitors it (it could not read the logger's)."""
+    stats = ActivationStatistics(every_n_epochs=1, bins=0, plot=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="activation_stats/net.2/std", mode="max")
+    model = UserNet(nn.Tanh)
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[stats, checkpoint], enable_checkpointing=True)
+    trainer.fit(model, train_dataloaders=_loader())
+    last = activation_statistics(model, stats._inputs, bins=0)
+    assert float(trainer.callback_metrics["activation_stats/net.2/std"]) == pytest.approx(last[0].std, rel=1e-5)
+    assert float(checkpoint.best_model_score) == pytest.approx(max(h[2][0].std for h in stats.history[1:]), rel=1e-5)
+
+
+def test_log_false_logs_nothing(tmp_path):
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[WeightInit(log=False), ActivationStatistics(
+        every_n_epochs=0, bins=0, plot=False, log=False)])
+    trainer.fit(UserNet(), train_dataloaders=_loader())
+    assert not any(k.startswith(("weight_init/", "activation_stats/")) for k in trainer.callback_metrics)

@@ -128,6 +128,33 @@ def find_targets(batch: Any, target_key: Key = None) -> Any:
         return None
 
 
+def find_inputs(batch: Any, input_key: Key = None, owner: str = "lightning-tricks") -> torch.Tensor:
+    """The batch's model input as a tensor, for tricks that run the model on it (WeightInit, LSUV, TTA, ...).
+
+    :func:`find_slot`'s images (``input_key``; without it a tensor batch, a sequence's first tensor, a dict's
+    first usual image key); a dict with none of :data:`IMAGE_KEYS` gives its first floating-point tensor (the
+    glossary's ``input_key`` rule).
+
+    Raises:
+        BatchFormatError: ``input_key`` not in the batch, or no tensor where the input should be.
+
+    Examples:
+        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> find_inputs({"label": y, "image": x}) is x, find_inputs((x, y)) is x, find_inputs({"y": y, "feat": x}) is x
+        (True, True, True)
+    """
+    if input_key is None and isinstance(batch, Mapping) and not any(k in batch for k in IMAGE_KEYS):
+        found = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+        if found is not None:
+            return found
+    slot = find_slot(batch, input_key, "images", owner)
+    value = get_item(batch, slot)
+    if not isinstance(value, torch.Tensor):
+        raise BatchFormatError(f"{owner}: the model input ({'the batch' if slot is None else repr(slot)}) of "
+                               f"{_describe(batch)} is a {type(value).__name__}, not a tensor; set `input_key`.")
+    return value
+
+
 def get_item(batch: Any, slot: Slot) -> Any:
     return batch if slot is None else batch[slot]
 

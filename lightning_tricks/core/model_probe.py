@@ -14,7 +14,7 @@ must act on "the model" cannot assume one of them. Two shared helpers serve ever
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,28 +23,17 @@ import lightning.pytorch as pl
 import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
+from lightning_tricks.core.batch import find_inputs
 from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.errors import BatchFormatError
 
 
 def batch_input(batch: Any) -> Tensor | None:
-    """The batch's input tensor: the batch itself, the first tensor of a sequence, or a dict's input.
-
-    A dict's input is its first usual input key (``image``, ``x``, ``input``, ... as Cutout and Mixup
-    look for them), else its first tensor. None when the batch holds no tensor.
-    """
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        # imported here because that package imports this module
-        from lightning_tricks.core.batch import IMAGE_KEYS
-
-        for key in IMAGE_KEYS:
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        return next((item for item in batch if isinstance(item, Tensor)), None)
-    return None
+    """The batch's input tensor (:func:`lightning_tricks.core.batch.find_inputs`), or None when it has none."""
+    try:
+        return find_inputs(batch, None, "InputModuleProbe")
+    except BatchFormatError:
+        return None
 
 
 def _same_tensor(value: Any, x: Tensor) -> bool:

@@ -1,16 +1,18 @@
-"""What LSUV and the activation statistics share: how the model runs while measured, and the batch's input."""
+"""What LSUV and the activation statistics share: how the model runs while measured, and what a failed forward says.
+
+The batch's input comes from the one batch accessor, :func:`lightning_tricks.core.batch.find_inputs`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.errors import ForwardOnBatchError
 
 
@@ -62,47 +64,4 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _find_tensor(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) and not isinstance(
-        batch, str) else ()
-    for item in items:
-        found = _find_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def batch_input(batch: Any, batch_key: str | int | None = None) -> torch.Tensor:
-    """The model input of a batch: the batch itself, ``batch[batch_key]``, or its first tensor.
-
-    Without ``batch_key``, a list/tuple gives its first tensor (``x`` of ``(x, y)``) and a dict the value
-    of its first usual input key (``image``, ``x``, ``input``, ... as the batch tricks look for them), else
-    its first tensor value, searched depth-first.
-
-    Raises:
-        InvalidArgumentError: ``batch_key`` not in the batch, or no tensor found.
-    """
-    if batch_key is not None:
-        try:
-            value = batch[batch_key]
-        except (KeyError, IndexError, TypeError) as err:
-            raise InvalidArgumentError(f"`batch_key`={batch_key!r} is not in the training batch ({type(batch).__name__}"
-                                       f"{' with keys ' + repr(list(batch)) if isinstance(batch, Mapping) else ''}).") from err
-        if not isinstance(value, torch.Tensor):
-            raise InvalidArgumentError(f"`batch_key`={batch_key!r} selects a {type(value).__name__}, not a tensor.")
-        return value
-    found = None
-    if isinstance(batch, Mapping):  # a dict's input is under a usual input key ("image", "x", ...) when it has one
-        from lightning_tricks.core.batch import IMAGE_KEYS  # here: that package imports this one
-
-        found = next((batch[k] for k in IMAGE_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
-    found = _find_tensor(batch) if found is None else found
-    if found is None:
-        raise InvalidArgumentError(f"the training batch ({type(batch).__name__}) holds no tensor: set `batch_key` to the "
-                                   "key or index of the model input.")
-    return found
-
-
-__all__ = ["ForwardOnBatchError", "batch_input", "forward_on_batch_input", "measurement_mode"]
+__all__ = ["ForwardOnBatchError", "forward_on_batch_input", "measurement_mode"]

@@ -121,13 +121,10 @@ def lsuv(
     if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         raise InvalidArgumentError("LSUV: the input batch has NaN or infinite values, so no output variance can be "
                                    "measured: clean the data (e.g. torch.nan_to_num) or drop those samples.")
-    try:
-        layers = select_modules(module, layer_types, include, exclude)
-    except InvalidArgumentError as err:
-        raise InvalidArgumentError(f"LSUV has no layer to scale: {err}") from None
+    layers = select_modules(module, layer_types, include, exclude, owner="LSUV")
     if orthogonal_init:
         apply_scheme(module, resolve_scheme("lsuv", bias=bias), layer_types=layer_types, include=include,
-                     exclude=exclude, generator=generator)
+                     exclude=exclude, generator=generator, owner="LSUV")
     elif bias is not None:
         with torch.no_grad():
             for _, layer in layers:

@@ -17,13 +17,13 @@ For a layer with ``fan_in`` inputs per output (``in_channels * k * k`` for a con
 Uniform variants draw from U(-a, a) with a = sqrt(3 Var), so they have the same variance. The gain
 of a nonlinearity comes from ``torch.nn.init.calculate_gain`` (relu sqrt(2), leaky_relu
 sqrt(2 / (1 + slope^2)), tanh 5/3, selu 3/4, linear and sigmoid 1).
+
+Zero-init residual lives in :mod:`lightning_tricks.init.residual` (re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_tricks.core.selection import (
+    check_layer_types,
+    describe_names,
+    is_of_types,
+    select,
+)
 from lightning_tricks.core.validation import (
     InvalidArgumentError,
     check_choice,
@@ -39,6 +45,7 @@ from lightning_tricks.core.validation import (
     check_positive,
     check_range,
 )
+from lightning_tricks.init.residual import KNOWN_RESIDUAL_BLOCKS, residual_norms, zero_init_residual
 
 SCHEMES = ("default", "zeros", "normal", "xavier_uniform", "xavier_normal", "lecun_uniform", "lecun_normal",
            "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv")
@@ -167,40 +174,30 @@ def resolve_scheme(
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def class_names(module: nn.Module) -> set[str]:
-    """Names (plain and qualified) of the module's class and its base classes."""
-    return {name for cls in type(module).__mro__ for name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")}
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """A pattern selects a module when it matches its name or the name of one of its ancestors."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
-
-
-def _examples(names: Sequence[str], k: int = 6) -> str:
-    shown = ", ".join(repr(n) for n in names[:k])
-    return shown + (", ..." if len(names) > k else "") if names else "(none)"
-
-
 def select_modules(
     module: nn.Module,
     layer_types: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     default_types: Sequence[str] = DEFAULT_LAYER_TYPES,
+    *,
+    owner: str = "init_weights",
 ) -> list[tuple[str, nn.Module]]:
     """The layers a scheme acts on: ``(name, module)`` pairs in definition order.
+
+    The package's one selector (:func:`lightning_tricks.core.selection.select`) with the layers of
+    ``layer_types`` as the eligible modules.
 
     Args:
         module: the model (its ``named_modules()`` names are what ``include``/``exclude`` match).
         layer_types: class names (``"Conv2d"``) or qualified names (``"torch.nn.Conv2d"``); a module
             matches when its class or a base class has that name, so ``Conv2d`` also selects timm's
             ``StdConv2d``. Default ``default_types``.
-        include: ``fnmatch`` patterns; only layers whose name, or an ancestor's name, matches one
+        include: glob patterns; only layers whose name, or an ancestor's name, matches one
             are kept (``"head"`` keeps ``head.0`` and ``head.3``; ``"layer*.*.conv1"`` works too).
         exclude: patterns in the same form; matching layers are dropped.
         default_types: the types used when ``layer_types`` is None (:data:`DEFAULT_LAYER_TYPES`).
+        owner: who selects, named at the start of every error.
 
     Raises:
         InvalidArgumentError: a type given in ``layer_types``, or a pattern, that selects nothing, or
@@ -211,36 +208,19 @@ def select_modules(
         >>> [name for name, _ in select_modules(net, exclude=["2"])]
         ['0']
     """
-    types = list(default_types if layer_types is None else layer_types)
-    if not types:
-        raise InvalidArgumentError("`layer_types`=[] is invalid: expected at least one layer type such as 'Linear'.")
     named = list(module.named_modules())
-    typed = [(n, m) for n, m in named if class_names(m) & set(types)]
-    if layer_types is not None:
-        for t in types:
-            if not any(t in class_names(m) for _, m in typed):
-                present = sorted({type(m).__name__ for _, m in named})
-                raise InvalidArgumentError(f"`layer_types` entry {t!r} matches no module of {type(module).__name__}: "
-                                           f"its module types are {_examples(present, 12)}.")
-    if not typed:
+    types = list(default_types) if layer_types is None else check_layer_types(module, layer_types, owner)
+    if not any(is_of_types(m, types) for _, m in named):
+        present = sorted({type(m).__name__ for _, m in named})
         raise InvalidArgumentError(
-            f"no layer of {type(module).__name__} matches layer_types={types}: pass `layer_types` with the names of "
-            f"its weight layers (it has {_examples(sorted({type(m).__name__ for _, m in named}), 12)})."
+            f"{owner}: no layer of {type(module).__name__} matches layer_types={types}: pass `layer_types` with the names of "
+            f"its weight layers (it has {describe_names(present, 12)})."
         )
-    selected = typed
-    typed_names = [n for n, _ in typed]
-    for arg, patterns, keep in (("include", include, True), ("exclude", exclude, False)):
-        if patterns is None:
-            continue
-        for p in patterns:
-            if not any(_matches(n, p) for n in typed_names):
-                raise InvalidArgumentError(
-                    f"`{arg}` pattern {p!r} matches no selected layer: layer names look like {_examples(typed_names)} "
-                    "(fnmatch patterns on named_modules() names; a pattern also selects the layers inside a match)."
-                )
-        selected = [(n, m) for n, m in selected if any(_matches(n, p) for p in patterns) == keep]
+    wanted = "/".join(t if isinstance(t, str) else t.__name__ for t in types)
+    selected = select(named, include=include, exclude=exclude, owner=owner,
+                      why_not=lambda m: None if is_of_types(m, types) else f"not a {wanted} layer")
     if not selected:
-        raise InvalidArgumentError(f"`include`={include!r} and `exclude`={exclude!r} leave no layer of "
+        raise InvalidArgumentError(f"{owner}: `include`={include!r} and `exclude`={exclude!r} leave no layer of "
                                    f"{type(module).__name__} to initialize.")
     return selected
 
@@ -344,10 +324,12 @@ def apply_scheme(
     exclude: Sequence[str] | None = None,
     zero_residual: bool | Sequence[str] = False,
     generator: torch.Generator | None = None,
+    owner: str = "init_weights",
 ) -> list[str]:
-    """:func:`init_weights` with already resolved :class:`SchemeArgs` (``zero_residual`` is its ``zero_init_residual``)."""
+    """:func:`init_weights` with already resolved :class:`SchemeArgs` (``zero_residual`` is its ``zero_init_residual``;
+    ``owner`` is named in the selector's errors)."""
     args = follow_activations(module, args)
-    layers = select_modules(module, layer_types, include, exclude)
+    layers = select_modules(module, layer_types, include, exclude, owner=owner)
     for name, layer in layers:
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
@@ -389,136 +371,6 @@ def follow_activations(module: nn.Module, args: SchemeArgs) -> SchemeArgs:
         return args
     nonlinearity, slope = gains.pop()
     return dataclasses.replace(args, nonlinearity=nonlinearity, negative_slope=float(slope))
-
-
-# ---------------------------------------------------------------------------------------------- residual
-
-
-def _known_residual_norms() -> list[tuple[type, str]]:
-    """(block class, attribute of its residual branch's last normalization) for the ResNets we know.
-
-    torchvision and timm are only looked at when already imported: a model built by them has imported them.
-    """
-    from lightning_tricks.zoo.backbones import BasicBlock
-    from lightning_tricks.zoo.sequence import BasicBlock1d
-
-    known: list[tuple[type, str]] = [(BasicBlock, "bn2"), (BasicBlock1d, "bn2")]
-    if "torchvision.models.resnet" in sys.modules:
-        tv = sys.modules["torchvision.models.resnet"]
-        known += [(tv.BasicBlock, "bn2"), (tv.Bottleneck, "bn3")]
-    if "timm.models.resnet" in sys.modules:
-        tm = sys.modules["timm.models.resnet"]
-        known += [(tm.BasicBlock, "bn2"), (tm.Bottleneck, "bn3")]
-    return known
-
-
-KNOWN_RESIDUAL_BLOCKS = (
-    "lightning_tricks.zoo.BasicBlock.bn2",
-    "lightning_tricks.zoo.BasicBlock1d.bn2",
-    "torchvision.models.resnet.BasicBlock.bn2",
-    "torchvision.models.resnet.Bottleneck.bn3",
-    "timm.models.resnet.BasicBlock.bn2",
-    "timm.models.resnet.Bottleneck.bn3",
-)
-"""The blocks ``zero_init_residual=True`` finds, with the normalization it zeroes in each."""
-
-
-def residual_norms(module: nn.Module, blocks: bool | Sequence[str] = True) -> list[tuple[str, nn.Module]]:
-    """The normalization layers :func:`zero_init_residual` would zero, as ``(name, module)`` pairs.
-
-    Args:
-        module: the model.
-        blocks: True for the blocks of :data:`KNOWN_RESIDUAL_BLOCKS`; or a list of specs, each either
-            ``"BlockClass.attribute"`` (every instance of a class named ``BlockClass``, its attribute
-            ``attribute``, which may be dotted) or an ``fnmatch`` pattern over module names
-            (``"layer*.*.bn2"``). A spec whose first part is a class name in the model is read as the
-            former.
-
-    Raises:
-        InvalidArgumentError: True finds no known block, or a spec matches nothing, or a match has no
-            ``weight`` parameter.
-    """
-    named = list(module.named_modules())
-    found: dict[str, nn.Module] = {}
-    if blocks is True:
-        known = _known_residual_norms()
-        for name, m in named:
-            for cls, attr in known:
-                if isinstance(m, cls):
-                    norm = getattr(m, attr)
-                    found[f"{name}.{attr}" if name else attr] = norm
-                    break
-        if not found:
-            raise InvalidArgumentError(
-                f"`zero_init_residual`=True found no residual block in {type(module).__name__}: it knows "
-                f"{', '.join(KNOWN_RESIDUAL_BLOCKS)}. For your own blocks name the last normalization of each "
-                "residual branch: zero_init_residual: ['MyBlock.bn2'] (class.attribute) or ['layer*.*.bn2'] (name pattern)."
-            )
-    else:
-        if isinstance(blocks, str) or not blocks:
-            raise InvalidArgumentError(f"`zero_init_residual`={blocks!r} is invalid: expected True, False or a non-empty "
-                                       "list of 'BlockClass.attribute' specs or module-name patterns.")
-        names_in_model = set().union(*(class_names(m) for _, m in named))
-        for spec in blocks:
-            head, _, attr = spec.partition(".")
-            matched: dict[str, nn.Module] = {}
-            if head in names_in_model and attr:
-                for name, m in named:
-                    if head in class_names(m):
-                        target = m.get_submodule(attr) if _has_submodule(m, attr) else None
-                        if target is None:
-                            raise InvalidArgumentError(f"`zero_init_residual` spec {spec!r}: module {name!r} "
-                                                       f"({type(m).__name__}) has no submodule {attr!r}.")
-                        matched[f"{name}.{attr}" if name else attr] = target
-            else:
-                matched = {name: m for name, m in named if name and fnmatch.fnmatchcase(name, spec)}
-            if not matched:
-                raise InvalidArgumentError(
-                    f"`zero_init_residual` spec {spec!r} matches nothing in {type(module).__name__}: expected "
-                    "'BlockClass.attribute' with a class of the model, or a pattern over module names such as "
-                    f"{_examples([n for n, _ in named if n])}."
-                )
-            found.update(matched)
-    for name, norm in found.items():
-        if not isinstance(getattr(norm, "weight", None), torch.Tensor):
-            raise InvalidArgumentError(f"`zero_init_residual`: {name!r} ({type(norm).__name__}) has no `weight` to zero "
-                                       "(a normalization layer with affine=False has none).")
-    return list(found.items())
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def zero_init_residual(module: nn.Module, blocks: bool | Sequence[str] = True) -> list[str]:
-    """Zero the last normalization gamma of each residual branch, so every block starts as the identity.
-
-    Goyal et al. (2017): with ``y = x + F(x)`` and ``F`` ending in a normalization with scale gamma,
-    gamma = 0 makes ``F(x) = beta = 0`` at the start; the network begins as a shallower one and the
-    residual branches grow in as training needs them. This is torchvision's ``zero_init_residual=True``
-    and timm's ``zero_init_last``, for any model and for your own blocks.
-
-    Args:
-        module: the model.
-        blocks: see :func:`residual_norms`.
-
-    Returns:
-        The names of the zeroed normalization layers (only their ``weight`` changes).
-
-    Examples:
-        >>> from lightning_tricks.zoo import CifarResNet
-        >>> zero_init_residual(CifarResNet(20))[:2]
-        ['layer1.0.bn2', 'layer1.1.bn2']
-    """
-    norms = residual_norms(module, blocks)
-    with torch.no_grad():
-        for _, norm in norms:
-            norm.weight.zero_()
-    return [name for name, _ in norms]
 
 
 __all__ = [

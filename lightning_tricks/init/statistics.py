@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from lightning_tricks.core.distributed import all_reduce
+from lightning_tricks.core.selection import class_names
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int
 from lightning_tricks.init._measure import measurement_mode
-from lightning_tricks.init.schemes import class_names, init_weights, select_modules
+from lightning_tricks.init.schemes import init_weights, select_modules
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -130,7 +131,8 @@ def activation_statistics(
             f"{', '.join(ACTIVATION_TYPES[:6])}, ...): it may apply its activations as functions; pass "
             "`layer_types`, e.g. ['Conv2d', 'Linear'] to measure the layers' outputs."
         )
-    layers = select_modules(model, layer_types, include, exclude, default_types=ACTIVATION_TYPES)
+    layers = select_modules(model, layer_types, include, exclude, default_types=ACTIVATION_TYPES,
+                            owner="activation_statistics")
     names = {id(m): n for n, m in layers}
     order: list[tuple[str, nn.Module]] = []
     moments: list[torch.Tensor] = []

@@ -27,6 +27,7 @@ from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.init.schemes import _GAIN_SCHEMES  # which schemes have a gain
 from lightning_tricks.setup.activations import (
     _SLOPE_TARGETS,
+    RENAMES,
     apply_swap,
     resolve_swap,
     set_prelu_channels,
@@ -83,37 +84,46 @@ class ActivationSwap(StructuralCallback):
     Args:
         to: the new activation: ``leaky_relu``, ``prelu`` (learnable, per channel), ``elu``, ``selu``,
             ``gelu``, ``silu``, or ``relu``/``tanh``/``sigmoid`` for comparisons.
-        replace: the kinds replaced: ``relu`` (default), ``relu6``, ``leaky_relu``, ``prelu``, ``elu``,
+        activations: the kinds replaced: ``relu`` (default), ``relu6``, ``leaky_relu``, ``prelu``, ``elu``,
             ``selu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``.
         slope: negative slope in [0, 1) of ``leaky_relu`` (default 0.01), initial slope of ``prelu`` (0.25).
         alpha: ELU's alpha > 0 (default 1).
-        layers: glob patterns on module names (``model.layer4.*``); default every module of those kinds.
+        include: glob patterns on module names (``model.layer4``: the activations inside it); default every
+            module of those kinds.
         strict: fail when functional calls of the requested kinds remain after the swap.
+        exclude: patterns of the same form for the modules left alone.
+        replace: Deprecated: use ``activations``.
+        layers: Deprecated: use ``include``.
 
     Raises:
         InvalidArgumentError: in ``__init__``, an unknown activation name, a slope outside [0, 1), ...;
-            at setup, a ``layers`` pattern that matches no activation.
+            at setup, an ``include`` pattern that matches no activation, an ``exclude`` pattern that matches nothing.
         ModelNotSupportedError: at setup, no activation module of the requested kinds (a model that calls
             ``F.relu`` in ``forward``).
 
     Examples:
         >>> import lightning.pytorch as pl
-        >>> trainer = pl.Trainer(callbacks=[ActivationSwap(to="prelu")])
+        >>> trainer = pl.Trainer(callbacks=[ActivationSwap(to="prelu", include=["layer4"])])
     """
 
     converts = "activations"
 
-    def __init__(self, to: str = "leaky_relu", replace: list[str] | None = None, slope: float | None = None,
-                 alpha: float | None = None, layers: list[str] | None = None, strict: bool = False) -> None:
+    def __init__(self, to: str = "leaky_relu", activations: list[str] | None = None, slope: float | None = None,
+                 alpha: float | None = None, include: list[str] | None = None, strict: bool = False,
+                 exclude: list[str] | None = None, replace: list[str] | None = None,
+                 layers: list[str] | None = None) -> None:
         super().__init__(seed=None)  # deterministic: the seed of the shared shell is unused
-        self.spec = resolve_swap(to, replace, slope, alpha, layers)
+        self.spec = resolve_swap(to, activations, slope, alpha, include, exclude, replace=replace, layers=layers)
         self.strict = bool(strict)
         self._example: Any = None
         self._channels: list[int] = []
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(to=self.spec.to, replace=self.spec.replace, layers=self.spec.layers)
+        # the keywords of the first release, so that older checkpoints' states keep their key
+        extra = {} if self.spec.exclude is None else {"exclude": self.spec.exclude}
+        return self._generate_state_key(to=self.spec.to, replace=self.spec.activations, layers=self.spec.include,
+                                        **extra)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_order(trainer)
@@ -125,7 +135,7 @@ class ActivationSwap(StructuralCallback):
 
     def convert(self, model: nn.Module, randomness: LayerRandomness, modules: list[str] | None = None
                 ) -> SurgeryReport:
-        spec = self.spec if modules is None else dataclasses.replace(self.spec, layers=tuple(modules))
+        spec = self.spec if modules is None else dataclasses.replace(self.spec, include=tuple(modules), exclude=None)
         report = apply_swap(model, spec, self._example, trace_optional=True)
         self._channels = [int(getattr(model.get_submodule(name), "num_parameters", 0))
                           for name in report.converted + report.already]
@@ -135,7 +145,7 @@ class ActivationSwap(StructuralCallback):
         assert self.report is not None
         functional = [reason for name, reason in self.report.skipped if name == "forward"]
         if functional:
-            message = (f"ActivationSwap: {functional[0]}; those stay {'/'.join(self.spec.replace)}: replace them by "
+            message = (f"ActivationSwap: {functional[0]}; those stay {'/'.join(self.spec.activations)}: replace them by "
                        "modules in your forward to swap them too.")
             if self.strict:
                 raise ModelNotSupportedError(message)
@@ -158,8 +168,9 @@ class ActivationSwap(StructuralCallback):
     def state_dict(self) -> dict[str, Any]:
         """What a loader needs to rebuild the swapped model: the request and the names it swapped."""
         spec = self.spec
-        return {"to": spec.to, "replace": list(spec.replace), "slope": spec.slope, "alpha": spec.alpha,
-                "layers": None if spec.layers is None else list(spec.layers),
+        return {"to": spec.to, "activations": list(spec.activations), "slope": spec.slope, "alpha": spec.alpha,
+                "include": None if spec.include is None else list(spec.include),
+                "exclude": None if spec.exclude is None else list(spec.exclude),
                 "swapped": list(self.report.converted + self.report.already) if self.report else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -169,10 +180,11 @@ class ActivationSwap(StructuralCallback):
 
     def init_args(self) -> dict[str, Any]:
         spec = self.spec
-        return {"to": spec.to, "replace": list(spec.replace),
+        return {"to": spec.to, "activations": list(spec.activations),
                 "slope": spec.slope if spec.to in _SLOPE_TARGETS else None,
                 "alpha": spec.alpha if spec.to == "elu" else None,
-                "layers": None if spec.layers is None else list(spec.layers), "strict": self.strict}
+                "include": None if spec.include is None else list(spec.include),
+                "exclude": None if spec.exclude is None else list(spec.exclude), "strict": self.strict}
 
     def changes_evaluation(self) -> bool:
         return True
@@ -185,6 +197,9 @@ class ActivationSwap(StructuralCallback):
 
     @classmethod
     def reapply(cls, model: nn.Module, record: dict[str, Any]) -> SurgeryReport:
+        # a checkpoint of an earlier release writes the arguments' old names: read them without a warning
+        init_args = {RENAMES.get(key, key): value for key, value in record["init_args"].items()}
+        record = {**record, "init_args": init_args}
         report = super().reapply(model, record)
         for name, channels in zip(record["modules"], record.get("channels") or [], strict=False):
             set_prelu_channels(model.get_submodule(name), int(channels))

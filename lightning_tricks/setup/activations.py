@@ -21,84 +21,88 @@ timm, your own) and :class:`~lightning_tricks.setup.activation_swap.ActivationSw
 * **Init follows.** A replacement module records the gain its activation needs (``init_gain``:
   leaky_relu/prelu -> leaky ReLU gain with the slope, ELU/GELU/SiLU -> ReLU's, SELU -> gain 1, i.e.
   LeCun normal), which :class:`~lightning_tricks.WeightInit` uses when its ``nonlinearity`` is not given.
+
+The activation kinds and the forward trace live in :mod:`lightning_tricks.setup.activation_trace` (re-exported here).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import inspect
-import os
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from lightning_tricks.core.deprecation import REMOVED_IN, register_renames, renamed_argument
+from lightning_tricks.core.selection import check_patterns, name_matches, select
 from lightning_tricks.core.surgery import (
     MARKER_PREFIX,
     ModelNotSupportedError,
     SurgeryReport,
-    check_patterns,
     mark,
     marker_values,
-    select_modules,
 )
 from lightning_tricks.core.validation import (
     InvalidArgumentError,
     check_choice,
     check_range,
 )
+from lightning_tricks.setup.activation_trace import (
+    KINDS,
+    ForwardTrace,
+    activation_kind,
+    find_functional_activations,
+    trace_forward,
+)
 
 TARGETS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "tanh", "sigmoid")
 """Activations a model can be given (``to``); relu, tanh and sigmoid serve the lectures' comparisons."""
 
-KINDS: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] = {
-    "relu": ((nn.ReLU,), frozenset()),
-    "relu6": ((nn.ReLU6,), frozenset()),
-    "leaky_relu": ((nn.LeakyReLU,), frozenset()),
-    "prelu": ((nn.PReLU,), frozenset()),
-    "elu": ((nn.ELU,), frozenset()),
-    "selu": ((nn.SELU,), frozenset()),
-    "gelu": ((nn.GELU,), frozenset({"GELU", "GELUTanh", "QuickGELU"})),
-    "silu": ((nn.SiLU,), frozenset({"SiLU", "Swish"})),
-    "sigmoid": ((nn.Sigmoid,), frozenset({"Sigmoid"})),
-    "tanh": ((nn.Tanh,), frozenset({"Tanh"})),
-}
-"""Activation kinds that can be replaced (``replace``) -> (module classes, class names, for timm's own)."""
-
-# the functional forms of each kind, seen by the TorchFunctionMode trace (a module's own call is not counted)
-_FUNCTIONS: dict[str, tuple[Any, ...]] = {
-    "relu": (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_),
-    "relu6": (F.relu6, F.hardtanh),
-    "leaky_relu": (F.leaky_relu, F.leaky_relu_),
-    "prelu": (F.prelu, torch.prelu),
-    "elu": (F.elu, F.elu_),
-    "selu": (F.selu, torch.selu),
-    "gelu": (F.gelu,),
-    "silu": (F.silu,),
-    "sigmoid": (torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_),
-    "tanh": (torch.tanh, F.tanh, torch.Tensor.tanh, torch.Tensor.tanh_),
-}
-
 _SLOPE_TARGETS = ("leaky_relu", "prelu")
 _DEFAULT_SLOPE = {"leaky_relu": 0.01, "prelu": 0.25}
 _INPLACE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU, nn.ReLU6)
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
 
 
 @dataclass(frozen=True)
 class SwapSpec:
-    """A validated swap request: what to replace, with what, where. Built by :func:`resolve_swap`."""
+    """A validated swap request: what to replace, with what, where. Built by :func:`resolve_swap`.
+
+    Attributes:
+        to: the new activation.
+        activations: the kinds replaced (keys of :data:`KINDS`).
+        slope: the slope of ``leaky_relu``/``prelu`` (0 otherwise).
+        alpha: ELU's alpha.
+        include: glob patterns on module names the swap is restricted to (None: every module).
+        exclude: patterns of the modules left alone (None: none).
+    """
 
     to: str
-    replace: tuple[str, ...]
+    activations: tuple[str, ...]
     slope: float
     alpha: float
-    layers: tuple[str, ...] | None
+    include: tuple[str, ...] | None
+    exclude: tuple[str, ...] | None = None
+
+    @property
+    def replace(self) -> tuple[str, ...]:
+        """Deprecated: use :attr:`activations`."""
+        warnings.warn("SwapSpec.replace is renamed SwapSpec.activations (the old name is accepted until "
+                      f"lightning-tricks {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        return self.activations
+
+    @property
+    def layers(self) -> tuple[str, ...] | None:
+        """Deprecated: use :attr:`include`."""
+        warnings.warn("SwapSpec.layers is renamed SwapSpec.include (the old name is accepted until "
+                      f"lightning-tricks {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        return self.include
+
+    def selects(self, name: str) -> bool:
+        """Whether ``include``/``exclude`` keep the module called ``name`` (the package's selector rule)."""
+        return ((self.include is None or any(name_matches(name, p) for p in self.include))
+                and not any(name_matches(name, p) for p in self.exclude or ()))
 
     @property
     def init_gain(self) -> tuple[str, float]:
@@ -113,24 +117,38 @@ class SwapSpec:
 
     def describe(self) -> str:
         extra = f"(slope {self.slope})" if self.to in _SLOPE_TARGETS else f"(alpha {self.alpha})" if self.to == "elu" else ""
-        return f"{'/'.join(self.replace)} -> {self.to}{extra}"
+        return f"{'/'.join(self.activations)} -> {self.to}{extra}"
 
 
-def resolve_swap(to: str, replace: Sequence[str] | None = None, slope: float | None = None,
-                 alpha: float | None = None, layers: Sequence[str] | None = None) -> SwapSpec:
+RENAMES = {"replace": "activations", "layers": "include"}
+"""The arguments of :class:`ActivationSwap`, :func:`swap_activations` and :func:`resolve_swap` renamed per the
+glossary (old name -> new name)."""
+for _owner in ("ActivationSwap", "swap_activations", "resolve_swap"):
+    register_renames(_owner, RENAMES)
+
+
+def resolve_swap(to: str, activations: Sequence[str] | None = None, slope: float | None = None,
+                 alpha: float | None = None, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = None, *, replace: Sequence[str] | None = None,
+                 layers: Sequence[str] | None = None) -> SwapSpec:
     """Validate the arguments of :func:`swap_activations` / :class:`ActivationSwap` (one line per error).
+
+    ``replace`` and ``layers`` are the deprecated names of ``activations`` and ``include``.
 
     Raises:
         InvalidArgumentError: an unknown activation name, a slope outside [0, 1) or given to an activation
-            without one, ``alpha <= 0`` or given to another activation than ELU, an empty pattern list.
+            without one, ``alpha <= 0`` or given to another activation than ELU, an empty pattern list, or an
+            argument given under both its old and its new name.
     """
+    activations = renamed_argument("ActivationSwap", "replace", "activations", replace, activations, None)
+    include = renamed_argument("ActivationSwap", "layers", "include", layers, include, None)
     check_choice("to", to, TARGETS)
-    kinds = ["relu"] if replace is None else replace
+    kinds = ["relu"] if activations is None else activations
     if isinstance(kinds, str) or not kinds:
-        raise InvalidArgumentError(f"`replace`={replace!r} is invalid: expected a non-empty list of activation kinds "
-                                   f"from {', '.join(KINDS)}.")
+        raise InvalidArgumentError(f"`activations`={activations!r} is invalid: expected a non-empty list of activation "
+                                   f"kinds from {', '.join(KINDS)}.")
     for kind in kinds:
-        check_choice("replace", kind, KINDS)
+        check_choice("activations", kind, KINDS)
     if slope is not None and to not in _SLOPE_TARGETS:
         raise InvalidArgumentError(f"`slope`={slope!r} is invalid with to={to!r}: only leaky_relu and prelu have a "
                                    "slope; remove it.")
@@ -139,17 +157,10 @@ def resolve_swap(to: str, replace: Sequence[str] | None = None, slope: float | N
     if alpha is not None and to != "elu":
         raise InvalidArgumentError(f"`alpha`={alpha!r} is invalid with to={to!r}: only elu has an alpha; remove it.")
     alpha = check_range("alpha", 1.0 if alpha is None else alpha, 0.0, None, low_inclusive=False)
-    patterns = check_patterns("layers", layers)
+    patterns = check_patterns("include", include)
+    excluded = check_patterns("exclude", exclude, allow_empty=True)
     return SwapSpec(to, tuple(dict.fromkeys(kinds)), float(slope or 0.0), float(alpha),
-                    None if patterns is None else tuple(patterns))
-
-
-def activation_kind(module: nn.Module) -> str | None:
-    """The kind (a key of :data:`KINDS`) of an activation module, or None."""
-    for kind, (classes, names) in KINDS.items():
-        if isinstance(module, classes) or type(module).__name__ in names:
-            return kind
-    return None
+                    None if patterns is None else tuple(patterns), tuple(excluded) if excluded else None)
 
 
 def make_activation(spec: SwapSpec, old: nn.Module | None = None, channels: int = 1) -> nn.Module:
@@ -238,126 +249,6 @@ def set_prelu_channels(module: nn.Module, channels: int) -> None:
     getattr(module, MARKER_PREFIX + _MARKER)[4] = channels  # the marker's channel count (see mark_swapped)
 
 
-# --------------------------------------------------------------------------------------------- tracing
-
-
-@dataclass
-class ForwardTrace:
-    """What one forward pass showed: each activation module's channel counts, and functional calls.
-
-    Attributes:
-        channels: module name -> the set of channel counts (input dim 1, as ``nn.PReLU`` uses) it saw.
-        functional: ``(kind, where)`` of each functional activation call made outside an activation module;
-            ``where`` names the calling ``forward`` (``Class.forward (file:line)``).
-    """
-
-    channels: dict[str, set[int]] = field(default_factory=dict)
-    functional: list[tuple[str, str]] = field(default_factory=list)
-
-    def functional_summary(self, limit: int = 3) -> str:
-        """``"3 F.relu calls (in BasicBlock.forward (backbones.py:118))"``-style text, '' when none."""
-        if not self.functional:
-            return ""
-        places = list(dict.fromkeys(where for _, where in self.functional))
-        kinds = "/".join(dict.fromkeys(kind for kind, _ in self.functional))
-        shown = ", ".join(places[:limit]) + (f" and {len(places) - limit} more" if len(places) > limit else "")
-        return f"{len(self.functional)} functional {kinds} call(s) in {shown}"
-
-
-def _caller() -> str:
-    """The first frame outside torch (and this file): ``Class.forward (file:line)``."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_TORCH_DIR) and filename != __file__:
-            owner = frame.f_locals.get("self")
-            prefix = f"{type(owner).__name__}." if isinstance(owner, nn.Module) else ""
-            return f"{prefix}{frame.f_code.co_name} ({os.path.basename(filename)}:{frame.f_lineno})"
-        frame = frame.f_back
-    return "unknown"
-
-
-class _FunctionalSpy(TorchFunctionMode):
-    """Records functional activation calls of the given kinds that no activation module made."""
-
-    def __init__(self, kinds: Sequence[str], trace: ForwardTrace) -> None:
-        super().__init__()
-        self.lookup = {fn: kind for kind in kinds for fn in _FUNCTIONS[kind]}
-        self.trace = trace
-        self.depth = 0  # > 0 while an activation module's forward runs
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kind = self.lookup.get(func)
-        if kind is not None and self.depth == 0 and not (kind == "relu6" and func is F.hardtanh):
-            self.trace.functional.append((kind, _caller()))
-        return func(*args, **(kwargs or {}))
-
-
-def _channels_of(x: Any) -> int | None:
-    if not isinstance(x, torch.Tensor) or x.ndim == 0:
-        return None
-    return int(x.shape[1]) if x.ndim >= 2 else int(x.shape[0])  # the dimension nn.PReLU's weight applies to
-
-
-def trace_forward(model: nn.Module, example: Any, kinds: Sequence[str] = ("relu",)) -> ForwardTrace:
-    """Run ``model(example)`` once (eval mode, no grad) and record activations (see :class:`ForwardTrace`).
-
-    The model's training flag and BatchNorm running statistics are left as they were.
-    """
-    trace = ForwardTrace()
-    spy = _FunctionalSpy(kinds, trace)
-    handles = []
-    for name, module in model.named_modules():
-        if activation_kind(module) is None:
-            continue
-
-        def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
-            spy.depth += 1
-            channels = _channels_of(args[0]) if args else None
-            if channels is not None:
-                trace.channels.setdefault(name, set()).add(channels)
-
-        def post(mod: nn.Module, args: tuple, output: Any) -> None:
-            spy.depth -= 1
-
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), spy:
-            model(*example) if isinstance(example, tuple) else model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
-    return trace
-
-
-def find_functional_activations(model: nn.Module, example: Any, kinds: Sequence[str] = ("relu",)
-                                ) -> list[tuple[str, str]]:
-    """Functional activation calls (``F.relu(x)``, ``x.relu()``, ``torch.sigmoid``) made outside modules.
-
-    Returns:
-        ``[(kind, "Class.forward (file:line)"), ...]`` in call order; empty when every call of those kinds
-        goes through an activation module (which :func:`swap_activations` can replace).
-
-    Examples:
-        >>> class Net(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc = nn.Linear(4, 4)
-        ...     def forward(self, x):
-        ...         return F.relu(self.fc(x))
-        >>> kind, where = find_functional_activations(Net(), torch.zeros(2, 4))[0]
-        >>> kind
-        'relu'
-    """
-    for kind in kinds:
-        check_choice("replace", kind, KINDS)
-    return trace_forward(model, example, kinds).functional
-
-
 # --------------------------------------------------------------------------------------------- swapping
 
 
@@ -366,9 +257,9 @@ def _not_found(model: nn.Module, spec: SwapSpec, trace: ForwardTrace | None) -> 
     calls = trace.functional_summary() if trace is not None else ""
     seen = f"; one forward pass found {calls}" if calls else ""
     return ModelNotSupportedError(
-        f"ActivationSwap found no {'/'.join(spec.replace)} activation module in {type(model).__name__} "
+        f"ActivationSwap found no {'/'.join(spec.activations)} activation module in {type(model).__name__} "
         f"(its activation modules: {', '.join(present) or 'none'}){seen}: a forward that calls torch.nn.functional "
-        "activations cannot be swapped; use modules (self.act = nn.ReLU()) or set `replace` to the kinds it has."
+        "activations cannot be swapped; use modules (self.act = nn.ReLU()) or set `activations` to the kinds it has."
     )
 
 
@@ -376,40 +267,47 @@ def swap_activations(
     model: nn.Module,
     to: str = "leaky_relu",
     *,
-    replace: Sequence[str] | None = None,
+    activations: Sequence[str] | None = None,
     slope: float | None = None,
     alpha: float | None = None,
-    layers: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
     example_input: Any = None,
+    replace: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> SurgeryReport:
     """Replace ``model``'s activation modules in place, at the same names.
 
     Args:
         model: any ``nn.Module``.
         to: the new activation: one of :data:`TARGETS`.
-        replace: the kinds to replace (keys of :data:`KINDS`); default ``["relu"]``.
+        activations: the kinds to replace (keys of :data:`KINDS`); default ``["relu"]``.
         slope: negative slope in [0, 1) for ``leaky_relu`` (default 0.01) and the initial one of ``prelu``
             (default 0.25).
         alpha: ELU's alpha > 0 (default 1).
-        layers: glob patterns on module names (``"layer4.*"``) restricting the swap; default: every module of
-            the ``replace`` kinds.
+        include: glob patterns on module names (``"layer4"``, ``"layer*.*.relu"``) restricting the swap; a
+            pattern also selects the modules inside a match; default: every module of the ``activations`` kinds.
+        exclude: patterns of the same form for the modules left alone.
         example_input: one input batch (or a tuple of forward arguments). With it, one forward pass sizes
             ``prelu`` per channel (a module used at several widths gets one shared slope) and functional
             calls are listed in the report (``skipped``). Without it, ``prelu`` has one slope per module.
+        replace: Deprecated: use ``activations``.
+        layers: Deprecated: use ``include``.
 
     Returns:
         The :class:`~lightning_tricks.core.surgery.SurgeryReport` (converted names; functional calls left).
 
     Raises:
-        InvalidArgumentError: see :func:`resolve_swap`; a ``layers`` pattern that matches no activation.
-        ModelNotSupportedError: no activation module of the ``replace`` kinds (a model calling ``F.relu``).
+        InvalidArgumentError: see :func:`resolve_swap`; an ``include`` pattern that matches no activation, an
+            ``exclude`` pattern that matches no module.
+        ModelNotSupportedError: no activation module of the ``activations`` kinds (a model calling ``F.relu``).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> swap_activations(model, "elu").converted, type(model[1]).__name__
         (['1'], 'ELU')
     """
-    spec = resolve_swap(to, replace, slope, alpha, layers)
+    spec = resolve_swap(to, activations, slope, alpha, include, exclude, replace=replace, layers=layers)
     return apply_swap(model, spec, example_input)
 
 
@@ -424,25 +322,25 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
     note = None
     if example_input is not None:
         try:
-            trace = trace_forward(model, example_input, spec.replace)
+            trace = trace_forward(model, example_input, spec.activations)
         except Exception as err:  # noqa: BLE001 - any failure of the user's forward only loses the trace
             if not trace_optional:
                 raise
             note = f"no trace ({type(err).__name__} in forward): functional calls not checked"
     report = SurgeryReport("ActivationSwap", detail=spec.describe())
-    report.already = [n for n, m in model.named_modules() if getattr(m, "init_gain", None) == spec.init_gain
-                      and activation_kind(m) == spec.to and (spec.layers is None or any(
-                          fnmatch.fnmatchcase(n, p) for p in spec.layers))]
+    named = [(n, m) for n, m in model.named_modules() if n]  # the model itself cannot be replaced in place
+    report.already = [n for n, m in named if getattr(m, "init_gain", None) == spec.init_gain
+                      and activation_kind(m) == spec.to and spec.selects(n)]
 
-    already = {id(m) for n, m in model.named_modules() if n in report.already}
+    already = {id(m) for n, m in named if n in report.already}
 
     def can_wrap(module: nn.Module) -> str | None:
         if id(module) in already:
             return None  # swapped by an earlier call: selected, then counted as already converted
         kind = activation_kind(module)
-        return None if kind in spec.replace else f"not a {'/'.join(spec.replace)} activation"
+        return None if kind in spec.activations else f"not a {'/'.join(spec.activations)} activation"
 
-    chosen = select_modules(model, spec.layers, can_wrap=can_wrap, arg_name="layers", trick="ActivationSwap")
+    chosen = select(named, include=spec.include, exclude=spec.exclude, why_not=can_wrap, owner="ActivationSwap")
     chosen = [(n, m) for n, m in chosen if n not in report.already]
     aliases: dict[int, list[str]] = {}
     for alias, module in model.named_modules(remove_duplicate=False):
@@ -455,7 +353,7 @@ def apply_swap(model: nn.Module, spec: SwapSpec, example_input: Any = None, trac
         if spec.to == "prelu" and len(widths) > 1:
             report.skipped.append((name, f"used at widths {sorted(widths | {channels})}: one shared PReLU slope"))
         new = make_activation(spec, old, channels)
-        mark_swapped(new, spec, activation_kind(old) or spec.replace[0])
+        mark_swapped(new, spec, activation_kind(old) or spec.activations[0])
         param = next(model.parameters(), None)
         if param is not None:  # the marker goes with the model; PReLU's slopes also take its dtype
             new.to(device=param.device, dtype=param.dtype if spec.to == "prelu" else None)
