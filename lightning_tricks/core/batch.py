@@ -105,11 +105,12 @@ def find_slot(batch: Any, key: Key, role: str, owner: str, after: Slot = None) -
             if key >= len(batch):
                 raise BatchFormatError(f"{owner}: `{arg}`={key} is out of range for {_describe(batch)}.")
             return key
-        if role == "images":
-            for i, item in enumerate(batch):
-                if isinstance(item, torch.Tensor):
+        if role == "images":  # the first element, or past non-tensors (a name, a list) the first float tensor:
+            for i, item in enumerate(batch):  # never integer labels after a nested input such as ([x], y)
+                if isinstance(item, torch.Tensor) and (i == 0 or item.is_floating_point()):
                     return i
-            raise BatchFormatError(f"{owner} found no tensor in {_describe(batch)}; set `input_key`.")
+            raise BatchFormatError(f"{owner} found no input in {_describe(batch)} (a tensor first, or a float tensor "
+                                   "after other items); set `input_key` to its position.")
         index = 1 if after is None else int(after) + 1
         if index < len(batch) and isinstance(batch[index], torch.Tensor):
             return index
@@ -142,6 +143,10 @@ def find_inputs(batch: Any, input_key: Key = None, owner: str = "lightning-trick
         >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
         >>> find_inputs({"label": y, "image": x}) is x, find_inputs((x, y)) is x, find_inputs({"y": y, "feat": x}) is x
         (True, True, True)
+        >>> find_inputs(([x], y))
+        Traceback (most recent call last):
+        ...
+        lightning_tricks.errors.BatchFormatError: lightning-tricks found no input in a tuple of [list, tensor(2,)] (a tensor first, or a float tensor after other items); set `input_key` to its position.
     """
     if input_key is None and isinstance(batch, Mapping) and not any(k in batch for k in IMAGE_KEYS):
         found = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
