@@ -154,7 +154,8 @@ class DeadUnitMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
         if self.plot and trainer.is_global_zero:
-            self._draw(trainer)
+            self.heatmap_paths += draw_heatmaps(self.history, self._plot_folder or Path(trainer.default_root_dir),
+                                                trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -239,46 +240,9 @@ class DeadUnitMonitor(Callback):
         if not report.sites:
             return
         self.last_report[stage] = report
-        record = {"epoch": epoch, "overall": _none_if_nan(report.dead_fraction),
-                  "saturated_overall": _none_if_nan(report.saturated_fraction),
-                  "dead": report.fractions("dead"), "saturated": report.fractions("saturation")}
-        self.history[stage].append(record)
-        self._log(pl_module, stage, report)
-        self._warn(stage, epoch, report)
-
-    def _log(self, pl_module: pl.LightningModule, stage: str, report: DeadUnitReport) -> None:
-        prefix = "" if stage == "train" else "val_"
-        metrics: dict[str, float] = {}
-        for kind, key, overall in (("dead", "dead_units", report.dead_fraction),
-                                   ("saturation", "saturated_units", report.saturated_fraction)):
-            if math.isnan(overall):
-                continue
-            metrics[f"{prefix}{key}/overall"] = overall
-            if self.log_per_layer:
-                metrics.update({f"{prefix}{key}/{site}": f for site, f in report.fractions(kind).items()})
-        # Already identical on every rank; sync_dist with "max" is exact and silences Lightning's per-key DDP warning.
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-
-    def _warn(self, stage: str, epoch: int, report: DeadUnitReport) -> None:
-        for kind, overall, what in (("dead", report.dead_fraction, "dead"),
-                                    ("saturation", report.saturated_fraction, "saturated")):
-            key = f"{stage}:{kind}"
-            above = not math.isnan(overall) and overall > self.warn_fraction
-            if above and not self._warned.get(key):
-                worst = sorted(report.fractions(kind).items(), key=lambda kv: -kv[1])[:5]
-                advice = ("A too-high learning rate or a bad initialization kills ReLUs (CS231n): lower the learning "
-                          "rate, check the init (He for ReLU), or add normalization." if kind == "dead" else
-                          "Saturated units pass almost no gradient: normalize inputs, use a smaller init, or ReLU.")
-                units = sum(s.units for s in report.sites.values() if s.kind == kind)
-                rank_zero_warn(
-                    f"DeadUnitMonitor: {100 * overall:.1f}% of {units} units are {what} after epoch {epoch} "
-                    f"({stage} pass), above warn_fraction={self.warn_fraction}. Worst layers: "
-                    + ", ".join(f"{n} {100 * f:.0f}%" for n, f in worst) + f". {advice}"
-                )
-            self._warned[key] = above
-        if report.never_called and epoch == self.history[stage][0]["epoch"]:
-            rank_zero_warn(f"DeadUnitMonitor: {', '.join(report.never_called)} produced no output in the {stage} "
-                           f"pass of epoch {epoch} and are not counted.")
+        self.history[stage].append(_record(epoch, report))
+        log_report(pl_module, stage, report, self.log_per_layer)
+        _warn(report, stage, epoch, self.warn_fraction, self._warned, first_epoch=self.history[stage][0]["epoch"])
 
     # -- heat map --------------------------------------------------------------------------------
     def heatmap(self, stage: str = "train") -> Any:
@@ -287,39 +251,7 @@ class DeadUnitMonitor(Callback):
         Raises:
             ValueError: no epoch of ``stage`` was recorded.
         """
-        from lightning_tricks.monitoring.plots import dead_unit_heatmap
-
-        records = self.history[stage]
-        if not records:
-            raise ValueError(f"no {stage} epoch has been recorded yet.")
-        rows: dict[str, list[float]] = {}
-        for kind, suffix in (("dead", ""), ("saturated", " [saturated]")):
-            for record in records:
-                for site in record[kind]:
-                    rows.setdefault(site + suffix, [])
-        for row in rows:
-            kind, site = ("saturated", row.removesuffix(" [saturated]")) if row.endswith(" [saturated]") else ("dead", row)
-            rows[row] = [record[kind].get(site, math.nan) for record in records]
-        last = records[-1]["overall"]
-        title = f"Dead units per layer ({stage} pass)"
-        if last is not None:
-            title += f"; overall {100 * last:.1f}% at epoch {records[-1]['epoch']}"
-        return dead_unit_heatmap(rows, [record["epoch"] for record in records], title=title,
-                                 colorbar_label="dead (saturated) fraction")
-
-    def _draw(self, trainer: pl.Trainer) -> None:
-        from lightning_tricks.monitoring.plots import log_figure, save_figure
-
-        folder = self._plot_folder or Path(trainer.default_root_dir)
-        for stage, records in self.history.items():
-            if not records:
-                continue
-            figure = self.heatmap(stage)
-            path = save_figure(figure, folder / f"dead_units_{stage}.png")
-            self.heatmap_paths.append(path)
-            taken = log_figure(trainer.loggers, f"dead_units/heatmap_{stage}", figure, trainer.global_step)
-            where = f"sent to {', '.join(taken)} and " if taken else ""
-            rank_zero_info(f"DeadUnitMonitor: heat map {where}saved to {path}")
+        return history_heatmap(self.history[stage], stage)
 
     # -- checkpoint --------------------------------------------------------------------------------
     @override
@@ -337,4 +269,96 @@ class DeadUnitMonitor(Callback):
         self._open_epoch = state_dict.get("train_epoch")
 
 
-__all__ = ["STAGES", "DeadUnitMonitor"]
+def log_report(pl_module: pl.LightningModule, stage: str, report: DeadUnitReport, per_layer: bool) -> None:
+    """Log one pass's figures of one epoch through ``pl_module.log`` (see :class:`DeadUnitMonitor`)."""
+    prefix = "" if stage == "train" else "val_"
+    metrics: dict[str, float] = {}
+    for kind, key, overall in (("dead", "dead_units", report.dead_fraction),
+                               ("saturation", "saturated_units", report.saturated_fraction)):
+        if math.isnan(overall):
+            continue
+        metrics[f"{prefix}{key}/overall"] = overall
+        if per_layer:
+            metrics.update({f"{prefix}{key}/{site}": f for site, f in report.fractions(kind).items()})
+    # Already identical on every rank; sync_dist with "max" is exact and silences Lightning's per-key DDP warning.
+    pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+
+
+def _record(epoch: int, report: DeadUnitReport) -> dict[str, Any]:
+    """One epoch of :attr:`DeadUnitMonitor.history`."""
+    return {"epoch": epoch, "overall": _none_if_nan(report.dead_fraction),
+            "saturated_overall": _none_if_nan(report.saturated_fraction),
+            "dead": report.fractions("dead"), "saturated": report.fractions("saturation")}
+
+
+def _warn(report: DeadUnitReport, stage: str, epoch: int, warn_fraction: float, warned: dict[str, bool],
+          first_epoch: int) -> None:
+    """Warn (rank zero) when a fraction rises above ``warn_fraction``; ``warned`` remembers which are above."""
+    for kind, overall in (("dead", report.dead_fraction), ("saturation", report.saturated_fraction)):
+        key = f"{stage}:{kind}"
+        above = not math.isnan(overall) and overall > warn_fraction
+        if above and not warned.get(key):
+            rank_zero_warn(_too_many_message(kind, overall, stage, epoch, report, warn_fraction))
+        warned[key] = above
+    if report.never_called and epoch == first_epoch:
+        rank_zero_warn(f"DeadUnitMonitor: {', '.join(report.never_called)} produced no output in the {stage} "
+                       f"pass of epoch {epoch} and are not counted.")
+
+
+def _too_many_message(kind: str, overall: float, stage: str, epoch: int, report: DeadUnitReport,
+                      warn_fraction: float) -> str:
+    worst = sorted(report.fractions(kind).items(), key=lambda kv: -kv[1])[:5]
+    advice = ("A too-high learning rate or a bad initialization kills ReLUs (CS231n): lower the learning "
+              "rate, check the init (He for ReLU), or add normalization." if kind == "dead" else
+              "Saturated units pass almost no gradient: normalize inputs, use a smaller init, or ReLU.")
+    units = sum(s.units for s in report.sites.values() if s.kind == kind)
+    what = "dead" if kind == "dead" else "saturated"
+    return (f"DeadUnitMonitor: {100 * overall:.1f}% of {units} units are {what} after epoch {epoch} "
+            f"({stage} pass), above warn_fraction={warn_fraction}. Worst layers: "
+            + ", ".join(f"{n} {100 * f:.0f}%" for n, f in worst) + f". {advice}")
+
+
+def history_heatmap(records: list[dict[str, Any]], stage: str) -> Any:
+    """The layers x epochs figure of one pass's :attr:`DeadUnitMonitor.history` records.
+
+    Raises:
+        ValueError: no epoch was recorded.
+    """
+    from lightning_tricks.monitoring.plots import dead_unit_heatmap
+
+    if not records:
+        raise ValueError(f"no {stage} epoch has been recorded yet.")
+    rows: dict[str, list[float]] = {}
+    for kind, suffix in (("dead", ""), ("saturated", " [saturated]")):
+        for record in records:
+            for site in record[kind]:
+                rows.setdefault(site + suffix, [])
+    for row in rows:
+        kind, site = ("saturated", row.removesuffix(" [saturated]")) if row.endswith(" [saturated]") else ("dead", row)
+        rows[row] = [record[kind].get(site, math.nan) for record in records]
+    last = records[-1]["overall"]
+    title = f"Dead units per layer ({stage} pass)"
+    if last is not None:
+        title += f"; overall {100 * last:.1f}% at epoch {records[-1]['epoch']}"
+    return dead_unit_heatmap(rows, [record["epoch"] for record in records], title=title,
+                             colorbar_label="dead (saturated) fraction")
+
+
+def draw_heatmaps(history: dict[str, list[dict[str, Any]]], folder: Path, trainer: pl.Trainer) -> list[Path]:
+    """Save each pass's heat map as ``folder/dead_units_<stage>.png`` and send it to the loggers that take images."""
+    from lightning_tricks.monitoring.plots import log_figure, save_figure
+
+    paths = []
+    for stage, records in history.items():
+        if not records:
+            continue
+        figure = history_heatmap(records, stage)
+        path = save_figure(figure, folder / f"dead_units_{stage}.png")
+        paths.append(path)
+        taken = log_figure(trainer.loggers, f"dead_units/heatmap_{stage}", figure, trainer.global_step)
+        where = f"sent to {', '.join(taken)} and " if taken else ""
+        rank_zero_info(f"DeadUnitMonitor: heat map {where}saved to {path}")
+    return paths
+
+
+__all__ = ["STAGES", "DeadUnitMonitor", "draw_heatmaps", "history_heatmap", "log_report"]
