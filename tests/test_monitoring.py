@@ -26,6 +26,7 @@ from lightning_tricks.monitoring import (
     InitialLossError,
     NothingToMonitorError,
     dead_unit_heatmap,
+    find_watched_modules,
     median_ratio,
     update_ratios,
 )
@@ -266,6 +267,26 @@ def test_functional_relu_model_needs_layers_and_preactivation_mode_is_exact():
     assert torch.equal(report.sites["bn"].flagged, brute_force_dead(recorder.outputs["bn"], 1))
     assert torch.equal(report.sites["fc1"].flagged, brute_force_dead(recorder.outputs["fc1"], 1))
     assert report.sites["fc1"].flagged[3]
+
+
+class _Scale(nn.Module):  # a custom leaf layer with a parameter of its own
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_layer_patterns_go_through_the_one_selector():
+    # core.selection's rule: a pattern naming a block selects what is inside it; only layers are watched
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), _Scale(4)), nn.Identity(), nn.Linear(4, 2))
+    watched = find_watched_modules(model, activations=[], layers=["0"])
+    assert [(w.name, w.source) for w in watched] == [("0.0", "layers"), ("0.2", "layers")]
+    assert [w.name for w in find_watched_modules(model, activations=[], layers=["*.0", "2"])] == ["0.0", "2"]
+    with pytest.raises(NothingToMonitorError, match=r"`layers` pattern '1' matches only modules .*'1' \(Identity: "
+                                                    r"not a conv, linear or norm layer"):
+        find_watched_modules(model, activations=[], layers=["1"])
 
 
 def test_sequence_outputs_use_features_after_linear_and_gelu_is_opt_in():

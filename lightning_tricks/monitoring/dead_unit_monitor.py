@@ -54,7 +54,7 @@ class DeadUnitMonitor(Callback):
         activations: activation kinds to find: ``relu``, ``relu6``, ``leaky_relu``, ``prelu``, ``rrelu``,
             ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, sigmoid, tanh (a Leaky ReLU unit cannot die: opt-in).
             ``[]`` watches only ``layers``.
-        layers: names or ``fnmatch`` patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
+        layers: names or glob patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
             functional activation (pre-activation mode).
         threshold: a unit fires when its output is ``> threshold``; >= 0.
         warn_fraction: warn when the overall dead (or saturated) fraction exceeds it; in [0, 1].

@@ -146,7 +146,7 @@ class DeadUnitTracker:
     Args:
         model: the model; the hooks go on its submodules.
         activations: activation kinds to watch (see :data:`ACTIVATION_TYPES`); ``[]`` to watch only ``layers``.
-        layers: names or ``fnmatch`` patterns of layers whose outputs go into a functional activation
+        layers: names or glob patterns of layers whose outputs go into a functional activation
             (``F.relu(self.bn1(x))`` -> ``"*.bn1"``).
         threshold: a unit fires when its output is ``> threshold`` (>= 0).
         unit_dim: ``"auto"`` (linear: last dimension; conv/norm: dimension 1; 3-D activations: last when the

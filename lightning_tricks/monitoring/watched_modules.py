@@ -7,14 +7,13 @@ The selection half of the dead-unit monitor (``dead_units.py`` holds the tracker
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_tricks.core.selection import check_patterns, select
 from lightning_tricks.core.validation import (
-    InvalidArgumentError,
     check_choice,
     check_non_negative,
     check_range,
@@ -103,12 +102,25 @@ def _layer_dim_rule(module: nn.Module) -> str | None:
     return None
 
 
+def _not_a_preactivation_layer(module: nn.Module) -> str | None:
+    """Why the selector skips ``module`` inside a ``layers`` match (None: it is watched).
+
+    Conv, linear and norm layers are watched, and so is a leaf module with parameters of its own (a
+    custom layer); containers and parameter-free modules (activations, dropout, pooling) are not: the
+    layers inside a named block are.
+    """
+    if isinstance(module, _PRE_ACTIVATION_LAYERS):
+        return None
+    if not any(True for _ in module.children()) and any(True for _ in module.parameters(recurse=False)):
+        return None
+    return "not a conv, linear or norm layer (nor a leaf layer with parameters)"
+
+
 def _check_selection(activations: Sequence[str], layers: Sequence[str], unit_dim: str) -> tuple[list[str], list[str]]:
-    activations, layers = list(activations), list(layers)
+    activations = list(activations)
     for name in activations:
         check_choice("activations", name, ACTIVATION_TYPES)
-    if isinstance(layers, str) or any(not isinstance(pattern, str) or not pattern for pattern in layers):
-        raise InvalidArgumentError(f"`layers`={layers!r} is invalid: expected a list of module names or patterns.")
+    layers = check_patterns("layers", layers, allow_empty=True) or []
     check_choice("unit_dim", unit_dim, UNIT_DIMS)
     return activations, layers
 
@@ -136,15 +148,17 @@ def find_watched_modules(
     Args:
         model: the model to search.
         activations: activation kinds to find (keys of :data:`ACTIVATION_TYPES`).
-        layers: module names or ``fnmatch`` patterns (``"*.bn1"``) of layers whose *outputs* are the
-            pre-activations of a functional ReLU (``F.relu(layer(x))``): a unit is alive when its
-            pre-activation is ``> threshold`` somewhere.
+        layers: names or glob patterns (``"*.bn1"``) of layers whose *outputs* are the pre-activations of a
+            functional ReLU (``F.relu(layer(x))``): a unit is alive when its pre-activation is ``> threshold``
+            somewhere. Patterns follow the one selector (:func:`lightning_tricks.core.selection.select`): a
+            pattern naming a block selects the conv, linear and norm layers inside it (and leaf layers with
+            parameters of their own), not the block's output.
         unit_dim: ``"auto"``, ``"channel"`` (dimension 1) or ``"last"``.
         owner: the name that starts the error messages.
 
     Raises:
-        NothingToMonitorError: a ``layers`` pattern that matches no module, or nothing found at all,
-            with the candidates and the fix.
+        NothingToMonitorError: a ``layers`` pattern that matches no module (or only modules that are not
+            layers), or nothing found at all, with the candidates and the fix.
     """
     activations, layers = _check_selection(activations, layers, unit_dim)
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -161,16 +175,11 @@ def find_watched_modules(
         low, high = (0.0, 1.0) if kind == "sigmoid" else (-1.0, 1.0)
         found[name] = WatchedModule(name, module, "saturation" if kind in SATURATING else "dead", low, high, rule,
                                     f"activation:{kind}")
-    for pattern in layers:
-        matches = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
-        if not matches:
-            raise NothingToMonitorError(
-                f"{owner}: `layers` pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"pre-activation layers there: {_candidates(named)}."
-            )
-        for name, module in matches:
-            rule = unit_dim if unit_dim != "auto" else (_layer_dim_rule(module) or "auto-channel")
-            found[name] = WatchedModule(name, module, "dead", dim_rule=rule, source="layers")
+    chosen = select(named, include=layers, why_not=_not_a_preactivation_layer, owner=owner,
+                    include_arg="layers", error=NothingToMonitorError) if layers else []
+    for name, module in chosen:
+        rule = unit_dim if unit_dim != "auto" else (_layer_dim_rule(module) or "auto-channel")
+        found[name] = WatchedModule(name, module, "dead", dim_rule=rule, source="layers")
     if not found:
         raise NothingToMonitorError(
             f"{owner} found nothing to monitor in {type(model).__name__}: no module of the kinds activations="
