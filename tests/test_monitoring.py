@@ -252,14 +252,14 @@ class FunctionalNet(nn.Module):
 
 def test_functional_relu_model_needs_layers_and_preactivation_mode_is_exact():
     model = FunctionalNet()
-    with pytest.raises(NothingToMonitorError, match=r"layers=\['conv'\].*bn \(BatchNorm2d\), fc1 \(Linear\)"):
+    with pytest.raises(NothingToMonitorError, match=r"preactivation_layers=\['conv'\].*bn \(BatchNorm2d\), fc1 \(Linear\)"):
         DeadUnitTracker(model)
     with pytest.raises(NothingToMonitorError, match="pattern 'nope' matches no module"):
-        DeadUnitTracker(model, layers=["nope"])
+        DeadUnitTracker(model, preactivation_layers=["nope"])
     with torch.no_grad():
         model.fc1.bias[3] = -100.0
     recorder = Recorder({"bn": model.bn, "fc1": model.fc1})
-    with DeadUnitTracker(model, layers=["b*", "fc1"]) as tracker:
+    with DeadUnitTracker(model, preactivation_layers=["b*", "fc1"]) as tracker:
         for _ in range(3):
             model(torch.randn(6, 1, 5, 5))
     report = tracker.report()
@@ -281,12 +281,12 @@ class _Scale(nn.Module):  # a custom leaf layer with a parameter of its own
 def test_layer_patterns_go_through_the_one_selector():
     # core.selection's rule: a pattern naming a block selects what is inside it; only layers are watched
     model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), _Scale(4)), nn.Identity(), nn.Linear(4, 2))
-    watched = find_watched_modules(model, activations=[], layers=["0"])
-    assert [(w.name, w.source) for w in watched] == [("0.0", "layers"), ("0.2", "layers")]
-    assert [w.name for w in find_watched_modules(model, activations=[], layers=["*.0", "2"])] == ["0.0", "2"]
-    with pytest.raises(NothingToMonitorError, match=r"`layers` pattern '1' matches only modules .*'1' \(Identity: "
+    watched = find_watched_modules(model, activations=[], preactivation_layers=["0"])
+    assert [(w.name, w.source) for w in watched] == [("0.0", "preactivation_layers"), ("0.2", "preactivation_layers")]
+    assert [w.name for w in find_watched_modules(model, activations=[], preactivation_layers=["*.0", "2"])] == ["0.0", "2"]
+    with pytest.raises(NothingToMonitorError, match=r"`preactivation_layers` pattern '1' matches only modules .*'1' \(Identity: "
                                                     r"not a conv, linear or norm layer"):
-        find_watched_modules(model, activations=[], layers=["1"])
+        find_watched_modules(model, activations=[], preactivation_layers=["1"])
 
 
 def test_sequence_outputs_use_features_after_linear_and_gelu_is_opt_in():
@@ -352,7 +352,7 @@ def test_monitor_on_user_module_logs_brute_force_fractions_draws_and_removes_hoo
     total = (expected["net.1"] * 12 + expected["net.3"] * 12) / 24
     assert float(metrics["dead_units/overall"]) == pytest.approx(total)
     assert [r["epoch"] for r in monitor.history["train"]] == [0, 1]
-    assert not monitor.history["validation"]
+    assert not monitor.history["validate"]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert (tmp_path / "plots" / "dead_units_train.png").stat().st_size > 1000
     assert logger.images and logger.images[0][0] == "dead_units/heatmap_train"
@@ -377,10 +377,10 @@ def test_monitor_warns_above_warn_fraction_and_validation_passes_are_separate(tm
         val_dead = ~(model.net[1](model.net[0](x_val)) > 0).any(0)
     assert not torch.equal(train_dead, val_dead)  # so a pass leaking into the other would show
     assert torch.equal(monitor.last_report["train"].sites["net.1"].flagged, train_dead)
-    assert torch.equal(monitor.last_report["validation"].sites["net.1"].flagged, val_dead)
+    assert torch.equal(monitor.last_report["validate"].sites["net.1"].flagged, val_dead)
     assert "val_dead_units/overall" in trainer.callback_metrics
     # validation in the middle and at the end of the epoch; the sanity check is not counted
-    assert [r["epoch"] for r in monitor.history["validation"]] == [0, 0]
+    assert [r["epoch"] for r in monitor.history["validate"]] == [0, 0]
     assert len(monitor.history["train"]) == 1
 
 
@@ -389,13 +389,48 @@ def test_trainer_validate_alone_tracks_the_validation_pass(tmp_path):
     model = UserMLP()
     kill_units(model.net[2], [4])
     x, y = toy_data(24)
-    monitor = DeadUnitMonitor(stages="validation", plot=False)
+    monitor = DeadUnitMonitor(stages="validate", plot=False)
     cpu_trainer(tmp_path, callbacks=[monitor]).validate(model, loader(x, y))
     with torch.no_grad():
         dead = ~(model.net[3](model.net[2](model.net[1](model.net[0](x)))) > 0).any(0)
-    assert torch.equal(monitor.last_report["validation"].sites["net.3"].flagged, dead) and dead[4]
-    assert len(monitor.history["validation"]) == 1 and not monitor.history["train"]
+    assert torch.equal(monitor.last_report["validate"].sites["net.3"].flagged, dead) and dead[4]
+    assert len(monitor.history["validate"]) == 1 and not monitor.history["train"]
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_deprecated_layers_and_validation_stage_warn_and_behave_identically(tmp_path):
+    model = FunctionalNet()
+    with pytest.warns(DeprecationWarning, match=r"DeadUnitTracker: `layers` is renamed `preactivation_layers`"):
+        old = DeadUnitTracker(model, layers=["b*", "fc1"])
+    new = DeadUnitTracker(model, preactivation_layers=["b*", "fc1"])
+    assert [(w.name, w.kind, w.dim_rule) for w in old.watched] == [(w.name, w.kind, w.dim_rule) for w in new.watched]
+    with pytest.warns(DeprecationWarning, match="find_watched_modules: `layers` is renamed"):
+        assert [w.name for w in find_watched_modules(model, activations=[], layers=["fc1"])] == ["fc1"]
+    for build in (lambda: DeadUnitTracker(model, layers=["fc1"], preactivation_layers=["bn"]),
+                  lambda: DeadUnitMonitor(layers=["fc1"], preactivation_layers=["bn"])):
+        with pytest.raises(InvalidArgumentError, match="`layers`=.* and `preactivation_layers`=.* are the same"):
+            build()
+
+    def fit(**kwargs: Any) -> DeadUnitMonitor:
+        torch.manual_seed(5)
+        net = UserMLP()
+        kill_units(net.net[0], [1, 3])
+        x, y = toy_data(32)
+        monitor = DeadUnitMonitor(plot=False, **kwargs)
+        cpu_trainer(tmp_path, max_epochs=2, callbacks=[monitor]).fit(net, loader(x, y), loader(-x[:8], y[:8]))
+        return monitor
+
+    with pytest.warns(DeprecationWarning) as caught:
+        old_monitor = fit(layers=["net.0"], stages="validation")
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("`layers` is renamed `preactivation_layers`" in m for m in messages)
+    assert any("`stages`='validation' is renamed 'validate'" in m for m in messages)
+    new_monitor = fit(preactivation_layers=["net.0"], stages="validate")
+    assert old_monitor.stages == new_monitor.stages == "validate"
+    assert old_monitor.preactivation_layers == new_monitor.preactivation_layers == ["net.0"]
+    assert old_monitor.state_key == new_monitor.state_key
+    assert old_monitor.history == new_monitor.history and len(new_monitor.history["validate"]) == 2
+    assert "net.0" in new_monitor.history["validate"][-1]["dead"]
 
 
 def test_model_with_nothing_to_monitor_fails_at_setup(tmp_path):
@@ -410,9 +445,9 @@ def test_model_with_nothing_to_monitor_fails_at_setup(tmp_path):
     x, y = toy_data(16)
     trainer = cpu_trainer(tmp_path, callbacks=[DeadUnitMonitor()])
     with pytest.raises(NothingToMonitorError, match=r"DeadUnitMonitor found nothing to monitor in Functional.*"
-                                                    r"layers=\['net.0'\]"):
+                                                    r"preactivation_layers=\['net.0'\]"):
         trainer.fit(Functional(), loader(x, y))
-    monitor = DeadUnitMonitor(layers=["net.0"], plot=False)
+    monitor = DeadUnitMonitor(preactivation_layers=["net.0"], plot=False)
     cpu_trainer(tmp_path, callbacks=[monitor]).fit(Functional(), loader(x, y))
     assert list(monitor.history["train"][0]["dead"]) == ["net.0"]
 
@@ -724,7 +759,7 @@ def test_ddp_all_three_agree_and_a_unit_alive_on_one_rank_is_alive(tmp_path):
     (lambda: DeadUnitMonitor(threshold=-0.1), "`threshold`=-0.1 is invalid: expected a number in [0.0, inf)"),
     (lambda: DeadUnitMonitor(warn_fraction=1.5), "`warn_fraction`=1.5 is invalid: expected a number in [0.0, 1.0]"),
     (lambda: DeadUnitMonitor(warn_fraction=-0.1), "`warn_fraction`=-0.1 is invalid"),
-    (lambda: DeadUnitMonitor(stages="test"), "`stages`='test' is invalid: expected one of 'train', 'validation'"),
+    (lambda: DeadUnitMonitor(stages="test"), "`stages`='test' is invalid: expected one of 'train', 'validate'"),
     (lambda: DeadUnitMonitor(activations=["swish"]), "`activations`='swish' is invalid: expected one of 'relu'"),
     (lambda: DeadUnitMonitor(activations=[]), "`activations`=[] is invalid"),
     (lambda: UpdateRatioMonitor(every_n_steps=0), "`every_n_steps`=0 is invalid: expected an integer in [1, inf]"),

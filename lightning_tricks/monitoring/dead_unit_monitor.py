@@ -8,6 +8,7 @@ It tracks the training and/or validation passes per epoch with
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_tricks.core.deprecation import REMOVED_IN
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
 from lightning_tricks.monitoring.dead_units import (
     DEFAULT_ACTIVATIONS,
@@ -24,7 +26,22 @@ from lightning_tricks.monitoring.dead_units import (
     check_dead_unit_args,
 )
 
-STAGES = ("train", "validation", "both")
+STAGES = ("train", "validate", "both")
+"""``stages`` choices: Lightning's names of the training and validation passes, or both."""
+OLD_STAGE_NAMES = {"validation": "validate"}
+"""Deprecated ``stages`` values (accepted with a ``DeprecationWarning`` until lightning-tricks 0.3.0)."""
+
+
+def _check_stages(stages: str) -> str:
+    """``stages`` after checking it; the deprecated ``"validation"`` warns and becomes ``"validate"``."""
+    if isinstance(stages, str) and stages in OLD_STAGE_NAMES:
+        new = OLD_STAGE_NAMES[stages]
+        warnings.warn(f"DeadUnitMonitor: `stages`={stages!r} is renamed {new!r}, Lightning's name of the pass (the "
+                      f"old value is accepted until lightning-tricks {REMOVED_IN}); write stages={new!r}.",
+                      DeprecationWarning, stacklevel=3)
+        return new
+    check_choice("stages", stages, STAGES)
+    return stages
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -38,7 +55,7 @@ class DeadUnitMonitor(Callback):
     A unit (a feature of a linear layer, a channel of a convolution) is dead for the epoch when its
     output was ``<= threshold`` for every example and position of the epoch, on every DDP rank.
     ReLU-family modules are found automatically; for a model that calls ``F.relu`` functionally,
-    name the layers whose outputs feed it in ``layers`` (pre-activation mode: alive when
+    name the layers whose outputs feed it in ``preactivation_layers`` (pre-activation mode: alive when
     ``> threshold``). For ``LeakyReLU``/``PReLU``/``RReLU`` "dead" means the unit stayed in the
     negative-slope region (its output never exceeded the threshold): it still passes a gradient scaled
     by the slope, but it is a linear unit. Per epoch it logs ``dead_units/<layer>`` and
@@ -53,13 +70,15 @@ class DeadUnitMonitor(Callback):
     Args:
         activations: activation kinds to find: ``relu``, ``relu6``, ``leaky_relu``, ``prelu``, ``rrelu``,
             ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, sigmoid, tanh (a Leaky ReLU unit cannot die: opt-in).
-            ``[]`` watches only ``layers``.
-        layers: names or glob patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
+            ``[]`` watches only ``preactivation_layers``.
+        preactivation_layers: names or glob patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
             functional activation (pre-activation mode).
         threshold: a unit fires when its output is ``> threshold``; >= 0.
         warn_fraction: warn when the overall dead (or saturated) fraction exceeds it; in [0, 1].
             Default 0.1, as keras-contrib's ``DeadReluDetector``.
-        stages: ``"train"``, ``"validation"`` or ``"both"``: the passes to track, each with its own epoch count.
+        stages: ``"train"``, ``"validate"`` (Lightning's name of the validation pass, in ``fit`` and in
+            ``trainer.validate``) or ``"both"``: the passes to track, each with its own epoch count. The old
+            value ``"validation"`` is accepted with a ``DeprecationWarning``.
         unit_dim: ``"auto"``, ``"channel"`` (dimension 1) or ``"last"``.
         saturation_eps: distance from the bounds that counts as saturated; in (0, 0.5).
         saturation_fraction: share of a unit's outputs within ``saturation_eps`` of the bounds for it to count
@@ -67,11 +86,12 @@ class DeadUnitMonitor(Callback):
         log_per_layer: log one metric per layer besides the overall fraction.
         plot: draw the heat map at the end of fit (rank zero).
         plot_dir: folder of the PNG; default the logger's ``log_dir``, else the trainer's ``default_root_dir``.
+        layers: Deprecated: use ``preactivation_layers``.
 
     Raises:
         InvalidArgumentError: an argument out of range.
         NothingToMonitorError: at the start of fit, when the model has nothing to monitor (the message
-            lists the conv/linear/norm layers to name in ``layers``).
+            lists the conv/linear/norm layers to name in ``preactivation_layers``).
 
     Examples:
         >>> monitor = DeadUnitMonitor(warn_fraction=0.2)
@@ -84,7 +104,7 @@ class DeadUnitMonitor(Callback):
     def __init__(
         self,
         activations: list[str] | None = None,
-        layers: list[str] | None = None,
+        preactivation_layers: list[str] | None = None,
         threshold: float = 0.0,
         warn_fraction: float = 0.1,
         stages: str = "train",
@@ -94,19 +114,21 @@ class DeadUnitMonitor(Callback):
         log_per_layer: bool = True,
         plot: bool = True,
         plot_dir: str | None = None,
+        layers: list[str] | None = None,
     ) -> None:
-        self.activations, self.layers = check_dead_unit_args(
-            DEFAULT_ACTIVATIONS if activations is None else activations, layers or [], threshold, unit_dim,
-            saturation_eps, saturation_fraction)
-        if not self.activations and not self.layers:
-            raise InvalidArgumentError("`activations`=[] is invalid: expected activation kinds, or `layers` to watch.")
+        self.activations, self.preactivation_layers = check_dead_unit_args(
+            DEFAULT_ACTIVATIONS if activations is None else activations, preactivation_layers, threshold, unit_dim,
+            saturation_eps, saturation_fraction, layers, owner="DeadUnitMonitor")
+        if not self.activations and not self.preactivation_layers:
+            raise InvalidArgumentError("`activations`=[] is invalid: expected activation kinds, or "
+                                       "`preactivation_layers` to watch.")
         check_probability("warn_fraction", warn_fraction)
-        check_choice("stages", stages, STAGES)
+        stages = _check_stages(stages)
         self.threshold, self.warn_fraction, self.stages, self.unit_dim = threshold, warn_fraction, stages, unit_dim
         self.saturation_eps, self.saturation_fraction = saturation_eps, saturation_fraction
         self.log_per_layer, self.plot, self.plot_dir = log_per_layer, plot, plot_dir
         self.trackers: dict[str, DeadUnitTracker] = {}
-        self.history: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+        self.history: dict[str, list[dict[str, Any]]] = {"train": [], "validate": []}
         self.last_report: dict[str, DeadUnitReport] = {}
         self.heatmap_paths: list[Path] = []
         self._train_epoch_closed = False
@@ -117,7 +139,9 @@ class DeadUnitMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(stages=self.stages, activations=self.activations, layers=self.layers)
+        # the names of before the glossary, so that checkpoints written before it keep loading
+        return self._generate_state_key(stages="validation" if self.stages == "validate" else self.stages,
+                                        activations=self.activations, layers=self.preactivation_layers)
 
     def _tracked(self, stage: str) -> bool:
         return self.stages in (stage, "both")
@@ -126,10 +150,10 @@ class DeadUnitMonitor(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trackers:
             return
-        stages = ("train", "validation") if trainer.state.fn == "fit" else ("validation",)
+        stages = ("train", "validate") if trainer.state.fn == "fit" else ("validate",)
         for stage in stages:
             if self._tracked(stage):
-                tracker = DeadUnitTracker(pl_module, self.activations, self.layers, self.threshold, self.unit_dim,
+                tracker = DeadUnitTracker(pl_module, self.activations, self.preactivation_layers, self.threshold, self.unit_dim,
                                           self.saturation_eps, self.saturation_fraction, owner="DeadUnitMonitor")
                 tracker.enabled = False
                 self.trackers[stage] = tracker.attach()
@@ -147,7 +171,7 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != "fit" and self._tracked("validation"):
+        if trainer.state.fn != "fit" and self._tracked("validate"):
             self._attach(trainer, pl_module)  # trainer.validate(): no on_fit_start
 
     @override
@@ -207,19 +231,19 @@ class DeadUnitMonitor(Callback):
         epoch_loop = trainer.fit_loop.epoch_loop
         if trainer.state.fn == "fit" and epoch_loop.batch_progress.is_last_batch:
             self._finish(trainer, pl_module, "train")
-        self._start("validation")
+        self._start("validate")
 
     @override
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "validation" in self.trackers:
-            self.trackers["validation"].new_pass()
+        if "validate" in self.trackers:
+            self.trackers["validate"].new_pass()
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._finish(trainer, pl_module, "validation")
-        self._pause("validation")
+            self._finish(trainer, pl_module, "validate")
+        self._pause("validate")
         if trainer.state.fn == "fit" and "train" in self.trackers and not self._train_epoch_closed:
             self.trackers["train"].enabled = True  # validation in the middle of a training epoch
 
@@ -265,7 +289,8 @@ class DeadUnitMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {"train": [], "validation": [], **state_dict.get("history", {})}
+        history = {OLD_STAGE_NAMES.get(k, k): v for k, v in state_dict.get("history", {}).items()}
+        self.history = {"train": [], "validate": [], **history}
         self._open_epoch = state_dict.get("train_epoch")
 
 

@@ -130,7 +130,7 @@ class DeadUnitReport:
 class DeadUnitTracker:
     """Forward hooks that record which units fire, per unit, over any number of forward passes.
 
-    For a ReLU-family module (or a pre-activation layer given in ``layers``) a unit *fired* if its
+    For a ReLU-family module (or a pre-activation layer given in ``preactivation_layers``) a unit *fired* if its
     output was ``> threshold`` at least once; units that never fired are dead. For sigmoid/tanh a
     unit is *saturated* when at least ``saturation_fraction`` of its outputs lie within
     ``saturation_eps`` of the bounds (0 and 1 for sigmoid, -1 and 1 for tanh). The hooks only run
@@ -145,8 +145,9 @@ class DeadUnitTracker:
 
     Args:
         model: the model; the hooks go on its submodules.
-        activations: activation kinds to watch (see :data:`ACTIVATION_TYPES`); ``[]`` to watch only ``layers``.
-        layers: names or glob patterns of layers whose outputs go into a functional activation
+        activations: activation kinds to watch (see :data:`ACTIVATION_TYPES`); ``[]`` to watch only
+            ``preactivation_layers``.
+        preactivation_layers: names or glob patterns of layers whose outputs go into a functional activation
             (``F.relu(self.bn1(x))`` -> ``"*.bn1"``).
         threshold: a unit fires when its output is ``> threshold`` (>= 0).
         unit_dim: ``"auto"`` (linear: last dimension; conv/norm: dimension 1; 3-D activations: last when the
@@ -154,6 +155,7 @@ class DeadUnitTracker:
         saturation_eps: distance to the bounds that counts as saturated, in (0, 0.5).
         saturation_fraction: share of a unit's outputs that must be saturated, in (0, 1].
         owner: the name that starts error messages (the callback passes its own).
+        layers: Deprecated: use ``preactivation_layers``.
 
     Raises:
         InvalidArgumentError: an argument out of range.
@@ -172,20 +174,21 @@ class DeadUnitTracker:
         self,
         model: nn.Module,
         activations: Sequence[str] = DEFAULT_ACTIVATIONS,
-        layers: Sequence[str] = (),
+        preactivation_layers: Sequence[str] = (),
         threshold: float = 0.0,
         unit_dim: str = "auto",
         saturation_eps: float = 0.01,
         saturation_fraction: float = 0.99,
         owner: str = "DeadUnitTracker",
+        layers: Sequence[str] | None = None,
     ) -> None:
-        activations, layers = check_dead_unit_args(activations, layers, threshold, unit_dim, saturation_eps,
-                                                   saturation_fraction)
+        activations, preactivation_layers = check_dead_unit_args(
+            activations, preactivation_layers, threshold, unit_dim, saturation_eps, saturation_fraction, layers, owner)
         self.model = model
         self.threshold = float(threshold)
         self.saturation_eps = float(saturation_eps)
         self.saturation_fraction = float(saturation_fraction)
-        self.watched = find_watched_modules(model, activations, layers, unit_dim, owner)
+        self.watched = find_watched_modules(model, activations, preactivation_layers, unit_dim, owner)
         self.enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, int] = {}

@@ -2,7 +2,8 @@
 
 The selection half of the dead-unit monitor (``dead_units.py`` holds the tracker that counts):
 :func:`find_watched_modules` finds the activation modules of the kinds asked for and the layers named in
-``layers`` (whose outputs feed a functional activation), and says, for each, which dimension holds its units.
+``preactivation_layers`` (whose outputs feed a functional activation), and says, for each, which dimension
+holds its units. ``layers`` is the deprecated name of ``preactivation_layers`` (``docs/glossary.md``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_tricks.core.deprecation import register_renames, renamed_argument
 from lightning_tricks.core.selection import check_patterns, select
 from lightning_tricks.core.validation import (
     check_choice,
@@ -46,6 +48,9 @@ would report a GAN's healthy Leaky ReLU discriminator as dead."""
 
 UNIT_DIMS = ("auto", "channel", "last")
 
+for _owner in ("DeadUnitMonitor", "DeadUnitTracker", "find_watched_modules"):
+    register_renames(_owner, {"layers": "preactivation_layers"})
+
 _LAST_DIM_LAYERS = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 _CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
 _PRE_ACTIVATION_LAYERS = _LAST_DIM_LAYERS + _CHANNEL_LAYERS
@@ -63,7 +68,7 @@ class WatchedModule:
         saturation_high: upper bound of the output (saturation kinds).
         dim_rule: ``"channel"`` (dimension 1), ``"last"``, or ``"auto-channel"``/``"auto-last"``: dimension 1
             for 4-D/5-D outputs, the last one for 2-D, and for 3-D the one named after ``auto-``.
-        source: what selected it (``"activation:relu"`` or ``"layers"``).
+        source: what selected it (``"activation:relu"`` or ``"preactivation_layers"``).
     """
 
     name: str
@@ -103,7 +108,7 @@ def _layer_dim_rule(module: nn.Module) -> str | None:
 
 
 def _not_a_preactivation_layer(module: nn.Module) -> str | None:
-    """Why the selector skips ``module`` inside a ``layers`` match (None: it is watched).
+    """Why the selector skips ``module`` inside a ``preactivation_layers`` match (None: it is watched).
 
     Conv, linear and norm layers are watched, and so is a leaf module with parameters of its own (a
     custom layer); containers and parameter-free modules (activations, dropout, pooling) are not: the
@@ -116,51 +121,59 @@ def _not_a_preactivation_layer(module: nn.Module) -> str | None:
     return "not a conv, linear or norm layer (nor a leaf layer with parameters)"
 
 
-def _check_selection(activations: Sequence[str], layers: Sequence[str], unit_dim: str) -> tuple[list[str], list[str]]:
+def _check_selection(activations: Sequence[str], preactivation_layers: Sequence[str] | None, unit_dim: str,
+                     layers: Sequence[str] | None, owner: str) -> tuple[list[str], list[str]]:
     activations = list(activations)
     for name in activations:
         check_choice("activations", name, ACTIVATION_TYPES)
-    layers = check_patterns("layers", layers, allow_empty=True) or []
+    # `layers` is the deprecated name of `preactivation_layers` (the glossary's); an empty list means "none"
+    chosen = renamed_argument(owner, "layers", "preactivation_layers", layers, preactivation_layers or None, None)
+    chosen = check_patterns("layers" if layers is not None else "preactivation_layers", chosen, allow_empty=True)
     check_choice("unit_dim", unit_dim, UNIT_DIMS)
-    return activations, layers
+    return activations, chosen or []
 
 
-def check_dead_unit_args(activations: Sequence[str], layers: Sequence[str], threshold: float, unit_dim: str,
-                         saturation_eps: float, saturation_fraction: float) -> tuple[list[str], list[str]]:
+def check_dead_unit_args(activations: Sequence[str], preactivation_layers: Sequence[str] | None, threshold: float,
+                         unit_dim: str, saturation_eps: float, saturation_fraction: float,
+                         layers: Sequence[str] | None = None,
+                         owner: str = "DeadUnitTracker") -> tuple[list[str], list[str]]:
     """The one validator of the dead-unit arguments, shared by :class:`DeadUnitTracker`,
-    :func:`find_watched_modules` and :class:`DeadUnitMonitor`; returns ``(activations, layers)`` as lists."""
-    activations, layers = _check_selection(activations, layers, unit_dim)
+    :func:`find_watched_modules` and :class:`DeadUnitMonitor`; returns ``(activations, preactivation_layers)``
+    as lists. ``layers`` (deprecated: use ``preactivation_layers``) warns and is used in its place."""
+    activations, preactivation_layers = _check_selection(activations, preactivation_layers, unit_dim, layers, owner)
     check_non_negative("threshold", threshold)
     check_range("saturation_eps", saturation_eps, 0.0, 0.5, low_inclusive=False, high_inclusive=False)
     check_range("saturation_fraction", saturation_fraction, 0.0, 1.0, low_inclusive=False)
-    return activations, layers
+    return activations, preactivation_layers
 
 
 def find_watched_modules(
     model: nn.Module,
     activations: Sequence[str] = DEFAULT_ACTIVATIONS,
-    layers: Sequence[str] = (),
+    preactivation_layers: Sequence[str] = (),
     unit_dim: str = "auto",
     owner: str = "find_watched_modules",
+    layers: Sequence[str] | None = None,
 ) -> list[WatchedModule]:
     """The modules a :class:`DeadUnitTracker` watches, in registration order.
 
     Args:
         model: the model to search.
         activations: activation kinds to find (keys of :data:`ACTIVATION_TYPES`).
-        layers: names or glob patterns (``"*.bn1"``) of layers whose *outputs* are the pre-activations of a
+        preactivation_layers: names or glob patterns (``"*.bn1"``) of layers whose *outputs* are the pre-activations of a
             functional ReLU (``F.relu(layer(x))``): a unit is alive when its pre-activation is ``> threshold``
             somewhere. Patterns follow the one selector (:func:`lightning_tricks.core.selection.select`): a
             pattern naming a block selects the conv, linear and norm layers inside it (and leaf layers with
             parameters of their own), not the block's output.
         unit_dim: ``"auto"``, ``"channel"`` (dimension 1) or ``"last"``.
         owner: the name that starts the error messages.
+        layers: Deprecated: use ``preactivation_layers``.
 
     Raises:
-        NothingToMonitorError: a ``layers`` pattern that matches no module (or only modules that are not
+        NothingToMonitorError: a ``preactivation_layers`` pattern that matches no module (or only modules that are not
             layers), or nothing found at all, with the candidates and the fix.
     """
-    activations, layers = _check_selection(activations, layers, unit_dim)
+    activations, preactivation_layers = _check_selection(activations, preactivation_layers, unit_dim, layers, owner)
     named = [(n, m) for n, m in model.named_modules() if n]
     previous = _previous_siblings(model)
     found: dict[str, WatchedModule] = {}
@@ -175,17 +188,18 @@ def find_watched_modules(
         low, high = (0.0, 1.0) if kind == "sigmoid" else (-1.0, 1.0)
         found[name] = WatchedModule(name, module, "saturation" if kind in SATURATING else "dead", low, high, rule,
                                     f"activation:{kind}")
-    chosen = select(named, include=layers, why_not=_not_a_preactivation_layer, owner=owner,
-                    include_arg="layers", error=NothingToMonitorError) if layers else []
+    chosen = select(named, include=preactivation_layers, why_not=_not_a_preactivation_layer, owner=owner,
+                    include_arg="layers" if layers is not None else "preactivation_layers",
+                    error=NothingToMonitorError) if preactivation_layers else []
     for name, module in chosen:
         rule = unit_dim if unit_dim != "auto" else (_layer_dim_rule(module) or "auto-channel")
-        found[name] = WatchedModule(name, module, "dead", dim_rule=rule, source="layers")
+        found[name] = WatchedModule(name, module, "dead", dim_rule=rule, source="preactivation_layers")
     if not found:
         raise NothingToMonitorError(
             f"{owner} found nothing to monitor in {type(model).__name__}: no module of the kinds activations="
-            f"{list(activations)} ({_class_list(activations)}) and no `layers` named. If the model applies "
+            f"{list(activations)} ({_class_list(activations)}) and no `preactivation_layers` named. If the model applies "
             f"F.relu (or another activation) functionally, name the layers whose outputs feed it, e.g. "
-            f"layers=['{_example_layer(named)}']; pre-activation layers there: {_candidates(named)}."
+            f"preactivation_layers=['{_example_layer(named)}']; pre-activation layers there: {_candidates(named)}."
         )
     order = {n: i for i, (n, _) in enumerate(named)}
     return sorted(found.values(), key=lambda w: order[w.name])
