@@ -102,7 +102,7 @@ class LargeBatchScaling(Callback):
         warmup_steps: the warm-up in optimizer steps instead of epochs.
         batch_size: the per-device batch size, when the train dataloader does not tell it (a custom
             batch sampler or an iterable dataset).
-        log: log ``lr_scale`` (``m(t)``) every step, next to the user's ``LearningRateMonitor`` which shows the
+        log: log ``large_batch/lr_scale`` (``m(t)``) every step, next to the user's ``LearningRateMonitor`` which shows the
             unscaled schedule.
 
     Raises:
@@ -195,7 +195,8 @@ class LargeBatchScaling(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.log and self.last_multiplier is not None:
-            pl_module.log("lr_scale", self.last_multiplier, on_step=True, on_epoch=False)
+            # the same on every rank: no sync needed
+            pl_module.log("large_batch/lr_scale", self.last_multiplier, on_step=True, on_epoch=False)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

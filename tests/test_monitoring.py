@@ -348,15 +348,15 @@ def test_monitor_on_user_module_logs_brute_force_fractions_draws_and_removes_hoo
     expected = {"net.1": float((~(h1 > 0).any(0)).float().mean()), "net.3": float((~(h2 > 0).any(0)).float().mean())}
     metrics = trainer.callback_metrics
     for site, fraction in expected.items():
-        assert float(metrics[f"dead_units/{site}"]) == pytest.approx(fraction)
+        assert float(metrics[f"dead_units/train/{site}"]) == pytest.approx(fraction)
     total = (expected["net.1"] * 12 + expected["net.3"] * 12) / 24
-    assert float(metrics["dead_units/overall"]) == pytest.approx(total)
+    assert float(metrics["dead_units/train/overall"]) == pytest.approx(total)
     assert [r["epoch"] for r in monitor.history["train"]] == [0, 1]
     assert not monitor.history["validate"]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert (tmp_path / "plots" / "dead_units_train.png").stat().st_size > 1000
-    assert logger.images and logger.images[0][0] == "dead_units/heatmap_train"
-    assert any("dead_units/overall" in m for _, m in logger.metrics)
+    assert logger.images and logger.images[0][0] == "dead_units/train/heatmap"
+    assert any("dead_units/train/overall" in m for _, m in logger.metrics)
     assert ratio.history == []  # lr 0: no parameter moved, nothing to record
 
 
@@ -378,7 +378,10 @@ def test_monitor_warns_above_warn_fraction_and_validation_passes_are_separate(tm
     assert not torch.equal(train_dead, val_dead)  # so a pass leaking into the other would show
     assert torch.equal(monitor.last_report["train"].sites["net.1"].flagged, train_dead)
     assert torch.equal(monitor.last_report["validate"].sites["net.1"].flagged, val_dead)
-    assert "val_dead_units/overall" in trainer.callback_metrics
+    metrics = trainer.callback_metrics
+    assert float(metrics["dead_units/validate/net.1"]) == pytest.approx(float(val_dead.float().mean()))
+    assert float(metrics["dead_units/train/net.1"]) == pytest.approx(float(train_dead.float().mean()))
+    assert not any(k.startswith("val_dead") for k in metrics)
     # validation in the middle and at the end of the epoch; the sanity check is not counted
     assert [r["epoch"] for r in monitor.history["validate"]] == [0, 0]
     assert len(monitor.history["train"]) == 1
@@ -501,7 +504,8 @@ def test_update_ratio_equals_hand_computation(optimizer, tmp_path):
     x, y = toy_data(96)
     logger = MemoryLogger()
     monitor = UpdateRatioMonitor(every_n_steps=2)
-    cpu_trainer(tmp_path, logger=logger, callbacks=[monitor]).fit(model, loader(x, y))
+    trainer = cpu_trainer(tmp_path, logger=logger, callbacks=[monitor])
+    trainer.fit(model, loader(x, y))
     # by hand: the same steps with plain torch, ratios of the real updates
     opt = (torch.optim.Adam(reference.parameters(), lr=0.01) if optimizer == "adam"
            else torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9))
@@ -519,6 +523,56 @@ def test_update_ratio_equals_hand_computation(optimizer, tmp_path):
         assert [logged[f"update_ratio/{n}"] for n in names] == pytest.approx(expected[step], rel=1e-4)
         weights = [r for r, p in zip(expected[step], reference.parameters(), strict=True) if p.ndim >= 2]
         assert logged["update_ratio/median"] == pytest.approx(float(np.median(weights)), rel=1e-4)
+    # through pl_module.log: trainer.callback_metrics holds the last measurement (step 4)
+    metrics = trainer.callback_metrics
+    assert [float(metrics[f"update_ratio/{n}"]) for n in names] == pytest.approx(expected[4], rel=1e-4)
+    weights = [r for r, p in zip(expected[4], reference.parameters(), strict=True) if p.ndim >= 2]
+    assert float(metrics["update_ratio/median"]) == pytest.approx(float(np.median(weights)), rel=1e-4)
+
+
+def test_early_stopping_and_model_checkpoint_monitor_the_update_ratio(tmp_path):
+    import lightning_tricks as lt
+
+    torch.manual_seed(3)
+    x, y = toy_data(64)  # 4 batches an epoch
+    monitor = UpdateRatioMonitor(every_n_steps=1, warn_below=1e-12, warn_above=1e12)
+    stopper = lt.EarlyStopping(monitor="update_ratio/median", mode="min", patience=100, restore_best_weights=False,
+                               check_on_train_epoch_end=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="update_ratio/median", mode="min", save_top_k=1)
+    trainer = cpu_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[monitor, stopper, checkpoint])
+    trainer.fit(UserMLP(lr=0.01), loader(x, y))
+    # each epoch-end check sees the median measured at the epoch's last step
+    last_of_epoch = [r["median"] for r in monitor.history if r["step"] % 4 == 3]
+    assert len(last_of_epoch) == 3 and len(set(last_of_epoch)) == 3
+    assert float(stopper.best_score) == pytest.approx(min(last_of_epoch), rel=1e-6)
+    assert stopper.best_epoch == last_of_epoch.index(min(last_of_epoch))
+    assert float(checkpoint.best_model_score) == pytest.approx(min(last_of_epoch), rel=1e-6)
+
+
+def test_monitor_metrics_under_manual_optimization_with_two_optimizers(tmp_path):
+    from lightning_tricks import LargeBatchScaling
+    from lightning_tricks.scaling import lr_multiplier
+    from tests.matrix_checks import fit
+
+    ratio = UpdateRatioMonitor(every_n_steps=1, warn_below=1e-12, warn_above=1e12)
+    dead = DeadUnitMonitor(plot=False)
+    scaling = LargeBatchScaling(reference_batch_size=2, warmup_steps=3)
+    module, _, trainer = fit("gan", [ratio, dead, scaling])
+    assert not module.automatic_optimization and len(trainer.optimizers) == 2
+    metrics = trainer.callback_metrics
+    assert float(metrics["update_ratio/median"]) == pytest.approx(ratio.history[-1]["median"], rel=1e-6)
+    finite = {n: r for n, r in ratio.last_ratios.items() if math.isfinite(r)}
+    assert finite and all(float(metrics[f"update_ratio/{n}"]) == pytest.approx(r, rel=1e-6) for n, r in finite.items())
+    record = dead.history["train"][-1]
+    assert record["saturated"]  # the GAN's tanh and sigmoid (its Leaky ReLUs are not watched by default)
+    for kind, prefix, overall in (("dead", "dead_units/train", "overall"),
+                                  ("saturated", "dead_units/train/saturated", "saturated_overall")):
+        if record[overall] is not None:
+            assert float(metrics[f"{prefix}/overall"]) == pytest.approx(record[overall])
+        assert all(float(metrics[f"{prefix}/{site}"]) == pytest.approx(f) for site, f in record[kind].items())
+    batches = trainer.global_step // 2  # each optimizer steps once a batch; t counts its own steps
+    expected = lr_multiplier(batches - 1, scaling.factor, 3)
+    assert float(metrics["large_batch/lr_scale"]) == pytest.approx(expected) and scaling.factor > 1
 
 
 def test_update_ratio_warns_when_too_high_and_logs_histograms(tmp_path):
@@ -545,9 +599,12 @@ def test_initial_loss_of_fresh_model_passes_and_equals_first_batch_loss(tmp_path
     with torch.no_grad():
         first = float(F.cross_entropy(model(x[:16]), y[:16]))
     check = InitialLossCheck()
-    cpu_trainer(tmp_path, accumulate_grad_batches=2, callbacks=[check]).fit(model, loader(x, y))
+    trainer = cpu_trainer(tmp_path, accumulate_grad_batches=2, callbacks=[check])
+    trainer.fit(model, loader(x, y))
     assert check.observed == pytest.approx(first, rel=1e-6)  # not halved by gradient accumulation
     assert check.expected == pytest.approx(math.log(10)) and check.passed
+    assert float(trainer.callback_metrics["initial_loss/observed"]) == pytest.approx(first, rel=1e-6)
+    assert float(trainer.callback_metrics["initial_loss/expected"]) == pytest.approx(math.log(10), rel=1e-6)
     assert abs(check.observed - 2.30) < 0.2
 
 
@@ -817,7 +874,7 @@ def test_monitoring_config_under_real_ddp_with_two_processes(tmp_path):
     assert "InitialLossCheck: the first training loss is" in output and ": ok (within 25%)" in output
     run = tmp_path / "runs" / "monitoring" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    dead = [float(r["dead_units/overall"]) for r in rows if r.get("dead_units/overall")]
+    dead = [float(r["dead_units/train/overall"]) for r in rows if r.get("dead_units/train/overall")]
     ratio = [float(r["update_ratio/median"]) for r in rows if r.get("update_ratio/median")]
     assert len(dead) == 2 and all(0.0 <= d < 0.1 for d in dead)
     assert ratio and all(1e-4 < r < 1e-2 for r in ratio)

@@ -1,8 +1,8 @@
 """The Lightning callback of the dead-unit monitor: :class:`DeadUnitMonitor` (the core is ``dead_units.py``).
 
 It tracks the training and/or validation passes per epoch with
-:class:`~lightning_tricks.monitoring.dead_units.DeadUnitTracker`, logs ``dead_units/<layer>`` and
-``dead_units/overall``, warns above ``warn_fraction``, and draws a layers-by-epochs heat map.
+:class:`~lightning_tricks.monitoring.dead_units.DeadUnitTracker`, logs ``dead_units/<stage>/<layer>`` and
+``dead_units/<stage>/overall``, warns above ``warn_fraction``, and draws a layers-by-epochs heat map.
 """
 
 from __future__ import annotations
@@ -58,10 +58,12 @@ class DeadUnitMonitor(Callback):
     name the layers whose outputs feed it in ``preactivation_layers`` (pre-activation mode: alive when
     ``> threshold``). For ``LeakyReLU``/``PReLU``/``RReLU`` "dead" means the unit stayed in the
     negative-slope region (its output never exceeded the threshold): it still passes a gradient scaled
-    by the slope, but it is a linear unit. Per epoch it logs ``dead_units/<layer>`` and
-    ``dead_units/overall`` (validation pass: ``val_dead_units/...``), ``saturated_units/...`` for
-    sigmoid/tanh layers, warns on rank zero when the overall fraction exceeds ``warn_fraction``, and
-    at the end of fit draws a layers x epochs heat map (PNG file, and into loggers that take images).
+    by the slope, but it is a linear unit. Per epoch it logs, through ``pl_module.log`` (so
+    ``EarlyStopping``/``ModelCheckpoint`` can monitor them), ``dead_units/<stage>/overall`` and
+    ``dead_units/<stage>/<layer>`` (``<stage>``: ``train`` or ``validate``), and
+    ``dead_units/<stage>/saturated/overall`` and ``.../saturated/<layer>`` for sigmoid/tanh layers;
+    it warns on rank zero when the overall fraction exceeds ``warn_fraction``, and at the end of fit
+    draws a layers x epochs heat map (PNG file, and into loggers that take images).
 
     The hooks reduce each activation to one value per unit on its device and never synchronize with
     the host; the per-unit bits are all-reduced once per epoch. Hooks are registered at the start of
@@ -69,7 +71,8 @@ class DeadUnitMonitor(Callback):
 
     Args:
         activations: activation kinds to find: ``relu``, ``relu6``, ``leaky_relu``, ``prelu``, ``rrelu``,
-            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, sigmoid, tanh (a Leaky ReLU unit cannot die: opt-in).
+            ``elu``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``. Default: relu, relu6, sigmoid, tanh (a Leaky ReLU
+            unit cannot die: opt-in).
             ``[]`` watches only ``preactivation_layers``.
         preactivation_layers: names or glob patterns (``"*.bn1"``) of conv/linear/norm layers whose outputs go into a
             functional activation (pre-activation mode).
@@ -296,15 +299,14 @@ class DeadUnitMonitor(Callback):
 
 def log_report(pl_module: pl.LightningModule, stage: str, report: DeadUnitReport, per_layer: bool) -> None:
     """Log one pass's figures of one epoch through ``pl_module.log`` (see :class:`DeadUnitMonitor`)."""
-    prefix = "" if stage == "train" else "val_"
     metrics: dict[str, float] = {}
-    for kind, key, overall in (("dead", "dead_units", report.dead_fraction),
-                               ("saturation", "saturated_units", report.saturated_fraction)):
+    for kind, prefix, overall in (("dead", f"dead_units/{stage}", report.dead_fraction),
+                                  ("saturation", f"dead_units/{stage}/saturated", report.saturated_fraction)):
         if math.isnan(overall):
             continue
-        metrics[f"{prefix}{key}/overall"] = overall
+        metrics[f"{prefix}/overall"] = overall
         if per_layer:
-            metrics.update({f"{prefix}{key}/{site}": f for site, f in report.fractions(kind).items()})
+            metrics.update({f"{prefix}/{site}": f for site, f in report.fractions(kind).items()})
     # Already identical on every rank; sync_dist with "max" is exact and silences Lightning's per-key DDP warning.
     pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
@@ -380,7 +382,7 @@ def draw_heatmaps(history: dict[str, list[dict[str, Any]]], folder: Path, traine
         figure = history_heatmap(records, stage)
         path = save_figure(figure, folder / f"dead_units_{stage}.png")
         paths.append(path)
-        taken = log_figure(trainer.loggers, f"dead_units/heatmap_{stage}", figure, trainer.global_step)
+        taken = log_figure(trainer.loggers, f"dead_units/{stage}/heatmap", figure, trainer.global_step)
         where = f"sent to {', '.join(taken)} and " if taken else ""
         rank_zero_info(f"DeadUnitMonitor: heat map {where}saved to {path}")
     return paths

@@ -13,7 +13,7 @@ never recovers, and "as much as 40% of your network can be dead". Sigmoid and ta
   across DDP ranks and returns per-layer masks and fractions.
 * :class:`~lightning_tricks.monitoring.dead_unit_monitor.DeadUnitMonitor` (in ``dead_unit_monitor.py``)
   is the Lightning callback: it tracks the training and/or validation
-  passes per epoch, logs ``dead_units/<layer>`` and ``dead_units/overall``, warns above
+  passes per epoch, logs ``dead_units/<stage>/<layer>`` and ``dead_units/<stage>/overall``, warns above
   ``warn_fraction``, and draws a layers-by-epochs heat map.
 
 A **unit** is a feature of a linear layer (the last dimension) and a channel of a convolution
