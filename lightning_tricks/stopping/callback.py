@@ -13,9 +13,9 @@ from torch import Tensor
 
 from lightning_tricks.core.distributed import broadcast_module
 from lightning_tricks.core.lightning_classes import sharding_strategy_types, weight_averaging_types
-from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
-from lightning_tricks.stopping.agreement import agree_across_ranks
+from lightning_tricks.stopping.agreement import agreed_monitor_value
 from lightning_tricks.stopping.rules import (
     LIGHTNING_REASON,
     TRIGGER_OF_REASON,
@@ -182,46 +182,13 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
             self._snapshot.clear()  # only rank 0 needs the copy
 
     # -- the check ------------------------------------------------------------------------------
-    def _agreed_monitor_value(self, trainer: pl.Trainer) -> Tensor | None:
-        """The monitored value every rank agrees on, or None to skip the check (on every rank alike)."""
-        logs = trainer.callback_metrics
-        value = logs.get(self.monitor)
-        if value is not None:
-            value = torch.as_tensor(value).detach()
-            if value.numel() != 1:
-                raise InvalidArgumentError(
-                    f"`monitor`={self.monitor!r} is a tensor of shape {tuple(value.shape)}: expected a scalar metric.")
-        world = trainer.world_size
-        count = int(value is not None)
-        if world > 1:
-            value, count, agreed = agree_across_ranks(trainer.strategy, value, world)
-            if not agreed and count == world and not self._warned_unsynced and bool(torch.isfinite(value)):
-                self._warned_unsynced = True
-                rank_zero_warn(
-                    f"EarlyStopping: `{self.monitor}` differs across ranks: it was logged without sync_dist=True. "
-                    f"Every rank now uses the mean over ranks ({fmt(value)} at this check), so all of them take the "
-                    "same decision; log it with sync_dist=True (or a torchmetrics metric) to choose the reduction.",
-                    category=RuntimeWarning)
-        if count == world:
-            return value.squeeze()
-        message = (
-            f"Early stopping conditioned on metric `{self.monitor}` which is not available"
-            + (f" on {world - count} of {world} ranks" if count else "")
-            + ". Pass in or modify your `EarlyStopping` callback to use any of the following: "
-            f"`{'`, `'.join(logs.keys())}` (or set strict=False to skip checks where it is missing)."
-        )
-        if self.strict:
-            raise MonitorNotFoundError(message)
-        if self.verbose:
-            rank_zero_warn(message, category=RuntimeWarning)
-        return None if value is None else value.squeeze()
-
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
         # Lightning's method, step for step, with two additions: the ranks agree on the value before the
         # decision (Lightning decides per rank), and rank 0 keeps the weights of an improving check.
         if trainer.fast_dev_run:  # as Lightning: no early stopping in a fast_dev_run
             return
-        current = self._agreed_monitor_value(trainer)
+        current, self._warned_unsynced = agreed_monitor_value(trainer, self.monitor, self.strict, self.verbose,
+                                                              self._warned_unsynced)
         if current is None:
             return
         self._check_epoch = trainer.current_epoch
