@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_tricks._lightning_internals import callback_state_key
 from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int, check_non_negative
 
 DEFAULT_WARMUP_EPOCHS = 5.0
@@ -130,7 +131,7 @@ class LargeBatchScaling(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(reference_batch_size=self.reference_batch_size)
+        return callback_state_key(self, reference_batch_size=self.reference_batch_size)
 
     def _warmup_length(self, trainer: pl.Trainer) -> int:
         if self.warmup_steps is not None:

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_tricks._lightning_internals import callback_state_key
 from lightning_tricks.core.deprecation import REMOVED_IN
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
 from lightning_tricks.monitoring.dead_units import (
@@ -143,8 +144,8 @@ class DeadUnitMonitor(Callback):
     @override
     def state_key(self) -> str:
         # the names of before the glossary, so that checkpoints written before it keep loading
-        return self._generate_state_key(stages="validation" if self.stages == "validate" else self.stages,
-                                        activations=self.activations, layers=self.preactivation_layers)
+        return callback_state_key(self, stages="validation" if self.stages == "validate" else self.stages,
+                                  activations=self.activations, layers=self.preactivation_layers)
 
     def _tracked(self, stage: str) -> bool:
         return self.stages in (stage, "both")
@@ -231,8 +232,7 @@ class DeadUnitMonitor(Callback):
         # Validation at the end of a training epoch runs before on_train_epoch_end, and a ModelCheckpoint
         # monitoring a validation metric may save right after it (check_val_every_n_epoch > 1): close the
         # training epoch first, so that the checkpoint holds its figures.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if trainer.state.fn == "fit" and epoch_loop.batch_progress.is_last_batch:
+        if trainer.state.fn == "fit" and trainer.is_last_batch:
             self._finish(trainer, pl_module, "train")
         self._start("validate")
 

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks._lightning_internals import callback_state_key
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int, check_positive
 from lightning_tricks.monitoring.dead_units import (
     DEFAULT_ACTIVATIONS,
@@ -169,7 +170,7 @@ class UpdateRatioMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps)
+        return callback_state_key(self, every_n_steps=self.every_n_steps)
 
     def _measured(self, step: int) -> bool:
         return step % self.every_n_steps == 0
