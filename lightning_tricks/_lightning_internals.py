@@ -15,6 +15,8 @@ from typing import Any
 
 import lightning
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_tricks.errors import UnverifiedLightningError  # noqa: F401  (re-exported)
@@ -37,6 +39,69 @@ def require_verified(feature: str, version: str = lightning.__version__) -> None
         f"{feature} replaces a private Lightning method and was verified on Lightning "
         f"{', '.join(VERIFIED_LIGHTNING)}.x, not {version}: install lightning=={VERIFIED_LIGHTNING[-1]}.*, turn the "
         f"feature off, or set {ALLOW_ENV}=1 to try it anyway.")
+
+
+# == Monitoring and early stopping (monitoring/, stopping/, scaling.py) ========================================
+# Checked on lightning 2.6.6 and pytorch_lightning 2.6.6 (the same methods, at the same places, in both packages);
+# Lightning's own EarlyStopping tests of 2.6.5 (../shared/conformance) mock and override these methods.
+
+
+def callback_state_key(callback: Any, **identity: Any) -> str:
+    """``callback._generate_state_key(**identity)``: the key of a callback's state in a checkpoint, built as
+    Lightning's own callbacks build theirs (class name and the arguments that tell two instances apart).
+
+    ``Callback._generate_state_key`` is the protected helper Lightning's callbacks use; there is no public
+    equivalent, and a key built another way would not match the checkpoints written so far.
+    """
+    return callback._generate_state_key(**identity)
+
+
+class EarlyStoppingHooks(LightningEarlyStopping):
+    """Lightning's ``EarlyStopping`` whose two private extension points call methods of a subclass.
+
+    Lightning's ``on_validation_end``/``on_train_epoch_end`` run the check through
+    ``_run_early_stopping_check(trainer)``, which decides through ``_evaluate_stopping_criteria(current)``;
+    no public hook exists for either. A subclass overrides :meth:`_check` (the check) and :meth:`_decide` (the
+    decision) instead, and reaches Lightning's own parts through :func:`lightning_stopping_decision`,
+    :func:`stopping_decision` and :func:`log_stopping_info`. Lightning's tests mock both methods, on the
+    instance and on Lightning's class: both stay honoured.
+    """
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        self._check(trainer)
+
+    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        return self._decide(current)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        """The check (default: Lightning's)."""
+        super()._run_early_stopping_check(trainer)
+
+    def _decide(self, current: Tensor) -> tuple[bool, str | None]:
+        """The decision (default: Lightning's)."""
+        return lightning_stopping_decision(self, current)
+
+
+def lightning_stopping_decision(callback: EarlyStoppingHooks, current: Tensor) -> tuple[bool, str | None]:
+    """Lightning's own ``EarlyStopping._evaluate_stopping_criteria`` for ``callback`` (looked up on Lightning's class
+    at each call, so a patched one is honoured): ``(should_stop, reason)``; it updates ``best_score``,
+    ``wait_count`` and ``stopping_reason``."""
+    return super(EarlyStoppingHooks, callback)._evaluate_stopping_criteria(current)
+
+
+def stopping_decision(callback: EarlyStoppingHooks, current: Tensor) -> tuple[bool, str | None]:
+    """``callback._evaluate_stopping_criteria(current)``: the decision as Lightning's check takes it, so that an
+    override or a mock on the instance (Lightning's tests use both) is honoured."""
+    return callback._evaluate_stopping_criteria(current)
+
+
+def log_stopping_info(trainer: pl.Trainer, message: str, log_rank_zero_only: bool) -> None:
+    """``EarlyStopping._log_info``: Lightning's message format for early stopping (``[rank: r]`` prefixes under
+    DDP, rank zero only on request), which its tests check."""
+    LightningEarlyStopping._log_info(trainer, message, log_rank_zero_only)
+
+
+# == (end of the monitoring and early-stopping section) ===========================================================
 
 
 # -- evaluation loaders (ExactDistributedEvaluation, TTA, Ensemble) ------------------------------------------

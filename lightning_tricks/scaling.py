@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_tricks._lightning_internals import callback_state_key
 from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int, check_non_negative
 
 DEFAULT_WARMUP_EPOCHS = 5.0
@@ -102,7 +103,7 @@ class LargeBatchScaling(Callback):
         warmup_steps: the warm-up in optimizer steps instead of epochs.
         batch_size: the per-device batch size, when the train dataloader does not tell it (a custom
             batch sampler or an iterable dataset).
-        log: log ``lr_scale`` (``m(t)``) every step, next to the user's ``LearningRateMonitor`` which shows the
+        log: log ``large_batch/lr_scale`` (``m(t)``) every step, next to the user's ``LearningRateMonitor`` which shows the
             unscaled schedule.
 
     Raises:
@@ -130,7 +131,7 @@ class LargeBatchScaling(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(reference_batch_size=self.reference_batch_size)
+        return callback_state_key(self, reference_batch_size=self.reference_batch_size)
 
     def _warmup_length(self, trainer: pl.Trainer) -> int:
         if self.warmup_steps is not None:
@@ -195,7 +196,8 @@ class LargeBatchScaling(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.log and self.last_multiplier is not None:
-            pl_module.log("lr_scale", self.last_multiplier, on_step=True, on_epoch=False)
+            # the same on every rank: no sync needed
+            pl_module.log("large_batch/lr_scale", self.last_multiplier, on_step=True, on_epoch=False)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

@@ -26,6 +26,7 @@ from lightning_tricks.monitoring import (
     InitialLossError,
     NothingToMonitorError,
     dead_unit_heatmap,
+    find_watched_modules,
     median_ratio,
     update_ratios,
 )
@@ -251,14 +252,14 @@ class FunctionalNet(nn.Module):
 
 def test_functional_relu_model_needs_layers_and_preactivation_mode_is_exact():
     model = FunctionalNet()
-    with pytest.raises(NothingToMonitorError, match=r"layers=\['conv'\].*bn \(BatchNorm2d\), fc1 \(Linear\)"):
+    with pytest.raises(NothingToMonitorError, match=r"preactivation_layers=\['conv'\].*bn \(BatchNorm2d\), fc1 \(Linear\)"):
         DeadUnitTracker(model)
     with pytest.raises(NothingToMonitorError, match="pattern 'nope' matches no module"):
-        DeadUnitTracker(model, layers=["nope"])
+        DeadUnitTracker(model, preactivation_layers=["nope"])
     with torch.no_grad():
         model.fc1.bias[3] = -100.0
     recorder = Recorder({"bn": model.bn, "fc1": model.fc1})
-    with DeadUnitTracker(model, layers=["b*", "fc1"]) as tracker:
+    with DeadUnitTracker(model, preactivation_layers=["b*", "fc1"]) as tracker:
         for _ in range(3):
             model(torch.randn(6, 1, 5, 5))
     report = tracker.report()
@@ -266,6 +267,26 @@ def test_functional_relu_model_needs_layers_and_preactivation_mode_is_exact():
     assert torch.equal(report.sites["bn"].flagged, brute_force_dead(recorder.outputs["bn"], 1))
     assert torch.equal(report.sites["fc1"].flagged, brute_force_dead(recorder.outputs["fc1"], 1))
     assert report.sites["fc1"].flagged[3]
+
+
+class _Scale(nn.Module):  # a custom leaf layer with a parameter of its own
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_layer_patterns_go_through_the_one_selector():
+    # core.selection's rule: a pattern naming a block selects what is inside it; only layers are watched
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), _Scale(4)), nn.Identity(), nn.Linear(4, 2))
+    watched = find_watched_modules(model, activations=[], preactivation_layers=["0"])
+    assert [(w.name, w.source) for w in watched] == [("0.0", "preactivation_layers"), ("0.2", "preactivation_layers")]
+    assert [w.name for w in find_watched_modules(model, activations=[], preactivation_layers=["*.0", "2"])] == ["0.0", "2"]
+    with pytest.raises(NothingToMonitorError, match=r"`preactivation_layers` pattern '1' matches only modules .*'1' \(Identity: "
+                                                    r"not a conv, linear or norm layer"):
+        find_watched_modules(model, activations=[], preactivation_layers=["1"])
 
 
 def test_sequence_outputs_use_features_after_linear_and_gelu_is_opt_in():
@@ -327,15 +348,15 @@ def test_monitor_on_user_module_logs_brute_force_fractions_draws_and_removes_hoo
     expected = {"net.1": float((~(h1 > 0).any(0)).float().mean()), "net.3": float((~(h2 > 0).any(0)).float().mean())}
     metrics = trainer.callback_metrics
     for site, fraction in expected.items():
-        assert float(metrics[f"dead_units/{site}"]) == pytest.approx(fraction)
+        assert float(metrics[f"dead_units/train/{site}"]) == pytest.approx(fraction)
     total = (expected["net.1"] * 12 + expected["net.3"] * 12) / 24
-    assert float(metrics["dead_units/overall"]) == pytest.approx(total)
+    assert float(metrics["dead_units/train/overall"]) == pytest.approx(total)
     assert [r["epoch"] for r in monitor.history["train"]] == [0, 1]
-    assert not monitor.history["validation"]
+    assert not monitor.history["validate"]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert (tmp_path / "plots" / "dead_units_train.png").stat().st_size > 1000
-    assert logger.images and logger.images[0][0] == "dead_units/heatmap_train"
-    assert any("dead_units/overall" in m for _, m in logger.metrics)
+    assert logger.images and logger.images[0][0] == "dead_units/train/heatmap"
+    assert any("dead_units/train/overall" in m for _, m in logger.metrics)
     assert ratio.history == []  # lr 0: no parameter moved, nothing to record
 
 
@@ -356,10 +377,13 @@ def test_monitor_warns_above_warn_fraction_and_validation_passes_are_separate(tm
         val_dead = ~(model.net[1](model.net[0](x_val)) > 0).any(0)
     assert not torch.equal(train_dead, val_dead)  # so a pass leaking into the other would show
     assert torch.equal(monitor.last_report["train"].sites["net.1"].flagged, train_dead)
-    assert torch.equal(monitor.last_report["validation"].sites["net.1"].flagged, val_dead)
-    assert "val_dead_units/overall" in trainer.callback_metrics
+    assert torch.equal(monitor.last_report["validate"].sites["net.1"].flagged, val_dead)
+    metrics = trainer.callback_metrics
+    assert float(metrics["dead_units/validate/net.1"]) == pytest.approx(float(val_dead.float().mean()))
+    assert float(metrics["dead_units/train/net.1"]) == pytest.approx(float(train_dead.float().mean()))
+    assert not any(k.startswith("val_dead") for k in metrics)
     # validation in the middle and at the end of the epoch; the sanity check is not counted
-    assert [r["epoch"] for r in monitor.history["validation"]] == [0, 0]
+    assert [r["epoch"] for r in monitor.history["validate"]] == [0, 0]
     assert len(monitor.history["train"]) == 1
 
 
@@ -368,13 +392,48 @@ def test_trainer_validate_alone_tracks_the_validation_pass(tmp_path):
     model = UserMLP()
     kill_units(model.net[2], [4])
     x, y = toy_data(24)
-    monitor = DeadUnitMonitor(stages="validation", plot=False)
+    monitor = DeadUnitMonitor(stages="validate", plot=False)
     cpu_trainer(tmp_path, callbacks=[monitor]).validate(model, loader(x, y))
     with torch.no_grad():
         dead = ~(model.net[3](model.net[2](model.net[1](model.net[0](x)))) > 0).any(0)
-    assert torch.equal(monitor.last_report["validation"].sites["net.3"].flagged, dead) and dead[4]
-    assert len(monitor.history["validation"]) == 1 and not monitor.history["train"]
+    assert torch.equal(monitor.last_report["validate"].sites["net.3"].flagged, dead) and dead[4]
+    assert len(monitor.history["validate"]) == 1 and not monitor.history["train"]
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_deprecated_layers_and_validation_stage_warn_and_behave_identically(tmp_path):
+    model = FunctionalNet()
+    with pytest.warns(DeprecationWarning, match=r"DeadUnitTracker: `layers` is renamed `preactivation_layers`"):
+        old = DeadUnitTracker(model, layers=["b*", "fc1"])
+    new = DeadUnitTracker(model, preactivation_layers=["b*", "fc1"])
+    assert [(w.name, w.kind, w.dim_rule) for w in old.watched] == [(w.name, w.kind, w.dim_rule) for w in new.watched]
+    with pytest.warns(DeprecationWarning, match="find_watched_modules: `layers` is renamed"):
+        assert [w.name for w in find_watched_modules(model, activations=[], layers=["fc1"])] == ["fc1"]
+    for build in (lambda: DeadUnitTracker(model, layers=["fc1"], preactivation_layers=["bn"]),
+                  lambda: DeadUnitMonitor(layers=["fc1"], preactivation_layers=["bn"])):
+        with pytest.raises(InvalidArgumentError, match="`layers`=.* and `preactivation_layers`=.* are the same"):
+            build()
+
+    def fit(**kwargs: Any) -> DeadUnitMonitor:
+        torch.manual_seed(5)
+        net = UserMLP()
+        kill_units(net.net[0], [1, 3])
+        x, y = toy_data(32)
+        monitor = DeadUnitMonitor(plot=False, **kwargs)
+        cpu_trainer(tmp_path, max_epochs=2, callbacks=[monitor]).fit(net, loader(x, y), loader(-x[:8], y[:8]))
+        return monitor
+
+    with pytest.warns(DeprecationWarning) as caught:
+        old_monitor = fit(layers=["net.0"], stages="validation")
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("`layers` is renamed `preactivation_layers`" in m for m in messages)
+    assert any("`stages`='validation' is renamed 'validate'" in m for m in messages)
+    new_monitor = fit(preactivation_layers=["net.0"], stages="validate")
+    assert old_monitor.stages == new_monitor.stages == "validate"
+    assert old_monitor.preactivation_layers == new_monitor.preactivation_layers == ["net.0"]
+    assert old_monitor.state_key == new_monitor.state_key
+    assert old_monitor.history == new_monitor.history and len(new_monitor.history["validate"]) == 2
+    assert "net.0" in new_monitor.history["validate"][-1]["dead"]
 
 
 def test_model_with_nothing_to_monitor_fails_at_setup(tmp_path):
@@ -389,9 +448,9 @@ def test_model_with_nothing_to_monitor_fails_at_setup(tmp_path):
     x, y = toy_data(16)
     trainer = cpu_trainer(tmp_path, callbacks=[DeadUnitMonitor()])
     with pytest.raises(NothingToMonitorError, match=r"DeadUnitMonitor found nothing to monitor in Functional.*"
-                                                    r"layers=\['net.0'\]"):
+                                                    r"preactivation_layers=\['net.0'\]"):
         trainer.fit(Functional(), loader(x, y))
-    monitor = DeadUnitMonitor(layers=["net.0"], plot=False)
+    monitor = DeadUnitMonitor(preactivation_layers=["net.0"], plot=False)
     cpu_trainer(tmp_path, callbacks=[monitor]).fit(Functional(), loader(x, y))
     assert list(monitor.history["train"][0]["dead"]) == ["net.0"]
 
@@ -445,7 +504,8 @@ def test_update_ratio_equals_hand_computation(optimizer, tmp_path):
     x, y = toy_data(96)
     logger = MemoryLogger()
     monitor = UpdateRatioMonitor(every_n_steps=2)
-    cpu_trainer(tmp_path, logger=logger, callbacks=[monitor]).fit(model, loader(x, y))
+    trainer = cpu_trainer(tmp_path, logger=logger, callbacks=[monitor])
+    trainer.fit(model, loader(x, y))
     # by hand: the same steps with plain torch, ratios of the real updates
     opt = (torch.optim.Adam(reference.parameters(), lr=0.01) if optimizer == "adam"
            else torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9))
@@ -463,6 +523,56 @@ def test_update_ratio_equals_hand_computation(optimizer, tmp_path):
         assert [logged[f"update_ratio/{n}"] for n in names] == pytest.approx(expected[step], rel=1e-4)
         weights = [r for r, p in zip(expected[step], reference.parameters(), strict=True) if p.ndim >= 2]
         assert logged["update_ratio/median"] == pytest.approx(float(np.median(weights)), rel=1e-4)
+    # through pl_module.log: trainer.callback_metrics holds the last measurement (step 4)
+    metrics = trainer.callback_metrics
+    assert [float(metrics[f"update_ratio/{n}"]) for n in names] == pytest.approx(expected[4], rel=1e-4)
+    weights = [r for r, p in zip(expected[4], reference.parameters(), strict=True) if p.ndim >= 2]
+    assert float(metrics["update_ratio/median"]) == pytest.approx(float(np.median(weights)), rel=1e-4)
+
+
+def test_early_stopping_and_model_checkpoint_monitor_the_update_ratio(tmp_path):
+    import lightning_tricks as lt
+
+    torch.manual_seed(3)
+    x, y = toy_data(64)  # 4 batches an epoch
+    monitor = UpdateRatioMonitor(every_n_steps=1, warn_below=1e-12, warn_above=1e12)
+    stopper = lt.EarlyStopping(monitor="update_ratio/median", mode="min", patience=100, restore_best_weights=False,
+                               check_on_train_epoch_end=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="update_ratio/median", mode="min", save_top_k=1)
+    trainer = cpu_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[monitor, stopper, checkpoint])
+    trainer.fit(UserMLP(lr=0.01), loader(x, y))
+    # each epoch-end check sees the median measured at the epoch's last step
+    last_of_epoch = [r["median"] for r in monitor.history if r["step"] % 4 == 3]
+    assert len(last_of_epoch) == 3 and len(set(last_of_epoch)) == 3
+    assert float(stopper.best_score) == pytest.approx(min(last_of_epoch), rel=1e-6)
+    assert stopper.best_epoch == last_of_epoch.index(min(last_of_epoch))
+    assert float(checkpoint.best_model_score) == pytest.approx(min(last_of_epoch), rel=1e-6)
+
+
+def test_monitor_metrics_under_manual_optimization_with_two_optimizers(tmp_path):
+    from lightning_tricks import LargeBatchScaling
+    from lightning_tricks.scaling import lr_multiplier
+    from tests.matrix_checks import fit
+
+    ratio = UpdateRatioMonitor(every_n_steps=1, warn_below=1e-12, warn_above=1e12)
+    dead = DeadUnitMonitor(plot=False)
+    scaling = LargeBatchScaling(reference_batch_size=2, warmup_steps=3)
+    module, _, trainer = fit("gan", [ratio, dead, scaling])
+    assert not module.automatic_optimization and len(trainer.optimizers) == 2
+    metrics = trainer.callback_metrics
+    assert float(metrics["update_ratio/median"]) == pytest.approx(ratio.history[-1]["median"], rel=1e-6)
+    finite = {n: r for n, r in ratio.last_ratios.items() if math.isfinite(r)}
+    assert finite and all(float(metrics[f"update_ratio/{n}"]) == pytest.approx(r, rel=1e-6) for n, r in finite.items())
+    record = dead.history["train"][-1]
+    assert record["saturated"]  # the GAN's tanh and sigmoid (its Leaky ReLUs are not watched by default)
+    for kind, prefix, overall in (("dead", "dead_units/train", "overall"),
+                                  ("saturated", "dead_units/train/saturated", "saturated_overall")):
+        if record[overall] is not None:
+            assert float(metrics[f"{prefix}/overall"]) == pytest.approx(record[overall])
+        assert all(float(metrics[f"{prefix}/{site}"]) == pytest.approx(f) for site, f in record[kind].items())
+    batches = trainer.global_step // 2  # each optimizer steps once a batch; t counts its own steps
+    expected = lr_multiplier(batches - 1, scaling.factor, 3)
+    assert float(metrics["large_batch/lr_scale"]) == pytest.approx(expected) and scaling.factor > 1
 
 
 def test_update_ratio_warns_when_too_high_and_logs_histograms(tmp_path):
@@ -489,9 +599,12 @@ def test_initial_loss_of_fresh_model_passes_and_equals_first_batch_loss(tmp_path
     with torch.no_grad():
         first = float(F.cross_entropy(model(x[:16]), y[:16]))
     check = InitialLossCheck()
-    cpu_trainer(tmp_path, accumulate_grad_batches=2, callbacks=[check]).fit(model, loader(x, y))
+    trainer = cpu_trainer(tmp_path, accumulate_grad_batches=2, callbacks=[check])
+    trainer.fit(model, loader(x, y))
     assert check.observed == pytest.approx(first, rel=1e-6)  # not halved by gradient accumulation
     assert check.expected == pytest.approx(math.log(10)) and check.passed
+    assert float(trainer.callback_metrics["initial_loss/observed"]) == pytest.approx(first, rel=1e-6)
+    assert float(trainer.callback_metrics["initial_loss/expected"]) == pytest.approx(math.log(10), rel=1e-6)
     assert abs(check.observed - 2.30) < 0.2
 
 
@@ -703,7 +816,7 @@ def test_ddp_all_three_agree_and_a_unit_alive_on_one_rank_is_alive(tmp_path):
     (lambda: DeadUnitMonitor(threshold=-0.1), "`threshold`=-0.1 is invalid: expected a number in [0.0, inf)"),
     (lambda: DeadUnitMonitor(warn_fraction=1.5), "`warn_fraction`=1.5 is invalid: expected a number in [0.0, 1.0]"),
     (lambda: DeadUnitMonitor(warn_fraction=-0.1), "`warn_fraction`=-0.1 is invalid"),
-    (lambda: DeadUnitMonitor(stages="test"), "`stages`='test' is invalid: expected one of 'train', 'validation'"),
+    (lambda: DeadUnitMonitor(stages="test"), "`stages`='test' is invalid: expected one of 'train', 'validate'"),
     (lambda: DeadUnitMonitor(activations=["swish"]), "`activations`='swish' is invalid: expected one of 'relu'"),
     (lambda: DeadUnitMonitor(activations=[]), "`activations`=[] is invalid"),
     (lambda: UpdateRatioMonitor(every_n_steps=0), "`every_n_steps`=0 is invalid: expected an integer in [1, inf]"),
@@ -761,7 +874,7 @@ def test_monitoring_config_under_real_ddp_with_two_processes(tmp_path):
     assert "InitialLossCheck: the first training loss is" in output and ": ok (within 25%)" in output
     run = tmp_path / "runs" / "monitoring" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    dead = [float(r["dead_units/overall"]) for r in rows if r.get("dead_units/overall")]
+    dead = [float(r["dead_units/train/overall"]) for r in rows if r.get("dead_units/train/overall")]
     ratio = [float(r["update_ratio/median"]) for r in rows if r.get("update_ratio/median")]
     assert len(dead) == 2 and all(0.0 <= d < 0.1 for d in dead)
     assert ratio and all(1e-4 < r < 1e-2 for r in ratio)

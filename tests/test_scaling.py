@@ -72,6 +72,28 @@ def test_single_process_reference_and_warmup_steps(tmp_path, precision):
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05  # the user's value is back after every step
 
 
+class LoggedScale(Callback):
+    """Reads ``large_batch/lr_scale`` from ``trainer.callback_metrics`` after each batch (the next batch's start)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if "large_batch/lr_scale" in trainer.callback_metrics:
+            self.seen.append(float(trainer.callback_metrics["large_batch/lr_scale"]))
+
+
+def test_logs_large_batch_lr_scale_through_pl_module_log(tmp_path):
+    logged = LoggedScale()
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[LargeBatchScaling(reference_batch_size=4, warmup_steps=6),
+                                                             logged])
+    trainer.fit(model(), train_dataloaders=loader())
+    # m(t) of steps 0..6 (read at the start of the next batch), then the last step's in callback_metrics
+    assert logged.seen == pytest.approx([lr_multiplier(t, 2.0, 6) for t in range(7)])
+    assert float(trainer.callback_metrics["large_batch/lr_scale"]) == pytest.approx(lr_multiplier(7, 2.0, 6))
+    assert "lr_scale" not in trainer.callback_metrics
+
+
 def test_accumulation_and_cosine_schedule(tmp_path):
     """accumulate 2 at batch 8 (k = 2 with the default reference), 1-epoch warm-up = 2 optimizer steps; the user's
     epoch-wise cosine runs on its own values."""

@@ -5,13 +5,15 @@ too-high learning rate that knocks the weights into that region); it then gets n
 never recovers, and "as much as 40% of your network can be dead". Sigmoid and tanh units saturate
 (outputs pinned to the bounds) and stop passing gradient too.
 
+* :func:`~lightning_tricks.monitoring.watched_modules.find_watched_modules` (in ``watched_modules.py``,
+  re-exported here) finds the modules to watch and the dimension of their units.
 * :class:`DeadUnitTracker` is the functional core, plain torch: forward hooks accumulate, on the
   activations' device and without any host synchronization, one "ever fired" bit per unit (and a
   saturated-position count for sigmoid/tanh), then :meth:`DeadUnitTracker.report` all-reduces them
   across DDP ranks and returns per-layer masks and fractions.
 * :class:`~lightning_tricks.monitoring.dead_unit_monitor.DeadUnitMonitor` (in ``dead_unit_monitor.py``)
   is the Lightning callback: it tracks the training and/or validation
-  passes per epoch, logs ``dead_units/<layer>`` and ``dead_units/overall``, warns above
+  passes per epoch, logs ``dead_units/<stage>/<layer>`` and ``dead_units/<stage>/overall``, warns above
   ``warn_fraction``, and draws a layers-by-epochs heat map.
 
 A **unit** is a feature of a linear layer (the last dimension) and a channel of a convolution
@@ -21,7 +23,6 @@ of every example seen (all batch and spatial positions) on every rank.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,188 +32,16 @@ import torch
 from torch import nn
 
 from lightning_tricks.core.distributed import all_reduce, is_distributed
-from lightning_tricks.core.validation import (
-    InvalidArgumentError,
-    check_choice,
-    check_non_negative,
-    check_range,
-)
 from lightning_tricks.errors import NothingToMonitorError  # noqa: F401  (re-exported)
-
-# Activation kinds and the modules that implement them. Classes are matched with isinstance, and also by
-# class name so that timm's own GELU/Sigmoid/Tanh/Swish classes are found.
-ACTIVATION_TYPES: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] = {
-    "relu": ((nn.ReLU,), frozenset()),
-    "relu6": ((nn.ReLU6,), frozenset()),
-    "leaky_relu": ((nn.LeakyReLU,), frozenset()),
-    "prelu": ((nn.PReLU,), frozenset()),
-    "rrelu": ((nn.RReLU,), frozenset()),
-    "elu": ((nn.ELU, nn.CELU, nn.SELU), frozenset()),
-    "gelu": ((nn.GELU,), frozenset({"GELU", "GELUTanh", "QuickGELU"})),
-    "silu": ((nn.SiLU,), frozenset({"SiLU", "Swish"})),
-    "sigmoid": ((nn.Sigmoid,), frozenset({"Sigmoid"})),
-    "tanh": ((nn.Tanh,), frozenset({"Tanh"})),
-}
-"""Activation names accepted by ``activations`` -> (module classes, class names)."""
-
-SATURATING = frozenset({"sigmoid", "tanh"})
-"""Kinds checked for saturation instead of death."""
-
-DEFAULT_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh")
-"""Monitored unless ``activations`` says otherwise. Leaky ReLU, PReLU, GELU, SiLU and ELU are opt-in: a unit whose
-outputs are all negative still passes a gradient (slope 0.01 or 0.2 for Leaky ReLU), so it cannot die; counting it
-would report a GAN's healthy Leaky ReLU discriminator as dead."""
-
-UNIT_DIMS = ("auto", "channel", "last")
-
-_LAST_DIM_LAYERS = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
-_CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
-_PRE_ACTIVATION_LAYERS = _LAST_DIM_LAYERS + _CHANNEL_LAYERS
-
-
-@dataclass(frozen=True)
-class WatchedModule:
-    """A module whose outputs are tracked.
-
-    Attributes:
-        name: the module's name in the model (``named_modules``).
-        module: the module.
-        kind: ``"dead"`` (ReLU family or a pre-activation layer) or ``"saturation"`` (sigmoid/tanh).
-        saturation_low: lower bound of the output (saturation kinds).
-        saturation_high: upper bound of the output (saturation kinds).
-        dim_rule: ``"channel"`` (dimension 1), ``"last"``, or ``"auto-channel"``/``"auto-last"``: dimension 1
-            for 4-D/5-D outputs, the last one for 2-D, and for 3-D the one named after ``auto-``.
-        source: what selected it (``"activation:relu"`` or ``"layers"``).
-    """
-
-    name: str
-    module: nn.Module
-    kind: str
-    saturation_low: float = 0.0
-    saturation_high: float = 0.0
-    dim_rule: str = "auto-channel"
-    source: str = ""
-
-
-def _activation_kind(module: nn.Module, names: Sequence[str]) -> str | None:
-    for name in names:
-        classes, class_names = ACTIVATION_TYPES[name]
-        if isinstance(module, classes) or type(module).__name__ in class_names:
-            return name
-    return None
-
-
-def _previous_siblings(model: nn.Module) -> dict[int, nn.Module | None]:
-    """id(module) -> the module registered just before it in its parent (None for a first child)."""
-    previous: dict[int, nn.Module | None] = {}
-    for parent in model.modules():
-        before: nn.Module | None = None
-        for child in parent.children():
-            previous.setdefault(id(child), before)
-            before = child
-    return previous
-
-
-def _layer_dim_rule(module: nn.Module) -> str | None:
-    if isinstance(module, _LAST_DIM_LAYERS):
-        return "last"
-    if isinstance(module, _CHANNEL_LAYERS):
-        return "channel"
-    return None
-
-
-def _check_selection(activations: Sequence[str], layers: Sequence[str], unit_dim: str) -> tuple[list[str], list[str]]:
-    activations, layers = list(activations), list(layers)
-    for name in activations:
-        check_choice("activations", name, ACTIVATION_TYPES)
-    if isinstance(layers, str) or any(not isinstance(pattern, str) or not pattern for pattern in layers):
-        raise InvalidArgumentError(f"`layers`={layers!r} is invalid: expected a list of module names or patterns.")
-    check_choice("unit_dim", unit_dim, UNIT_DIMS)
-    return activations, layers
-
-
-def check_dead_unit_args(activations: Sequence[str], layers: Sequence[str], threshold: float, unit_dim: str,
-                         saturation_eps: float, saturation_fraction: float) -> tuple[list[str], list[str]]:
-    """The one validator of the dead-unit arguments, shared by :class:`DeadUnitTracker`,
-    :func:`find_watched_modules` and :class:`DeadUnitMonitor`; returns ``(activations, layers)`` as lists."""
-    activations, layers = _check_selection(activations, layers, unit_dim)
-    check_non_negative("threshold", threshold)
-    check_range("saturation_eps", saturation_eps, 0.0, 0.5, low_inclusive=False, high_inclusive=False)
-    check_range("saturation_fraction", saturation_fraction, 0.0, 1.0, low_inclusive=False)
-    return activations, layers
-
-
-def find_watched_modules(
-    model: nn.Module,
-    activations: Sequence[str] = DEFAULT_ACTIVATIONS,
-    layers: Sequence[str] = (),
-    unit_dim: str = "auto",
-    owner: str = "find_watched_modules",
-) -> list[WatchedModule]:
-    """The modules a :class:`DeadUnitTracker` watches, in registration order.
-
-    Args:
-        model: the model to search.
-        activations: activation kinds to find (keys of :data:`ACTIVATION_TYPES`).
-        layers: module names or ``fnmatch`` patterns (``"*.bn1"``) of layers whose *outputs* are the
-            pre-activations of a functional ReLU (``F.relu(layer(x))``): a unit is alive when its
-            pre-activation is ``> threshold`` somewhere.
-        unit_dim: ``"auto"``, ``"channel"`` (dimension 1) or ``"last"``.
-        owner: the name that starts the error messages.
-
-    Raises:
-        NothingToMonitorError: a ``layers`` pattern that matches no module, or nothing found at all,
-            with the candidates and the fix.
-    """
-    activations, layers = _check_selection(activations, layers, unit_dim)
-    named = [(n, m) for n, m in model.named_modules() if n]
-    previous = _previous_siblings(model)
-    found: dict[str, WatchedModule] = {}
-    for name, module in named:
-        kind = _activation_kind(module, activations)
-        if kind is None:
-            continue
-        if unit_dim != "auto":
-            rule = unit_dim
-        else:  # a 3-D output is (N, L, features) after a Linear/LayerNorm and (N, C, L) after a Conv1d
-            rule = "auto-last" if isinstance(previous.get(id(module)), _LAST_DIM_LAYERS) else "auto-channel"
-        low, high = (0.0, 1.0) if kind == "sigmoid" else (-1.0, 1.0)
-        found[name] = WatchedModule(name, module, "saturation" if kind in SATURATING else "dead", low, high, rule,
-                                    f"activation:{kind}")
-    for pattern in layers:
-        matches = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
-        if not matches:
-            raise NothingToMonitorError(
-                f"{owner}: `layers` pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"pre-activation layers there: {_candidates(named)}."
-            )
-        for name, module in matches:
-            rule = unit_dim if unit_dim != "auto" else (_layer_dim_rule(module) or "auto-channel")
-            found[name] = WatchedModule(name, module, "dead", dim_rule=rule, source="layers")
-    if not found:
-        raise NothingToMonitorError(
-            f"{owner} found nothing to monitor in {type(model).__name__}: no module of the kinds activations="
-            f"{list(activations)} ({_class_list(activations)}) and no `layers` named. If the model applies "
-            f"F.relu (or another activation) functionally, name the layers whose outputs feed it, e.g. "
-            f"layers=['{_example_layer(named)}']; pre-activation layers there: {_candidates(named)}."
-        )
-    order = {n: i for i, (n, _) in enumerate(named)}
-    return sorted(found.values(), key=lambda w: order[w.name])
-
-
-def _class_list(activations: Sequence[str]) -> str:
-    return ", ".join(c.__name__ for a in activations for c in ACTIVATION_TYPES[a][0]) or "none"
-
-
-def _candidates(named: Sequence[tuple[str, nn.Module]], limit: int = 12) -> str:
-    layers = [f"{n} ({type(m).__name__})" for n, m in named if isinstance(m, _PRE_ACTIVATION_LAYERS)]
-    if not layers:
-        return "none (no conv, linear or norm layer)"
-    return ", ".join(layers[:limit]) + (f", ... ({len(layers)} in all)" if len(layers) > limit else "")
-
-
-def _example_layer(named: Sequence[tuple[str, nn.Module]]) -> str:
-    return next((n for n, m in named if isinstance(m, _PRE_ACTIVATION_LAYERS)), "net.0")
+from lightning_tricks.monitoring.watched_modules import (  # noqa: F401  (re-exported: the public names stay here too)
+    ACTIVATION_TYPES,
+    DEFAULT_ACTIVATIONS,
+    SATURATING,
+    UNIT_DIMS,
+    WatchedModule,
+    check_dead_unit_args,
+    find_watched_modules,
+)
 
 
 def _unit_dim(rule: str, ndim: int) -> int:
@@ -301,7 +130,7 @@ class DeadUnitReport:
 class DeadUnitTracker:
     """Forward hooks that record which units fire, per unit, over any number of forward passes.
 
-    For a ReLU-family module (or a pre-activation layer given in ``layers``) a unit *fired* if its
+    For a ReLU-family module (or a pre-activation layer given in ``preactivation_layers``) a unit *fired* if its
     output was ``> threshold`` at least once; units that never fired are dead. For sigmoid/tanh a
     unit is *saturated* when at least ``saturation_fraction`` of its outputs lie within
     ``saturation_eps`` of the bounds (0 and 1 for sigmoid, -1 and 1 for tanh). The hooks only run
@@ -316,8 +145,9 @@ class DeadUnitTracker:
 
     Args:
         model: the model; the hooks go on its submodules.
-        activations: activation kinds to watch (see :data:`ACTIVATION_TYPES`); ``[]`` to watch only ``layers``.
-        layers: names or ``fnmatch`` patterns of layers whose outputs go into a functional activation
+        activations: activation kinds to watch (see :data:`ACTIVATION_TYPES`); ``[]`` to watch only
+            ``preactivation_layers``.
+        preactivation_layers: names or glob patterns of layers whose outputs go into a functional activation
             (``F.relu(self.bn1(x))`` -> ``"*.bn1"``).
         threshold: a unit fires when its output is ``> threshold`` (>= 0).
         unit_dim: ``"auto"`` (linear: last dimension; conv/norm: dimension 1; 3-D activations: last when the
@@ -325,6 +155,7 @@ class DeadUnitTracker:
         saturation_eps: distance to the bounds that counts as saturated, in (0, 0.5).
         saturation_fraction: share of a unit's outputs that must be saturated, in (0, 1].
         owner: the name that starts error messages (the callback passes its own).
+        layers: Deprecated: use ``preactivation_layers``.
 
     Raises:
         InvalidArgumentError: an argument out of range.
@@ -343,20 +174,21 @@ class DeadUnitTracker:
         self,
         model: nn.Module,
         activations: Sequence[str] = DEFAULT_ACTIVATIONS,
-        layers: Sequence[str] = (),
+        preactivation_layers: Sequence[str] = (),
         threshold: float = 0.0,
         unit_dim: str = "auto",
         saturation_eps: float = 0.01,
         saturation_fraction: float = 0.99,
         owner: str = "DeadUnitTracker",
+        layers: Sequence[str] | None = None,
     ) -> None:
-        activations, layers = check_dead_unit_args(activations, layers, threshold, unit_dim, saturation_eps,
-                                                   saturation_fraction)
+        activations, preactivation_layers = check_dead_unit_args(
+            activations, preactivation_layers, threshold, unit_dim, saturation_eps, saturation_fraction, layers, owner)
         self.model = model
         self.threshold = float(threshold)
         self.saturation_eps = float(saturation_eps)
         self.saturation_fraction = float(saturation_fraction)
-        self.watched = find_watched_modules(model, activations, layers, unit_dim, owner)
+        self.watched = find_watched_modules(model, activations, preactivation_layers, unit_dim, owner)
         self.enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, int] = {}

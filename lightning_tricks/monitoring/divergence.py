@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_tricks._lightning_internals import training_step_logged
+from lightning_tricks._lightning_internals import callback_state_key, training_step_logged
 from lightning_tricks.core.validation import InvalidArgumentError, check_range
 from lightning_tricks.errors import MonitorNotFoundError
 
@@ -129,7 +129,7 @@ class DivergenceStop(Callback):
         keys: dict[str, Any] = {"factor": self.factor, "check_finite": self.check_finite}
         if self.monitor is not None:
             keys["monitor"] = self.monitor
-        return self._generate_state_key(**keys)
+        return callback_state_key(self, **keys)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

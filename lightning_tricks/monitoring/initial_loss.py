@@ -43,6 +43,7 @@ from lightning_tricks.core.validation import (
 )
 from lightning_tricks.errors import InitialLossError  # noqa: F401  (re-exported)
 from lightning_tricks.monitoring.dead_units import NothingToMonitorError
+from lightning_tricks.monitoring.measurements import log_measurement
 
 _SERVED = ("classification", "multilabel", "dense")
 _REGRESSION_FIX = ("a regression loss has no expected initial value (log C is for class scores); remove "
@@ -110,7 +111,8 @@ class InitialLossCheck(Callback):
 
     It is off when ``|loss - expected| > tolerance * expected``; the warning gives both numbers. The check
     assumes a loss averaged over the batch; a regularization term added to the loss raises it (switch it
-    off for this check, as the lectures say).
+    off for this check, as the lectures say). ``initial_loss/observed`` and ``initial_loss/expected`` go
+    through ``pl_module.log`` at the first step (``trainer.callback_metrics``) and to the loggers at step 0.
 
     Args:
         num_classes: C; None infers it (datamodule, logits, last ``nn.Linear``).
@@ -213,9 +215,8 @@ class InitialLossCheck(Callback):
         self.expected = expected_initial_loss(num_classes)
         self.observed = observed
         self.passed = math.isfinite(observed) and abs(observed - self.expected) <= self.tolerance * self.expected
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"initial_loss/observed": observed, "initial_loss/expected": self.expected}, step=0)
+        log_measurement(trainer, pl_module, {"initial_loss/observed": observed, "initial_loss/expected": self.expected},
+                        step=0)
         what = ("a per-label sigmoid (binary cross-entropy, mean over labels)" if self.task.sigmoid else
                 f"a {num_classes}-class softmax" + (" per position" if self.task.kind == "dense" else ""))
         message = (f"InitialLossCheck: the first training loss is {observed:.4f}, expected about log({num_classes}) = "

@@ -27,12 +27,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks._lightning_internals import callback_state_key
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int, check_positive
 from lightning_tricks.monitoring.dead_units import (
     DEFAULT_ACTIVATIONS,
     NothingToMonitorError,
     find_watched_modules,
 )
+from lightning_tricks.monitoring.measurements import log_measurement
 
 MEDIAN_OVER = ("weights", "all")
 """``median_over`` choices: weight matrices and kernels only (tensors of 2+ dimensions), or every tensor."""
@@ -97,8 +99,9 @@ class UpdateRatioMonitor(Callback):
     of a measured step and compared at ``on_train_batch_end``: the ratio is the update the optimizer
     really made, whatever the optimizer. The median is taken over the weight tensors (see
     ``median_over``); zero-norm tensors (zero-initialized biases) have no ratio and are left out.
-    Metrics go straight to the loggers (rank zero) at the measured step: ``update_ratio/median`` and,
-    with ``log_per_tensor``, ``update_ratio/<parameter name>``. ``history`` keeps the medians
+    Metrics ``update_ratio/median`` and, with ``log_per_tensor``, ``update_ratio/<parameter name>`` go
+    through ``pl_module.log`` (``trainer.callback_metrics`` holds the last measurement, so
+    ``EarlyStopping``/``ModelCheckpoint`` can monitor them) and to the loggers at the measured step. ``history`` keeps the medians
     (``{"step", "median"}`` per measurement, checkpointed) and ``last_ratios`` the per-tensor ratios
     of the last measurement. A warning is raised when the median enters the region below
     ``warn_below`` or above ``warn_above`` (CS231n: about 1e-3 is healthy). A measured step that moved
@@ -167,7 +170,7 @@ class UpdateRatioMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps)
+        return callback_state_key(self, every_n_steps=self.every_n_steps)
 
     def _measured(self, step: int) -> bool:
         return step % self.every_n_steps == 0
@@ -261,11 +264,9 @@ class UpdateRatioMonitor(Callback):
         metrics = {"update_ratio/median": median}
         if self.log_per_tensor:
             metrics.update({f"update_ratio/{n}": r for n, r in per_tensor.items() if math.isfinite(r)})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-            if self.histograms:
-                self._log_histograms(trainer, step)
+        log_measurement(trainer, pl_module, metrics, step)
+        if trainer.is_global_zero and self.histograms:
+            self._log_histograms(trainer, step)
         self._hist_values = {}
         self._warn(step, median, per_tensor)
 

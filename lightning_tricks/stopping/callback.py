@@ -6,16 +6,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_tricks._lightning_internals import (
+    EarlyStoppingHooks,
+    lightning_stopping_decision,
+    log_stopping_info,
+    stopping_decision,
+)
 from lightning_tricks.core.distributed import broadcast_module
 from lightning_tricks.core.lightning_classes import sharding_strategy_types, weight_averaging_types
-from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
+from lightning_tricks.core.validation import ConfigError
 from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
-from lightning_tricks.stopping.agreement import agree_across_ranks
+from lightning_tricks.stopping.agreement import agreed_monitor_value
 from lightning_tricks.stopping.rules import (
     LIGHTNING_REASON,
     TRIGGER_OF_REASON,
@@ -30,14 +35,14 @@ BEST_WEIGHTS_KEY = "early_stopping_best_weights"
 """Top-level checkpoint key holding ``{state_key: best weights}`` (kept out of the callback's small state)."""
 
 
-class EarlyStopping(StoppingLogic, LightningEarlyStopping):
+class EarlyStopping(StoppingLogic, EarlyStoppingHooks):
     """Lightning's ``EarlyStopping`` plus restore-best-weights, Keras's baseline and start epoch, and two more triggers.
 
     A drop-in for ``lightning.pytorch.callbacks.EarlyStopping`` (it passes Lightning's own tests for it):
     the first eleven arguments are Lightning's with the same meaning, except that ``mode`` left out is
     inferred from the monitored name (``"val_acc"`` -> ``"max"``, said once in the log) instead of
     always ``"min"``; the decision goes through Lightning's ``_evaluate_stopping_criteria`` (our rules
-    run inside our override of it, after Lightning's); ``state_key``, ``stopped_epoch``,
+    run after Lightning's, through ``_lightning_internals.EarlyStoppingHooks``); ``state_key``, ``stopped_epoch``,
     ``stopping_reason`` and ``stopping_reason_message`` (Lightning's wording, then ours) behave as
     Lightning's, and a checkpoint written by either class loads into the other. The rules of every
     trigger are in the package docstring and the method card (``docs/early_stopping.md``).
@@ -133,17 +138,13 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
                          strict=strict, check_finite=check_finite, stopping_threshold=stopping_threshold,
                          divergence_threshold=divergence_threshold,
                          check_on_train_epoch_end=check_on_train_epoch_end, log_rank_zero_only=log_rank_zero_only)
-        self.restore_best_weights = restore_best_weights
-        self.baseline = baseline
-        self.start_from_epoch = start_from_epoch
-        self.worse_for = worse_for
-        self.average_window = average_window
-        self.min_average_change = min_average_change
+        self.restore_best_weights, self.baseline, self.start_from_epoch = restore_best_weights, baseline, start_from_epoch
+        self.worse_for, self.average_window, self.min_average_change = worse_for, average_window, min_average_change
         self.stopping_trigger: str | None = None
         self.restored_epoch: int | None = None
         self._reset_progress()
         self._snapshot = WeightSnapshot()
-        self._check_epoch = 0  # the epoch of the check in progress (set by _run_early_stopping_check)
+        self._check_epoch = 0  # the epoch of the check in progress (set by _check)
         self._fit_checks = 0  # checks counted in this fit
         self._best_weights_missing = False  # a best score whose weights this fit does not hold (same on all ranks)
         self._warned_unsynced = False
@@ -182,52 +183,19 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
             self._snapshot.clear()  # only rank 0 needs the copy
 
     # -- the check ------------------------------------------------------------------------------
-    def _agreed_monitor_value(self, trainer: pl.Trainer) -> Tensor | None:
-        """The monitored value every rank agrees on, or None to skip the check (on every rank alike)."""
-        logs = trainer.callback_metrics
-        value = logs.get(self.monitor)
-        if value is not None:
-            value = torch.as_tensor(value).detach()
-            if value.numel() != 1:
-                raise InvalidArgumentError(
-                    f"`monitor`={self.monitor!r} is a tensor of shape {tuple(value.shape)}: expected a scalar metric.")
-        world = trainer.world_size
-        count = int(value is not None)
-        if world > 1:
-            value, count, agreed = agree_across_ranks(trainer.strategy, value, world)
-            if not agreed and count == world and not self._warned_unsynced and bool(torch.isfinite(value)):
-                self._warned_unsynced = True
-                rank_zero_warn(
-                    f"EarlyStopping: `{self.monitor}` differs across ranks: it was logged without sync_dist=True. "
-                    f"Every rank now uses the mean over ranks ({fmt(value)} at this check), so all of them take the "
-                    "same decision; log it with sync_dist=True (or a torchmetrics metric) to choose the reduction.",
-                    category=RuntimeWarning)
-        if count == world:
-            return value.squeeze()
-        message = (
-            f"Early stopping conditioned on metric `{self.monitor}` which is not available"
-            + (f" on {world - count} of {world} ranks" if count else "")
-            + ". Pass in or modify your `EarlyStopping` callback to use any of the following: "
-            f"`{'`, `'.join(logs.keys())}` (or set strict=False to skip checks where it is missing)."
-        )
-        if self.strict:
-            raise MonitorNotFoundError(message)
-        if self.verbose:
-            rank_zero_warn(message, category=RuntimeWarning)
-        return None if value is None else value.squeeze()
-
-    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
-        # Lightning's method, step for step, with two additions: the ranks agree on the value before the
+    def _check(self, trainer: pl.Trainer) -> None:
+        # Lightning's _run_early_stopping_check, step for step, with two additions: the ranks agree on the value before the
         # decision (Lightning decides per rank), and rank 0 keeps the weights of an improving check.
         if trainer.fast_dev_run:  # as Lightning: no early stopping in a fast_dev_run
             return
-        current = self._agreed_monitor_value(trainer)
+        current, self._warned_unsynced = agreed_monitor_value(trainer, self.monitor, self.strict, self.verbose,
+                                                              self._warned_unsynced)
         if current is None:
             return
         self._check_epoch = trainer.current_epoch
         self._fit_checks += not self.ignores(current, self._check_epoch)
         best_before = self.best_score
-        should_stop, reason = self._evaluate_stopping_criteria(current)
+        should_stop, reason = stopping_decision(self, current)
         if self.best_score is not best_before:  # improved (Lightning assigns the new best)
             self._best_weights_missing = False
             if self.restore_best_weights and trainer.is_global_zero and trainer.lightning_module is not None:
@@ -239,15 +207,15 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
             self.stopped_epoch = trainer.current_epoch
             self.stopping_reason_message = reason
         if reason and (self.verbose or should_stop):
-            self._log_info(trainer, reason, self.log_rank_zero_only)
+            log_stopping_info(trainer, reason, self.log_rank_zero_only)
 
-    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+    def _decide(self, current: Tensor) -> tuple[bool, str | None]:
         """Lightning's decision (its method: a subclass or a mock of it is honoured), then ours."""
         epoch = self._check_epoch
         if self.ignores(current, epoch):
             return False, None
         best_before, wait_before = self.best_score, self.wait_count
-        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        should_stop, reason = lightning_stopping_decision(self, current)
         trigger = TRIGGER_OF_REASON.get(self.stopping_reason) if should_stop else None
         _, stop, trigger = self._finish_check(current, epoch, best_before, wait_before, should_stop, trigger)
         if stop and trigger is not None:
@@ -277,14 +245,14 @@ class EarlyStopping(StoppingLogic, LightningEarlyStopping):
             return
         if self.best_epoch < 0:
             if self._fit_checks:
-                self._log_info(trainer, f"EarlyStopping: no finite best {self.monitor}; the model keeps its final "
+                log_stopping_info(trainer, f"EarlyStopping: no finite best {self.monitor}; the model keeps its final "
                                "weights.", self.log_rank_zero_only)
             return
         if trainer.is_global_zero and self._snapshot.state is not None:
             self._snapshot.restore(pl_module)
         broadcast_module(pl_module)  # on every rank; a no-op on one process
         self.restored_epoch = self.best_epoch
-        self._log_info(trainer, f"Restored the weights of epoch {self.best_epoch} (best {self.monitor}="
+        log_stopping_info(trainer, f"Restored the weights of epoch {self.best_epoch} (best {self.monitor}="
                        f"{fmt(self.best_score)}).", self.log_rank_zero_only)
 
     # -- checkpoint state -----------------------------------------------------------------------
