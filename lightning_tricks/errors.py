@@ -109,6 +109,14 @@ class UnverifiedLightningError(ConfigError, RuntimeError):
     """A feature that relies on Lightning's private state is used on a Lightning version it was not checked on."""
 
 
+class LightningTricksDeprecationWarning(DeprecationWarning):
+    """A renamed argument, value or module, still accepted until the release the message names.
+
+    Shown once per calling line even outside ``__main__`` (Python hides a plain ``DeprecationWarning``
+    raised from library code), so a YAML user sees it too; ``-W ignore::DeprecationWarning`` hides it.
+    """
+
+
 class TrainingCheckError(LightningTricksError, RuntimeError):
     """A check of the training itself failed and the user asked for it to be fatal."""
 
@@ -154,6 +162,7 @@ __all__ = [
     "InitialLossError",
     "InvalidArgumentError",
     "LayoutError",
+    "LightningTricksDeprecationWarning",
     "LightningTricksError",
     "MissingExampleInputError",
     "MixupTargetsUnusedError",

@@ -31,7 +31,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_tricks._lightning_internals import callback_state_key
-from lightning_tricks.core.validation import ConfigError, InvalidArgumentError, check_int, check_non_negative
+from lightning_tricks.core.validation import (
+    ConfigError,
+    InvalidArgumentError,
+    check_bool,
+    check_int,
+    check_non_negative,
+)
 
 DEFAULT_WARMUP_EPOCHS = 5.0
 """Goyal et al.'s warm-up, used when neither ``warmup_epochs`` nor ``warmup_steps`` is given."""
@@ -119,7 +125,8 @@ class LargeBatchScaling(Callback):
                  warmup_steps: int | None = None, batch_size: int | None = None, log: bool = True) -> None:
         check_scaling_args(reference_batch_size, warmup_epochs, warmup_steps, batch_size)
         self.reference_batch_size, self.warmup_epochs, self.warmup_steps = reference_batch_size, warmup_epochs, warmup_steps
-        self.batch_size, self.log = batch_size, log
+        self.batch_size = batch_size
+        self.log_enabled = check_bool("log", log)  # not `self.log`: Lightning sets that to pl_module.log
         self.factor: float | None = None
         self.total_warmup_steps: int | None = None
         self.global_batch_size: int | None = None
@@ -195,7 +202,7 @@ class LargeBatchScaling(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.log and self.last_multiplier is not None:
+        if self.log_enabled and self.last_multiplier is not None:
             # the same on every rank: no sync needed
             pl_module.log("large_batch/lr_scale", self.last_multiplier, on_step=True, on_epoch=False)
 

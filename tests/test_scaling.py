@@ -94,6 +94,13 @@ def test_logs_large_batch_lr_scale_through_pl_module_log(tmp_path):
     assert "lr_scale" not in trainer.callback_metrics
 
 
+def test_log_false_logs_nothing(tmp_path):
+    # Lightning sets every callback's `.log` to pl_module.log, so the flag cannot live in `self.log`
+    trainer = cpu_trainer(tmp_path, max_epochs=1, callbacks=[LargeBatchScaling(reference_batch_size=4, log=False)])
+    trainer.fit(model(), train_dataloaders=loader())
+    assert not any(key.startswith("large_batch/") for key in trainer.callback_metrics)
+
+
 def test_accumulation_and_cosine_schedule(tmp_path):
     """accumulate 2 at batch 8 (k = 2 with the default reference), 1-epoch warm-up = 2 optimizer steps; the user's
     epoch-wise cosine runs on its own values."""

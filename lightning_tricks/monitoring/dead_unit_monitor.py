@@ -8,7 +8,6 @@ It tracks the training and/or validation passes per epoch with
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._lightning_internals import callback_state_key
-from lightning_tricks.core.deprecation import REMOVED_IN
+from lightning_tricks.core.deprecation import REMOVED_IN, warn_deprecated
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
 from lightning_tricks.monitoring.dead_units import (
     DEFAULT_ACTIVATIONS,
@@ -37,9 +36,8 @@ def _check_stages(stages: str) -> str:
     """``stages`` after checking it; the deprecated ``"validation"`` warns and becomes ``"validate"``."""
     if isinstance(stages, str) and stages in OLD_STAGE_NAMES:
         new = OLD_STAGE_NAMES[stages]
-        warnings.warn(f"DeadUnitMonitor: `stages`={stages!r} is renamed {new!r}, Lightning's name of the pass (the "
-                      f"old value is accepted until lightning-tricks {REMOVED_IN}); write stages={new!r}.",
-                      DeprecationWarning, stacklevel=3)
+        warn_deprecated(f"DeadUnitMonitor: `stages`={stages!r} is renamed {new!r}, Lightning's name of the pass (the "
+                      f"old value is accepted until lightning-tricks {REMOVED_IN}); write stages={new!r}.")
         return new
     check_choice("stages", stages, STAGES)
     return stages

@@ -27,7 +27,6 @@ The activation kinds and the forward trace live in :mod:`lightning_tricks.setup.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tricks.core.deprecation import REMOVED_IN, register_renames, renamed_argument
+from lightning_tricks.core.deprecation import REMOVED_IN, register_renames, renamed_argument, warn_deprecated
 from lightning_tricks.core.selection import check_patterns, name_matches, select
 from lightning_tricks.core.surgery import (
     MARKER_PREFIX,
@@ -88,15 +87,15 @@ class SwapSpec:
     @property
     def replace(self) -> tuple[str, ...]:
         """Deprecated: use :attr:`activations`."""
-        warnings.warn("SwapSpec.replace is renamed SwapSpec.activations (the old name is accepted until "
-                      f"lightning-tricks {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        warn_deprecated("SwapSpec.replace is renamed SwapSpec.activations (the old name is accepted until "
+                      f"lightning-tricks {REMOVED_IN}).")
         return self.activations
 
     @property
     def layers(self) -> tuple[str, ...] | None:
         """Deprecated: use :attr:`include`."""
-        warnings.warn("SwapSpec.layers is renamed SwapSpec.include (the old name is accepted until "
-                      f"lightning-tricks {REMOVED_IN}).", DeprecationWarning, stacklevel=2)
+        warn_deprecated("SwapSpec.layers is renamed SwapSpec.include (the old name is accepted until "
+                      f"lightning-tricks {REMOVED_IN}).")
         return self.include
 
     def selects(self, name: str) -> bool:
