@@ -413,3 +413,16 @@ def test_a_gan_with_two_optimizers_is_refused_in_one_line_before_any_surgery(tmp
     with pytest.raises(ConfigError, match="but LateOptimizers uses 2 "):
         cpu_trainer(tmp_path, callbacks=[Finetune(train="head")]).fit(late)
     assert late.batches_seen == 0  # refused before any training step
+
+
+def test_old_module_path_lightning_tricks_finetune_warns_and_gives_the_same_class(monkeypatch):
+    import importlib
+    import sys
+
+    import lightning_tricks.transfer as transfer
+
+    monkeypatch.delitem(sys.modules, "lightning_tricks.finetune", raising=False)
+    with pytest.warns(DeprecationWarning, match="lightning_tricks.transfer.finetune"):
+        old = importlib.import_module("lightning_tricks.finetune")
+    assert old.Finetune is Finetune is transfer.Finetune
+    assert old.check_finetune_args is transfer.check_finetune_args
