@@ -47,11 +47,11 @@ _MARK = "_lightning_tricks_finetune"
 """Attribute set on a module once its weights were loaded and head replaced (a second fit must not redo it)."""
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 """Learning-rate values that optimizers and schedulers (OneCycleLR) keep in a parameter group."""
-# Per-group lists that torch schedulers keep as attributes; they must follow the split groups. Private access:
-# `_last_lr` (what get_last_lr returns) and `_schedulers` (the children of SequentialLR/ChainedScheduler) have no
-# public setter; verified on torch 2.14.
 _PER_GROUP_LRS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
-_PER_GROUP_OTHER = ("lr_lambdas",)
+"""Keys of a torch scheduler's ``state_dict()`` that hold one learning rate per parameter group (``_last_lr`` is
+what ``get_last_lr()`` returns); they must follow the split groups. Changed through the public
+``state_dict()``/``load_state_dict()`` (the checkpoint format, which torch keeps loadable), not by setting
+attributes; a key a torch version lacks is skipped. Checked on torch 2.14.1."""
 
 
 def check_finetune_args(train: str, num_classes: int | None, backbone_lr_factor: float,
@@ -279,12 +279,33 @@ def _split_groups(optimizer: torch.optim.Optimizer, head_ids: set[int], factor: 
     return sources
 
 
+def _remap_state(state: dict[str, Any], sources: list[tuple[int, float]], groups: int) -> None:
+    """Give ``state``'s per-group learning-rate lists one entry per new group (scaled like the group), children
+    of ``SequentialLR``/``ChainedScheduler`` (their state dicts under ``_schedulers``) included."""
+    for name in _PER_GROUP_LRS:
+        values = state.get(name)
+        if isinstance(values, (list, tuple)) and len(values) == groups:
+            state[name] = [values[i] * f for i, f in sources]
+    for child in state.get("_schedulers") or ():
+        if isinstance(child, dict):
+            _remap_state(child, sources, groups)
+
+
 def _remap_scheduler(scheduler: Any, sources: list[tuple[int, float]]) -> None:
-    """Give a scheduler's per-group lists one entry per new group (learning rates scaled like the group)."""
-    for inner in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
-        _remap_scheduler(inner, sources)
-    for name in _PER_GROUP_LRS + _PER_GROUP_OTHER:
-        values = getattr(scheduler, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == 1 + max(i for i, _ in sources):
-            scale = name in _PER_GROUP_LRS
-            setattr(scheduler, name, [values[i] * f if scale else values[i] for i, f in sources])
+    """Give a scheduler's per-group state one entry per new group (learning rates scaled like the group)."""
+    groups = 1 + max(i for i, _ in sources)
+    state = scheduler.state_dict()
+    _remap_state(state, sources, groups)
+    scheduler.load_state_dict(state)
+    # LambdaLR/MultiplicativeLR keep one function per group (a public attribute); a state dict holds only the
+    # functions' own attributes. The children of SequentialLR/ChainedScheduler have no public accessor:
+    # `_schedulers` (torch 2.14.1); without it their functions are left as they are.
+    _remap_functions(scheduler, sources, groups)
+
+
+def _remap_functions(scheduler: Any, sources: list[tuple[int, float]], groups: int) -> None:
+    functions = getattr(scheduler, "lr_lambdas", None)
+    if isinstance(functions, list) and len(functions) == groups:
+        scheduler.lr_lambdas = [functions[i] for i, _ in sources]
+    for inner in getattr(scheduler, "_schedulers", ()):
+        _remap_functions(inner, sources, groups)
