@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 from lightning_tricks.core.validation import ConfigError
+from lightning_tricks.tuning._optuna_internals import rdb_engine
 
 HEARTBEAT_INTERVAL = 10
 """Seconds between a running trial's heartbeats in the database."""
@@ -131,8 +132,8 @@ def _write_ahead_log(storage: Any) -> None:
 
     Still safe when a process is killed (only an OS crash can lose the last commits), and readers do not
     block the writer, which helps concurrent workers. WAL needs a local file system (not NFS): use a
-    server database for workers on several machines. ``RDBStorage.engine`` is the storage's SQLAlchemy
-    engine (an attribute, not documented API; verified on Optuna 4.x/5.0).
+    server database for workers on several machines. The storage's SQLAlchemy engine comes from
+    :func:`~lightning_tricks.tuning._optuna_internals.rdb_engine` (not documented API; skipped where missing).
     """
     from sqlalchemy import event
 
@@ -142,7 +143,7 @@ def _write_ahead_log(storage: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    engine = getattr(storage, "engine", None)
+    engine = rdb_engine(storage)
     if engine is not None:
         event.listen(engine, "connect", on_connect)
         engine.dispose()  # connections opened before the listener reconnect with it

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from lightning_tricks.core.validation import ConfigError
+from lightning_tricks.tuning._optuna_internals import set_trial_user_attr
 from lightning_tricks.tuning.pruning import STAGE_STEPS, CurveRecorder, TrialPruning
 from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_params, grid_values, narrow
 from lightning_tricks.tuning.storage import (  # noqa: F401  (re-exported: the storage lived here)
@@ -174,7 +175,7 @@ def fail_dead_trials(study: Any) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") == host and worker.get("pid") != os.getpid() and not _pid_alive(int(worker["pid"])):
-            study._storage.set_trial_user_attr(t._trial_id, "reason", "its worker process died (killed?)")
+            set_trial_user_attr(study, t.number, "reason", "its worker process died (killed?)")
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             failed.append(t.number)
     return failed
