@@ -325,7 +325,9 @@ def uninstall_exact_evaluation(trainer: pl.Trainer, owner: object) -> None:
         set_exact_evaluation_patch(trainer, None)
 
 
-def _check_stages(name: str, stages: Sequence[str] | None, allowed: Sequence[str], default: Sequence[str]) -> list[str]:
+def check_stages(name: str, stages: Sequence[str] | None, allowed: Sequence[str], default: Sequence[str]) -> list[str]:
+    """Validate a ``stages`` argument: distinct names from ``allowed`` (Lightning's stage names), ``None`` is
+    ``default``; shared by ExactDistributedEvaluation and TestTimeAugmentation."""
     chosen = list(default if stages is None else stages)
     if isinstance(stages, str) or not chosen or any(s not in allowed for s in chosen) or len(set(chosen)) != len(chosen):
         raise InvalidArgumentError(
@@ -355,7 +357,7 @@ class ExactDistributedEvaluation(Callback):
     """
 
     def __init__(self, stages: list[str] | None = None) -> None:
-        self.stages = _check_stages("stages", stages, EXACT_STAGES, EXACT_STAGES)
+        self.stages = check_stages("stages", stages, EXACT_STAGES, EXACT_STAGES)
 
     @property
     def state_key(self) -> str:
@@ -373,6 +375,7 @@ class ExactDistributedEvaluation(Callback):
 
 __all__ = [
     "EXACT_STAGES",
+    "check_stages",
     "EvenDistributedBatchSampler",
     "ExactDistributedEvaluation",
     "equal_batch_counts",

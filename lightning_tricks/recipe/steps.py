@@ -153,8 +153,8 @@ def babysit_step(ctx: RecipeContext) -> dict[str, Any]:
     from lightning_tricks.tuning import babysit as bs
 
     folder = fresh_folder(ctx.out / "babysit")
-    args = bs._parser().parse_args(list(ctx.babysit_args))
-    bs._check_args(args)
+    args = bs.babysit_parser().parse_args(list(ctx.babysit_args))
+    bs.check_babysit_args(args)
     args.run_dir, args.out = str(folder), str(folder / "search.yaml")
     results = bs.babysit(ctx.base, args, echo=ctx.echo)
     import yaml

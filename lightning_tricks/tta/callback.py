@@ -16,7 +16,7 @@ from lightning_tricks.core.seeding import RandomStream
 from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.core.validation import InvalidArgumentError, check_bool
 from lightning_tricks.errors import ForwardNotCalledError  # noqa: F401  (re-exported)
-from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.evaluation import check_stages, install_exact_evaluation, uninstall_exact_evaluation
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
 from lightning_tricks.tta.hooks import StageHooks
@@ -117,7 +117,7 @@ class TestTimeAugmentation(StageHooks):
         self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
                                  max_batch)
         self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
-        self.stages = _check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
+        self.stages = check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
         if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
             raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
                                        "'model' or 'net.backbone', or None for the LightningModule.")
