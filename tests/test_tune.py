@@ -289,3 +289,18 @@ def test_optuna_internals_reach_a_trial_by_number_through_the_public_storage_met
     assert study.trials[failed.number].user_attrs == {"reason": "its worker process died (killed?)"}
     assert not internals.set_trial_user_attr(types.SimpleNamespace(study_name="ids"), 0, "reason", "x")
     assert internals.rdb_engine(storage) is None  # in memory: no engine, WAL mode is skipped
+
+
+def test_optunas_private_attributes_are_reached_only_from_the_guarded_module():
+    import re
+    from pathlib import Path
+
+    import lightning_tricks
+
+    package = Path(lightning_tricks.__file__).parent
+    private = re.compile(r"\._storage\b|\b_trial_id\b|\b_study_id\b|[\"']_(storage|trial_id|study_id)[\"']")
+    found = [f"{path.relative_to(package)}:{i}" for path in sorted(package.rglob("*.py"))
+             if path.name != "_optuna_internals.py"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert found == []
+    assert private.search("study._storage.set_trial_user_attr(t._trial_id, ...)")  # the pattern finds what it must
