@@ -12,7 +12,6 @@ from lightning_tricks.ensemble import (
     SnapshotEnsemble,
 )
 from lightning_tricks.evaluation import ExactDistributedEvaluation
-from lightning_tricks.finetune import Finetune
 from lightning_tricks.init import (
     ActivationStatistics,
     WeightInit,
@@ -51,6 +50,7 @@ from lightning_tricks.setup import (
 from lightning_tricks.stopping import (
     EarlyStopping,
 )
+from lightning_tricks.transfer import Finetune
 from lightning_tricks.tta import TestTimeAugmentation, TTAConfig, TTAWrapper
 from lightning_tricks.zoo import (
     CIFAR10DataModule,

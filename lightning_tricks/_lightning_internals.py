@@ -208,3 +208,78 @@ def add_legacy_instantiators(cli: Any) -> None:
 
     for key, base in (("model", legacy.LightningModule), ("data", legacy.LightningDataModule)):
         cli.parser.add_instantiator(_InstantiatorFn(cli=cli, key=key), base, subclasses=True)
+
+
+# == evaluation, Ensemble, TTA, tune (the after-training and tuning tricks) =====================================
+# -- exact evaluation: the connector's `_prepare_dataloader` and the strategy's `reduce` (evaluation.py) ---------
+# Checked on Lightning 2.6.5 and 2.6.6; `require_verified` refuses the feature on other minor versions, and a
+# connector without these methods is one UnverifiedLightningError line. The replacements are instance attributes,
+# removed again when the last owner (ExactDistributedEvaluation, TestTimeAugmentation, Ensemble) is done.
+
+EXACT_EVALUATION_ATTR = "_lt_exact_evaluation"
+"""The connector attribute that holds the shared exact-evaluation patch while one is installed."""
+
+
+def exact_evaluation_patch(trainer: pl.Trainer) -> Any | None:
+    """The exact-evaluation patch installed on ``trainer`` (None when there is none)."""
+    return getattr(data_connector(trainer), EXACT_EVALUATION_ATTR, None)
+
+
+def set_exact_evaluation_patch(trainer: pl.Trainer, patch: Any | None) -> None:
+    """Keep ``patch`` with ``trainer``'s data connector (None removes it)."""
+    connector = data_connector(trainer)
+    if patch is not None:
+        setattr(connector, EXACT_EVALUATION_ATTR, patch)
+    elif EXACT_EVALUATION_ATTR in connector.__dict__:
+        delattr(connector, EXACT_EVALUATION_ATTR)
+
+
+def replace_prepare_dataloader(trainer: pl.Trainer, replacement: Any) -> Any:
+    """Route every loader Lightning prepares (any stage, any source) through ``replacement(dataloader, shuffle,
+    mode)``; returns Lightning's own method, to call for the loaders left alone.
+
+    Raises:
+        UnverifiedLightningError: this Lightning has no ``DataConnector._prepare_dataloader`` or
+            ``_requires_distributed_sampler``.
+    """
+    connector = data_connector(trainer)
+    missing = [name for name in (PREPARE_DATALOADER, REQUIRES_DISTRIBUTED_SAMPLER)
+               if not callable(getattr(connector, name, None))]
+    if missing:
+        raise UnverifiedLightningError(
+            f"Exact distributed evaluation needs Lightning's DataConnector.{' and '.join(missing)} (checked on "
+            f"Lightning 2.6), which Lightning {lightning.__version__} does not have: pin lightning to 2.6 or turn "
+            "exact distributed evaluation off.")
+    original = getattr(connector, PREPARE_DATALOADER)
+    setattr(connector, PREPARE_DATALOADER, replacement)
+    return original
+
+
+def restore_prepare_dataloader(trainer: pl.Trainer, replacement: Any) -> None:
+    """Undo :func:`replace_prepare_dataloader` (only if ``replacement`` is still the one in place)."""
+    connector = data_connector(trainer)
+    if connector.__dict__.get(PREPARE_DATALOADER) == replacement:
+        delattr(connector, PREPARE_DATALOADER)
+
+
+def requires_distributed_sampler(trainer: pl.Trainer, dataloader: DataLoader) -> bool:
+    """Whether Lightning would give ``dataloader`` a ``DistributedSampler`` (not when the user set one, or set
+    ``use_distributed_sampler=False``)."""
+    return bool(getattr(data_connector(trainer), REQUIRES_DISTRIBUTED_SAMPLER)(dataloader))
+
+
+def replace_strategy_reduce(strategy: Any, wrap: Any, kind: type) -> None:
+    """Set ``strategy.reduce`` to ``wrap(strategy.reduce)`` on the instance, unless a ``kind`` is there already.
+
+    ``self.log(..., sync_dist=True)`` reduces through ``strategy.reduce`` and no hook lets a callback change
+    how; Lightning stores the function in each logged key's metadata, so ``wrap``'s result must compare equal
+    to the original (see ``evaluation._ExactMeanReduce``).
+    """
+    if not isinstance(strategy.reduce, kind):
+        strategy.reduce = wrap(strategy.reduce)
+
+
+def restore_strategy_reduce(strategy: Any, kind: type) -> None:
+    """Undo :func:`replace_strategy_reduce`: the class's own ``reduce`` again."""
+    if isinstance(strategy.__dict__.get("reduce"), kind):
+        del strategy.reduce

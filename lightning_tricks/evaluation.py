@@ -44,18 +44,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from lightning_tricks._lightning_internals import (
-    PREPARE_DATALOADER,
-    REQUIRES_DISTRIBUTED_SAMPLER,
-    data_connector,
+    exact_evaluation_patch,
     rebuild_dataloader,
+    replace_prepare_dataloader,
+    replace_strategy_reduce,
     require_verified,
+    requires_distributed_sampler,
+    restore_prepare_dataloader,
+    restore_strategy_reduce,
+    set_exact_evaluation_patch,
 )
 from lightning_tricks.core.validation import InvalidArgumentError, check_int
 
 EXACT_STAGES = ("validate", "test")
 """Stages whose loaders :class:`ExactDistributedEvaluation` can make exact (``predict`` already is)."""
 _MODES = {"validate": RunningStage.VALIDATING, "test": RunningStage.TESTING}
-_PATCH_ATTR = "_lt_exact_evaluation"
 
 
 def padded_duplicates(num_samples: int, num_replicas: int) -> int:
@@ -202,7 +205,7 @@ def exact_eval_dataloader(dataloader: DataLoader, num_replicas: int | None = Non
 
 
 def _active_modes(trainer: pl.Trainer) -> frozenset[RunningStage]:
-    patch = getattr(data_connector(trainer), _PATCH_ATTR, None)
+    patch = exact_evaluation_patch(trainer)
     return patch.modes() if patch is not None else frozenset()
 
 
@@ -243,9 +246,10 @@ class _ExactMeanReduce:
 
 
 class _ExactEvaluationPatch:
-    """Two instance-level replacements on one trainer, in place while at least one owner needs them.
+    """Two instance-level replacements on one trainer, in place while at least one owner needs them (both
+    through `lightning_tricks._lightning_internals`, where the private accesses live).
 
-    * ``trainer._data_connector._prepare_dataloader``: Lightning calls it for every loader of every
+    * the data connector's ``_prepare_dataloader``: Lightning calls it for every loader of every
       stage, from any source (datamodule, module hooks, loaders passed to ``trainer.test``); for the
       owners' stages it returns the exact loader instead of the padded one and defers to Lightning
       otherwise.
@@ -254,27 +258,22 @@ class _ExactEvaluationPatch:
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
-        self.connector = data_connector(trainer)
         self.strategy = trainer.strategy
-        self.original_prepare = getattr(self.connector, PREPARE_DATALOADER)
         self.owners: dict[int, frozenset[RunningStage]] = {}
         self.warned: set[str] = set()
-        setattr(self.connector, PREPARE_DATALOADER, self.prepare_dataloader)
-        if not isinstance(self.strategy.reduce, _ExactMeanReduce):
-            self.strategy.reduce = _ExactMeanReduce(trainer, self.strategy.reduce)
+        self.original_prepare = replace_prepare_dataloader(trainer, self.prepare_dataloader)
+        replace_strategy_reduce(self.strategy, lambda original: _ExactMeanReduce(trainer, original), _ExactMeanReduce)
 
     def remove(self) -> None:
-        if self.connector.__dict__.get(PREPARE_DATALOADER) == self.prepare_dataloader:
-            delattr(self.connector, PREPARE_DATALOADER)
-        if isinstance(self.strategy.__dict__.get("reduce"), _ExactMeanReduce):
-            del self.strategy.reduce
+        restore_prepare_dataloader(self.trainer, self.prepare_dataloader)
+        restore_strategy_reduce(self.strategy, _ExactMeanReduce)
 
     def modes(self) -> frozenset[RunningStage]:
         return frozenset().union(*self.owners.values())
 
     def prepare_dataloader(self, dataloader: object, shuffle: bool, mode: RunningStage) -> object:
         if (mode in self.modes() and isinstance(dataloader, DataLoader)
-                and getattr(self.connector, REQUIRES_DISTRIBUTED_SAMPLER)(dataloader)):
+                and requires_distributed_sampler(self.trainer, dataloader)):
             reason = _rebuildable(dataloader)
             if reason is None:
                 kwargs = self.trainer.distributed_sampler_kwargs or {}
@@ -300,41 +299,35 @@ def install_exact_evaluation(trainer: pl.Trainer, owner: object, stages: Sequenc
         Whether the trainer runs on several ranks (and the patch is in place).
 
     Raises:
-        RuntimeError: this Lightning version does not route loaders through the methods we replace.
+        UnverifiedLightningError: a Lightning version these private methods were not checked on, or one that
+            does not route loaders through the methods we replace (a ``RuntimeError``).
     """
     modes = frozenset(_MODES[s] for s in stages if s in _MODES)
     if trainer.world_size <= 1 or not modes:
         return False
     require_verified("Exact distributed evaluation")
-    connector = data_connector(trainer)
-    patch = getattr(connector, _PATCH_ATTR, None)
+    patch = exact_evaluation_patch(trainer)
     if patch is None:
-        if not all(callable(getattr(connector, name, None))
-                   for name in (PREPARE_DATALOADER, REQUIRES_DISTRIBUTED_SAMPLER)):
-            raise RuntimeError(
-                "ExactDistributedEvaluation needs Lightning's DataConnector._prepare_dataloader and "
-                "_requires_distributed_sampler (Lightning 2.x); they were not found. Pin lightning to 2.6 or "
-                "turn exact distributed evaluation off."
-            )
         patch = _ExactEvaluationPatch(trainer)
-        setattr(connector, _PATCH_ATTR, patch)
+        set_exact_evaluation_patch(trainer, patch)
     patch.owners[id(owner)] = modes
     return True
 
 
 def uninstall_exact_evaluation(trainer: pl.Trainer, owner: object) -> None:
     """Withdraw ``owner``'s stages; restore Lightning's behaviour when no owner is left. Safe to call twice."""
-    connector = data_connector(trainer)
-    patch = getattr(connector, _PATCH_ATTR, None)
+    patch = exact_evaluation_patch(trainer)
     if patch is None:
         return
     patch.owners.pop(id(owner), None)
     if not patch.owners:
         patch.remove()
-        delattr(connector, _PATCH_ATTR)
+        set_exact_evaluation_patch(trainer, None)
 
 
-def _check_stages(name: str, stages: Sequence[str] | None, allowed: Sequence[str], default: Sequence[str]) -> list[str]:
+def check_stages(name: str, stages: Sequence[str] | None, allowed: Sequence[str], default: Sequence[str]) -> list[str]:
+    """Validate a ``stages`` argument: distinct names from ``allowed`` (Lightning's stage names), ``None`` is
+    ``default``; shared by ExactDistributedEvaluation and TestTimeAugmentation."""
     chosen = list(default if stages is None else stages)
     if isinstance(stages, str) or not chosen or any(s not in allowed for s in chosen) or len(set(chosen)) != len(chosen):
         raise InvalidArgumentError(
@@ -364,7 +357,7 @@ class ExactDistributedEvaluation(Callback):
     """
 
     def __init__(self, stages: list[str] | None = None) -> None:
-        self.stages = _check_stages("stages", stages, EXACT_STAGES, EXACT_STAGES)
+        self.stages = check_stages("stages", stages, EXACT_STAGES, EXACT_STAGES)
 
     @property
     def state_key(self) -> str:
@@ -382,6 +375,7 @@ class ExactDistributedEvaluation(Callback):
 
 __all__ = [
     "EXACT_STAGES",
+    "check_stages",
     "EvenDistributedBatchSampler",
     "ExactDistributedEvaluation",
     "equal_batch_counts",

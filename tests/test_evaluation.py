@@ -143,7 +143,8 @@ def test_reduce_replacement_keeps_lightning_log_metadata_equal_across_runs(tmp_p
     """Lightning refuses a second self.log of a key whose stored sync function differs: ours must compare equal."""
     from lightning.pytorch.trainer.connectors.logger_connector.result import _Sync
 
-    from lightning_tricks.evaluation import _PATCH_ATTR, _ExactEvaluationPatch, uninstall_exact_evaluation
+    from lightning_tricks._lightning_internals import exact_evaluation_patch, set_exact_evaluation_patch
+    from lightning_tricks.evaluation import _ExactEvaluationPatch, uninstall_exact_evaluation
 
     trainer = cpu_trainer(tmp_path)
     before = _Sync(fn=trainer.strategy.reduce, _should=True)
@@ -151,7 +152,7 @@ def test_reduce_replacement_keeps_lightning_log_metadata_equal_across_runs(tmp_p
 
     def install():  # what install_exact_evaluation does on several ranks
         patch = _ExactEvaluationPatch(trainer)
-        setattr(trainer._data_connector, _PATCH_ATTR, patch)
+        set_exact_evaluation_patch(trainer, patch)
         patch.owners[id(owner)] = frozenset()
 
     install()
@@ -164,9 +165,26 @@ def test_reduce_replacement_keeps_lightning_log_metadata_equal_across_runs(tmp_p
     install()
     assert _Sync(fn=trainer.strategy.reduce, _should=True) == first
     other = object()  # a second owner (e.g. ExactDistributedEvaluation next to TestTimeAugmentation) shares the patch
-    getattr(trainer._data_connector, _PATCH_ATTR).owners[id(other)] = frozenset()
+    exact_evaluation_patch(trainer).owners[id(other)] = frozenset()
     uninstall_exact_evaluation(trainer, owner)
     assert "_prepare_dataloader" in trainer._data_connector.__dict__
     uninstall_exact_evaluation(trainer, other)
     uninstall_exact_evaluation(trainer, other)  # twice is harmless
     assert "_prepare_dataloader" not in trainer._data_connector.__dict__ and "reduce" not in trainer.strategy.__dict__
+
+
+def test_a_lightning_without_the_replaced_connector_methods_is_one_unverified_lightning_line():
+    from types import SimpleNamespace
+
+    from lightning_tricks._lightning_internals import replace_prepare_dataloader
+    from lightning_tricks.errors import UnverifiedLightningError
+
+    class Connector:  # a future Lightning whose connector prepares loaders another way
+        def _requires_distributed_sampler(self, dataloader):
+            return True
+
+    trainer = SimpleNamespace(_data_connector=Connector())
+    with pytest.raises(UnverifiedLightningError, match=r"DataConnector\._prepare_dataloader \(checked on") as info:
+        replace_prepare_dataloader(trainer, lambda *args: None)
+    assert "\n" not in str(info.value) and isinstance(info.value, RuntimeError)
+    assert "_prepare_dataloader" not in vars(trainer._data_connector)

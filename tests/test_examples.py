@@ -108,3 +108,14 @@ def test_main_job_reaches_95_percent_in_a_few_dozen_lines(tmp_path):
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) <= 40, "\n".join(lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_every_example_the_docs_and_readme_name_exists():
+    """A renamed example (finetune.yaml -> transfer.yaml, named after its card) leaves no dangling reference."""
+    import re
+
+    texts = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").iterdir())]
+    named = {m for path in texts if path.is_file() and path.suffix in (".md", ".yaml", ".py")
+             for m in re.findall(r"examples/([\w-]+\.(?:yaml|py))", path.read_text())}
+    assert "transfer.yaml" in named
+    assert sorted(n for n in named if not (REPO / "examples" / n).is_file()) == []

@@ -413,3 +413,49 @@ def test_a_gan_with_two_optimizers_is_refused_in_one_line_before_any_surgery(tmp
     with pytest.raises(ConfigError, match="but LateOptimizers uses 2 "):
         cpu_trainer(tmp_path, callbacks=[Finetune(train="head")]).fit(late)
     assert late.batches_seen == 0  # refused before any training step
+
+
+def test_old_module_path_lightning_tricks_finetune_warns_and_gives_the_same_class(monkeypatch):
+    import importlib
+    import sys
+
+    import lightning_tricks.transfer as transfer
+
+    monkeypatch.delitem(sys.modules, "lightning_tricks.finetune", raising=False)
+    with pytest.warns(DeprecationWarning, match="lightning_tricks.transfer.finetune"):
+        old = importlib.import_module("lightning_tricks.finetune")
+    assert old.Finetune is Finetune is transfer.Finetune
+    assert old.check_finetune_args is transfer.check_finetune_args
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "sequential_lambda", "plateau"])
+def test_split_groups_remap_every_scheduler_list_through_its_state_dict(kind):
+    """After one group becomes head + backbone (x0.2), every per-group list and get_last_lr() follow, and a step
+    keeps the 1 : 0.2 ratio (reference: the same scheduler built on two groups from the start)."""
+    from lightning_tricks.transfer.finetune import _remap_scheduler, _split_groups
+
+    lr = torch.optim.lr_scheduler
+
+    def build(groups):
+        optimizer = torch.optim.SGD(groups, lr=0.1)
+        if kind == "onecycle":
+            return optimizer, lr.OneCycleLR(optimizer, max_lr=[g.get("lr", 0.1) for g in optimizer.param_groups],
+                                            total_steps=10)
+        if kind == "plateau":
+            return optimizer, lr.ReduceLROnPlateau(optimizer)
+        return optimizer, lr.SequentialLR(optimizer, [lr.LinearLR(optimizer, 0.5, total_iters=2),
+                                                      lr.LambdaLR(optimizer, lambda step: 0.9 ** step)], milestones=[2])
+
+    head, body = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = build([{"params": [head, body]}])
+    _remap_scheduler(scheduler, _split_groups(optimizer, {id(head)}, 0.2, []))
+    ref_optimizer, reference = build([{"params": [head]}, {"params": [body], "lr": 0.02}])
+    assert len(scheduler.get_last_lr()) == 2
+    assert scheduler.get_last_lr() == pytest.approx(reference.get_last_lr())
+    for _ in range(4):
+        optimizer.step()
+        ref_optimizer.step()
+        scheduler.step(1.0) if kind == "plateau" else scheduler.step()
+        reference.step(1.0) if kind == "plateau" else reference.step()
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([g["lr"] for g in ref_optimizer.param_groups])
+        assert scheduler.get_last_lr() == pytest.approx(reference.get_last_lr())

@@ -265,3 +265,42 @@ def test_grid_sampler_tries_the_square_grid(tmp_path, monkeypatch):
     tried = {(t.params["model.init_args.lr"], t.params["model.init_args.weight_decay"])
              for t in _study(tmp_path / "run").get_trials()}
     assert tried == {(lr, wd) for lr in (1.0e-3, 1.0e-1) for wd in (0, 1.0e-4)}
+
+
+def test_optuna_internals_reach_a_trial_by_number_through_the_public_storage_methods():
+    """The one module that touches Optuna's private state: the id found by number is the trial's own, a user
+    attribute set on another process's running trial shows in the public FrozenTrial once it failed, and an Optuna without
+    ``Study._storage`` skips the attribute instead of failing."""
+    import types
+
+    import optuna
+
+    from lightning_tricks.tuning import _optuna_internals as internals
+
+    study = optuna.create_study(study_name="ids")
+    for _ in range(3):
+        study.tell(study.ask(), 1.0)
+    orphan = study.ask()  # left RUNNING by a worker that died
+    storage = internals.study_storage(study)
+    assert [internals.trial_id(storage, "ids", t.number) for t in study.trials] == [t._trial_id for t in study.trials]
+    assert internals.set_trial_user_attr(study, orphan.number, "reason", "its worker process died (killed?)")
+    study.tell(orphan.number, state=optuna.trial.TrialState.FAIL)
+    failed = orphan
+    assert study.trials[failed.number].user_attrs == {"reason": "its worker process died (killed?)"}
+    assert not internals.set_trial_user_attr(types.SimpleNamespace(study_name="ids"), 0, "reason", "x")
+    assert internals.rdb_engine(storage) is None  # in memory: no engine, WAL mode is skipped
+
+
+def test_optunas_private_attributes_are_reached_only_from_the_guarded_module():
+    import re
+    from pathlib import Path
+
+    import lightning_tricks
+
+    package = Path(lightning_tricks.__file__).parent
+    private = re.compile(r"\._storage\b|\b_trial_id\b|\b_study_id\b|[\"']_(storage|trial_id|study_id)[\"']")
+    found = [f"{path.relative_to(package)}:{i}" for path in sorted(package.rglob("*.py"))
+             if path.name != "_optuna_internals.py"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert found == []
+    assert private.search("study._storage.set_trial_user_attr(t._trial_id, ...)")  # the pattern finds what it must

@@ -10,7 +10,8 @@ One module per responsibility:
 - `voting`: the functional core (plain torch): `soft_vote`, `hard_vote`, `vote_shares`,
   `fit_vote_weights`;
 - `loading`: members built from checkpoints, safely (`load_member`, `read_checkpoint`);
-- `module`: the `Ensemble` LightningModule (``validate``/``test``/``predict``);
+- `module`: the `Ensemble` LightningModule (``validate``/``test``/``predict``), with its argument checks
+  (`checks`), how its members load and run (`members`) and its Lightning hooks (`hooks`);
 - `snapshot`: `snapshot_lr` and the `SnapshotEnsemble` callback;
 - `ema`: `EMAMembers`, Lightning's ``EMAWeightAveraging`` that also keeps the raw weights.
 """

@@ -179,13 +179,13 @@ def identity(ctx: RecipeContext) -> dict[str, Any]:
 
 
 def _summary(step: str, result: dict[str, Any]) -> str:
-    from lightning_tricks.recipe.report import _pct, _status
+    from lightning_tricks.recipe.report import pct, step_status
 
     if step == "tune":
         return f"best {result['metric']}={result['val_metric']:.4f} after {result['finished']} trials"
     if step == "babysit":
-        return _status(step, result)
-    return (f"{_status(step, result)}; val acc {_pct(result.get('val_acc'))}, test acc {_pct(result.get('test_acc'))}"
+        return step_status(step, result)
+    return (f"{step_status(step, result)}; val acc {pct(result.get('val_acc'))}, test acc {pct(result.get('test_acc'))}"
             f" ({result.get('seconds', 0):.1f} s)")
 
 
@@ -291,8 +291,8 @@ def _run(argv: list[str], echo: Callable[[str], None]) -> dict[str, Any]:
                           f"or pass --keep-going to search anyway. Report: {md}") from None
     md, png = report.write(ctx.out, results, {"argv": argv})
     name, final = report.final_result(results)
-    echo(f"recipe: test accuracy {report._pct(final.get('test_acc'))} ({name}) vs baseline "
-         f"{report._pct(results['baseline'].get('test_acc'))}. Report: {md}  Figure: {png}")
+    echo(f"recipe: test accuracy {report.pct(final.get('test_acc'))} ({name}) vs baseline "
+         f"{report.pct(results['baseline'].get('test_acc'))}. Report: {md}  Figure: {png}")
     return {**results, "report": str(md), "figure": str(png)}
 
 

@@ -16,7 +16,7 @@ TITLES = {"baseline": "1. baseline (your config as given)", "babysit": "2. babys
           "final": "4. best trial, trained to the end", "ensemble": "5. ensemble", "tta": "6. test-time augmentation"}
 
 
-def _pct(value: Any) -> str:
+def pct(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
@@ -39,7 +39,7 @@ def final_result(steps: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]
     return chosen
 
 
-def _status(name: str, result: dict[str, Any]) -> str:
+def step_status(name: str, result: dict[str, Any]) -> str:
     if not result:
         return "not run"
     if result.get("skipped"):
@@ -60,15 +60,15 @@ def markdown(steps: dict[str, dict[str, Any]], settings: dict[str, Any], figure:
              "Command: `lightning-tricks recipe " + shlex.join(settings.get("argv", [])) + "`", ""]
     if steps.get("final"):
         name, res = final_result(steps)
-        lines += [f"**Result**: test accuracy {_pct(res.get('test_acc'))} ({TITLES[name]}) against "
-                  f"{_pct(base.get('test_acc'))} for the baseline ({_delta(res.get('test_acc'), base.get('test_acc'))}"
+        lines += [f"**Result**: test accuracy {pct(res.get('test_acc'))} ({TITLES[name]}) against "
+                  f"{pct(base.get('test_acc'))} for the baseline ({_delta(res.get('test_acc'), base.get('test_acc'))}"
                   " points); validation accuracy "
-                  f"{_pct(res.get('val_acc'))} against {_pct(base.get('val_acc'))}.", ""]
+                  f"{pct(res.get('val_acc'))} against {pct(base.get('val_acc'))}.", ""]
     lines += ["| step | status | val acc | test acc | test vs baseline (points) | val NLL | test NLL | time |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, title in TITLES.items():
         r = steps.get(name, {})
-        lines.append(f"| {title} | {_status(name, r)} | {_pct(r.get('val_acc'))} | {_pct(r.get('test_acc'))} | "
+        lines.append(f"| {title} | {step_status(name, r)} | {pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} | "
                      f"{_delta(r.get('test_acc'), base.get('test_acc'))} | {_num(r.get('val_loss'))} | "
                      f"{_num(r.get('test_loss'))} | {_time(r.get('seconds'))} |")
     total = sum(float(r.get("seconds") or 0) for r in steps.values())
@@ -118,7 +118,7 @@ def _details(steps: dict[str, dict[str, Any]]) -> list[str]:
                 f"`{p}`" for p in r.get("ensemble_members", [])))
         if name == "tta":
             for t in r.get("tried", []):
-                shown = t.get("error") or f"val acc {_pct(t.get('val_acc'))}, test acc {_pct(t.get('test_acc'))}"
+                shown = t.get("error") or f"val acc {pct(t.get('val_acc'))}, test acc {pct(t.get('test_acc'))}"
                 lines.append(f"- views {t['views']}: {shown}")
         lines += _files(r) + [""]
     return lines
@@ -166,4 +166,4 @@ def write(out: Path, steps: dict[str, dict[str, Any]], settings: dict[str, Any])
     return md, png
 
 
-__all__ = ["TITLES", "figure", "final_result", "markdown", "write"]
+__all__ = ["TITLES", "figure", "final_result", "markdown", "pct", "step_status", "write"]

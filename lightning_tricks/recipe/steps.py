@@ -153,8 +153,8 @@ def babysit_step(ctx: RecipeContext) -> dict[str, Any]:
     from lightning_tricks.tuning import babysit as bs
 
     folder = fresh_folder(ctx.out / "babysit")
-    args = bs._parser().parse_args(list(ctx.babysit_args))
-    bs._check_args(args)
+    args = bs.babysit_parser().parse_args(list(ctx.babysit_args))
+    bs.check_babysit_args(args)
     args.run_dir, args.out = str(folder), str(folder / "search.yaml")
     results = bs.babysit(ctx.base, args, echo=ctx.echo)
     import yaml
@@ -317,12 +317,13 @@ def tta_candidates(x: Any, model: Any = None) -> list[dict[str, Any]]:
 def tta_step(ctx: RecipeContext, current: dict[str, Any], step: str) -> dict[str, Any]:
     """Test-time augmentation on the adopted prediction (each member wrapped in TTAWrapper, then soft-voted); adopted
     when it beats the prediction without it on the validation set."""
+    from lightning_tricks.core.batch import read_images
     from lightning_tricks.tta import TTAWrapper
 
     datamodule = datamodule_of(ctx, step)
     datamodule.setup("validate")
     batch = next(iter(datamodule.val_dataloader()))
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    x = read_images(batch, None, "recipe (tta step)", 2)[1]  # the package's one batch accessor: tuple, list or dict
     model = load([str(ctx.out / current["members"][0])])[0] if current.get("members") else None
     candidates = tta_candidates(x, model) if ctx.tta == "auto" else []
     tried: list[dict[str, Any]] = []

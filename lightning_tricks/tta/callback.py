@@ -6,7 +6,6 @@ import contextlib
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -17,9 +16,10 @@ from lightning_tricks.core.seeding import RandomStream
 from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.core.validation import InvalidArgumentError, check_bool
 from lightning_tricks.errors import ForwardNotCalledError  # noqa: F401  (re-exported)
-from lightning_tricks.evaluation import _check_stages, install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.evaluation import check_stages, install_exact_evaluation, uninstall_exact_evaluation
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
+from lightning_tricks.tta.hooks import StageHooks
 from lightning_tricks.tta.sequence import sequence_tta_forward
 from lightning_tricks.tta.wrapper import _has_randomness, _no_stochastic_layers
 
@@ -27,7 +27,36 @@ TTA_STAGES = ("validate", "test", "predict")
 _STAGE_IDS = {"validate": 0, "test": 1, "predict": 2}
 
 
-class TestTimeAugmentation(Callback):
+def submodule_at(pl_module: pl.LightningModule, path: str | None) -> nn.Module:
+    """The submodule of ``pl_module`` at the dotted attribute path ``path`` (the module itself for None)."""
+    target: Any = pl_module
+    for part in path.split(".") if path else ():
+        if not isinstance(getattr(target, part, None), nn.Module):
+            raise InvalidArgumentError(
+                f"`module`={path!r} is invalid for {type(pl_module).__name__}: it has no submodule at "
+                f"{part!r}. Submodules: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}."
+            )
+        target = getattr(target, part)
+    return target
+
+
+def predictions_accepter(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, task: str | None) -> Any:
+    """What a call must return to be the model: one row per input; (rows, classes) scores of the model's
+    number of classes for classification kinds, (rows, classes, *spatial) maps for dense ones."""
+    x = batch_input(batch)
+    classes = infer_num_classes(trainer, pl_module, required=False) if task in (None, "classification",
+                                                                                 "multilabel") else None
+
+    def accept(output: Any) -> bool:
+        if not isinstance(output, Tensor) or x is None or not output.ndim or output.shape[0] != x.shape[0]:
+            return False
+        if task == "dense" or (task is None and output.ndim > 2):
+            return output.ndim > 2
+        return task == "regression" or (task is None and output.ndim == 1) or (output.ndim == 2 and classes in (None, output.shape[1]))
+    return accept
+
+
+class TestTimeAugmentation(StageHooks):
     """Test-time augmentation for an unmodified LightningModule: the model its steps call returns merged predictions.
 
     During the chosen stages the callback replaces ``forward`` of the model the steps call by
@@ -88,7 +117,7 @@ class TestTimeAugmentation(Callback):
         self.config = tta_config(views, crop_size, scales, translate, padding_mode, stochastic_passes, merge, task,
                                  max_batch)
         self._views_given = views is not None  # on sequences the default 'hflip' (a reversal) is refused
-        self.stages = _check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
+        self.stages = check_stages("stages", stages, TTA_STAGES, ("test", "predict"))
         if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
             raise InvalidArgumentError(f"`module`={module!r} is invalid: expected a dotted attribute path such as "
                                        "'model' or 'net.backbone', or None for the LightningModule.")
@@ -111,23 +140,12 @@ class TestTimeAugmentation(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(config=self.config, stages=self.stages, module=self.module)
 
-    def _target(self, pl_module: pl.LightningModule, path: str | None) -> nn.Module:
-        target: Any = pl_module
-        for part in path.split(".") if path else ():
-            if not isinstance(getattr(target, part, None), nn.Module):
-                raise InvalidArgumentError(
-                    f"`module`={path!r} is invalid for {type(pl_module).__name__}: it has no submodule at "
-                    f"{part!r}. Submodules: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}."
-                )
-            target = getattr(target, part)
-        return target
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.randomness.setup(trainer)
         self._found.clear()  # found again for this run's module
         if self._task_module != id(pl_module):
             self.task, self._task_module = None, id(pl_module)
-        target = self._target(pl_module, self.module)
+        target = submodule_at(pl_module, self.module)
         if self.config.stochastic_passes > 1 and not _has_randomness(target):
             raise _no_stochastic_layers(self.config.stochastic_passes, f"{type(target).__name__} (`module`={self.module!r})")
         if self.config.num_views == 1:
@@ -169,7 +187,7 @@ class TestTimeAugmentation(Callback):
         return self.task
 
     def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, path: str | None) -> None:
-        target = self._target(pl_module, path)
+        target = submodule_at(pl_module, path)
         had_own = "forward" in target.__dict__
         original, callback = target.forward, self
 
@@ -217,26 +235,10 @@ class TestTimeAugmentation(Callback):
         self._batch = (dataloader_idx, batch_idx)
         self._targets = find_targets(batch)
         if self._batches == 0 and self.module is None and stage not in self._found:
-            self._probe = InputModuleProbe(pl_module, batch, accept=self._predictions_accepter(trainer, pl_module, batch),
+            self._probe = InputModuleProbe(pl_module, batch, accept=predictions_accepter(trainer, pl_module, batch, self.config.task),
                                            replace=lambda module, args, kwargs, output: self._replace(
                                                trainer, stage, module, args, kwargs))
             self._probe.__enter__()
-
-    def _predictions_accepter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
-        """What a call must return to be the model: one row per input; (rows, classes) scores of the model's
-        number of classes for classification kinds, (rows, classes, *spatial) maps for dense ones."""
-        x = batch_input(batch)
-        task = self.config.task
-        classes = infer_num_classes(trainer, pl_module, required=False) if task in (None, "classification",
-                                                                                     "multilabel") else None
-
-        def accept(output: Any) -> bool:
-            if not isinstance(output, Tensor) or x is None or not output.ndim or output.shape[0] != x.shape[0]:
-                return False
-            if task == "dense" or (task is None and output.ndim > 2):
-                return output.ndim > 2
-            return task == "regression" or (task is None and output.ndim == 1) or (output.ndim == 2 and classes in (None, output.shape[1]))
-        return accept
 
     def _replace(self, trainer: pl.Trainer, stage: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self._wrapped is not None and module is self._wrapped[0]:
@@ -265,50 +267,7 @@ class TestTimeAugmentation(Callback):
         raise ForwardNotCalledError(f"TestTimeAugmentation could not act: the first {stage} batch never called "
                                     f"{name}.forward, and {hint}.")
 
-    # -- hooks ------------------------------------------------------------------------------------
-
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._wrap(trainer, pl_module, "validate")
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._wrap(trainer, pl_module, "test")
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._wrap(trainer, pl_module, "predict")
-
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch_start(trainer, pl_module, "validate", batch, batch_idx, dataloader_idx)
-
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
-        self._batch_start(trainer, pl_module, "test", batch, batch_idx, dataloader_idx)
-
-    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                               dataloader_idx: int = 0) -> None:
-        self._batch_start(trainer, pl_module, "predict", batch, batch_idx, dataloader_idx)
-
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, pl_module, "validate")
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, pl_module, "test")
-
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, pl_module, "predict")
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unwrap()
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unwrap()
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unwrap()
+    # -- hooks (the per-stage ones are routed by StageHooks) ---------------------------------------
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._unwrap()

@@ -279,7 +279,7 @@ def suggested_space(config: dict[str, Any], step3: StepResult) -> dict[str, Any]
 
 
 # -- command --------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
+def babysit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-tricks babysit", description=(
         "CS231n's babysitting steps 1-3 on a fit config: initial loss vs log C, overfit a few batches, a "
         "learning-rate search; then a suggested search space for `lightning-tricks tune`."),
@@ -309,7 +309,7 @@ def _key(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def check_babysit_args(args: argparse.Namespace) -> None:
     for name in ("overfit_batches", "overfit_epochs", "lr_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"`--{name.replace('_', '-')}`={getattr(args, name)} is invalid: expected an integer >= 1.")
@@ -349,11 +349,11 @@ def babysit_main(argv: Sequence[str]) -> int:
     """``lightning-tricks babysit``: exit status 0 when every step passed, 1 otherwise."""
     from lightning_tricks.tuning.study import load_config
 
-    args, config_args = _parser().parse_known_args(list(argv))
-    _check_args(args)
+    args, config_args = babysit_parser().parse_known_args(list(argv))
+    check_babysit_args(args)
     results = babysit(load_config(config_args), args)
     return 0 if all(r.passed for r in results) else 1
 
 
-__all__ = ["LECTURE_GRID", "StepResult", "babysit", "babysit_main", "initial_loss_step", "lr_step",
+__all__ = ["LECTURE_GRID", "StepResult", "babysit", "babysit_main", "babysit_parser", "check_babysit_args", "initial_loss_step", "lr_step",
            "overfit_step", "suggested_space", "train_at_lr"]

@@ -37,7 +37,7 @@ class TrialPruning(Callback):
     close) and the caller raises ``optuna.TrialPruned``; ``pruned`` and ``stopping_reason`` say why.
 
     The trial is reached through ``trial`` in the process that built the Trainer; in a spawned or forked
-    DDP process the callback reconnects from ``storage``, the study name and the trial id, with the
+    DDP process the callback reconnects from ``storage``, the study name and the trial number, with the
     study's pruner (which the database does not store).
 
     Args:
@@ -65,7 +65,7 @@ class TrialPruning(Callback):
         self.study_name = trial.study.study_name if trial is not None else None
         # the database does not store the pruner: a reconnecting process needs the object itself
         self.pruner = getattr(getattr(trial, "study", None), "pruner", None)
-        self.trial_id = getattr(trial, "_trial_id", None)
+        self.trial_number = getattr(trial, "number", None)  # a stand-in trial may have none: no reconnecting
         self.pruned = False
         self.stopping_reason: str | None = None
         self._pid = os.getpid()
@@ -79,11 +79,14 @@ class TrialPruning(Callback):
         if os.getpid() != self._pid and self.storage is not None:
             # a forked DDP process must not share the parent's database connections: reconnect by URL
             self.trial, self._pid = None, os.getpid()
-        if self.trial is None and self.storage is not None and self.trial_id is not None:
+        if self.trial is None and self.storage is not None and self.trial_number is not None:
             import optuna
 
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
-            self.trial = optuna.trial.Trial(study, self.trial_id)
+            from lightning_tricks.tuning._optuna_internals import trial_id
+
+            storage = optuna.storages.RDBStorage(self.storage)  # what load_study builds from a URL, kept here
+            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
+            self.trial = optuna.trial.Trial(study, trial_id(storage, self.study_name, self.trial_number))
         return self.trial
 
     @override

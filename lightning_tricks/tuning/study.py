@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import random
 import socket
 import time
 import traceback
@@ -33,16 +32,23 @@ from typing import Any
 import yaml
 
 from lightning_tricks.core.validation import ConfigError
+from lightning_tricks.tuning._optuna_internals import set_trial_user_attr
 from lightning_tricks.tuning.pruning import STAGE_STEPS, CurveRecorder, TrialPruning
 from lightning_tricks.tuning.space import Distribution, SearchSpace, apply_params, grid_values, narrow
+from lightning_tricks.tuning.storage import (  # noqa: F401  (re-exported: the storage lived here)
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    SCHEMA_RACE_ATTEMPTS,
+    is_storage_error,
+    lost_schema_race,
+    masked_url,
+    open_storage,
+    storage_cause,
+    storage_error_line,
+)
 
 SAMPLERS = ("random", "tpe", "cmaes", "qmc", "gp", "grid")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
-HEARTBEAT_INTERVAL = 10
-SCHEMA_RACE_ATTEMPTS = 6  # workers that open a fresh database together: the losers open it again
-"""Seconds between a running trial's heartbeats in the database."""
-GRACE_PERIOD = 60
-"""A RUNNING trial without a heartbeat for this long is failed by the next worker (any machine)."""
 POLL_SECONDS = 0.5
 MAX_FAILURES_IN_A_ROW = 5
 """A worker stops (one error line) after this many failed trials in a row: the config itself is broken."""
@@ -92,135 +98,6 @@ def split_trials(trials: int, stages: int) -> list[int]:
 def default_epochs(max_epochs: int, stages: int) -> list[int]:
     """Epochs per stage when not given: the config's ``max_epochs`` for the last stage, a quarter per earlier stage."""
     return [max(1, round(max_epochs / 4 ** (stages - 1 - k))) for k in range(stages)]
-
-
-# -- storage --------------------------------------------------------------------------------------
-def masked_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages).
-
-    Examples:
-        >>> masked_url("postgresql://tune:secret@db.example:5432/tune")
-        'postgresql://tune:***@db.example:5432/tune'
-        >>> masked_url("sqlite:///runs/study.db")
-        'sqlite:///runs/study.db'
-    """
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: mask what looks like user:password@
-        import re
-
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-def storage_error_line(url: str, err: BaseException) -> str:
-    """The first line of a storage error, with the URL's password (should a driver echo it) masked."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:
-        password = None
-    return first.replace(str(password), "***") if password else first
-
-
-def storage_cause(err: BaseException) -> BaseException | None:
-    """The error in ``err``'s chain that says the study's database cannot be reached or used, else ``None``."""
-    import optuna
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    chain: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and all(cause is not c for c in chain):
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    # the driver's own error first (Optuna wraps it in StorageInternalError, "An exception is raised during the commit")
-    for kinds in ((OperationalError, DBAPIError), (optuna.exceptions.StorageInternalError, ConnectionError)):
-        found = next((c for c in chain if isinstance(c, kinds)), None)
-        if found is not None:
-            return found
-    return None
-
-
-def is_storage_error(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) says the study's database cannot be reached or used."""
-    return storage_cause(err) is not None
-
-
-def lost_schema_race(err: BaseException) -> bool:
-    """Whether ``err`` says another process created Optuna's tables at the same moment as this one.
-
-    SQLAlchemy's ``create_all`` checks for each table, then creates it; that is not atomic. Two workers
-    opening a fresh PostgreSQL database together collide in the catalog (``UniqueViolation`` on
-    ``pg_type_typname_nsp_index``); MySQL says the table already exists. The tables are there by then,
-    so opening again succeeds.
-    """
-    from sqlalchemy.exc import DBAPIError, IntegrityError
-
-    cause: BaseException | None = err
-    seen: list[BaseException] = []
-    while cause is not None and all(cause is not c for c in seen):
-        seen.append(cause)
-        if isinstance(cause, IntegrityError) or (isinstance(cause, DBAPIError) and "already exists" in str(cause)):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-def open_storage(url: str) -> Any:
-    """An Optuna RDB storage with heartbeats; an unreachable URL is one ConfigError line (password masked)."""
-    import optuna
-
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 300}}  # concurrent workers wait for the lock
-    try:
-        for attempt in range(SCHEMA_RACE_ATTEMPTS):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
-                    storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                                         grace_period=GRACE_PERIOD, **kwargs)
-                break
-            except Exception as err:
-                if attempt + 1 == SCHEMA_RACE_ATTEMPTS or not lost_schema_race(err):
-                    raise
-                time.sleep(0.05 * 2**attempt * (1 + random.SystemRandom().random()))  # jitter, off the seeded generators
-    except Exception as err:  # sqlalchemy's, a missing driver, a bad URL: all one line for the user
-        first = storage_error_line(url, err)
-        hint = ""
-        if ("DB access module" in first or "No module named" in first) and url.startswith("postgresql"):
-            hint = (" (this URL asks for psycopg2: pip install psycopg2-binary, or write postgresql:// and pip install "
-                    "'lightning-tricks[distributed]')" if url.startswith("postgresql+psycopg2") else
-                    " (PostgreSQL needs its driver: pip install 'lightning-tricks[distributed]', i.e. psycopg[binary])")
-        raise ConfigError(f"cannot open the study storage {masked_url(url)!r}: {first}{hint}") from None
-    if url.startswith("sqlite"):
-        _write_ahead_log(storage)
-    return storage
-
-
-def _write_ahead_log(storage: Any) -> None:
-    """SQLite in WAL mode with ``synchronous=NORMAL``: a commit without an fsync (about 9x faster here).
-
-    Still safe when a process is killed (only an OS crash can lose the last commits), and readers do not
-    block the writer, which helps concurrent workers. WAL needs a local file system (not NFS): use a
-    server database for workers on several machines. ``RDBStorage.engine`` is the storage's SQLAlchemy
-    engine (an attribute, not documented API; verified on Optuna 4.x/5.0).
-    """
-    from sqlalchemy import event
-
-    def on_connect(connection: Any, record: Any) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    engine = getattr(storage, "engine", None)
-    if engine is not None:
-        event.listen(engine, "connect", on_connect)
-        engine.dispose()  # connections opened before the listener reconnect with it
 
 
 def make_sampler(name: str, seed: int | None, space: SearchSpace | None = None, trials: int = 1) -> Any:
@@ -298,7 +175,7 @@ def fail_dead_trials(study: Any) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") == host and worker.get("pid") != os.getpid() and not _pid_alive(int(worker["pid"])):
-            study._storage.set_trial_user_attr(t._trial_id, "reason", "its worker process died (killed?)")
+            set_trial_user_attr(study, t.number, "reason", "its worker process died (killed?)")
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             failed.append(t.number)
     return failed
