@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from typing_extensions import override
 
 import lightning_tricks
-from lightning_tricks.core.cli_errors import missing_file_message, one_line, option_strings
+from lightning_tricks.core.cli_errors import debugging, missing_file_message, one_line, option_strings
 from lightning_tricks.core.lightning_classes import (
     LEGACY,
     datamodule_types,
@@ -63,10 +62,6 @@ def _fail(line: str) -> None:
     raise SystemExit(2)
 
 
-def _debugging() -> bool:
-    return bool(os.environ.get("LIGHTNING_TRICKS_DEBUG"))
-
-
 class TricksArgumentParser(LightningArgumentParser):
     """LightningCLI's parser whose errors are one line (argument, bad value, choices, did-you-mean), exit 2.
 
@@ -86,7 +81,7 @@ class TricksArgumentParser(LightningArgumentParser):
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> Any:
-        if not self.exit_on_error or _debugging():
+        if not self.exit_on_error or debugging():
             return super().error(message, ex)
         _fail(one_line(message, option_strings(self)))
 
@@ -467,7 +462,7 @@ def main(args: list[str] | None = None) -> None:
         # jsonargparse wraps errors raised in __init__: look down the chain for ours
         cause = user_error_in(err)
         known = explain_runtime_error(err) if cause is None else None
-        if (cause is None and known is None) or _debugging():
+        if (cause is None and known is None) or debugging():
             raise
         _fail(known or str(cause))
 

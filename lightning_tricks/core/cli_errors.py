@@ -12,10 +12,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # keys whose value is a class given by short name or class path (LightningCLI's subclass arguments)
 _CLASS_KEYS = {"trainer.callbacks": "callback", "model": "model", "data": "datamodule",
@@ -216,3 +218,28 @@ def one_line(message: str, options: Iterable[str] = ()) -> str:
 def option_strings(parser: Any) -> list[str]:
     """Every ``--option`` of an argparse parser."""
     return [s for action in getattr(parser, "_actions", []) for s in action.option_strings]
+
+
+def debugging() -> bool:
+    """``LIGHTNING_TRICKS_DEBUG`` is set: show tracebacks instead of one-line errors."""
+    return bool(os.environ.get("LIGHTNING_TRICKS_DEBUG"))
+
+
+def run_command(command: str, run: Callable[[], int], stopped: type[BaseException] | None = None) -> NoReturn:
+    """Exit with ``run()``'s status; an error of ours is one line on stderr and status 2 (1 for ``stopped``).
+
+    ``lightning-tricks COMMAND: error: <message>`` (or ``stopped:``, when the command stopped on purpose);
+    any other exception keeps its traceback, as does every error with ``LIGHTNING_TRICKS_DEBUG=1``.
+    """
+    from lightning_tricks.errors import user_error_in
+
+    try:
+        code = run()
+    except Exception as err:
+        cause = user_error_in(err)
+        if cause is None or debugging():
+            raise
+        on_purpose = stopped is not None and isinstance(cause, stopped)
+        print(f"lightning-tricks {command}: {'stopped' if on_purpose else 'error'}: {cause}", file=sys.stderr)
+        raise SystemExit(1 if on_purpose else 2) from None
+    raise SystemExit(code)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,4 +65,16 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-__all__ = ["ForwardOnBatchError", "forward_on_batch_input", "measurement_mode"]
+def run_with_hooks(model: nn.Module, inputs: Any, modules: list[nn.Module], hook: Any, with_kwargs: bool = False) -> None:
+    """One measured forward pass of ``model`` on ``inputs`` with ``hook`` on each of ``modules`` (each once),
+    removed afterwards whatever happens."""
+    handles = [m.register_forward_hook(hook, with_kwargs=with_kwargs) for m in {id(m): m for m in modules}.values()]
+    try:
+        with torch.no_grad(), measurement_mode(model):
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["ForwardOnBatchError", "forward_on_batch_input", "measurement_mode", "run_with_hooks"]

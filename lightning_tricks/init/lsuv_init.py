@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_tricks.core.distributed import all_reduce
 from lightning_tricks.core.validation import InvalidArgumentError, check_int, check_positive
-from lightning_tricks.init._measure import measurement_mode
+from lightning_tricks.init._measure import run_with_hooks
 from lightning_tricks.init.schemes import apply_scheme, resolve_scheme, select_modules
 
 
@@ -156,13 +156,7 @@ def lsuv(
         report[name] = LSUVLayer(name, variance, iterations, abs(variance - 1.0) < tol)
         return output
 
-    handles = [layer.register_forward_hook(scale_layer, with_kwargs=True) for _, layer in layers]
-    try:
-        with torch.no_grad(), measurement_mode(module):
-            module(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(module, inputs, [layer for _, layer in layers], scale_layer, with_kwargs=True)
 
     missed = [n for n, _ in layers if n not in report]
     for name in missed:

@@ -20,7 +20,7 @@ from torch import nn
 from lightning_tricks.core.distributed import all_reduce
 from lightning_tricks.core.selection import class_names
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_int
-from lightning_tricks.init._measure import measurement_mode
+from lightning_tricks.init._measure import run_with_hooks
 from lightning_tricks.init.schemes import init_weights, select_modules
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ def activation_statistics(
             _saturated(y, _saturation_kind(module)), -y.min().double(), y.max().double(),
         ]))
 
-    _run_with_hooks(model, inputs, [m for _, m in layers], measure)
+    run_with_hooks(model, inputs, [m for _, m in layers], measure)
     if not moments:
         raise InvalidArgumentError(f"activation_statistics: the forward pass of {type(model).__name__} ran none of the "
                                    f"selected layers ({', '.join(n for n, _ in layers[:5])}).")
@@ -169,16 +169,6 @@ def activation_statistics(
     return stats
 
 
-def _run_with_hooks(model: nn.Module, inputs: Any, modules: list[nn.Module], hook: Any) -> None:
-    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
-    try:
-        with torch.no_grad(), measurement_mode(model):
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _histograms(model: nn.Module, inputs: Any, order: list[tuple[str, nn.Module]], lows: list[float],
                 highs: list[float], bins: int) -> list[list[int]]:
     counts: list[torch.Tensor] = []
@@ -191,7 +181,7 @@ def _histograms(model: nn.Module, inputs: Any, order: list[tuple[str, nn.Module]
                 high = low + 1e-6  # a constant output: one full bin
             counts.append(torch.histc(output.detach().float(), bins, low, high).double())
 
-    _run_with_hooks(model, inputs, [m for _, m in order], count)
+    run_with_hooks(model, inputs, [m for _, m in order], count)
     return [[round(c) for c in row] for row in all_reduce(torch.stack(counts)).tolist()]
 
 

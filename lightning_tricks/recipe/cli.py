@@ -16,14 +16,14 @@ import argparse
 import os
 import re
 import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_tricks.core.cli_errors import run_command
 from lightning_tricks.core.validation import ConfigError
-from lightning_tricks.errors import RecipeStopped, user_error_in
+from lightning_tricks.errors import RecipeStopped
 from lightning_tricks.recipe.steps import ENSEMBLES, STEPS, TTA_CHOICES, RecipeContext
 
 DESCRIPTION = __doc__.split("\n\n")[0] + " " + " ".join(__doc__.split("\n\n")[1].split())
@@ -303,17 +303,9 @@ def recipe_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    """The CLI entry: a ConfigError (a wrong option, a failed babysit check) is one line on stderr, exit status 2."""
-    try:
-        code = recipe_main(argv)
-    except Exception as err:
-        cause = user_error_in(err)
-        if cause is None or os.environ.get("LIGHTNING_TRICKS_DEBUG"):
-            raise
-        stopped = isinstance(cause, RecipeStopped)
-        print(f"lightning-tricks recipe: {'stopped' if stopped else 'error'}: {cause}", file=sys.stderr)
-        raise SystemExit(1 if stopped else 2) from None
-    raise SystemExit(code)
+    """The CLI entry: a ConfigError (a wrong option) is one line on stderr, exit status 2; a failed babysit check
+    stops it with status 1."""
+    run_command("recipe", lambda: recipe_main(argv), stopped=RecipeStopped)
 
 
 __all__ = ["BabysitFailed", "RecipeStopped", "build_context", "main", "parse_duration", "parser", "recipe_main", "run_recipe",

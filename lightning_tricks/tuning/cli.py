@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_tricks.core.cli_errors import run_command
 from lightning_tricks.core.monitor_mode import infer_mode
 from lightning_tricks.core.validation import ConfigError
-from lightning_tricks.errors import user_error_in
 from lightning_tricks.tuning.study import default_metric, load_config  # noqa: F401  (re-exported)
 
 TUNE_DESCRIPTION = """Hyperparameter search on Optuna: random, coarse to fine. Takes the same config as `fit`
@@ -198,20 +198,15 @@ def tune_main(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str]) -> None:
     """``lightning-tricks tune|babysit ARGS``: run it; a ConfigError is one line and exit status 2."""
     command, rest = argv[0], list(argv[1:])
-    try:
-        if command == "tune":
-            code = tune_main(rest)
-        else:
-            from lightning_tricks.tuning.babysit import babysit_main
 
-            code = babysit_main(rest)
-    except Exception as err:
-        cause = user_error_in(err)
-        if cause is None or os.environ.get("LIGHTNING_TRICKS_DEBUG"):
-            raise
-        print(f"lightning-tricks {command}: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
-    raise SystemExit(code)
+    def run() -> int:
+        if command == "tune":
+            return tune_main(rest)
+        from lightning_tricks.tuning.babysit import babysit_main
+
+        return babysit_main(rest)
+
+    run_command(command, run)
 
 
 __all__ = ["build_settings", "default_metric", "load_config", "main", "report", "tune_main"]
