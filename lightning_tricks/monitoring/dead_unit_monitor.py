@@ -189,7 +189,7 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._detach()
+        self.teardown(trainer, pl_module, "fit")  # a failed run releases the hooks as a finished one does
 
     # -- switching between passes ---------------------------------------------------------------
     def _start(self, stage: str) -> None:

@@ -273,27 +273,23 @@ class DeadUnitTracker:
         units = output.shape[dim]
         with torch.no_grad():
             out = output.detach()
-            if watched.kind == "dead":
+            if watched.kind == "dead":  # per unit: has it fired (> threshold) at least once
                 peak = out.amax(dim=reduce_dims) if reduce_dims else out
-                fired = peak > self.threshold
-                seen = self._fired.get(site)
-                if seen is None:
-                    self._register_site(site, watched)
-                    self._fired[site] = fired
-                else:
-                    self._check_units(site, seen, units)
-                    seen |= fired
-            else:
+                tally, value = self._fired, peak > self.threshold
+            else:  # per unit: how many of its outputs sat within eps of a bound
                 eps = self.saturation_eps
                 pinned = (out <= watched.saturation_low + eps) | (out >= watched.saturation_high - eps)
-                counts = pinned.sum(dim=reduce_dims) if reduce_dims else pinned.long()
-                seen = self._saturated.get(site)
-                if seen is None:
-                    self._register_site(site, watched)
-                    self._saturated[site] = counts
+                tally, value = self._saturated, pinned.sum(dim=reduce_dims) if reduce_dims else pinned.long()
+            seen = tally.get(site)
+            if seen is None:
+                self._register_site(site, watched)
+                tally[site] = value
+            else:
+                self._check_units(site, seen, units)
+                if seen.dtype == torch.bool:
+                    seen |= value
                 else:
-                    self._check_units(site, seen, units)
-                    seen += counts
+                    seen += value
         self._positions[site] = self._positions.get(site, 0) + out.numel() // max(units, 1)
 
     def _register_site(self, site: str, watched: WatchedModule) -> None:

@@ -236,7 +236,7 @@ class InitialLossCheck(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hook()
+        self.teardown(trainer, pl_module, "fit")  # a failed run releases the hooks as a finished one does
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_tricks.core.activations import kind_of, kinds
 from lightning_tricks.core.deprecation import register_renames, renamed_argument
 from lightning_tricks.core.selection import check_patterns, select
 from lightning_tricks.core.validation import (
@@ -22,20 +23,8 @@ from lightning_tricks.core.validation import (
 )
 from lightning_tricks.errors import NothingToMonitorError
 
-# Activation kinds and the modules that implement them. Classes are matched with isinstance, and also by
-# class name so that timm's own GELU/Sigmoid/Tanh/Swish classes are found.
-ACTIVATION_TYPES: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] = {
-    "relu": ((nn.ReLU,), frozenset()),
-    "relu6": ((nn.ReLU6,), frozenset()),
-    "leaky_relu": ((nn.LeakyReLU,), frozenset()),
-    "prelu": ((nn.PReLU,), frozenset()),
-    "rrelu": ((nn.RReLU,), frozenset()),
-    "elu": ((nn.ELU, nn.CELU, nn.SELU), frozenset()),
-    "gelu": ((nn.GELU,), frozenset({"GELU", "GELUTanh", "QuickGELU"})),
-    "silu": ((nn.SiLU,), frozenset({"SiLU", "Swish"})),
-    "sigmoid": ((nn.Sigmoid,), frozenset({"Sigmoid"})),
-    "tanh": ((nn.Tanh,), frozenset({"Tanh"})),
-}
+ACTIVATION_TYPES = kinds(["relu", "relu6", "leaky_relu", "prelu", "rrelu"], merged={"elu": ["elu", "celu", "selu"]})
+ACTIVATION_TYPES.update(kinds(["gelu", "silu", "sigmoid", "tanh"]))
 """Activation names accepted by ``activations`` -> (module classes, class names)."""
 
 SATURATING = frozenset({"sigmoid", "tanh"})
@@ -81,11 +70,7 @@ class WatchedModule:
 
 
 def _activation_kind(module: nn.Module, names: Sequence[str]) -> str | None:
-    for name in names:
-        classes, class_names = ACTIVATION_TYPES[name]
-        if isinstance(module, classes) or type(module).__name__ in class_names:
-            return name
-    return None
+    return kind_of(module, {name: ACTIVATION_TYPES[name] for name in names})
 
 
 def _previous_siblings(model: nn.Module) -> dict[int, nn.Module | None]:

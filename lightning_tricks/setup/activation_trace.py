@@ -20,20 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_tricks.core.activations import kind_of, kinds
 from lightning_tricks.core.validation import check_choice
 
-KINDS: dict[str, tuple[tuple[type[nn.Module], ...], frozenset[str]]] = {
-    "relu": ((nn.ReLU,), frozenset()),
-    "relu6": ((nn.ReLU6,), frozenset()),
-    "leaky_relu": ((nn.LeakyReLU,), frozenset()),
-    "prelu": ((nn.PReLU,), frozenset()),
-    "elu": ((nn.ELU,), frozenset()),
-    "selu": ((nn.SELU,), frozenset()),
-    "gelu": ((nn.GELU,), frozenset({"GELU", "GELUTanh", "QuickGELU"})),
-    "silu": ((nn.SiLU,), frozenset({"SiLU", "Swish"})),
-    "sigmoid": ((nn.Sigmoid,), frozenset({"Sigmoid"})),
-    "tanh": ((nn.Tanh,), frozenset({"Tanh"})),
-}
+KINDS = kinds(["relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "sigmoid", "tanh"])
 """Activation kinds that can be replaced (``activations``) -> (module classes, class names, for timm's own)."""
 
 # the functional forms of each kind, seen by the TorchFunctionMode trace (a module's own call is not counted)
@@ -55,10 +45,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 def activation_kind(module: nn.Module) -> str | None:
     """The kind (a key of :data:`KINDS`) of an activation module, or None."""
-    for kind, (classes, names) in KINDS.items():
-        if isinstance(module, classes) or type(module).__name__ in names:
-            return kind
-    return None
+    return kind_of(module, KINDS)
 
 
 @dataclass
