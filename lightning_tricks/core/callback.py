@@ -18,6 +18,20 @@ RECORD_KEY = "lightning_tricks"
 """Top-level checkpoint key of our records; structural tricks go in ``checkpoint[RECORD_KEY]["structural"]``."""
 
 
+class HookHolder(Callback):
+    """A callback that puts hooks on the model: :meth:`release_hooks` runs when the run ends, normally or not."""
+
+    def release_hooks(self) -> None:
+        """Remove every hook the callback holds (safe to call twice)."""
+        raise NotImplementedError
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.release_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.release_hooks()  # a failed run leaves the model as a finished one does
+
+
 class StructuralCallback(Callback):
     """Converts the model in ``setup`` (before checkpoint restore and DDP wrapping) and keys its draws by step.
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_tricks._lightning_internals import callback_state_key
+from lightning_tricks.core.callback import HookHolder
 from lightning_tricks.core.deprecation import REMOVED_IN, warn_deprecated
 from lightning_tricks.core.validation import InvalidArgumentError, check_choice, check_probability
 from lightning_tricks.monitoring.dead_units import (
@@ -48,7 +48,7 @@ def _none_if_nan(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-class DeadUnitMonitor(Callback):
+class DeadUnitMonitor(HookHolder):
     """Log, per layer and per epoch, the fraction of dead ReLU units (and saturated sigmoid/tanh units).
 
     A unit (a feature of a linear layer, a channel of a convolution) is dead for the epoch when its
@@ -183,13 +183,8 @@ class DeadUnitMonitor(Callback):
             self.heatmap_paths += draw_heatmaps(self.history, self._plot_folder or Path(trainer.default_root_dir),
                                                 trainer)
 
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def release_hooks(self) -> None:
         self._detach()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "fit")  # a failed run releases the hooks as a finished one does
 
     # -- switching between passes ---------------------------------------------------------------
     def _start(self, stage: str) -> None:

@@ -23,12 +23,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks.core.batch import find_targets
+from lightning_tricks.core.callback import HookHolder
 from lightning_tricks.core.distributed import all_reduce
 from lightning_tricks.core.lightning_classes import trainer_class_for
 from lightning_tricks.core.model_probe import FoundModule, InputModuleProbe, infer_num_classes
@@ -82,7 +82,7 @@ def _loss(outputs: Any) -> Tensor | None:
     return outputs if isinstance(outputs, Tensor) and outputs.numel() == 1 else None
 
 
-class InitialLossCheck(Callback):
+class InitialLossCheck(HookHolder):
     """Compare the loss of the first training step with ``log(C)`` and warn (or fail) when it is far off.
 
     The loss is the one your ``training_step`` returned for the first batch (Lightning passes it to
@@ -230,13 +230,8 @@ class InitialLossCheck(Callback):
             raise InitialLossError(message + advice)
         rank_zero_warn(message + advice)
 
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def release_hooks(self) -> None:
         self._remove_hook()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "fit")  # a failed run releases the hooks as a finished one does
 
 
 @dataclass(frozen=True)
