@@ -1,4 +1,4 @@
-"""Training on scikit-learn's digits (and MNIST-1D) for the effect benchmarks (not a benchmark itself)."""
+"""Training on scikit-learn's digits for the effect benchmarks (not a benchmark itself; MNIST-1D: ``_mnist1d``)."""
 
 from __future__ import annotations
 
@@ -25,31 +25,6 @@ def train_digits(backbone: str, callbacks: list, seed: int, epochs: int, lr: flo
     data = DigitsDataModule(batch_size=batch_size, resize_to=resize_to)
     model = ImageClassifier(backbone, num_classes=10, in_channels=1, image_size=resize_to or 8, lr=lr,
                             schedule="cosine")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, callbacks=callbacks)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    seconds = time.perf_counter() - start
-    data.setup("test")
-    return model.eval(), data, seconds
-
-
-def train_mnist1d(backbone: str, callbacks: list, seed: int, epochs: int, lr: float, batch_size: int = 100,
-                  optimizer: str = "sgd") -> tuple[Any, Any, float]:
-    """Train the zoo ImageClassifier on MNIST-1D's 4,000 training signals (no validation); returns model, data, seconds."""
-    import logging
-    import warnings
-
-    import lightning.pytorch as pl
-
-    from lightning_tricks.zoo import ImageClassifier, MNIST1DDataModule
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|val_dataloader).*")
-    pl.seed_everything(seed, verbose=False)
-    data = MNIST1DDataModule(batch_size=batch_size, val_size=0)
-    model = ImageClassifier(backbone, num_classes=10, in_channels=1, lr=lr, optimizer=optimizer, schedule="cosine")
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, callbacks=callbacks)

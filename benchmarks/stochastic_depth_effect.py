@@ -1,7 +1,7 @@
 """Measured effect of stochastic depth on digits resized to 32x32 (ResNet-20) or MNIST-1D (ResNet1d-20): test accuracy.
 
 For each seed, the zoo ``resnet20`` is trained on scikit-learn's digits (bilinearly resized to 32x32)
-(or, with ``--dataset mnist1d``, the zoo ``resnet1d`` on MNIST-1D's 4,000 training signals, batch 100)
+(or, with ``--data mnist1d``, the zoo ``resnet1d`` on MNIST-1D's 4,000 training signals, batch 100)
 once per case: plain, with ``StochasticDepth(0.5, mode="batch")`` and the paper's test-time scaling
 (``scaling="test"``), with inverted scaling (``scaling="train"``, as timm's drop_path), inverted in ``row``
 mode (timm's recipe: per example, every branch computed), and inverted with the drop-rate warm-up (the
@@ -18,13 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Sequence
 
 import torch
 
 from benchmarks._cli import BenchmarkParser, publish
-from benchmarks._digits import top1_accuracy, train_digits, train_mnist1d
+from benchmarks._digits import top1_accuracy, train_digits
+from benchmarks._mnist1d import train_mnist1d
 from benchmarks.harness import mean_std
 from lightning_tricks import StochasticDepth
 from lightning_tricks.regularization.stochastic_depth import DEFAULT_WARMUP_FRACTION, recalibrate_batch_norm
@@ -41,12 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--cases", nargs="+", default=None, choices=CASES,
                         help="run only these models (default: all)")
-    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"],
-                        help="digits 32x32 with resnet20, or MNIST-1D with resnet1d (batch 100)")
+    parser.add_data_option()  # digits 32x32 with resnet20, or MNIST-1D with resnet1d (batch 100)
+    parser.add_argument("--dataset", dest="data", choices=["digits", "mnist1d"], default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # its old name, in RESULTS.md's commands
     parser.add_argument("--long-warmup", type=float, default=0.25, help="warmup_fraction of `train-warmup-long`")
     args = parser.parse_args(argv)
     p, w = args.drop_rate, DEFAULT_WARMUP_FRACTION
-    plain = "plain ResNet-20" if args.dataset == "digits" else "plain ResNet1d-20"
+    plain = "plain ResNet-20" if args.data == "digits" else "plain ResNet1d-20"
     cases = {
         "plain": (plain, lambda seed: []),
         "test": (f"StochasticDepth({p}), paper's test-time scaling", lambda seed: [
@@ -66,11 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {k: [] for k in configs}
     for seed in args.seeds:
         for name, callbacks in configs.items():
-            if args.dataset == "digits":
+            if args.data == "digits":
                 model, data, secs = train_digits("resnet20", callbacks(seed), seed, args.epochs, args.lr,
                                                  resize_to=args.image_size)
             else:
-                model, data, secs = train_mnist1d("resnet1d", callbacks(seed), seed, args.epochs, args.lr)
+                model, data, secs = train_mnist1d("resnet1d", callbacks(seed), seed, args.epochs, optimizer="sgd",
+                                                  lr=args.lr, weight_decay=5e-4)
+                data.setup("test")
             accuracy[name].append(top1_accuracy(model, data.test_dataloader()))
             seconds[name].append(secs)
             print(f"seed {seed} {name}: test acc {accuracy[name][-1]:.4f}, {secs:.0f} s", flush=True)
@@ -83,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secs = f"{statistics.median(seconds[name]):.0f}" if name in seconds else "same model"
         table.append(f"| {name} | {mean_std(accuracy[name])} | "
                      f"{', '.join(f'{100 * a:.2f}' for a in accuracy[name])} | {secs} |")
-    if args.dataset == "digits":
+    if args.data == "digits":
         setup = (f"Zoo `resnet20` on scikit-learn digits resized to {args.image_size}x{args.image_size} (train 1257 / "
                  "test 270 images), batch 64")
         title = "test accuracy, stochastic depth vs plain ResNet-20 (digits 32x32)"
