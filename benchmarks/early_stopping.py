@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks._cli import BenchmarkParser, publish
 from benchmarks.harness import format_table, interleaved, medians
-from lightning_tricks.stopping import StoppingRule, WeightSnapshot
+from lightning_tricks.early_stopping import StoppingRule, WeightSnapshot
 from lightning_tricks.zoo import ImageClassifier
 
 

@@ -6,16 +6,20 @@ Every public callback and mixin is re-exported here, so configs can say ``lightn
 from lightning_tricks import errors
 from lightning_tricks.checkpoint import apply_recorded_tricks, load_from_checkpoint
 from lightning_tricks.core.model_probe import infer_num_classes
+from lightning_tricks.early_stopping import (
+    EarlyStopping,
+)
 from lightning_tricks.ensemble import (
     EMAMembers,
     Ensemble,
     SnapshotEnsemble,
 )
-from lightning_tricks.evaluation import ExactDistributedEvaluation
+from lightning_tricks.exact_evaluation import ExactDistributedEvaluation
 from lightning_tricks.init import (
     ActivationStatistics,
     WeightInit,
 )
+from lightning_tricks.large_batch import LargeBatchScaling
 from lightning_tricks.monitoring import (
     DeadUnitMonitor,
     DeadUnitTracker,
@@ -36,7 +40,6 @@ from lightning_tricks.regularization import (
     StochasticDepth,
     WeightPenalty,
 )
-from lightning_tricks.scaling import LargeBatchScaling
 from lightning_tricks.setup import (
     ActivationSwap,
     BatchAugment,
@@ -46,9 +49,6 @@ from lightning_tricks.setup import (
     Standardize,
     fold_batch_norm,
     swap_activations,
-)
-from lightning_tricks.stopping import (
-    EarlyStopping,
 )
 from lightning_tricks.transfer import Finetune
 from lightning_tricks.tta import TestTimeAugmentation, TTAConfig, TTAWrapper

@@ -41,7 +41,7 @@ def require_verified(feature: str, version: str = lightning.__version__) -> None
         f"feature off, or set {ALLOW_ENV}=1 to try it anyway.")
 
 
-# == Monitoring and early stopping (monitoring/, stopping/, scaling.py) ========================================
+# == Monitoring and early stopping (monitoring/, early_stopping/, large_batch.py) ========================================
 # Checked on lightning 2.6.6 and pytorch_lightning 2.6.6 (the same methods, at the same places, in both packages);
 # Lightning's own EarlyStopping tests of 2.6.5 (../shared/conformance) mock and override these methods.
 
@@ -211,7 +211,7 @@ def add_legacy_instantiators(cli: Any) -> None:
 
 
 # == evaluation, Ensemble, TTA, tune (the after-training and tuning tricks) =====================================
-# -- exact evaluation: the connector's `_prepare_dataloader` and the strategy's `reduce` (evaluation.py) ---------
+# -- exact evaluation: the connector's `_prepare_dataloader` and the strategy's `reduce` (exact_evaluation.py) ---------
 # Checked on Lightning 2.6.5 and 2.6.6; `require_verified` refuses the feature on other minor versions, and a
 # connector without these methods is one UnverifiedLightningError line. The replacements are instance attributes,
 # removed again when the last owner (ExactDistributedEvaluation, TestTimeAugmentation, Ensemble) is done.

@@ -551,7 +551,7 @@ def test_early_stopping_and_model_checkpoint_monitor_the_update_ratio(tmp_path):
 
 def test_monitor_metrics_under_manual_optimization_with_two_optimizers(tmp_path):
     from lightning_tricks import LargeBatchScaling
-    from lightning_tricks.scaling import lr_multiplier
+    from lightning_tricks.large_batch import lr_multiplier
     from tests.matrix_checks import fit
 
     ratio = UpdateRatioMonitor(every_n_steps=1, warn_below=1e-12, warn_above=1e12)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers.logger import Logger
 
 from lightning_tricks import Cutout, DropConnect, Mixup, StochasticDepth, WeightPenalty
-from lightning_tricks.regularization.penalty import penalty_value, select_parameters
+from lightning_tricks.regularization.weight_penalty import penalty_value, select_parameters
 from tests.structural_user_module import TinyResNet, digits_loader
 
 BATCHES, BATCH = 4, 8

@@ -93,15 +93,24 @@ def test_no_other_module_matches_names_with_fnmatch():
     assert offenders == []
 
 
-def test_moved_public_modules_still_import_with_a_warning():
+MOVED_MODULES = {"lightning_tricks.distributed": "lightning_tricks.core.distributed",
+                 "lightning_tricks.stochastic": "lightning_tricks.core.stochastic",
+                 "lightning_tricks.surgery": "lightning_tricks.core.surgery",
+                 "lightning_tricks.scaling": "lightning_tricks.large_batch",
+                 "lightning_tricks.evaluation": "lightning_tricks.exact_evaluation",
+                 "lightning_tricks.regularization.penalty": "lightning_tricks.regularization.weight_penalty",
+                 "lightning_tricks.stopping": "lightning_tricks.early_stopping"}
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_MODULES.items()))
+def test_moved_public_modules_still_import_with_a_warning(old, new):
     import importlib
     import sys
 
-    for name in ("distributed", "stochastic", "surgery"):
-        sys.modules.pop(f"lightning_tricks.{name}", None)
-        with pytest.warns(DeprecationWarning, match=f"lightning_tricks.{name} moved to lightning_tricks.core.{name}"):
-            old = importlib.import_module(f"lightning_tricks.{name}")
-        new = importlib.import_module(f"lightning_tricks.core.{name}")
-        public = [n for n in dir(new) if not n.startswith("_") and callable(getattr(new, n))
-                  and getattr(getattr(new, n), "__module__", "") == new.__name__]
-        assert public and all(getattr(old, n) is getattr(new, n) for n in itertools.islice(public, 50))
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+        moved = importlib.import_module(old)
+    target = importlib.import_module(new)
+    public = getattr(target, "__all__", None) or [
+        n for n in dir(target) if not n.startswith("_") and getattr(getattr(target, n), "__module__", "") == new]
+    assert public and all(getattr(moved, n) is getattr(target, n) for n in itertools.islice(public, 60))

@@ -23,7 +23,7 @@ from lightning_tricks.ensemble.inputs import (
     split_batch,
 )
 from lightning_tricks.ensemble.metrics import epoch_values, stage_metrics, update_metrics, warn_padding
-from lightning_tricks.evaluation import install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.exact_evaluation import install_exact_evaluation, uninstall_exact_evaluation
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
@@ -54,7 +54,7 @@ class EvaluationHooks:
             adopt_trainer_standardize(self, trainer)
         rank_zero_info("Ensemble members: " + ", ".join(f"{i}: {n}" for i, n in enumerate(self.member_names)))
         if trainer is not None and stage in ("validate", "test"):
-            # no DistributedSampler padding: DDP metrics equal the single-process ones (lightning_tricks.evaluation)
+            # no DistributedSampler padding: DDP metrics equal the single-process ones (lightning_tricks.exact_evaluation)
             install_exact_evaluation(trainer, self, ["validate", "test"])
 
     def teardown(self, stage: str) -> None:

@@ -7,8 +7,8 @@ from lightning_tricks.regularization.cutout import Cutout, cutout
 from lightning_tricks.regularization.dropconnect import DropConnect, DropConnectConv2d, DropConnectLinear
 from lightning_tricks.regularization.fractional_pooling import FractionalMaxPooling, SeededFractionalMaxPool2d
 from lightning_tricks.regularization.mixup import MixedLabels, Mixup, MixupTargetsUnusedError, mixup
-from lightning_tricks.regularization.penalty import WeightPenalty
 from lightning_tricks.regularization.stochastic_depth import StochasticDepth
+from lightning_tricks.regularization.weight_penalty import WeightPenalty
 
 __all__ = [
     "BatchFormatError",

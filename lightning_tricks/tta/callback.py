@@ -16,7 +16,11 @@ from lightning_tricks.core.seeding import RandomStream
 from lightning_tricks.core.task import Task, infer_task
 from lightning_tricks.core.validation import InvalidArgumentError, check_bool
 from lightning_tricks.errors import ForwardNotCalledError  # noqa: F401  (re-exported)
-from lightning_tricks.evaluation import check_stages, install_exact_evaluation, uninstall_exact_evaluation
+from lightning_tricks.exact_evaluation import (
+    check_stages,
+    install_exact_evaluation,
+    uninstall_exact_evaluation,
+)
 from lightning_tricks.tta.config import tta_config
 from lightning_tricks.tta.core import tta_forward
 from lightning_tricks.tta.hooks import StageHooks
@@ -74,7 +78,7 @@ class TestTimeAugmentation(StageHooks):
     :class:`ForwardNotCalledError` at the first batch.
 
     Under DDP, evaluation loaders of the TTA stages are made exact (every sample evaluated once, see
-    :mod:`lightning_tricks.evaluation`), so test metrics equal the single-process values.
+    :mod:`lightning_tricks.exact_evaluation`), so test metrics equal the single-process values.
 
     Args:
         views: view families, combined as a cartesian product (default ``["hflip"]``); see

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_tricks.core.validation import InvalidArgumentError
+from lightning_tricks.early_stopping.rules import fmt
 from lightning_tricks.errors import MonitorNotFoundError
-from lightning_tricks.stopping.rules import fmt
 
 
 def agree_across_ranks(strategy: Strategy, value: Tensor | None, world_size: int) -> tuple[Tensor | None, int, bool]:

@@ -8,7 +8,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tricks import ExactDistributedEvaluation
 from lightning_tricks.core.validation import InvalidArgumentError
-from lightning_tricks.evaluation import (
+from lightning_tricks.exact_evaluation import (
     EvenDistributedBatchSampler,
     equal_batch_counts,
     even_batches,
@@ -144,7 +144,7 @@ def test_reduce_replacement_keeps_lightning_log_metadata_equal_across_runs(tmp_p
     from lightning.pytorch.trainer.connectors.logger_connector.result import _Sync
 
     from lightning_tricks._lightning_internals import exact_evaluation_patch, set_exact_evaluation_patch
-    from lightning_tricks.evaluation import _ExactEvaluationPatch, uninstall_exact_evaluation
+    from lightning_tricks.exact_evaluation import _ExactEvaluationPatch, uninstall_exact_evaluation
 
     trainer = cpu_trainer(tmp_path)
     before = _Sync(fn=trainer.strategy.reduce, _should=True)

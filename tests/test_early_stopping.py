@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_tricks
 from lightning_tricks.core.validation import ConfigError, InvalidArgumentError
-from lightning_tricks.stopping import (
+from lightning_tricks.early_stopping import (
     BEST_WEIGHTS_KEY,
     LIGHTNING_REASON,
     EarlyStopping,

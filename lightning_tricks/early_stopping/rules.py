@@ -72,7 +72,7 @@ def validate_stopping_arguments(
     worse_for: Any, average_window: Any, min_average_change: Any, check_finite: Any, stopping_threshold: Any,
     divergence_threshold: Any, **flags: Any,
 ) -> None:
-    """The one validator of :class:`StoppingRule` and :class:`~lightning_tricks.stopping.EarlyStopping`.
+    """The one validator of :class:`StoppingRule` and :class:`~lightning_tricks.early_stopping.EarlyStopping`.
 
     ``flags`` are further booleans (``verbose``, ``strict``, ...). Raises :class:`StoppingArgumentError`
     with one line naming the argument, its value and what is allowed.
@@ -278,7 +278,7 @@ class StoppingRule(StoppingLogic):
 
     No Lightning and no process group: under DDP the caller passes the same value on every rank (the
     callback reduces it first), and every rank then reaches the same decision. The rules are those of
-    :class:`~lightning_tricks.stopping.EarlyStopping` (in Lightning's order: non-finite value, stopping
+    :class:`~lightning_tricks.early_stopping.EarlyStopping` (in Lightning's order: non-finite value, stopping
     threshold, divergence threshold, improvement or patience; then ``worse_for`` and the average change);
     the arguments mean what its do.
 

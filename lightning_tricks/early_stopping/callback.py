@@ -19,9 +19,8 @@ from lightning_tricks._lightning_internals import (
 from lightning_tricks.core.distributed import broadcast_module
 from lightning_tricks.core.lightning_classes import sharding_strategy_types, weight_averaging_types
 from lightning_tricks.core.validation import ConfigError
-from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
-from lightning_tricks.stopping.agreement import agreed_monitor_value
-from lightning_tricks.stopping.rules import (
+from lightning_tricks.early_stopping.agreement import agreed_monitor_value
+from lightning_tricks.early_stopping.rules import (
     LIGHTNING_REASON,
     TRIGGER_OF_REASON,
     StoppingLogic,
@@ -29,7 +28,8 @@ from lightning_tricks.stopping.rules import (
     resolve_mode,
     validate_stopping_arguments,
 )
-from lightning_tricks.stopping.snapshot import WeightSnapshot
+from lightning_tricks.early_stopping.snapshot import WeightSnapshot
+from lightning_tricks.errors import MonitorNotFoundError  # noqa: F401  (re-exported)
 
 BEST_WEIGHTS_KEY = "early_stopping_best_weights"
 """Top-level checkpoint key holding ``{state_key: best weights}`` (kept out of the callback's small state)."""

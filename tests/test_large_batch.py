@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tricks import EarlyStopping, LargeBatchScaling, SnapshotEnsemble
 from lightning_tricks.core.validation import InvalidArgumentError
 from lightning_tricks.ensemble import snapshot_lr
-from lightning_tricks.scaling import lr_multiplier, scaling_factor
+from lightning_tricks.large_batch import lr_multiplier, scaling_factor
 from lightning_tricks.zoo import ImageClassifier
 from tests.helpers import cpu_trainer, run_ddp
 

@@ -9,7 +9,11 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_tricks import WeightPenalty
 from lightning_tricks.core.validation import InvalidArgumentError
-from lightning_tricks.regularization.penalty import add_penalty_gradient_, penalty_value, select_parameters
+from lightning_tricks.regularization.weight_penalty import (
+    add_penalty_gradient_,
+    penalty_value,
+    select_parameters,
+)
 from tests.helpers import cpu_trainer, run_ddp
 from tests.regularization_modules import ImageData, ListModule
 
