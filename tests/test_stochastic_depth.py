@@ -161,6 +161,17 @@ def test_batch_mode_skips_the_branch_compute_and_leaves_no_gradient():
     assert len(calls) == kept_total < 4 * len(blocks)
 
 
+def test_recalibrate_batch_norm_reads_dict_batches_like_tuples():
+    torch.manual_seed(0)
+    model = build_backbone("resnet20")
+    apply_stochastic_depth(model, 0.5, scaling="train")
+    twin = copy.deepcopy(model)
+    batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    recalibrate_batch_norm(model, batches)
+    recalibrate_batch_norm(twin, [{"label": y, "image": x} for x, y in batches])  # labels first: never read
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers(), strict=True))
+
+
 def test_recalibrate_batch_norm_uses_the_test_time_network():
     """With inverted scaling the test-time network is the original one: the recalibrated statistics must be
     those of the plain model run over the same batches (cumulative average)."""

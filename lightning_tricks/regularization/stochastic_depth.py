@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tricks.core import surgery
+from lightning_tricks.core.batch import find_inputs
 from lightning_tricks.core.callback import StructuralCallback
 from lightning_tricks.core.lightning_classes import lightning_types
 from lightning_tricks.core.randomness import LayerRandomness
@@ -111,8 +112,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], max_batches
             block.training = False  # the block runs in test form; its batch norms stay in training mode
         with torch.no_grad():
             for batch in batches:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(x.to(device))
+                model(find_inputs(batch, None, "recalibrate_batch_norm").to(device))  # tuples and dict batches
                 used += 1
                 if max_batches is not None and used >= max_batches:
                     break
