@@ -54,6 +54,12 @@ class StructuralCallback(Callback):
         self.randomness = LayerRandomness(seed, per_rank=self.per_rank)
         self.report: SurgeryReport | None = None
 
+    def selection_state_key(self, **fields: Any) -> str:
+        """The state key of a trick that selects modules: ``fields`` under the argument names of the first
+        release (so its checkpoints resume), plus ``exclude`` only when one is given (keys stay as they were)."""
+        extra = {"exclude": self.exclude} if getattr(self, "exclude", None) else {}
+        return self._generate_state_key(**fields, **extra)
+
     @property
     def batches_seen(self) -> int:
         """Training batches seen over the whole fit (resumed runs included): the step the draws are keyed by."""

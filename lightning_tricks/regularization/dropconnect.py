@@ -175,14 +175,9 @@ class _DropConnectConvMixin(_DropConnectMixin):
 class DropConnectConv2d(_DropConnectConvMixin, nn.Conv2d):
     """``nn.Conv2d`` with DropConnect (one mask per forward in training; eval uses the plain weights).
 
-    Args:
-        in_channels: as ``nn.Conv2d``.
-        out_channels: as ``nn.Conv2d``.
-        kernel_size: as ``nn.Conv2d``.
-        p: drop probability of each weight, in [0, 1).
-        drop_bias: also drop bias entries.
-        randomness: the generators to draw from; a private one seeded with 0 when ``None``.
-        **kwargs: the other ``nn.Conv2d`` arguments (stride, padding, ...).
+    ``in_channels``, ``out_channels``, ``kernel_size`` and ``**kwargs`` (stride, padding, ...) are ``nn.Conv2d``'s;
+    ``p``, ``drop_bias`` and ``randomness`` mean what they mean for :class:`DropConnectLinear` (``mode`` is
+    always ``step``: one mask per forward).
 
     Examples:
         >>> conv = DropConnectConv2d(3, 8, 3, p=0.2, padding=1)
@@ -358,9 +353,8 @@ class DropConnect(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        # `layers` is include's old name, kept in the key so checkpoints written before the rename resume
-        extra = {"exclude": self.exclude} if self.exclude else {}
-        return self._generate_state_key(p=self.p, layers=self.include, mode=self.mode, **extra)
+        # `layers`: include's name in the first release, so its checkpoints resume
+        return self.selection_state_key(p=self.p, layers=self.include, mode=self.mode)
 
     def init_args(self) -> dict[str, Any]:
         return {"p": self.p, "include": self.include, "exclude": self.exclude, "layer_types": self.layer_types,

@@ -170,9 +170,8 @@ class FractionalMaxPooling(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        # `layers` is include's old name, kept in the key so checkpoints written before the rename resume
-        extra = {"exclude": self.exclude} if self.exclude else {}
-        return self._generate_state_key(output_ratio=self.output_ratio, layers=self.include, **extra)
+        # `layers`: include's name in the first release, so its checkpoints resume
+        return self.selection_state_key(output_ratio=self.output_ratio, layers=self.include)
 
     def init_args(self) -> dict[str, Any]:
         return {"output_ratio": self.output_ratio, "kernel_size": self.kernel_size, "include": self.include,

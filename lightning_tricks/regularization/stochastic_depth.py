@@ -284,9 +284,8 @@ class StochasticDepth(StructuralCallback):
 
     @property
     def state_key(self) -> str:
-        # the old names (`drop_rate`, `blocks`) stay in the key so checkpoints written before the rename resume
-        extra = {"exclude": self.exclude} if self.exclude else {}
-        return self._generate_state_key(drop_rate=self.p, mode=self.mode, blocks=self.include, **extra)
+        # `drop_rate`, `blocks`: the first release's names, so its checkpoints resume
+        return self.selection_state_key(drop_rate=self.p, mode=self.mode, blocks=self.include)
 
     def init_args(self) -> dict[str, Any]:
         return {"p": self.p, "mode": self.mode, "rule": self.rule, "scaling": self.scaling,
