@@ -175,9 +175,14 @@ class _DropConnectConvMixin(_DropConnectMixin):
 class DropConnectConv2d(_DropConnectConvMixin, nn.Conv2d):
     """``nn.Conv2d`` with DropConnect (one mask per forward in training; eval uses the plain weights).
 
-    ``in_channels``, ``out_channels``, ``kernel_size`` and ``**kwargs`` (stride, padding, ...) are ``nn.Conv2d``'s;
-    ``p``, ``drop_bias`` and ``randomness`` mean what they mean for :class:`DropConnectLinear` (``mode`` is
-    always ``step``: one mask per forward).
+    Args:
+        in_channels: as ``nn.Conv2d``.
+        out_channels: as ``nn.Conv2d``.
+        kernel_size: as ``nn.Conv2d``.
+        p: drop probability of each weight, in [0, 1).
+        drop_bias: also drop bias entries.
+        randomness: the generators to draw from; a private one seeded with 0 when ``None``.
+        **kwargs: the other ``nn.Conv2d`` arguments (stride, padding, ...).
 
     Examples:
         >>> conv = DropConnectConv2d(3, 8, 3, p=0.2, padding=1)
