@@ -129,6 +129,27 @@ class RecipeStopped(TrainingCheckError):
     """The recipe stopped on purpose (a failed babysit check without ``--keep-going``): exit status 1."""
 
 
+def error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what caused it, outermost first (``__cause__``, else ``__context__``), each once.
+
+    Examples:
+        >>> try:
+        ...     try:
+        ...         raise KeyError("inner")
+        ...     except KeyError as inner:
+        ...         raise RuntimeError("outer") from inner
+        ... except RuntimeError as outer:
+        ...     [type(e).__name__ for e in error_chain(outer)]
+        ['RuntimeError', 'KeyError']
+    """
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and all(cause is not c for c in chain):
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
+
+
 def user_error_in(error: BaseException) -> LightningTricksError | None:
     """The first :class:`LightningTricksError` in ``error``'s chain of causes (jsonargparse and Lightning wrap ours).
 
@@ -142,14 +163,7 @@ def user_error_in(error: BaseException) -> LightningTricksError | None:
         ...     print(user_error_in(outer))
         `p`=2 is invalid
     """
-    cause: BaseException | None = error
-    seen: set[int] = set()
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, LightningTricksError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
+    return next((c for c in error_chain(error) if isinstance(c, LightningTricksError)), None)
 
 
 __all__ = [
@@ -177,5 +191,6 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnverifiedLightningError",
     "WeightsMismatchError",
+    "error_chain",
     "user_error_in",
 ]

@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 from lightning_tricks.core.validation import ConfigError
+from lightning_tricks.errors import error_chain
 from lightning_tricks.tuning._optuna_internals import rdb_engine
 
 HEARTBEAT_INTERVAL = 10
@@ -57,11 +58,7 @@ def storage_cause(err: BaseException) -> BaseException | None:
     import optuna
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    chain: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and all(cause is not c for c in chain):
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
+    chain = error_chain(err)
     # the driver's own error first (Optuna wraps it in StorageInternalError, "An exception is raised during the commit")
     for kinds in ((OperationalError, DBAPIError), (optuna.exceptions.StorageInternalError, ConnectionError)):
         found = next((c for c in chain if isinstance(c, kinds)), None)
@@ -85,14 +82,8 @@ def lost_schema_race(err: BaseException) -> bool:
     """
     from sqlalchemy.exc import DBAPIError, IntegrityError
 
-    cause: BaseException | None = err
-    seen: list[BaseException] = []
-    while cause is not None and all(cause is not c for c in seen):
-        seen.append(cause)
-        if isinstance(cause, IntegrityError) or (isinstance(cause, DBAPIError) and "already exists" in str(cause)):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(cause, IntegrityError) or (isinstance(cause, DBAPIError) and "already exists" in str(cause))
+               for cause in error_chain(err))
 
 
 def open_storage(url: str) -> Any:
