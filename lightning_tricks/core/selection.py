@@ -151,6 +151,7 @@ def select(
     exclude = check_patterns(exclude_arg, exclude, allow_empty=True)
     items = list(named)
     names = [n for n, _ in items if n]
+    by_name = dict(items)
     reasons = {n: (why_not(item) if why_not is not None else None) for n, item in items}
     for pattern in include or ():
         matched = [n for n in names if name_matches(n, pattern)]
@@ -159,7 +160,7 @@ def select(
                         f"{describe_names(names)} (glob patterns on qualified names; a pattern also selects "
                         f"what is inside a match).")
         if all(reasons[n] is not None for n in matched):
-            shown = "; ".join(f"{n!r} ({type(dict(items)[n]).__name__}: {reasons[n]})" for n in matched[:6])
+            shown = "; ".join(f"{n!r} ({type(by_name[n]).__name__}: {reasons[n]})" for n in matched[:6])
             more = f" and {len(matched) - 6} more" if len(matched) > 6 else ""
             raise error(f"{owner}: `{include_arg}` pattern {pattern!r} matches only {what}s {owner} cannot act on: "
                         f"{shown}{more}.")
